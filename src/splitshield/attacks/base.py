@@ -1,0 +1,203 @@
+"""Threat models and the attack interface.
+
+The owner of a split model builds a :class:`Victim` (model, defense, threat model, auxiliary data).
+An attack never touches the victim's model: ``attack.fit(victim)`` receives only the *view* its threat
+model allows, an object that physically lacks everything else:
+
+=============  ==============================================================================
+threat         what the attacker holds
+=============  ==============================================================================
+white_box      the head's weights (a frozen copy), the defense's mechanism, query access, aux data
+black_box      a query oracle ``x -> z'`` (the defended feature of any chosen input) and aux data
+query_free     the tail's weights (a frozen copy), the defense's mechanism, labelled aux data;
+               no queries
+=============  ==============================================================================
+
+*Adaptive* (default): the attacker knows the defense and its parameters, not its random draws, so the
+oracle returns defended features and the white-box/query-free attackers optimise through the
+defense's obfuscation. *Non-adaptive* (``adaptive=False``): the attacker ignores the defense: it is
+given the undefended head (white-box), clean features (black-box) or no obfuscation (query-free).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..data import ImageSet
+from ..defenses.base import Defense, NoDefense
+from ..errors import ConfigError, ThreatModelError
+from ..models.split import SplitModel, fresh_copy
+
+THREATS = ("white_box", "black_box", "query_free")
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    clone = copy.deepcopy(module).eval()
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone
+
+
+@dataclass(frozen=True)
+class VictimView:
+    """Base of the attacker's views: shapes, auxiliary data and whether the attack is adaptive."""
+
+    threat: str
+    input_shape: tuple[int, ...]
+    feature_shape: tuple[int, ...]
+    aux: ImageSet | None
+    adaptive: bool
+    point: str
+
+    def require_aux(self, attack: str) -> ImageSet:
+        if self.aux is None or len(self.aux) == 0:
+            raise ConfigError(f"{attack} needs auxiliary data: pass aux=<ImageSet> to Victim(...)")
+        return self.aux
+
+
+@dataclass(frozen=True)
+class WhiteBoxView(VictimView):
+    """Frozen head weights and the defense mechanism: ``obfuscate(head(x))`` is differentiable."""
+
+    head: nn.Module
+    obfuscate: Callable[[torch.Tensor], torch.Tensor]
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.obfuscate(self.head(x))
+
+
+@dataclass(frozen=True)
+class BlackBoxView(VictimView):
+    """A query oracle: images [B, C, H, W] in [0, 1] -> the features the device would send."""
+
+    query: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class QueryFreeView(VictimView):
+    """Frozen tail weights, the defense mechanism, and a fresh copy of the head's architecture."""
+
+    tail: nn.Module
+    obfuscate: Callable[[torch.Tensor], torch.Tensor]
+    head_architecture: Callable[[], nn.Module]
+    head_final_activation: type[nn.Module] | None
+
+
+class Victim:
+    """A split model, its defense, and what an attacker may learn of it.
+
+    Parameters
+    ----------
+    target:
+        The trained split model (its ``input_shape`` must be set).
+    defense:
+        The defense deployed on the device (``None``: none).
+    threat:
+        ``white_box``, ``black_box`` or ``query_free``.
+    aux:
+        The attacker's auxiliary images (see :meth:`splitshield.data.Dataset.aux`).
+    adaptive:
+        Whether the attacker knows the defense (see the module docstring).
+    seed:
+        Seeds the defense's random draws in :meth:`observe` and in the oracle.
+    """
+
+    def __init__(self, target: SplitModel, defense: Defense | None = None, threat: str = "black_box",
+                 aux: ImageSet | None = None, adaptive: bool = True, seed: int = 0):
+        if threat not in THREATS:
+            raise ConfigError(f"threat must be one of {', '.join(THREATS)}, got {threat!r}")
+        if target.input_shape is None:
+            raise ConfigError("target.input_shape is not set: split(model, at=..., input_shape=(C, H, W))")
+        self.target = target.eval()
+        self.defense = (defense or NoDefense()).eval()
+        self.threat, self.aux, self.adaptive = threat, aux, adaptive
+        self._generator_seed = seed
+        self.device = next(target.parameters()).device
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> torch.Tensor:
+        """The features the cloud receives for the private images ``x`` [B, C, H, W] in [0, 1]."""
+        _check_images(x, self.target.input_shape)
+        state = torch.random.get_rng_state()
+        torch.manual_seed(self._generator_seed)
+        try:
+            return self.defense.obfuscate(self.target.head(x.to(self.device)), training=False)
+        finally:
+            torch.random.set_rng_state(state)
+
+    def view(self) -> VictimView:
+        """The attacker's view under this victim's threat model."""
+        common = dict(threat=self.threat, input_shape=tuple(self.target.input_shape),
+                      feature_shape=self.target.feature_shape(), aux=self.aux, adaptive=self.adaptive,
+                      point=self.target.point)
+        head = _frozen(self.target.head)
+        defense = _frozen(self.defense) if self.adaptive else NoDefense()
+
+        def obfuscate(z: torch.Tensor) -> torch.Tensor:
+            return defense.obfuscate(z, training=False)
+
+        if self.threat == "white_box":
+            return WhiteBoxView(**common, head=head, obfuscate=obfuscate)
+        if self.threat == "black_box":
+            # The oracle is the deployed device: defended features unless the evaluation is non-adaptive.
+            def query(x: torch.Tensor) -> torch.Tensor:
+                _check_images(x, self.target.input_shape)
+                with torch.no_grad():
+                    return obfuscate(head(x.to(self.device)))
+
+            return BlackBoxView(**common, query=query)
+        last = list(self.target.head.modules())[-1]
+        final = type(last) if isinstance(last, (nn.ReLU, nn.Sigmoid, nn.Tanh)) else None
+        return QueryFreeView(**common, tail=_frozen(self.target.tail), obfuscate=obfuscate,
+                             head_architecture=lambda: fresh_copy(self.target.head),
+                             head_final_activation=final)
+
+
+def _check_images(x: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != tuple(shape):
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ConfigError(f"images: expected shape [N, {', '.join(map(str, shape))}] (float in [0, 1]), got {got}")
+
+
+class Attack:
+    """Base of every attack: ``fit(victim)`` with the view its threat model allows, then use it."""
+
+    #: Threat models under which the attack can run, weakest first.
+    threats: tuple[str, ...] = THREATS
+    name: str = "attack"
+
+    def _view_for(self, victim: Victim | VictimView) -> VictimView:
+        view = victim.view() if isinstance(victim, Victim) else victim
+        if view.threat not in self.threats:
+            raise ThreatModelError(
+                f"{type(self).__name__} needs {' or '.join(self.threats)} access; the victim gives {view.threat}"
+            )
+        return view
+
+    def fit(self, victim: Victim | VictimView) -> Attack:
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """JSON-serialisable parameters of the attack."""
+        return {"name": self.name}
+
+
+class InversionAttack(Attack):
+    """Reconstructs the input from a feature: ``invert(z) -> x_hat`` in [0, 1]."""
+
+    def invert(self, z: torch.Tensor) -> torch.Tensor:
+        """Reconstruct images [B, C, H, W] in [0, 1] from observed features ``z`` [B, ...]."""
+        raise NotImplementedError
+
+
+class CompletionAttack(Attack):
+    """Infers the label from a feature: ``predict(z) -> logits``."""
+
+    def predict(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,88 @@
+"""The ``Defense`` protocol: what the edge device does to a feature before it leaves.
+
+A defense has three optional hooks, called by :class:`~splitshield.Trainer` (and the runtime):
+
+- ``obfuscate(z, training) -> z'`` — transforms the feature on its way to the cloud, in training and
+  in inference (noise, dropout, pruning, quantisation, learned noise). Must be differentiable where the
+  defense is to be trained through, since an adaptive white-box attacker optimises through it.
+- ``regularizer(x, y, z, z_sent, logits) -> loss`` — an extra training loss (NoPeek, VIB, CEM, ...),
+  given the input images ``x`` [B, C, H, W] in [0, 1], labels ``y`` [B], the clean feature ``z``, the
+  feature sent ``z_sent = obfuscate(z)`` and the tail's logits.
+- ``on_epoch_end(trainer)`` — epoch-level work (CEM's clustering, an adversary's schedule).
+
+Defenses with parameters own them as an ``nn.Module``; the trainer optimises them with the model.
+``a + b`` stacks two defenses (:class:`Compose`): obfuscations apply in order, losses add.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..train import Trainer
+
+
+class Defense(nn.Module):
+    """Base class of every defense; the identity by default (no defense)."""
+
+    #: Short registry name, used in configs and reports.
+    name: str = "none"
+
+    def obfuscate(self, z: torch.Tensor, training: bool) -> torch.Tensor:
+        """Transform feature ``z`` [B, ...] before it is sent; same shape out unless documented."""
+        return z
+
+    def regularizer(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, z_sent: torch.Tensor,
+                    logits: torch.Tensor) -> torch.Tensor | None:
+        """Extra training loss (a 0-d tensor), or ``None`` for none."""
+        return None
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        """Called once after each training epoch."""
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable parameters, stored with checkpoints and results."""
+        return {"name": self.name}
+
+    def __add__(self, other: Defense) -> Compose:
+        return Compose(self, other)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Inference-time obfuscation, so a defense can sit in an ``nn.Sequential`` on the device."""
+        return self.obfuscate(z, training=False)
+
+
+class Compose(Defense):
+    """Several defenses in a row: obfuscations apply in order, regularizers add up."""
+
+    name = "compose"
+
+    def __init__(self, *defenses: Defense):
+        super().__init__()
+        flat: list[Defense] = []
+        for d in defenses:
+            flat.extend(d.parts if isinstance(d, Compose) else [d])
+        self.parts = nn.ModuleList(flat)
+
+    def obfuscate(self, z: torch.Tensor, training: bool) -> torch.Tensor:
+        for d in self.parts:
+            z = d.obfuscate(z, training)
+        return z
+
+    def regularizer(self, x, y, z, z_sent, logits):  # noqa: D102 - documented on Defense
+        losses = [loss for d in self.parts if (loss := d.regularizer(x, y, z, z_sent, logits)) is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        for d in self.parts:
+            d.on_epoch_end(trainer)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "parts": [d.config() for d in self.parts]}
+
+
+class NoDefense(Defense):
+    """The undefended baseline: the feature leaves the device as it is."""

@@ -1,0 +1,1 @@
+"""Deployment runtime: the pieces that move features between edge and cloud."""

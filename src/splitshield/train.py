@@ -1,0 +1,299 @@
+"""Train a split model (with its defense) on the task, and save/load it as safetensors + JSON.
+
+A checkpoint is two files side by side: ``NAME.safetensors`` (tensors only: ``model.*`` for the split
+model, ``defense.*`` for the defense's parameters and buffers, ``optim.*`` for a resumable optimiser)
+and ``NAME.json`` (how to rebuild the model, the split point, the defense config, metrics). Nothing is
+ever pickled, so a checkpoint from an untrusted source cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .data import ImageSet
+from .defenses.base import Defense, NoDefense
+from .errors import CheckpointError, ConfigError
+from .models.split import SplitModel, split
+from .models.zoo import build_model
+
+FORMAT = "splitshield-checkpoint/1"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's global RNG (defense noise, dropout, initialisation) for reproducible CPU runs."""
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Train ``target`` (head + tail) and ``defense`` jointly on a classification task.
+
+    Each step computes ``z = head(x)``, ``z_sent = defense.obfuscate(z, training=True)``,
+    ``logits = tail(z_sent)`` and minimises ``CE(logits, y) + defense.regularizer(...)``.
+    The optimiser is He et al.'s: Adam(lr, amsgrad, eps=1e-3), with the learning rate halved every
+    ``lr_halve_every`` epochs.
+
+    Parameters
+    ----------
+    target:
+        The split model to train, in place.
+    defense:
+        Applied between head and tail in training and in :meth:`evaluate`; ``None`` for no defense.
+    epochs, batch_size, lr, weight_decay, lr_halve_every:
+        Optimisation settings.
+    seed:
+        Fixes the initial shuffles and every random draw; the same seed gives the same model on CPU.
+    device:
+        ``"cpu"`` or e.g. ``"cuda"``.
+    checkpoint_dir:
+        When given, ``last.safetensors``/``last.json`` are written there after every epoch and
+        :meth:`fit` with ``resume=True`` continues from them.
+    progress:
+        Show a progress bar.
+    """
+
+    def __init__(self, target: SplitModel, defense: Defense | None = None, *, epochs: int = 5,
+                 batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.0,
+                 lr_halve_every: int | None = None, seed: int = 0, device: str | torch.device = "cpu",
+                 checkpoint_dir: str | Path | None = None, progress: bool = True):
+        for field, value in (("epochs", epochs), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+        if not lr > 0:
+            raise ConfigError(f"lr must be > 0, got {lr!r}")
+        self.device = torch.device(device)
+        self.target = target.to(self.device)
+        self.defense = (defense or NoDefense()).to(self.device)
+        self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
+        self.lr_halve_every = lr_halve_every
+        self.seed = seed
+        self.progress = progress
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        seed_everything(seed)
+        params = list(self.target.parameters()) + [p for p in self.defense.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=lr, eps=1e-3, amsgrad=True, weight_decay=weight_decay)
+        self.epoch = 0
+        self.train_data: ImageSet | None = None
+        self.history: list[dict[str, float]] = []
+
+    @property
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def fit(self, train: ImageSet, test: ImageSet | None = None, resume: bool = False) -> list[dict[str, float]]:
+        """Train for the configured epochs; returns one dict per epoch (loss, train/test accuracy)."""
+        self.train_data = train
+        if resume and self.checkpoint_dir is not None and (self.checkpoint_dir / "last.json").is_file():
+            self._resume(self.checkpoint_dir / "last")
+        steps = math.ceil(len(train) / self.batch_size)
+        while self.epoch < self.epochs:
+            # Per-epoch seeds make a resumed run draw exactly what an uninterrupted one draws.
+            seed_everything(self.seed * 100_003 + self.epoch)
+            self._set_lr()
+            self.target.train()
+            self.defense.train()
+            total, correct, loss_sum = 0, 0, 0.0
+            batches = train.batches(self.batch_size, shuffle=True, seed=self.seed * 1000 + self.epoch,
+                                    device=self.device)
+            bar = tqdm(batches, total=steps, desc=f"train epoch {self.epoch + 1}/{self.epochs}",
+                       disable=not self.progress, leave=False)
+            for x, y in bar:
+                loss, logits = self._step(x, y)
+                total += len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                loss_sum += float(loss) * len(y)
+                bar.set_postfix(loss=f"{loss_sum / total:.4f}", acc=f"{correct / total:.3f}")
+            self.epoch += 1
+            self.defense.on_epoch_end(self)
+            row = {"epoch": self.epoch, "loss": loss_sum / total, "train_accuracy": correct / total}
+            if test is not None:
+                row["test_accuracy"] = self.evaluate(test)
+            self.history.append(row)
+            if self.checkpoint_dir is not None:
+                self.save(self.checkpoint_dir / "last", include_optimizer=True)
+        return self.history
+
+    def _set_lr(self) -> None:
+        lr = self.lr
+        if self.lr_halve_every:
+            lr = self.lr * 0.5 ** (self.epoch // self.lr_halve_every)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.target.head(x)
+        z_sent = self.defense.obfuscate(z, training=True)
+        logits = self.target.tail(z_sent)
+        loss = F.cross_entropy(logits, y)
+        extra = self.defense.regularizer(x, y, z, z_sent, logits)
+        total = loss if extra is None else loss + extra
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        return loss.detach(), logits.detach()
+
+    @torch.no_grad()
+    def evaluate(self, data: ImageSet, batch_size: int = 1000) -> float:
+        """Task accuracy with the defense applied as deployed (inference mode)."""
+        return evaluate(self.target, self.defense, data, batch_size, self.device)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def save(self, path: str | Path, metrics: dict[str, Any] | None = None, include_optimizer: bool = False) -> Path:
+        """Write ``path.safetensors`` and ``path.json``; returns the safetensors path."""
+        meta = {"epoch": self.epoch, "seed": self.seed, "history": self.history,
+                "train": {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+                          "lr_halve_every": self.lr_halve_every}}
+        return save_checkpoint(path, self.target, self.defense, metrics=metrics, extra=meta,
+                               optimizer=self.optimizer if include_optimizer else None)
+
+    def _resume(self, path: Path) -> None:
+        tensors, meta = _read(path)
+        _load_states(self.target, self.defense, tensors)
+        optim = {k[len("optim."):]: v for k, v in tensors.items() if k.startswith("optim.")}
+        if optim:
+            state = self.optimizer.state_dict()
+            for key, value in optim.items():
+                idx, name = key.split(".", 1)
+                state["state"].setdefault(int(idx), {})[name] = value
+            self.optimizer.load_state_dict(state)
+        self.epoch = int(meta.get("epoch", 0))
+        self.history = list(meta.get("history", []))
+
+
+@torch.no_grad()
+def evaluate(target: SplitModel, defense: Defense | None, data: ImageSet, batch_size: int = 1000,
+             device: str | torch.device = "cpu") -> float:
+    """Accuracy of ``tail(defense(head(x)))`` on ``data``, as deployed (defense in inference mode)."""
+    defense = defense or NoDefense()
+    modes = target.training, defense.training
+    target.eval()
+    defense.eval()
+    correct = 0
+    for x, y in data.batches(batch_size, device=device):
+        logits = target.tail(defense.obfuscate(target.head(x), training=False))
+        correct += int((logits.argmax(1) == y).sum())
+    target.train(modes[0])
+    defense.train(modes[1])
+    return correct / max(len(data), 1)
+
+
+def _json_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _st_path(path: Path) -> Path:
+    return path.with_suffix(".safetensors")
+
+
+def save_checkpoint(path: str | Path, target: SplitModel, defense: Defense | None = None, *,
+                    metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                    optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Save a split model and its defense as ``path.safetensors`` + ``path.json``.
+
+    The JSON sidecar records how to rebuild the model (``model_spec``, set for zoo/torchvision
+    models built with :func:`~splitshield.models.build_model`), the split point, the input shape,
+    the defense config and ``metrics``.
+    """
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json"):
+        path = path.with_suffix("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    # Cloning makes every entry own its storage: safetensors refuses tensors that share memory.
+    for key, value in target.state_dict().items():
+        tensors[f"model.{key}"] = value.detach().cpu().clone().contiguous()
+    defense = defense or NoDefense()
+    for key, value in defense.state_dict().items():
+        tensors[f"defense.{key}"] = value.detach().cpu().clone().contiguous()
+    if optimizer is not None:
+        for idx, state in optimizer.state_dict()["state"].items():
+            for name, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim.{idx}.{name}"] = value.detach().cpu().clone().contiguous()
+    meta = {
+        "format": FORMAT,
+        "model_spec": getattr(target, "model_spec", None),
+        "split": target.point,
+        "input_shape": list(target.input_shape) if target.input_shape else None,
+        "defense": defense.config(),
+        "metrics": metrics or {},
+        **(extra or {}),
+    }
+    st = _st_path(path)
+    tmp = st.with_suffix(".safetensors.tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(st)  # atomic: a crash mid-write never leaves a half checkpoint
+    _json_path(path).write_text(json.dumps(meta, indent=2))
+    return st
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    st, js = _st_path(path), _json_path(path)
+    for f in (st, js):
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint file {f} is missing (a checkpoint is NAME.safetensors + NAME.json)")
+    try:
+        meta = json.loads(js.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{js} is not valid JSON: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{js}: format {meta.get('format')!r} is not {FORMAT!r}")
+    try:
+        tensors = load_file(str(st))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types on corrupt files
+        raise CheckpointError(f"{st} is not a readable safetensors file: {exc}") from None
+    return tensors, meta
+
+
+def _load_states(target: SplitModel, defense: Defense, tensors: dict[str, torch.Tensor]) -> None:
+    for prefix, module in (("model.", target), ("defense.", defense)):
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise CheckpointError(f"checkpoint does not fit the {prefix[:-1]}: {first}") from None
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module | None = None,
+                    device: str | torch.device = "cpu") -> tuple[SplitModel, Defense, dict[str, Any]]:
+    """Load a checkpoint written by :func:`save_checkpoint` or :meth:`Trainer.save`.
+
+    Parameters
+    ----------
+    path:
+        ``NAME``, ``NAME.safetensors`` or ``NAME.json``.
+    model:
+        The uncut model architecture, needed when the checkpoint was not made from a zoo or
+        torchvision model (its ``model_spec`` is ``null``).
+
+    Returns
+    -------
+    (split model, defense, metadata)
+    """
+    from .defenses import build_defense
+
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json"):
+        path = path.with_suffix("")
+    tensors, meta = _read(path)
+    if model is None:
+        spec = meta.get("model_spec")
+        if not spec:
+            raise CheckpointError(f"{path}.json has no model_spec: pass model=<the uncut nn.Module>")
+        model = build_model(**spec)
+    input_shape = tuple(meta["input_shape"]) if meta.get("input_shape") else None
+    target = split(model, meta["split"], input_shape=input_shape)
+    defense = build_defense(meta.get("defense") or {"name": "none"})
+    _load_states(target, defense, tensors)
+    target.to(device).eval()
+    defense.to(device).eval()
+    return target, defense, meta
