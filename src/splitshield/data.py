@@ -266,7 +266,8 @@ def _from_npz(path: Path) -> tuple[ImageSet, ImageSet]:
     if missing:
         raise DataError(f"{path} lacks arrays {missing}; it has {sorted(arrays)}")
     classes = arrays.get("classes")
-    return _imageset(arrays["x_train"], arrays["y_train"], classes), _imageset(arrays["x_test"], arrays["y_test"], classes)
+    train = _imageset(arrays["x_train"], arrays["y_train"], classes)
+    return train, _imageset(arrays["x_test"], arrays["y_test"], classes)
 
 
 def _decode_jpeg_npz(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

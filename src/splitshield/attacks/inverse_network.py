@@ -66,7 +66,7 @@ class InverseNetwork(InversionAttack):
             loss.backward()
             opt.step()
             sched.step()
-            self.losses.append(float(loss))
+            self.losses.append(loss.item())
         self.decoder.eval()
         return self
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ._rmle import rmle
 from .base import InversionAttack, QueryFreeView, Victim, VictimView
-from .whitebox import _FALLBACK, HE2019_SETTINGS
+from .whitebox import rmle_settings
 
 
 def different_head(input_shape: tuple[int, int, int], feature_shape: tuple[int, ...],
@@ -110,9 +110,8 @@ class QueryFreeInversion(InversionAttack):
         self.shadow_head = head
         self._obfuscate = view.obfuscate
         self._input_shape = view.input_shape
-        defaults = HE2019_SETTINGS.get(view.point, _FALLBACK)
-        self.iters, self.rmle_lr, self.tv, self.l2 = (
-            v if v is not None else d for v, d in zip((self.iters, self.rmle_lr, self.tv, self.l2), defaults)
+        self.iters, self.rmle_lr, self.tv, self.l2 = rmle_settings(
+            view.point, self.iters, self.rmle_lr, self.tv, self.l2
         )
         return self
 

@@ -29,6 +29,14 @@ HE2019_SETTINGS: dict[str, tuple[int, float, float, float]] = {
 _FALLBACK = (3000, 1e-2, 1.0, 0.0)
 
 
+def rmle_settings(point: str, iters: int | None, lr: float | None, tv: float | None,
+                  l2: float | None) -> tuple[int, float, float, float]:
+    """Fill the ``None`` entries of (iters, lr, tv, l2) with He et al.'s values for ``point``."""
+    defaults = HE2019_SETTINGS.get(point, _FALLBACK)
+    given = (iters, lr, tv, l2)
+    return tuple(d if v is None else v for v, d in zip(given, defaults, strict=True))  # type: ignore[return-value]
+
+
 class WhiteBoxInversion(InversionAttack):
     """rMLE inversion with the head's weights.
 
@@ -52,10 +60,7 @@ class WhiteBoxInversion(InversionAttack):
 
     def fit(self, victim: Victim | VictimView) -> WhiteBoxInversion:
         view: WhiteBoxView = self._view_for(victim)  # type: ignore[assignment]
-        defaults = HE2019_SETTINGS.get(view.point, _FALLBACK)
-        self.iters, self.lr, self.tv, self.l2 = (
-            v if v is not None else d for v, d in zip((self.iters, self.lr, self.tv, self.l2), defaults)
-        )
+        self.iters, self.lr, self.tv, self.l2 = rmle_settings(view.point, self.iters, self.lr, self.tv, self.l2)
         self._head_view = view
         return self
 
