@@ -216,6 +216,8 @@ def _load_raw(name: str, data_dir: str | Path | None, download: bool) -> tuple[I
         with resources.files("splitshield").joinpath("_data/mnist_5k.npz").open("rb") as fh:
             arrays = _read_npz(io.BytesIO(fh.read()), "built-in mnist-5k")
         full = _imageset(arrays["x_train"], arrays["y_train"], arrays.get("classes"))
+        # The file is sorted by digit; a fixed shuffle gives it MNIST's mixed order, so take(n) is balanced.
+        full = full.subset(torch.randperm(len(full), generator=torch.Generator().manual_seed(5000)))
         # mnist-5k has no test split: the last 100 images of each digit are its test set.
         test_idx = torch.cat([(full.labels == c).nonzero().flatten()[-100:] for c in range(10)])
         mask = torch.ones(len(full), dtype=torch.bool)

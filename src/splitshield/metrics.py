@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from splitshield.errors import ConfigError
 
-__all__ = ["accuracy", "mse", "psnr", "ssim"]
+__all__ = ["accuracy", "conditional_entropy_floor", "mse", "psnr", "ssim"]
 
 Reduction = Literal["mean", "none"]
 Window = Literal["uniform", "gaussian"]
@@ -309,3 +309,89 @@ def _window_taps(spec: _WindowSpec, dtype: torch.dtype, device: torch.device) ->
     offsets = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
     taps = torch.exp(-0.5 * (offsets / spec.sigma) ** 2)
     return taps / taps.sum()
+
+
+def conditional_entropy_floor(
+    x: torch.Tensor,
+    z_clean: torch.Tensor,
+    sigma: float,
+    labels: torch.Tensor | None = None,
+    pixel_variance: float = 1.0 / (12 * 255**2),
+) -> dict[str, float]:
+    """Gaussian-mixture estimate of H(x|z) and the MSE floor it implies for any inversion (CEM, ALGORITHMS §B.1).
+
+    For features sent as z = ẑ + N(0, σ²I) with ẑ = f(x), every reconstruction x̂(z) satisfies
+    E‖x − x̂‖²/d >= exp(2·H(x|z)/d) / (2πe) (the estimation-entropy bound; d = dim x). Since x → ẑ → z,
+    H(x|z) >= H(x) − I(ẑ; z), and with ẑ modelled as a mixture of Gaussians (weights π_j, covariances Σ_j)
+    I(ẑ; z) <= H(π) + Σ_j π_j·½·log det(I + Σ_j/σ²). H(x) is estimated from below by Σ_j π_j·H(N(·, Σ^x_j))
+    (a mixture's entropy is at least its components' average), with x's covariance eigenvalues floored at
+    ``pixel_variance`` (the variance of 8-bit dequantisation noise, 1/(12·255²), so that constant pixels
+    do not give −∞). The mixture components are the classes of ``labels`` (one Gaussian without labels).
+
+    This is an **estimate**, not a certified bound: H(x) and the covariances are fitted on a sample, and
+    the images' true density need not be a Gaussian mixture. It is loose (the H(x) estimate is crude).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Images [N, C, H, W] in [0, 1].
+    z_clean : torch.Tensor
+        The noise-free features ẑ [N, ...] of the same images.
+    sigma : float
+        Standard deviation of the Gaussian noise added to ẑ (0: no noise, the floor is 0).
+    labels : torch.Tensor, optional
+        Class labels [N] defining the mixture components; each needs at least 2 samples.
+    pixel_variance : float
+        Lower bound applied to the eigenvalues of each component's image covariance.
+
+    Returns
+    -------
+    dict
+        ``h_x`` (nats), ``mi_upper`` (nats, bound on I(ẑ; z)), ``h_x_given_z`` (nats), ``mse_floor``
+        (per-pixel squared error, comparable to :func:`mse`), ``sigma``, ``components``.
+    """
+    if x.dim() != 4 or z_clean.shape[0] != x.shape[0]:
+        raise ConfigError(f"x must be [N, C, H, W] and z_clean [N, ...] with the same N, got "
+                          f"{tuple(x.shape)} and {tuple(z_clean.shape)}")
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
+        raise ConfigError(f"sigma must be >= 0, got {sigma!r}")
+    if not pixel_variance > 0:
+        raise ConfigError(f"pixel_variance must be > 0, got {pixel_variance!r}")
+    n, d = x.shape[0], x[0].numel()
+    groups = torch.zeros(n, dtype=torch.long) if labels is None else labels.detach().cpu().long()
+    xs = x.detach().cpu().flatten(1).double()
+    zs = z_clean.detach().cpu().flatten(1).double()
+    h_x = mi = 0.0
+    components = 0
+    for g in torch.unique(groups):
+        member = groups == g
+        count = int(member.sum())
+        if count < 2:
+            raise ConfigError(f"class {int(g)} has {count} sample(s); each mixture component needs at least 2")
+        weight = count / n
+        components += 1
+        lam_x = _covariance_eigenvalues(xs[member], d).clamp_min(pixel_variance)
+        h_x += weight * 0.5 * torch.log(2 * math.pi * math.e * lam_x).sum().item()
+        if sigma > 0:
+            lam_z = _covariance_eigenvalues(zs[member], zs.shape[1]).clamp_min(0)
+            mi += weight * 0.5 * torch.log1p(lam_z / sigma**2).sum().item() - weight * math.log(weight)
+    if sigma == 0:
+        return {"h_x": h_x, "mi_upper": math.inf, "h_x_given_z": -math.inf, "mse_floor": 0.0, "sigma": 0.0,
+                "components": components}
+    h_cond = h_x - mi
+    floor = math.exp(2 * h_cond / d) / (2 * math.pi * math.e)
+    return {"h_x": h_x, "mi_upper": mi, "h_x_given_z": h_cond, "mse_floor": floor, "sigma": float(sigma),
+            "components": components}
+
+
+def _covariance_eigenvalues(samples: torch.Tensor, dim: int) -> torch.Tensor:
+    """All ``dim`` eigenvalues of the (population) covariance of ``samples`` [n, dim], zeros included.
+
+    With fewer samples than dimensions the non-zero eigenvalues are those of the n×n Gram matrix, which
+    is much cheaper than the dim×dim covariance.
+    """
+    centred = samples - samples.mean(0, keepdim=True)
+    n = centred.shape[0]
+    small = centred @ centred.T if n < dim else centred.T @ centred
+    eig = torch.linalg.eigvalsh(small / n)
+    return torch.cat([eig, eig.new_zeros(dim - eig.numel())])

@@ -1,10 +1,9 @@
 """Decoder architectures for the inverse-network attack, built from feature and image shapes.
 
-He et al. pick a decoder per split point by hand (ALGORITHMS §A.3); :func:`build_decoder` does the same
-for any split: convolutional features are mapped by a 3×3 conv, upsampled by transposed convolutions
-while the size can double, resized to the image's exact size, and refined by two convolutions;
-flat features first go through a linear layer to a quarter-resolution map. The output is unbounded
-(trained with MSE, clamped to [0, 1] at use), as in the authors' code.
+He et al. pick a decoder per split point by hand (ALGORITHMS §A.3); :func:`build_decoder` builds one
+for any split from the shapes alone; flat features first go through a linear layer to a
+quarter-resolution map. The output is unbounded (trained with MSE, clamped to [0, 1] at use), as in the
+authors' code.
 """
 
 from __future__ import annotations
@@ -29,27 +28,38 @@ def he2019_decoder(point: str, feature_shape: tuple[int, ...]) -> nn.Module | No
     return None
 
 
-def build_decoder(feature_shape: tuple[int, ...], image_shape: tuple[int, int, int], width: int = 64) -> nn.Module:
+def build_decoder(feature_shape: tuple[int, ...], image_shape: tuple[int, int, int], width: int = 64,
+                  fine: int = 32) -> nn.Module:
     """A decoder from features of ``feature_shape`` to images of ``image_shape`` (C, H, W).
 
-    ``width`` channels at low resolution, halved (at least 32) once the map reaches the image size.
+    Low-resolution features are widened to ``width`` channels and doubled in size by transposed
+    convolutions (halving the channels) while they fit; a remaining size gap of up to 8 pixels is
+    closed by one transposed convolution of the exact kernel (e.g. LeNet ``conv1``: 24 -> 28 with a
+    5×5 kernel, the shape inverse of the layer), a larger one by bilinear resizing and a 3×3 conv. The
+    cost stays at low resolution: only ``fine`` channels and one output conv run at full size.
     """
     channels, height, wide = image_shape
     layers: list[nn.Module] = []
     if len(feature_shape) == 3:
-        cin, h, w = feature_shape
+        c, h, w = feature_shape
     else:
-        dim = math.prod(feature_shape)
         h, w = max(1, math.ceil(height / 4)), max(1, math.ceil(wide / 4))
-        layers += [nn.Flatten(), nn.Linear(dim, width * h * w), nn.ReLU(), nn.Unflatten(1, (width, h, w))]
-        cin = width
-    layers += [nn.Conv2d(cin, width, 3, padding=1), nn.ReLU()]
-    while h * 2 <= height and w * 2 <= wide:
-        layers += [nn.ConvTranspose2d(width, width, 4, stride=2, padding=1), nn.ReLU()]
-        h, w = h * 2, w * 2
-    if (h, w) != (height, wide):
-        layers.append(nn.Upsample(size=(height, wide), mode="bilinear", align_corners=False))
-    fine = max(32, width // 2)
-    layers += [nn.Conv2d(width, fine, 3, padding=1), nn.ReLU(), nn.Conv2d(fine, fine, 3, padding=1), nn.ReLU(),
-               nn.Conv2d(fine, channels, 3, padding=1)]
+        layers += [nn.Flatten(), nn.Linear(math.prod(feature_shape), width * h * w), nn.ReLU(),
+                   nn.Unflatten(1, (width, h, w))]
+        c = width
+    if h * 2 <= height and w * 2 <= wide:
+        layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU()]
+        c = width
+        while h * 2 <= height and w * 2 <= wide:
+            layers += [nn.ConvTranspose2d(c, max(c // 2, 16), 4, stride=2, padding=1), nn.ReLU()]
+            c, h, w = max(c // 2, 16), h * 2, w * 2
+    gap = height - h
+    if (h, w) == (height, wide):
+        layers += [nn.Conv2d(c, fine, 3, padding=1), nn.ReLU()]
+    elif 0 < gap <= 8 and wide - w == gap:
+        layers += [nn.ConvTranspose2d(c, fine, gap + 1), nn.ReLU()]
+    else:
+        layers += [nn.Upsample(size=(height, wide), mode="bilinear", align_corners=False),
+                   nn.Conv2d(c, fine, 3, padding=1), nn.ReLU()]
+    layers.append(nn.Conv2d(fine, channels, 3, padding=1))
     return nn.Sequential(*layers)

@@ -36,7 +36,7 @@ class InverseNetwork(InversionAttack):
     name = "black_box"
 
     def __init__(self, decoder: nn.Module | None = None, steps: int = 3000, batch_size: int = 64,
-                 lr: float = 1e-3, seed: int = 0, progress: bool = True):
+                 lr: float = 3e-3, seed: int = 0, progress: bool = True):
         self.decoder = decoder
         self.steps, self.batch_size, self.lr, self.seed = steps, batch_size, lr, seed
         self.progress = progress

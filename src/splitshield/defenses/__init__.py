@@ -9,9 +9,23 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
+from .adversarial import AdversarialReconstruction
 from .base import Compose, Defense, NoDefense
+from .bound import FeatureBound
+from .cem import CEM
+from .dp import DPNoise
+from .filters import Dropout, Quantize, TopKPrune
+from .infoscissors import InfoScissors
+from .noise import GaussianNoise, LaplaceNoise, noise_std
+from .nopeek import NoPeek, distance_correlation
+from .shredder import Shredder
+from .vib import VIB
 
 DEFENSES: dict[str, type[Defense]] = {"none": NoDefense}
+DEFENSES.update({cls.name: cls for cls in (
+    FeatureBound, GaussianNoise, LaplaceNoise, DPNoise, Dropout, TopKPrune, Quantize, Shredder, NoPeek, VIB,
+    AdversarialReconstruction, InfoScissors, CEM,
+)})
 
 
 def build_defense(config: dict[str, Any]) -> Defense:
@@ -28,4 +42,7 @@ def build_defense(config: dict[str, Any]) -> Defense:
         raise ConfigError(f"defense {name!r}: {exc}") from None
 
 
-__all__ = ["DEFENSES", "Compose", "Defense", "NoDefense", "build_defense"]
+__all__ = ["DEFENSES", "Compose", "Defense", "NoDefense", "build_defense",
+           "CEM", "VIB", "AdversarialReconstruction", "DPNoise", "Dropout", "FeatureBound", "GaussianNoise",
+           "InfoScissors", "LaplaceNoise", "NoPeek", "Quantize", "Shredder", "TopKPrune", "distance_correlation",
+           "noise_std"]

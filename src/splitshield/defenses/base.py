@@ -40,6 +40,15 @@ class Defense(nn.Module):
         """Extra training loss (a 0-d tensor), or ``None`` for none."""
         return None
 
+    def clean(self, z: torch.Tensor) -> torch.Tensor:
+        """The deterministic, noise-free part of :meth:`obfuscate` (identity unless it reshapes the feature).
+
+        A bound (sigmoid) or a learned mean map is *clean*; noise, dropout and pruning are not. In a
+        :class:`Compose`, each part's regularizer receives ``z`` after the ``clean`` of the parts before
+        it, so a CEM or NoPeek stacked on a feature bound regularises the bounded feature.
+        """
+        return z
+
     def on_epoch_end(self, trainer: Trainer) -> None:
         """Called once after each training epoch."""
 
@@ -73,8 +82,17 @@ class Compose(Defense):
         return z
 
     def regularizer(self, x, y, z, z_sent, logits):  # noqa: D102 - documented on Defense
-        losses = [loss for d in self.parts if (loss := d.regularizer(x, y, z, z_sent, logits)) is not None]
+        losses = []
+        for d in self.parts:
+            if (loss := d.regularizer(x, y, z, z_sent, logits)) is not None:
+                losses.append(loss)
+            z = d.clean(z)
         return torch.stack(losses).sum() if losses else None
+
+    def clean(self, z: torch.Tensor) -> torch.Tensor:
+        for d in self.parts:
+            z = d.clean(z)
+        return z
 
     def on_epoch_end(self, trainer: Trainer) -> None:
         for d in self.parts:

@@ -12,6 +12,7 @@ and its operation (``layer1.0.add``, ``flatten``).
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SplitError
+from .zoo import Normalize
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,18 @@ class SplitModel(nn.Module):
 # torch.fx route
 
 
+class _Tracer(fx.Tracer):
+    """Keeps input normalisation whole: a cut inside ``(x - mean) / std`` is never useful."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, Normalize) or super().is_leaf_module(m, module_qualified_name)
+
+
 def _trace(model: nn.Module) -> fx.GraphModule | None:
     try:
-        return fx.symbolic_trace(model)
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception:  # noqa: BLE001 - any tracing failure means "use the fallback"
         return None
 
@@ -114,7 +125,7 @@ def _legal_indices(nodes: list[fx.Node]) -> list[int]:
     return legal
 
 
-def _point_names(nodes: list[fx.Node], legal: list[int]) -> dict[int, tuple[str, ...]]:
+def _point_names(nodes: list[fx.Node], legal: list[int], leaves: set[str]) -> dict[int, tuple[str, ...]]:
     """Module-path names for each legal node: canonical first, then aliases."""
     last_in_scope: dict[str, int] = {}
     for i, n in enumerate(nodes):
@@ -127,7 +138,9 @@ def _point_names(nodes: list[fx.Node], legal: list[int]) -> dict[int, tuple[str,
         # Modules whose output this node is, innermost first; "name@k" keys are repeat calls.
         outputs = [s for s in reversed(_scopes(n)) if last_in_scope[s] == i and "@" not in s]
         if outputs:
-            candidates = outputs
+            # Prefer the innermost block (`layer2.1`, `features.18`) over the leaf inside it (`features.18.2`).
+            blocks = [s for s in outputs if s not in leaves]
+            candidates = ([blocks[0]] if blocks else []) + [s for s in outputs if not blocks or s != blocks[0]]
         else:
             scope = next((s.split("@")[0] for s in reversed(_scopes(n))), "")
             op = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", n.name)
@@ -137,8 +150,8 @@ def _point_names(nodes: list[fx.Node], legal: list[int]) -> dict[int, tuple[str,
             while candidate in used:
                 candidate, k = f"{base}@{k}", k + 1
             candidates = [candidate]
-        if n.name not in candidates:
-            candidates.append(n.name)
+            if n.name != candidate:
+                candidates.append(n.name)  # fx's own node name, e.g. "add_1", also accepted
         used.update(candidates)
         names[i] = tuple(candidates)
     return names
@@ -149,7 +162,8 @@ def _fx_points(gm: fx.GraphModule) -> tuple[list[fx.Node], dict[int, tuple[str, 
     output = next(n for n in gm.graph.nodes if n.op == "output")
     nodes.append(output)
     legal = _legal_indices(nodes)
-    return nodes, _point_names(nodes, legal)
+    leaves = {name for name, m in gm.named_modules() if name and not any(True for _ in m.children())}
+    return nodes, _point_names(nodes, legal, leaves)
 
 
 def _fx_cut(gm: fx.GraphModule, nodes: list[fx.Node], cut: int) -> tuple[nn.Module, nn.Module]:
@@ -183,8 +197,8 @@ def _sequential_points(model: nn.Sequential) -> list[str]:
 def _sequential_cut(model: nn.Sequential, at: str) -> tuple[nn.Module, nn.Module]:
     children = list(model.named_children())
     cut = next(i for i, (name, _) in enumerate(children) if name == at)
-    head = nn.Sequential(dict(children[: cut + 1]))
-    tail = nn.Sequential(dict(children[cut + 1 :]))
+    head = nn.Sequential(OrderedDict(children[: cut + 1]))
+    tail = nn.Sequential(OrderedDict(children[cut + 1 :]))
     return head, tail
 
 

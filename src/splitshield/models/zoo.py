@@ -137,13 +137,19 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+def build_model(name: str, num_classes: int = 10, in_channels: int = 1, seed: int | None = 0) -> nn.Module:
     """Build a zoo model (``lenet``, ``cifar-cnn``, ``vgg11-bottleneck``) or a torchvision one by name.
 
-    The model carries ``model_spec`` (these arguments), which :func:`~splitshield.split` passes on so a
+    ``seed`` fixes the random initialisation (``None``: torch's global RNG). The model carries
+    ``model_spec`` (the architecture arguments), which :func:`~splitshield.split` passes on so a
     checkpoint can rebuild the architecture.
     """
-    model = _build(name, num_classes, in_channels)
+    if seed is None:
+        model = _build(name, num_classes, in_channels)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _build(name, num_classes, in_channels)
     model.model_spec = {"name": name, "num_classes": num_classes, "in_channels": in_channels}
     return model
 

@@ -1,0 +1,390 @@
+"""The ``splitshield`` command line: a thin layer over the library (parse, call, print)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import ConfigError, SplitShieldError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Measure how much of a user's input leaks through split-inference features, and stop it.",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+Seed = Annotated[int, typer.Option(help="Seed of every random choice; same seed, same numbers on CPU.")]
+Device = Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1, mps.")]
+DataDir = Annotated[Path | None, typer.Option(
+    "--data-dir", envvar="SPLITSHIELD_DATA", help="Folder or npz file of mnist / fashion-mnist / cifar10.")]
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a SplitShieldError into one line on stderr and exit code 2: users see no tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SplitShieldError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def parse_shape(text: str, field: str = "--input-shape") -> tuple[int, ...]:
+    """'1,28,28' -> (1, 28, 28)."""
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise ConfigError(f"{field}: expected C,H,W such as 1,28,28, got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"{field}: expected three positive integers C,H,W such as 1,28,28, got {text!r}")
+    return shape
+
+
+def parse_json(text: str | None, field: str) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{field}: not valid JSON ({exc.msg}); e.g. '{{\"name\": \"gaussian_noise\", \"sigma\": 0.5}}'")
+    if not isinstance(value, dict):
+        raise ConfigError(f"{field}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+@app.command()
+@friendly
+def demo(
+    out: Annotated[Path, typer.Option(help="Output folder for results.json, grid.png and the checkpoint.")] = Path(
+        "splitshield-report"),
+    seed: Seed = 0,
+    device: Device = "cpu",
+    quick: Annotated[bool, typer.Option(help="Tiny budgets (seconds, for smoke tests): numbers are not meaningful.")
+                     ] = False,
+) -> None:
+    """Train LeNet on built-in MNIST digits, attack it at conv1 and ReLU2, write a report."""
+    from .demo import DemoSettings, run_demo
+
+    settings = DemoSettings(seed=seed, device=device)
+    if quick:
+        settings = DemoSettings(epochs=1, whitebox_iters=50, decoder_steps=20, shadow_steps=20, seed=seed, device=device)
+    result = run_demo(out, settings, log=console.print)
+    table = Table(title=f"LeNet / MNIST digits — model accuracy {result['model_accuracy']:.2%}")
+    for col in ("split", "attack", "PSNR (dB)", "SSIM", "MSE"):
+        table.add_column(col, justify="right" if col not in ("split", "attack") else "left")
+    for r in result["rows"]:
+        table.add_row(r["split"], r["attack"], f"{r['psnr']:.2f}", f"{r['ssim']:.3f}", f"{r['mse']:.4f}")
+    console.print(table)
+    console.print(f"wrote {out / 'results.json'} and {out / result['grid']} in {result['seconds']} s")
+
+
+@app.command("split-points")
+@friendly
+def split_points_cmd(
+    model: Annotated[str, typer.Argument(help="lenet, cifar-cnn, vgg11-bottleneck or a torchvision model name.")],
+    input_shape: Annotated[str, typer.Option(help="C,H,W of one input image.")] = "1,28,28",
+    num_classes: int = 10,
+) -> None:
+    """List the legal split points of a model with their feature shapes."""
+    from .models import build_model, split_points
+
+    shape = parse_shape(input_shape)
+    net = build_model(model, num_classes=num_classes, in_channels=shape[0])
+    table = Table(title=f"{model}: legal split points for input {shape}")
+    table.add_column("#", justify="right")
+    table.add_column("point")
+    table.add_column("feature shape")
+    table.add_column("elements", justify="right")
+    table.add_column("also named")
+    for i, p in enumerate(split_points(net, shape)):
+        elements = 1
+        for d in p.feature_shape or ():
+            elements *= d
+        table.add_row(str(i), p.name, "×".join(map(str, p.feature_shape or ())), str(elements), ", ".join(p.aliases))
+    console.print(table)
+
+
+@app.command()
+@friendly
+def train(
+    model: Annotated[str, typer.Argument(help="lenet, cifar-cnn, vgg11-bottleneck or a torchvision model name.")],
+    split_at: Annotated[str, typer.Option("--split", help="Split point (see `splitshield split-points`).")],
+    out: Annotated[Path, typer.Option(help="Checkpoint path: writes OUT.safetensors and OUT.json.")],
+    dataset: Annotated[str, typer.Option(help="mnist-5k (built in), mnist, fashion-mnist, cifar10, npz:PATH.")
+                       ] = "mnist-5k",
+    data_dir: DataDir = None,
+    epochs: int = 5,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    defense: Annotated[str | None, typer.Option(help='Defense config as JSON, e.g. \'{"name": "none"}\'.')] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT's training state if present.")] = False,
+    seed: Seed = 0,
+    device: Device = "cpu",
+) -> None:
+    """Train a model split at a point (with an optional defense) and save a checkpoint."""
+    from .data import load_dataset
+    from .defenses import build_defense
+    from .models import build_model, split
+    from .train import Trainer
+
+    data = load_dataset(dataset, data_dir=data_dir, seed=seed)
+    net = build_model(model, num_classes=data.num_classes, in_channels=data.image_shape[0])
+    target = split(net, split_at, input_shape=data.image_shape)
+    config = parse_json(defense, "--defense")
+    guard = build_defense(config) if config else None
+    trainer = Trainer(target, guard, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                      checkpoint_dir=out.parent / f".{out.name}.state" if resume else None)
+    trainer.fit(data.train, resume=resume)
+    accuracy = trainer.evaluate(data.test)
+    path = trainer.save(out, metrics={"test_accuracy": accuracy, "dataset": dataset})
+    console.print(f"test accuracy {accuracy:.2%}; wrote {path} and {path.with_suffix('.json')}")
+
+
+@app.command()
+@friendly
+def attack(
+    checkpoint: Annotated[Path, typer.Argument(help="NAME.safetensors written by `splitshield train`.")],
+    attack_name: Annotated[str, typer.Option("--attack", help="white_box, black_box, query_free, model_completion.")
+                           ] = "black_box",
+    dataset: Annotated[str, typer.Option(help="Dataset of the private images and the attacker's aux data.")
+                       ] = "mnist-5k",
+    data_dir: DataDir = None,
+    aux: Annotated[str, typer.Option(help="same_set, same_distribution or noise.")] = "same_distribution",
+    n_images: Annotated[int, typer.Option(help="0: the first test image of each class; N: the first N test images.")
+                        ] = 0,
+    options: Annotated[str | None, typer.Option(help='Attack parameters as JSON, e.g. \'{"iters": 1000}\'.')] = None,
+    non_adaptive: Annotated[bool, typer.Option(help="The attacker ignores the defense (labelled as such).")] = False,
+    out: Annotated[Path | None, typer.Option(help="Folder for the grid PNG and reconstructions (safetensors).")
+                   ] = None,
+    transcript: Annotated[Path | None, typer.Option(
+        help="Invert the features recorded by `splitshield serve --record` instead of test images.")] = None,
+    seed: Seed = 0,
+    device: Device = "cpu",
+) -> None:
+    """Attack a trained checkpoint and print PSNR / SSIM / MSE (or completion accuracy)."""
+    from safetensors.torch import save_file
+
+    from . import metrics
+    from .attacks import ATTACKS, CompletionAttack, Victim
+    from .data import load_dataset
+    from .figures import reconstruction_grid
+    from .train import load_checkpoint
+
+    if attack_name not in ATTACKS:
+        raise ConfigError(f"--attack: unknown attack {attack_name!r}; known: {', '.join(ATTACKS)}")
+    cls = ATTACKS[attack_name]
+    kwargs = parse_json(options, "--options") or {}
+    try:
+        instance = cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"--options for {attack_name}: {exc}") from None
+    target, guard, _ = load_checkpoint(checkpoint, device=device)
+    data = load_dataset(dataset, data_dir=data_dir, seed=seed)
+    threat = cls.threats[0]
+    victim = Victim(target, guard, threat=threat, aux=data.aux(aux, seed=seed), adaptive=not non_adaptive, seed=seed)
+    x, y = data.test.first_per_class() if n_images == 0 else data.test.take(n_images).tensors()
+    instance.fit(victim)
+    if transcript is not None:
+        attack_transcript(instance, transcript, target.feature_shape(), out or Path("splitshield-transcript-attack"))
+        return
+    z = victim.observe(x.to(device))
+    label = f"{attack_name} ({threat}, {'non-adaptive' if non_adaptive else 'adaptive'}) at {target.point}"
+    if isinstance(instance, CompletionAttack):
+        acc = metrics.accuracy(instance.predict(z), y.to(device))
+        console.print(f"{label}: label accuracy {acc:.2%} on {len(y)} images")
+        return
+    x_hat = instance.invert(z)
+    console.print(f"{label}: PSNR {float(metrics.psnr(x_hat, x)):.2f} dB  SSIM {float(metrics.ssim(x_hat, x)):.3f}  "
+                  f"MSE {float(metrics.mse(x_hat, x)):.5f} on {len(x)} images")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({"x": x.cpu().contiguous(), "x_hat": x_hat.cpu().contiguous()}, str(out / "reconstructions.safetensors"))
+        reconstruction_grid(x.cpu(), [(label, x_hat.cpu())], out / "grid.png")
+        console.print(f"wrote {out / 'grid.png'} and {out / 'reconstructions.safetensors'}")
+
+
+def attack_transcript(instance: Any, transcript: Path, feature_shape: tuple[int, ...], out: Path) -> None:
+    """The ``attack --transcript`` branch: invert every recorded feature and save the reconstructions."""
+    from .attacks.base import InversionAttack
+    from .runtime.transcript import invert_transcript, save_reconstructions
+
+    if not isinstance(instance, InversionAttack):
+        raise ConfigError("--transcript: choose an inversion attack (white_box, black_box, query_free)")
+    images, stamps = invert_transcript(instance, transcript, feature_shape)
+    tensors, png = save_reconstructions(images, stamps, out)
+    console.print(f"reconstructed {len(images)} images from {transcript}; wrote {tensors} and {png}")
+
+
+@app.command()
+@friendly
+def serve(
+    checkpoint: Annotated[Path, typer.Argument(help="NAME.safetensors (+ NAME.json) whose tail to serve.")],
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+    host: Annotated[str, typer.Option(help="Interface; 0.0.0.0 exposes the server beyond this machine.")
+                    ] = "127.0.0.1",
+    token_file: Annotated[Path | None, typer.Option(help="File holding the bearer token clients must send.")] = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve without authentication (trusted networks only).")
+                       ] = False,
+    record: Annotated[Path | None, typer.Option(help="SQLite transcript: store every received feature frame.")
+                      ] = None,
+    max_batch: Annotated[int, typer.Option(help="Largest batch per request.")] = 256,
+    timeout: Annotated[float, typer.Option(help="Seconds allowed per request.")] = 30.0,
+    workers: Annotated[int, typer.Option(help="Threads running the tail.")] = 4,
+    max_in_flight: Annotated[int, typer.Option(help="Concurrent requests before answering 'overloaded'.")] = 32,
+    device: Device = "cpu",
+) -> None:
+    """Serve the tail of a checkpoint over HTTP: the cloud side of split inference."""
+    from .runtime.server import resolve_token
+    from .runtime.server import serve as run_server
+
+    token = resolve_token(token_file, no_auth)
+    console.print(f"serving the tail of {checkpoint} on http://{host}:{port}"
+                  + (f"; recording every received frame to {record}" if record else ""))
+    run_server(checkpoint, host=host, port=port, token=token, record=record, max_batch=max_batch,
+               request_timeout=timeout, workers=workers, max_in_flight=max_in_flight, device=device)
+
+
+@app.command()
+@friendly
+def infer(
+    checkpoint: Annotated[Path, typer.Argument(help="The checkpoint the server hosts (its head runs here).")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
+    server: Annotated[str, typer.Option(help="Server base URL.")] = "http://127.0.0.1:8080",
+    token_file: Annotated[Path | None, typer.Option(help="File holding the bearer token.")] = None,
+    encoding: Annotated[str, typer.Option(help="float32, float16, uint8 or uint4.")] = "float32",
+    compression: Annotated[str, typer.Option(help="none or zstd.")] = "none",
+    batch_size: Annotated[int, typer.Option(help="Images per request.")] = 64,
+    seed: Seed = 0,
+    device: Device = "cpu",
+) -> None:
+    """Classify images: head and defense on this device, only the features go to the server."""
+    from .runtime import CodecOptions, EdgeClient, load_images, read_token
+
+    token = read_token(token_file) if token_file is not None else ""
+    with EdgeClient(checkpoint, server, token, codec=CodecOptions(encoding, compression), batch_size=batch_size,
+                    seed=seed, device=device) as client:
+        x, files = load_images(images, client.input_shape)
+        probs = client.predict(x).softmax(1)
+    files = [f.resolve() for f in files]
+    root = Path(os.path.commonpath([f.parent for f in files]))
+    table = Table(title=f"{len(files)} images in {root} via {server}")
+    for col in ("image", "class", "probability"):
+        table.add_column(col, justify="right" if col != "image" else "left")
+    for f, p in zip(files, probs, strict=True):
+        table.add_row(str(f.relative_to(root)), str(int(p.argmax())), f"{float(p.max()):.3f}")
+    console.print(table)
+
+
+Db = Annotated[Path, typer.Option("--db", help="SQLite results store (created when missing; reruns resume).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars: one log line per finished cell.")]
+
+
+def _run_spec(spec_path: Path, db: Path, executor: str, address: str | None, jobs: int, quiet: bool,
+              grids: bool = False):
+    from .config import load_spec
+    from .experiment import run_experiment
+
+    spec = load_spec(spec_path)
+    log = (lambda line: err_console.print(line, highlight=False, soft_wrap=True)) if quiet else None
+    summary = run_experiment(spec, db, executor=executor, jobs=jobs, address=address, progress=not quiet,
+                             pngs=grids, log=log)
+    err_console.print(f"{spec.name}: {summary.cells_done} cells run, {summary.cells_skipped} already done, "
+                      f"{len(summary.failures)} failed, of {summary.cells_total} in {summary.seconds:.1f} s; "
+                      f"store {db}", highlight=False, soft_wrap=True)
+    for cell, error in summary.failures.items():
+        err_console.print(f"[red]failed[/] {cell[:12]}: {error}", highlight=False, soft_wrap=True)
+    return spec, summary
+
+
+@app.command()
+@friendly
+def run(
+    spec: Annotated[Path, typer.Argument(help="Experiment spec, YAML or TOML (see examples/).")],
+    db: Db = Path("results.db"),
+    executor: Annotated[str, typer.Option(help="local or ray.")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray address (e.g. auto); default: a local Ray instance.")
+                       ] = None,
+    jobs: Annotated[int, typer.Option(help="Local worker processes (one target's cells per task).")] = 1,
+    grids: Annotated[bool, typer.Option(help="Also write a reconstruction grid PNG per cell.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Run every cell of an experiment spec, storing results; finished cells are skipped on rerun."""
+    _, summary = _run_spec(spec, db, executor, address, jobs, quiet, grids)
+    if summary.failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly
+def report(
+    db: Annotated[Path, typer.Argument(help="Results store written by `splitshield run`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("report"),
+    title: Annotated[str | None, typer.Option(help="Report title (default: the last run's spec name).")] = None,
+) -> None:
+    """Write report.md, a self-contained report.html and PNG figures from a results store."""
+    from .report import build_report
+
+    files = build_report(db, out, title=title)
+    console.print(f"wrote {files.html}, {files.markdown} and {len(files.figures)} figures in {out / 'figures'}")
+
+
+@app.command()
+@friendly
+def audit(
+    spec: Annotated[Path, typer.Argument(help="Experiment spec describing the model, defense and attacks to audit.")],
+    max_ssim: Annotated[float | None, typer.Option(help="Fail if any attack's mean SSIM exceeds this.")] = None,
+    max_psnr: Annotated[float | None, typer.Option(help="Fail if any attack's mean PSNR (dB) exceeds this.")] = None,
+    max_completion_accuracy: Annotated[float | None, typer.Option(
+        help="Fail if model completion's accuracy exceeds this (fraction).")] = None,
+    db: Db = Path("results.db"),
+    executor: Annotated[str, typer.Option(help="local or ray.")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray address.")] = None,
+    jobs: Annotated[int, typer.Option(help="Local worker processes.")] = 1,
+    quiet: Quiet = False,
+) -> None:
+    """Privacy gate for CI: run the spec (resuming), exit 1 if any attack beats a bar, 0 otherwise."""
+    from .experiment import plan
+    from .report import audit as find_violations
+    from .store import ResultStore
+
+    if max_ssim is None and max_psnr is None and max_completion_accuracy is None:
+        raise ConfigError("audit needs at least one bar: --max-ssim, --max-psnr or --max-completion-accuracy")
+    loaded, summary = _run_spec(spec, db, executor, address, jobs, quiet)
+    if summary.failures:
+        err_console.print("[bold red]audit incomplete:[/] some cells failed; fix them and rerun", highlight=False)
+        raise typer.Exit(2)
+    with ResultStore(db) as store:
+        violations = find_violations(store, max_ssim, max_psnr, max_completion_accuracy,
+                                     hashes=[c.hash for c in plan(loaded)])
+    if violations:
+        for v in violations:
+            console.print(f"[bold red]FAIL[/] {v}", highlight=False, soft_wrap=True)
+        console.print(f"{len(violations)} attack result(s) beat the bar")
+        raise typer.Exit(1)
+    bars = ", ".join(f"{k} <= {v}" for k, v in (("SSIM", max_ssim), ("PSNR", max_psnr),
+                                                 ("completion accuracy", max_completion_accuracy)) if v is not None)
+    console.print(f"[bold green]PASS[/] every attack in {spec} stays within {bars}", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="splitshield")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""Experiment specs: a validated description of a sweep, loaded from YAML or TOML (or built in Python).
+
+A spec is dataset(s) × model(s) × split points × defense settings × attacks × seeds. A defense or an
+attack entry whose parameter is a **list** is a grid: ``{name: gaussian_noise, sigma: [0.1, 0.5]}``
+stands for two settings. ``compose`` takes ``parts`` (each part may hold grids; the settings are the
+product of the parts'). Every mistake becomes one :class:`~splitshield.errors.ConfigError` line that
+names the field, the value and what is allowed.
+
+>>> spec = ExperimentSpec.model_validate({"dataset": "mnist-5k", "splits": ["ReLU2"],
+...     "defenses": [{"name": "none"}], "attacks": [{"name": "black_box", "steps": 50}]})
+>>> spec.attacks[0].threat
+'black_box'
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+AUX_KINDS = ("same_set", "same_distribution", "noise")
+METRICS = ("accuracy", "mse", "psnr", "ssim", "completion_accuracy", "ce_floor")
+DATASET_NAMES = ("mnist-5k", "mnist", "fashion-mnist", "cifar10")
+#: The threat model an attack runs under when the spec does not say.
+DEFAULT_THREAT = {"white_box": "white_box", "black_box": "black_box", "query_free": "query_free",
+                  "model_completion": "black_box"}
+# Per-attack settings the experiment owns: the executor sets them, so a spec may not.
+_RESERVED_ATTACK_PARAMS = ("progress", "seed", "decoder")
+
+
+def _attack_registry() -> dict[str, type]:
+    from .attacks import ATTACKS
+
+    return ATTACKS
+
+
+def _defense_registry() -> dict[str, type]:
+    from .defenses import DEFENSES
+
+    return DEFENSES
+
+
+def expand_grid(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """All settings of a parameter dict whose list values are grids, in a stable order.
+
+    ``{"a": [1, 2], "b": 3}`` -> ``[{"a": 1, "b": 3}, {"a": 2, "b": 3}]``; no list -> ``[params]``.
+    """
+    keys = list(params)
+    axes = [params[k] if isinstance(params[k], list) else [params[k]] for k in keys]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*axes)]
+
+
+class DefenseSpec(BaseModel):
+    """One defense entry: ``name`` from ``splitshield.defenses.DEFENSES`` (or ``compose``) + parameters."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    parts: list[DefenseSpec] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        known = _defense_registry()
+        if name != "compose" and name not in known:
+            raise ValueError(f"unknown defense {name!r}; known: {', '.join(sorted([*known, 'compose']))}")
+        return name
+
+    @model_validator(mode="after")
+    def _compose_has_parts(self) -> DefenseSpec:
+        if self.name == "compose" and not self.parts:
+            raise ValueError("compose needs parts: a list of defenses, e.g. [{name: gaussian_noise, sigma: 0.5}]")
+        if self.name != "compose" and self.parts is not None:
+            raise ValueError(f"parts is only allowed with name: compose, not {self.name!r}")
+        return self
+
+    def settings(self) -> list[dict[str, Any]]:
+        """The concrete defense configs (``build_defense`` inputs) this entry stands for."""
+        if self.name == "compose":
+            per_part = [part.settings() for part in self.parts or []]
+            return [{"name": "compose", "parts": list(combo)} for combo in itertools.product(*per_part)]
+        return [{"name": self.name, **params} for params in expand_grid(dict(self.model_extra or {}))]
+
+
+class AttackSpec(BaseModel):
+    """One attack entry: ``name`` from ``splitshield.attacks.ATTACKS``, its threat model, aux data, kwargs.
+
+    Extra keys are the attack's constructor arguments (lists are grids).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    threat: Literal["white_box", "black_box", "query_free"] | None = None
+    aux: Literal["same_set", "same_distribution", "noise"] = "same_distribution"
+    aux_n: int | None = Field(default=None, gt=0)
+    adaptive: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        known = _attack_registry()
+        if name not in known:
+            raise ValueError(f"unknown attack {name!r}; known: {', '.join(sorted(known))}")
+        return name
+
+    @model_validator(mode="after")
+    def _fill_threat(self) -> AttackSpec:
+        if self.threat is None:
+            object.__setattr__(self, "threat", DEFAULT_THREAT.get(self.name, "black_box"))
+        allowed = _attack_registry()[self.name].threats
+        if self.threat not in allowed:
+            raise ValueError(f"attack {self.name!r} runs under threat {' or '.join(allowed)}, not {self.threat!r}")
+        for key in _RESERVED_ATTACK_PARAMS:
+            if key in (self.model_extra or {}):
+                raise ValueError(f"attack parameter {key!r} is set by the experiment; remove it")
+        return self
+
+    def settings(self) -> list[dict[str, Any]]:
+        """Concrete attack settings: ``{"name", "threat", "aux", "aux_n", "adaptive", "params": {...}}``."""
+        head = {"name": self.name, "threat": self.threat, "aux": self.aux, "aux_n": self.aux_n,
+                "adaptive": self.adaptive}
+        return [{**head, "params": params} for params in expand_grid(dict(self.model_extra or {}))]
+
+
+class TrainSpec(BaseModel):
+    """How each target (model + defense) is trained."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(default=2, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    lr_halve_every: int | None = Field(default=None, ge=1)
+    train_n: int | None = Field(default=None, gt=0, description="use only the first n training images")
+
+
+class EvaluationSpec(BaseModel):
+    """Which private test images the attacks reconstruct, and which metrics are recorded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    images: Literal["first_per_class"] | int = Field(
+        default="first_per_class", description="He et al.'s 10 images (first test image of each class) or n")
+    metrics: list[Literal["accuracy", "mse", "psnr", "ssim", "completion_accuracy", "ce_floor"]] = list(METRICS)
+    test_n: int | None = Field(default=None, gt=0, description="accuracy on the first n test images only")
+
+    @field_validator("images")
+    @classmethod
+    def _positive(cls, value: str | int) -> str | int:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("images must be 'first_per_class' or a positive number of test images")
+        return value
+
+
+class ExperimentSpec(BaseModel):
+    """A whole sweep. See the module docstring and ``examples/*.yaml``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "experiment"
+    dataset: list[str]
+    data_dir: str | None = Field(default=None, description="where mnist/fashion-mnist/cifar10 files live; "
+                                 "relative to the spec file; default $SPLITSHIELD_DATA")
+    download: bool = False
+    model: list[str] = ["lenet"]
+    splits: list[str] = Field(min_length=1)
+    defenses: list[DefenseSpec] = [DefenseSpec(name="none")]
+    attacks: list[AttackSpec] = Field(min_length=1)
+    seeds: list[int] = [0]
+    train: TrainSpec = TrainSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    device: str = "cpu"
+
+    @field_validator("dataset", "model", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("dataset")
+    @classmethod
+    def _datasets(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in DATASET_NAMES and not re.match(r"^(npz|imagefolder):.+", name):
+                raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASET_NAMES)}, npz:PATH, "
+                                 "imagefolder:PATH")
+        return names
+
+    @field_validator("model")
+    @classmethod
+    def _models(cls, names: list[str]) -> list[str]:
+        from .models.zoo import _torchvision_names
+
+        zoo = ("lenet", "cifar-cnn", "vgg11-bottleneck")
+        for name in names:
+            if name not in zoo and name not in _torchvision_names():
+                raise ValueError(f"unknown model {name!r}; allowed: {', '.join(zoo)} or a torchvision model name")
+        return names
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, seeds: list[int]) -> list[int]:
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError("seeds must be a non-empty list of distinct integers")
+        return seeds
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not re.match(r"^(cpu|cuda(:\d+)?|mps)$", device):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}")
+        return device
+
+    def defense_settings(self) -> list[dict[str, Any]]:
+        """Every concrete defense config, deduplicated, in spec order."""
+        out: list[dict[str, Any]] = []
+        for entry in self.defenses:
+            out.extend(s for s in entry.settings() if s not in out)
+        return out
+
+    def attack_settings(self) -> list[dict[str, Any]]:
+        """Every concrete attack setting, deduplicated, in spec order."""
+        out: list[dict[str, Any]] = []
+        for entry in self.attacks:
+            out.extend(s for s in entry.settings() if s not in out)
+        return out
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    """pydantic's error location as a spec path: ``attacks[1].threat``."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif str(part).startswith(("function-", "literal[", "int", "str")):
+            continue  # union-branch names pydantic inserts, not spec fields
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "spec"
+
+
+def _one_line(exc: ValidationError) -> str:
+    errors = exc.errors()
+    first = errors[0]
+    msg = first["msg"].removeprefix("Value error, ")
+    where = _location(first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"spec field {where}: unknown field (value {first['input']!r}); remove it or check its spelling"
+    if first["type"] == "missing":
+        return f"spec field {where}: required but missing"
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" got {value!r};"
+    return f"spec field {where}:{shown} {msg}{more}"
+
+
+def _check_buildable(spec: ExperimentSpec) -> None:
+    """Construct every defense and attack setting once, so a bad keyword fails at load, not mid-sweep."""
+    from .defenses import build_defense
+
+    for i, entry in enumerate(spec.defenses):
+        for setting in entry.settings():
+            try:
+                build_defense(setting)
+            except ConfigError as exc:
+                raise ConfigError(f"spec field defenses[{i}]: {exc}") from None
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"spec field defenses[{i}] ({setting}): {exc}") from None
+    attacks = _attack_registry()
+    for i, entry in enumerate(spec.attacks):
+        for setting in entry.settings():
+            cls = attacks[setting["name"]]
+            allowed = [p for p in inspect.signature(cls).parameters if p not in (*_RESERVED_ATTACK_PARAMS, "self")]
+            unknown = [p for p in setting["params"] if p not in allowed]
+            if unknown:
+                raise ConfigError(f"spec field attacks[{i}].{unknown[0]}: not a parameter of {setting['name']}; "
+                                  f"allowed: {', '.join(allowed)}, threat, aux, aux_n, adaptive")
+            try:
+                cls(**setting["params"], progress=False)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"spec field attacks[{i}] ({setting['name']}): {exc}") from None
+
+
+def parse_spec(data: dict[str, Any]) -> ExperimentSpec:
+    """Validate a spec given as a dict; raises :class:`ConfigError` with one line on any problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"spec must be a mapping of fields, got {type(data).__name__}")
+    try:
+        spec = ExperimentSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+    _check_buildable(spec)
+    return spec
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    """Read and validate a spec file (``.yaml``/``.yml`` or ``.toml``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"spec file {path} does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    elif path.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise ConfigError(f"{path}: TOML specs need Python >= 3.11; use YAML") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    else:
+        raise ConfigError(f"spec file {path}: extension must be .yaml, .yml or .toml")
+    spec = parse_spec(data)
+    if spec.data_dir is not None and not Path(spec.data_dir).is_absolute():
+        spec = spec.model_copy(update={"data_dir": str((path.parent / spec.data_dir).resolve())})
+    return spec

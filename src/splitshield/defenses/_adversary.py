@@ -1,0 +1,95 @@
+"""An auxiliary network trained online against the defended model, with its own optimiser.
+
+Adversarial representation learning and InfoScissors train a decoder (and update it every step) while
+the model is trained to defeat it. The decoder must not be moved by the trainer's optimiser (which
+minimises the model's loss, i.e. would make the decoder *worse*), and is not part of what is deployed.
+So it is kept outside the defense's registered modules: it is absent from ``parameters()`` (hence from
+the trainer's optimiser) and from checkpoints, and is built lazily on the feature's device once the
+shapes are known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def light_decoder(feature_shape: tuple[int, ...], image_shape: tuple[int, ...], width: int = 32,
+                  sigmoid: bool = True) -> nn.Module:
+    """A small decoder from features to images, in (0, 1) with ``sigmoid`` (as CEM's decoders).
+
+    Convolutional features: conv 3×3, bilinear resize to half the image size, conv 3×3, a stride-2
+    transposed conv to full size, conv 3×3 to the image channels — about a quarter of the inverse-network
+    attack's default decoder, because an online adversary runs twice per training step. Flat features
+    use the attack's :func:`~splitshield.attacks.decoders.build_decoder` (imported late: the attacks
+    package imports ``defenses.base``). Without ``sigmoid`` the output is unbounded: better for an attack
+    trained with Adam's large ``eps`` (the sigmoid's small gradients then barely move it).
+    """
+    tail: list[nn.Module] = [nn.Sigmoid()] if sigmoid else []
+    channels, height, wide = image_shape
+    if len(feature_shape) != 3:
+        from ..attacks.decoders import build_decoder
+
+        return nn.Sequential(build_decoder(feature_shape, image_shape, width=width), *tail)
+    half = max(1, width // 2)
+    return nn.Sequential(
+        nn.Conv2d(feature_shape[0], width, 3, padding=1), nn.ReLU(),
+        nn.Upsample(size=(max(1, height // 2), max(1, wide // 2)), mode="bilinear", align_corners=False),
+        nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(width, half, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Upsample(size=(height, wide), mode="bilinear", align_corners=False),
+        nn.Conv2d(half, channels, 3, padding=1), *tail,
+    )
+
+
+class OnlineAdversary:
+    """A lazily built module with its own Adam optimiser.
+
+    Parameters
+    ----------
+    build:
+        ``build(feature_shape, image_shape) -> nn.Module``.
+    lr:
+        Adam learning rate.
+    steps:
+        Optimiser steps per training batch.
+    seed:
+        Seeds the module's initialisation.
+    """
+
+    def __init__(self, build: Callable[[tuple[int, ...], tuple[int, ...]], nn.Module], lr: float, steps: int,
+                 seed: int):
+        self._build, self.lr, self.steps, self.seed = build, lr, steps, seed
+        self.module: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def update(self, inputs: torch.Tensor, targets: torch.Tensor,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        """Train ``steps`` steps minimising ``loss_fn(module(inputs), targets)`` (inputs are detached)."""
+        if self.module is None:
+            state = torch.random.get_rng_state()
+            torch.manual_seed(self.seed)
+            self.module = self._build(tuple(inputs.shape[1:]), tuple(targets.shape[1:])).to(inputs.device)
+            torch.random.set_rng_state(state)
+            self.optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr)
+        self.module.train()
+        inputs = inputs.detach()
+        for _ in range(self.steps):
+            loss = loss_fn(self.module(inputs), targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # leave no stale gradient behind
+
+    def frozen_forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The module's output with its weights held fixed: gradients reach ``inputs`` only."""
+        assert self.module is not None, "call update() first"
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        try:
+            return self.module(inputs)
+        finally:
+            for p in self.module.parameters():
+                p.requires_grad_(True)

@@ -1,0 +1,215 @@
+"""CEM: Conditional Entropy Maximisation (Xia et al., "Theoretical Insights in Model Inversion Robustness
+and Conditional Entropy Maximization for Collaborative Inference Systems", CVPR 2025; code
+``xiasong0501/CEM``, ``model_training_paral_pruning.py``; ALGORITHMS §B.2), a plug-in on any base defense.
+
+With noise of variance σ² on the feature ẑ, H(x|z) >= const − ½·Σⱼ πⱼ log det(I + Σⱼ/σ²) when ẑ is a
+Gaussian mixture: shrinking each cluster's covariance relative to σ² raises the floor on any inversion's
+MSE. As the authors' code:
+
+1. at the end of every epoch, the clean features of the whole training set (head in eval mode, then the
+   deterministic ``clean`` part of the defenses composed before CEM, e.g. a bound) are clustered **per
+   class** by k-means in torch (k-means++ the first time, warm-started after, at most 50 Lloyd
+   iterations); each cluster keeps its centroid μ, weight w (its share of the class) and variance v̄
+   (mean squared distance to μ over samples and dimensions);
+2. per batch (from the second epoch on), each clean feature goes to the nearest centroid of its own
+   class; each cluster present gets v = a·v_b + (1 − a)·v̄ with its batch variance v_b and
+   a = min(0.99, 10·n_j / (w·N_c)) (N_c = |train| / #classes), and pays
+   ℓ = w·ReLU(log(v + γ) − log(τσ² + γ)); L_C = Σ ℓ / #classes in the batch;
+3. the loss added is λ·s·L_C with s = 1 when the learning rate is < 4.1e-4, else 0.001/lr (the code's
+   schedule). L_C depends only on the clean feature, so its gradient reaches the edge head (and edge-side
+   defense parameters) only, never the cloud tail: the code's "inject into the encoder's gradient".
+   With plain gradients, adding λ·s·L_C to the loss is the same as the code's ``g += λ·s·∇L_C``.
+
+σ is taken from the noise defenses composed before CEM (their variances add) unless given; for a base
+without noise, pass ``sigma`` explicitly (it then only sets the hinge τσ²).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import ConfigError
+from ._params import non_negative, positive, positive_int
+from .base import Compose, Defense
+from .noise import noise_std
+
+if TYPE_CHECKING:
+    from ..train import Trainer
+
+
+def kmeans(points: torch.Tensor, k: int, init: torch.Tensor | None = None, iters: int = 50,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means on ``points`` [n, d]: (centroids [k, d], assignment [n]).
+
+    ``init`` warm-starts from given centroids; otherwise k-means++ seeding with ``generator``.
+    An emptied cluster keeps its previous centroid.
+    """
+    n = points.shape[0]
+    if k > n:
+        raise ConfigError(f"k={k} clusters is larger than the {n} samples to cluster; lower k")
+    if init is None:
+        first = torch.randint(n, (1,), generator=generator).item()
+        centroids = points[first : first + 1]
+        for _ in range(1, k):
+            d2 = torch.cdist(points, centroids).pow(2).min(1).values
+            probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / n)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).item()
+            centroids = torch.cat([centroids, points[nxt : nxt + 1]])
+    else:
+        centroids = init.clone()
+    assign = torch.zeros(n, dtype=torch.long, device=points.device)
+    for it in range(iters):
+        new_assign = torch.cdist(points, centroids).argmin(1)
+        if it > 0 and torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+        sums = torch.zeros_like(centroids).index_add_(0, assign, points)
+        counts = torch.bincount(assign, minlength=k).to(points.dtype)
+        centroids = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centroids)
+    return centroids, assign
+
+
+class CEM(Defense):
+    """Conditional-entropy maximisation loss on top of a base defense (put it last in the composition).
+
+    Parameters
+    ----------
+    lam:
+        λ >= 0 (the paper uses 8 or 16; 0 disables CEM).
+    sigma:
+        Noise standard deviation for the hinge τσ²; ``None`` reads it from the noise defenses before CEM.
+    k:
+        Clusters per class (5 as the code's ``*_sgm`` models).
+    tau, gamma:
+        The code's ``var_threshold`` (0.125) and log offset (0.01).
+    iters:
+        Maximum Lloyd iterations per epoch.
+    seed:
+        Seeds the k-means++ initialisation.
+    """
+
+    name = "cem"
+
+    def __init__(self, lam: float = 16.0, sigma: float | None = None, k: int = 5, tau: float = 0.125,
+                 gamma: float = 0.01, iters: int = 50, seed: int = 0):
+        super().__init__()
+        self.lam = non_negative("lam", lam)
+        self.sigma = positive("sigma", sigma) if sigma is not None else None
+        self.k = positive_int("k", k)
+        self.tau = positive("tau", tau)
+        self.gamma = positive("gamma", gamma)
+        self.iters = positive_int("iters", iters)
+        self.seed = int(seed)
+        # Training-only state, deliberately not buffers: it is not deployed and its shape is data-dependent.
+        self.centroids: torch.Tensor | None = None  # [classes, k, D]
+        self.weights: torch.Tensor | None = None  # [classes, k]
+        self.variances: torch.Tensor | None = None  # [classes, k]
+        self.samples_per_class = 0.0
+        self.hinge_sigma: float | None = self.sigma
+        self._optimizer_ref: weakref.ref | None = None  # a weak reference survives deepcopy as itself
+
+    # ---- epoch end: clustering ------------------------------------------------------------------
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        if not self.lam:
+            return
+        self._optimizer_ref = weakref.ref(trainer.optimizer)
+        before = _parts_before(trainer.defense, self)
+        if self.hinge_sigma is None:
+            self.hinge_sigma = noise_std(Compose(*before), trainer.target.feature_shape()) if before else 0.0
+            if not self.hinge_sigma > 0:
+                raise ConfigError("CEM needs the noise level: compose it after a noise defense "
+                                  "(e.g. GaussianNoise(0.1) + CEM()) or pass sigma=")
+        features, labels = self._clean_features(trainer, before)
+        self.fit_clusters(features, labels, seed=self.seed + trainer.epoch)
+
+    @torch.no_grad()
+    def fit_clusters(self, features: torch.Tensor, labels: torch.Tensor, seed: int | None = None) -> None:
+        """Per-class k-means of clean ``features`` [N, ...] with ``labels`` [N] (warm-started when possible)."""
+        features = features.flatten(1)
+        classes = int(labels.max()) + 1
+        g = torch.Generator().manual_seed(self.seed if seed is None else seed)
+        warm = self.centroids is not None and self.centroids.shape[0] == classes
+        cents, weights, variances = [], [], []
+        for c in range(classes):
+            zc = features[labels == c]
+            if len(zc) < self.k:
+                raise ConfigError(f"CEM k={self.k} is larger than class {c}'s {len(zc)} training samples; lower k")
+            mu, assign = kmeans(zc, self.k, init=self.centroids[c] if warm else None, iters=self.iters, generator=g)
+            counts = torch.bincount(assign, minlength=self.k).to(zc.dtype)
+            sq = (zc - mu[assign]).pow(2).mean(1)
+            cents.append(mu)
+            weights.append(counts / len(zc))
+            variances.append(torch.zeros(self.k, dtype=zc.dtype, device=zc.device).index_add_(0, assign, sq)
+                             / counts.clamp_min(1))
+        self.centroids, self.weights, self.variances = torch.stack(cents), torch.stack(weights), torch.stack(variances)
+        self.samples_per_class = len(features) / classes
+
+    @torch.no_grad()
+    def _clean_features(self, trainer: Trainer, before: list[Defense]) -> tuple[torch.Tensor, torch.Tensor]:
+        head = trainer.target.head
+        mode = head.training
+        head.eval()
+        feats, labels = [], []
+        for x, y in trainer.train_data.batches(1000, device=trainer.device):
+            z = head(x)
+            for d in before:
+                z = d.clean(z)
+            feats.append(z.flatten(1))
+            labels.append(y)
+        head.train(mode)
+        return torch.cat(feats), torch.cat(labels)
+
+    # ---- per batch: the loss --------------------------------------------------------------------
+
+    def schedule_factor(self) -> float:
+        """s = 1 when the learning rate is < 4.1e-4, else 0.001/lr (the CEM code's schedule)."""
+        optimizer = self._optimizer_ref() if self._optimizer_ref is not None else None
+        if optimizer is None:
+            return 1.0
+        lr = optimizer.param_groups[0]["lr"]
+        return 1.0 if lr < 4.1e-4 else 0.001 / lr
+
+    def cem_loss(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """L_C of the batch of clean features ``z`` [B, ...] with labels ``y`` [B] (needs a clustering)."""
+        assert self.centroids is not None and self.hinge_sigma is not None
+        flat = z.flatten(1)
+        k = self.k
+        own = self.centroids[y]  # [B, k, D]
+        j = (flat[:, None, :] - own).pow(2).sum(-1).argmin(1)
+        cluster = y * k + j
+        sq = (flat - own[torch.arange(len(y), device=z.device), j]).pow(2).mean(1)
+        total = self.centroids.shape[0] * k
+        count = torch.bincount(cluster, minlength=total).to(flat.dtype)
+        v_batch = torch.zeros(total, dtype=flat.dtype, device=z.device).index_add(0, cluster, sq) / count.clamp_min(1)
+        w = self.weights.flatten()
+        a = (10.0 * count / (w * self.samples_per_class).clamp_min(1e-12)).clamp(max=0.99)
+        v = a * v_batch + (1 - a) * self.variances.flatten()
+        hinge = torch.log(torch.tensor(self.tau * self.hinge_sigma**2 + self.gamma, dtype=flat.dtype))
+        terms = w * torch.relu(torch.log(v + self.gamma) - hinge)
+        present = count > 0
+        return terms[present].sum() / torch.unique(y).numel()
+
+    def regularizer(self, x, y, z, z_sent, logits):  # noqa: D102 - documented on Defense
+        if not self.lam or self.centroids is None:
+            return None  # the first epoch has no clustering yet, as in the code
+        return self.lam * self.schedule_factor() * self.cem_loss(z, y)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "lam": self.lam, "sigma": self.sigma, "k": self.k, "tau": self.tau,
+                "gamma": self.gamma, "iters": self.iters, "seed": self.seed}
+
+
+def _parts_before(root: Defense, me: Defense) -> list[Defense]:
+    """The defenses applied before ``me`` in ``root`` (a Compose or ``me`` itself)."""
+    if not isinstance(root, Compose):
+        return []
+    before: list[Defense] = []
+    for part in root.parts:
+        if part is me:
+            return before
+        before.append(part)
+    return before

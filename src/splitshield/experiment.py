@@ -1,0 +1,518 @@
+"""Run an experiment spec: expand it into cells, run each once, store every result row.
+
+A **cell** is dataset × model × split × defense setting × attack setting × seed, identified by the hash
+of its full configuration. Cells that attack the same trained model share a **target** (dataset, model,
+split, defense, seed, training settings), trained once and cached as a safetensors checkpoint under
+``artifacts/targets/`` beside the database. A cell runs:
+
+    load data -> build model -> split -> train with the defense (or load the cached target)
+    -> Victim(threat, aux) -> attack.fit -> invert the evaluation images -> metrics
+
+Work is shipped to executors per target (a *unit*: one target and the cells attacking it), so a
+target is never trained twice at once. Workers return rows; only the driver writes the store, one
+transaction per cell, so a killed run loses at most the cells in flight.
+
+Determinism: training uses the cell's spec seed (so the defenses of one seed share an initialisation:
+a paired comparison), every other random draw a seed derived from (spec seed, cell hash), and every
+cell runs with ``threads`` torch threads (1 by default), so the local and Ray executors give the same
+numbers bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import DEFAULT_THREAT, ExperimentSpec
+from .errors import CheckpointError, ConfigError, SplitShieldError
+from .store import CellRecord, ResultStore
+
+INVERSION_METRICS = ("mse", "psnr", "ssim")
+_KNOWN_SHAPES = {"mnist-5k": (1, 28, 28), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``config`` (sorted keys, no whitespace)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def derived_seed(seed: int, key: str) -> int:
+    """A 31-bit seed from (spec seed, cell hash): distinct per cell, the same on every machine."""
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+# --------------------------------------------------------------------------------------------------
+# spec -> cells
+
+
+def _param_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def defense_label(config: dict[str, Any]) -> str:
+    """``gaussian_noise(sigma=0.5)``, ``none``, ``gaussian_noise(sigma=0.5)+cem(lam=16)``."""
+    if config["name"] == "compose":
+        return "+".join(defense_label(part) for part in config["parts"])
+    params = {k: v for k, v in config.items() if k != "name"}
+    return f"{config['name']}({_param_text(params)})" if params else config["name"]
+
+
+def defense_family(config: dict[str, Any]) -> str:
+    """The defense without its parameters: what one privacy–utility curve is drawn for."""
+    if config["name"] == "compose":
+        return "+".join(defense_family(part) for part in config["parts"])
+    return config["name"]
+
+
+def _attack_labels(settings: list[dict[str, Any]]) -> list[str]:
+    """Name each attack setting by what distinguishes it from the others of the same attack."""
+    labels = []
+    for s in settings:
+        same = [o for o in settings if o["name"] == s["name"]]
+        varying = {k for o in same for k in {**o["params"], **s["params"]} if o["params"].get(k) != s["params"].get(k)}
+        label = s["name"]
+        extras = []
+        if s["threat"] != DEFAULT_THREAT.get(s["name"]):
+            extras.append(f"threat={s['threat']}")
+        if any(o["aux"] != s["aux"] for o in same) or s["aux"] != "same_distribution":
+            extras.append(f"aux={s['aux']}")
+        if any(o["adaptive"] != s["adaptive"] for o in same):
+            extras.append("adaptive" if s["adaptive"] else "non-adaptive")
+        extras += [f"{k}={s['params'][k]}" for k in sorted(varying) if k in s["params"]]
+        labels.append(f"{label}({', '.join(extras)})" if extras else label)
+    return labels
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of measurement; ``config`` is everything that determines its numbers."""
+
+    hash: str
+    target_hash: str
+    config: dict[str, Any]
+    defense_label: str
+    attack_label: str
+
+    @property
+    def dataset(self) -> str:
+        return self.config["dataset"]
+
+    def row(self) -> dict[str, Any]:
+        """The ``cells`` table columns."""
+        c = self.config
+        return {"hash": self.hash, "target_hash": self.target_hash, "dataset": c["dataset"], "model": c["model"],
+                "split": c["split"], "defense": c["defense"], "defense_label": self.defense_label,
+                "attack": c["attack"], "attack_label": self.attack_label, "seed": c["seed"], "config": c}
+
+
+def plan(spec: ExperimentSpec) -> list[Cell]:
+    """Expand a spec into its cells, in a stable order; checks every split point exists."""
+    _check_splits(spec)
+    defenses = spec.defense_settings()
+    attacks = spec.attack_settings()
+    attack_labels = _attack_labels(attacks)
+    train = spec.train.model_dump()
+    evaluation = spec.evaluation.model_dump()
+    cells = []
+    for dataset in spec.dataset:
+        for model in spec.model:
+            for split in spec.splits:
+                for defense in defenses:
+                    for seed in spec.seeds:
+                        target = {"dataset": dataset, "model": model, "split": split, "defense": defense,
+                                  "seed": seed, "train": train}
+                        target_hash = config_hash(target)
+                        for attack, label in zip(attacks, attack_labels, strict=True):
+                            config = {**target, "attack": attack, "evaluation": evaluation}
+                            cells.append(Cell(config_hash(config), target_hash, config, defense_label(defense), label))
+    return cells
+
+
+def _check_splits(spec: ExperimentSpec) -> None:
+    from .models import build_model, split_points
+
+    for dataset in spec.dataset:
+        shape = _KNOWN_SHAPES.get(dataset) or _load_data(dataset, spec.data_dir, 0, spec.download).image_shape
+        for model_name in spec.model:
+            model = build_model(model_name, num_classes=10, in_channels=shape[0])
+            points = split_points(model, shape)
+            names = {p.name for p in points} | {a for p in points for a in p.aliases}
+            for s in spec.splits:
+                if s not in names:
+                    raise ConfigError(f"spec field splits: {s!r} is not a split point of {model_name} on {dataset}; "
+                                      f"allowed: {', '.join(p.name for p in points)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# running one unit (a target and the cells attacking it) — runs in a worker
+
+
+@dataclass
+class CellOutcome:
+    """A worker's result for one cell: rows, timings and the tensors the driver turns into artifacts."""
+
+    cell_hash: str
+    metrics: list[tuple[str, int, float]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    original: np.ndarray | None = None
+    reconstruction: np.ndarray | None = None
+    checkpoint: str | None = None
+    target_cached: bool = False
+    error: str | None = None
+
+
+_DATA_CACHE: dict[tuple, Any] = {}
+
+
+def _load_data(name: str, data_dir: str | None, seed: int, download: bool = False):
+    from .data import load_dataset
+
+    key = (name, data_dir, seed)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE.clear()  # one dataset in memory per worker is enough: units are grouped by dataset
+        _DATA_CACHE[key] = load_dataset(name, data_dir=data_dir, seed=seed, download=download)
+    return _DATA_CACHE[key]
+
+
+@contextmanager
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _target_path(root: Path, target_hash: str) -> Path:
+    return root / "artifacts" / "targets" / target_hash[:20]
+
+
+def _get_target(config: dict[str, Any], target_hash: str, data, root: Path, device: str, progress: bool):
+    """Load the cached trained target, or train it and cache it. Returns (target, defense, seconds, cached)."""
+    from .defenses import build_defense
+    from .models import build_model, split
+    from .train import Trainer, load_checkpoint, save_checkpoint
+
+    path = _target_path(root, target_hash)
+    if path.with_suffix(".json").is_file():
+        try:
+            target, defense, _ = load_checkpoint(path, device=device)
+            return target, defense, 0.0, True
+        except CheckpointError:
+            pass  # a half-written cache entry (killed mid-save): train again and overwrite it
+    start = time.perf_counter()
+    train = config["train"]
+    model = build_model(config["model"], num_classes=data.num_classes, in_channels=data.image_shape[0])
+    target = split(model, config["split"], input_shape=data.image_shape)
+    defense = build_defense(config["defense"])
+    train_set = data.train if train["train_n"] is None else data.train.take(train["train_n"])
+    Trainer(target, defense, epochs=train["epochs"], batch_size=train["batch_size"], lr=train["lr"],
+            lr_halve_every=train["lr_halve_every"], seed=config["seed"], device=device,
+            progress=progress).fit(train_set)
+    save_checkpoint(path, target, defense, extra={"target_config": {k: config[k] for k in
+                                                                   ("dataset", "model", "split", "defense", "seed",
+                                                                    "train")}})
+    return target.eval(), defense.eval(), time.perf_counter() - start, False
+
+
+def _target_metrics(config: dict[str, Any], target, defense, data, device: str) -> list[tuple[str, int, float]]:
+    """Accuracy with the defense on the test set, and the conditional-entropy MSE floor when available."""
+    from . import metrics as M
+    from .train import evaluate
+
+    wanted = config["evaluation"]["metrics"]
+    test_n = config["evaluation"]["test_n"]
+    test = data.test if test_n is None else data.test.take(test_n)
+    rows = []
+    if "accuracy" in wanted:
+        rows.append(("accuracy", -1, evaluate(target, defense, test, device=device)))
+    if "ce_floor" in wanted and hasattr(M, "conditional_entropy_floor"):
+        floor = _ce_floor(M.conditional_entropy_floor, config, target, defense, data)
+        if floor is not None:
+            rows.append(("ce_floor", -1, floor))
+    return rows
+
+
+def _noise_position(config: dict[str, Any]) -> tuple[int, float] | None:
+    """(index of the single Gaussian-noise part, its sigma) in a defense config, or ``None``."""
+    parts = config["parts"] if config["name"] == "compose" else [config]
+    found = [(i, float(p.get("sigma", 0.1))) for i, p in enumerate(parts) if p["name"] == "gaussian_noise"]
+    return found[0] if len(found) == 1 else None
+
+
+@torch.no_grad()
+def _ce_floor(fn: Callable, config: dict[str, Any], target, defense, data) -> float | None:
+    """The MSE floor implied by the defense's Gaussian noise, fitted on the test images; ``None`` when
+    the defense has no single Gaussian-noise stage. Stages after the noise can only lose information, so
+    the floor computed at the noise stays a floor for what is finally sent (data-processing inequality)."""
+    from .defenses.base import Compose
+
+    found = _noise_position(config["defense"])
+    if found is None:
+        return None
+    index, sigma = found
+    test_n = config["evaluation"]["test_n"] or 2000
+    x, labels = data.test.take(test_n).tensors()
+    z = target.head(x)
+    if isinstance(defense, Compose):
+        for part in list(defense.parts)[:index]:
+            z = part.obfuscate(z, training=False)
+    try:
+        return float(fn(x, z, sigma, labels=labels)["mse_floor"])
+    except (SplitShieldError, ValueError, RuntimeError):
+        return None
+
+
+def _eval_images(config: dict[str, Any], data) -> torch.Tensor:
+    images = config["evaluation"]["images"]
+    x, _ = data.test.first_per_class() if images == "first_per_class" else data.test.take(images).tensors()
+    return x
+
+
+def _run_attack(config: dict[str, Any], cell_hash: str, target, defense, data, device: str,
+                progress: bool) -> tuple[list[tuple[str, int, float]], np.ndarray | None, np.ndarray | None]:
+    from . import metrics as M
+    from .attacks import ATTACKS, CompletionAttack, Victim
+
+    spec = config["attack"]
+    seed = derived_seed(config["seed"], cell_hash)
+    aux = data.aux(spec["aux"], n=spec["aux_n"], seed=seed)
+    victim = Victim(target, defense, threat=spec["threat"], aux=aux, adaptive=spec["adaptive"], seed=seed)
+    cls = ATTACKS[spec["name"]]
+    accepted = inspect.signature(cls).parameters
+    kwargs = {**spec["params"], **{k: v for k, v in (("seed", seed), ("progress", progress)) if k in accepted}}
+    torch.manual_seed(seed)
+    attack = cls(**kwargs)
+    attack.fit(victim)
+    wanted = config["evaluation"]["metrics"]
+    if isinstance(attack, CompletionAttack):
+        if "completion_accuracy" not in wanted:
+            return [], None, None
+        test_n = config["evaluation"]["test_n"]
+        test = data.test if test_n is None else data.test.take(test_n)
+        correct = 0
+        for x, y in test.batches(1000, device=device):
+            correct += int((attack.predict(victim.observe(x)).argmax(1).cpu() == y.cpu()).sum())
+        return [("completion_accuracy", -1, correct / len(test))], None, None
+    x = _eval_images(config, data).to(device)
+    torch.manual_seed(seed)  # the adaptive attackers' expectation over the defense's noise
+    x_hat = attack.invert(victim.observe(x)).detach().cpu()
+    x = x.cpu()
+    rows: list[tuple[str, int, float]] = []
+    for name in INVERSION_METRICS:
+        if name not in wanted:
+            continue
+        per_image = getattr(M, name)(x_hat, x, reduction="none")
+        rows += [(name, i, float(v)) for i, v in enumerate(per_image)]
+        rows.append((name, -1, float(per_image.mean())))
+    return rows, x.numpy(), x_hat.numpy()
+
+
+def run_unit(unit: dict[str, Any], root: str, progress: bool = False, threads: int = 1) -> Iterator[CellOutcome]:
+    """Run one target's cells, yielding each cell's outcome as soon as it is measured.
+
+    ``unit`` is ``{"target_hash", "cells": [{"hash", "config"}, ...], "data_dir", "device"}`` (plain
+    data, so it travels to process and Ray workers). A failing cell yields an outcome with ``error``.
+    """
+    root_path = Path(root)
+    device = unit["device"]
+    target = defense = None
+    target_rows: list[tuple[str, int, float]] = []
+    train_seconds, cached = 0.0, False
+    with _torch_threads(threads):
+        for cell in unit["cells"]:
+            config, start = cell["config"], time.perf_counter()
+            try:
+                data = _load_data(config["dataset"], unit["data_dir"], config["seed"], unit["download"])
+                first = target is None
+                if first:
+                    target, defense, train_seconds, cached = _get_target(config, unit["target_hash"], data,
+                                                                         root_path, device, progress)
+                    target_rows = _target_metrics(config, target, defense, data, device)
+                attack_start = time.perf_counter()
+                rows, original, reconstruction = _run_attack(config, cell["hash"], target, defense, data, device,
+                                                             progress)
+            except (SplitShieldError, RuntimeError, ValueError, TypeError) as exc:
+                last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+                yield CellOutcome(cell["hash"], error=last)
+                continue
+            now = time.perf_counter()
+            yield CellOutcome(
+                cell["hash"], metrics=target_rows + rows,
+                # The training time is charged to the first cell of the target; the others reuse it.
+                timings={"train_seconds": train_seconds if first else 0.0, "attack_seconds": now - attack_start,
+                         "compute_seconds": now - start},
+                original=original, reconstruction=reconstruction,
+                checkpoint=str(_target_path(root_path, unit["target_hash"]).relative_to(root_path)) + ".safetensors",
+                target_cached=cached or not first)
+
+
+def run_unit_all(unit: dict[str, Any], root: str, threads: int = 1) -> list[CellOutcome]:
+    """:func:`run_unit` collected into a list: the task process and Ray workers execute."""
+    return list(run_unit(unit, root, progress=False, threads=threads))
+
+
+# --------------------------------------------------------------------------------------------------
+# the driver: executors, artifacts, the store
+
+
+@dataclass
+class RunSummary:
+    """What a call to :func:`run_experiment` did."""
+
+    run_id: int
+    cells_total: int
+    cells_skipped: int
+    cells_done: int
+    failures: dict[str, str]
+    seconds: float
+    overhead_seconds: float
+    compute_seconds: float
+
+
+def _units(cells: list[Cell], spec: ExperimentSpec) -> list[dict[str, Any]]:
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell.target_hash, []).append(cell)
+    return [{"target_hash": h, "data_dir": spec.data_dir, "download": spec.download, "device": spec.device,
+             "cells": [{"hash": c.hash, "config": c.config} for c in group]} for h, group in groups.items()]
+
+
+def _write_artifacts(store: ResultStore, cell: Cell, outcome: CellOutcome, pngs: bool) -> dict[str, str]:
+    from safetensors.numpy import save_file
+
+    artifacts = {}
+    if outcome.checkpoint:
+        artifacts["checkpoint"] = outcome.checkpoint
+    if outcome.reconstruction is None:
+        return artifacts
+    folder = Path("artifacts") / "cells" / cell.hash[:20]
+    (store.root / folder).mkdir(parents=True, exist_ok=True)
+    tensors = folder / "reconstruction.safetensors"
+    save_file({"original": np.ascontiguousarray(outcome.original),
+               "reconstruction": np.ascontiguousarray(outcome.reconstruction)}, str(store.root / tensors))
+    artifacts["reconstruction"] = str(tensors)
+    if pngs:
+        from .figures import reconstruction_grid
+
+        png = folder / "grid.png"
+        reconstruction_grid(torch.from_numpy(outcome.original),
+                            [(cell.attack_label, torch.from_numpy(outcome.reconstruction))], store.root / png,
+                            title=f"{cell.config['split']} · {cell.defense_label}")
+        artifacts["grid"] = str(png)
+    return artifacts
+
+
+def _local_results(units: list[dict[str, Any]], root: str, jobs: int, progress: bool,
+                   threads: int) -> Iterator[CellOutcome]:
+    if jobs <= 1:
+        for unit in units:
+            yield from run_unit(unit, root, progress=progress, threads=threads)
+        return
+    import multiprocessing
+
+    # spawn: a forked child would inherit the parent's torch thread pool and open database handle.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_unit_all, unit, root, threads) for unit in units]
+        for future in as_completed(futures):
+            yield from future.result()
+
+
+def _ray_results(units: list[dict[str, Any]], root: str, address: str | None, threads: int) -> Iterator[CellOutcome]:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("executor 'ray' needs Ray: pip install 'splitshield[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    task = ray.remote(num_cpus=threads)(run_unit_all)
+    pending = [task.remote(unit, root, threads) for unit in units]
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        yield from ray.get(ready[0])
+
+
+def run_experiment(spec: ExperimentSpec, db: str | Path = "results.db", *, executor: str = "local", jobs: int = 1,
+                   address: str | None = None, threads: int = 1, progress: bool = True, pngs: bool = False,
+                   log: Callable[[str], None] | None = None) -> RunSummary:
+    """Run every cell of ``spec`` not already done in the store ``db``.
+
+    Parameters
+    ----------
+    executor:
+        ``local`` (sequential, or ``jobs`` worker processes) or ``ray`` (``address`` as for ``ray.init``;
+        a local Ray instance when ``None`` and none is running).
+    threads:
+        Torch threads per cell. Keep it fixed to compare numbers across executors.
+    progress:
+        Progress bars: cells overall, and (sequential local runs) the running cell's training/attack.
+    pngs:
+        Also write a reconstruction grid PNG per cell beside its tensors (the report draws its own
+        grids from the tensors; a PNG per cell costs about 0.3 s of matplotlib in the driver).
+    log:
+        Called with one line per finished cell (for ``--quiet`` logs).
+    """
+    from tqdm.auto import tqdm
+
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"executor must be 'local' or 'ray', got {executor!r}")
+    if jobs < 1:
+        raise ConfigError(f"jobs must be >= 1, got {jobs}")
+    start = time.perf_counter()
+    cells = plan(spec)
+    by_hash = {c.hash: c for c in cells}
+    store = ResultStore(db)
+    try:
+        run_id = store.start_run(spec.name, spec.model_dump(), executor, len(cells))
+        store.register_cells(run_id, [c.row() for c in cells])
+        status = store.status(by_hash)
+        todo = [c for c in cells if status.get(c.hash) != "done"]
+        units = _units(todo, spec)
+        root = str(store.root.resolve())
+        if executor == "ray":
+            results = _ray_results(units, root, address, threads)
+        else:
+            results = _local_results(units, root, jobs, progress and jobs == 1, threads)
+        failures: dict[str, str] = {}
+        overhead = compute = 0.0
+        bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress, position=0)
+        done = 0
+        for outcome in results:
+            write_start = time.perf_counter()
+            cell = by_hash[outcome.cell_hash]
+            if outcome.error is not None:
+                store.record_failure(cell.hash, outcome.error)
+                failures[cell.hash] = outcome.error
+                message = f"FAILED {cell.config['split']} {cell.defense_label} {cell.attack_label}: {outcome.error}"
+            else:
+                artifacts = _write_artifacts(store, cell, outcome, pngs)
+                store.record(CellRecord(cell.hash, outcome.metrics, outcome.timings, artifacts, outcome.target_cached))
+                compute += outcome.timings.get("compute_seconds", 0.0)
+                agg = {n: v for n, i, v in outcome.metrics if i == -1}
+                shown = ", ".join(f"{k}={v:.3f}" for k, v in agg.items())
+                message = f"{cell.config['split']} | {cell.defense_label} | {cell.attack_label} | {shown}"
+            done += 1
+            overhead += time.perf_counter() - write_start
+            bar.update(1)
+            if log is not None:
+                log(f"[{done}/{len(todo)}] {message}")
+        bar.close()
+        store.finish_run(run_id, done)
+    finally:
+        store.close()
+    seconds = time.perf_counter() - start
+    return RunSummary(run_id, len(cells), len(cells) - len(todo), done - len(failures), failures, seconds,
+                      overhead, compute)

@@ -1,0 +1,406 @@
+"""Reports from a results store: Markdown + one self-contained HTML file + PNG figures.
+
+For every (dataset, model, split) the report gives
+
+- a table of task accuracy and each attack's metrics per defense setting (means over seeds);
+- a privacy–utility plot: accuracy against the best attack's SSIM and against its MSE, one curve per
+  defense family (its settings are the points), the conditional-entropy MSE floor as a dashed line
+  where it was computed;
+- reconstruction grids: the private images, then each attack's reconstruction per defense strength;
+- a plain-language summary of the best trade-off.
+
+The HTML embeds every image as a data URI, so it opens offline as a single file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+from .store import ResultStore
+
+INVERSION = ("ssim", "psnr", "mse")
+#: Accuracy loss still counted as "keeping accuracy", in fraction points (1 pt).
+ACCURACY_TOLERANCE = 0.01
+
+
+@dataclass
+class DefenseRow:
+    """One defense setting within one (dataset, model, split): metrics averaged over seeds."""
+
+    label: str
+    family: str
+    config: dict[str, Any]
+    accuracy: float | None
+    ce_floor: float | None
+    attacks: dict[str, dict[str, float]]  # attack label -> {metric -> mean over seeds}
+    cells: list[dict[str, Any]]
+
+    def best(self, metric: str) -> tuple[str, float] | None:
+        """The strongest inversion attack by ``metric`` (highest SSIM/PSNR, lowest MSE): (label, value)."""
+        values = [(a, m[metric]) for a, m in self.attacks.items() if m.get(metric) is not None]
+        if not values:
+            return None
+        return min(values, key=lambda t: t[1]) if metric == "mse" else max(values, key=lambda t: t[1])
+
+
+@dataclass
+class Section:
+    """Everything reported for one (dataset, model, split)."""
+
+    dataset: str
+    model: str
+    split: str
+    seeds: list[int]
+    rows: list[DefenseRow]
+    inversion_attacks: list[str]
+    completion_attacks: list[str]
+
+    @property
+    def title(self) -> str:
+        return f"{self.dataset} · {self.model} · split {self.split}"
+
+    @property
+    def slug(self) -> str:
+        return "".join(ch if ch.isalnum() else "-" for ch in f"{self.dataset}-{self.model}-{self.split}")
+
+
+@dataclass
+class ReportFiles:
+    """Paths written by :func:`build_report`."""
+
+    markdown: Path
+    html: Path
+    figures: list[Path]
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return mean(present) if present else None
+
+
+def _family(config: dict[str, Any]) -> str:
+    from .experiment import defense_family
+
+    return defense_family(config)
+
+
+def load_sections(store: ResultStore) -> list[Section]:
+    """Group the store's finished cells by (dataset, model, split) and defense setting."""
+    cells = store.cells(status="done")
+    if not cells:
+        raise ConfigError(f"{store.path}: no finished cells to report; run `splitshield run SPEC --db {store.path}`")
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for cell in cells:
+        groups[(cell["dataset"], cell["model"], cell["split"])].append(cell)
+    sections = []
+    for (dataset, model, split), group in groups.items():
+        by_defense: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for cell in group:
+            by_defense[cell["defense_label"]].append(cell)
+        inversion, completion = [], []
+        rows = []
+        for label, dcells in by_defense.items():
+            per_attack: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            for cell in dcells:
+                per_attack[cell["attack_label"]].append(cell)
+                kind = completion if "completion_accuracy" in cell["metrics"] else inversion
+                if cell["attack_label"] not in kind:
+                    kind.append(cell["attack_label"])
+            # Accuracy belongs to the trained target: average over targets (seeds), not over attacks.
+            per_target = {c["target_hash"]: c["metrics"] for c in dcells}
+            attacks = {a: {m: _mean(c["metrics"].get(m) for c in cs)
+                           for m in (*INVERSION, "completion_accuracy")} for a, cs in per_attack.items()}
+            rows.append(DefenseRow(label, _family(dcells[0]["defense"]), dcells[0]["defense"],
+                                   _mean(m.get("accuracy") for m in per_target.values()),
+                                   _mean(m.get("ce_floor") for m in per_target.values()), attacks, dcells))
+        sections.append(Section(dataset, model, split, sorted({c["seed"] for c in group}), rows, inversion,
+                                completion))
+    return sections
+
+
+# --------------------------------------------------------------------------------------------------
+# text
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def summary_sentence(section: Section) -> str:
+    """One plain-language finding for a section: the defense with the best privacy at ≤ 1 pt cost."""
+    base = next((r for r in section.rows if r.family == "none"), None)
+    defended = [r for r in section.rows if r.family != "none" and r.best("ssim") and r.accuracy is not None]
+    where = f"At split {section.split} ({section.model}, {section.dataset})"
+    if base is None or base.best("ssim") is None or base.accuracy is None:
+        if not defended:
+            return f"{where}, no inversion attack was measured."
+        top = min(defended, key=lambda r: r.best("ssim")[1])
+        return (f"{where}, {top.label} gives the lowest best-attack SSIM, {top.best('ssim')[1]:.2f}, at "
+                f"{_pct(top.accuracy)} accuracy (no undefended baseline in the store).")
+    base_attack, base_ssim = base.best("ssim")
+    if not defended:
+        return (f"{where}, without a defense the best attack ({base_attack}) reaches SSIM {base_ssim:.2f} at "
+                f"{_pct(base.accuracy)} accuracy.")
+    keeping = [r for r in defended if r.accuracy >= base.accuracy - ACCURACY_TOLERANCE]
+    if keeping:
+        top = min(keeping, key=lambda r: r.best("ssim")[1])
+        attack, ssim = top.best("ssim")
+        diff = 100 * (top.accuracy - base.accuracy)
+        verb = "pushes" if ssim < base_ssim else "leaves"
+        return (f"{where}, {top.label} keeps accuracy within 1 pt ({_pct(top.accuracy)} vs {_pct(base.accuracy)}, "
+                f"{diff:+.1f} pt) and {verb} the best attack's SSIM from {base_ssim:.2f} to {ssim:.2f} ({attack}).")
+    top = min(defended, key=lambda r: base.accuracy - r.accuracy)
+    attack, ssim = top.best("ssim")
+    return (f"{where}, no defense keeps accuracy within 1 pt of {_pct(base.accuracy)}; the cheapest, {top.label}, "
+            f"costs {100 * (base.accuracy - top.accuracy):.1f} pt and moves the best attack's SSIM from "
+            f"{base_ssim:.2f} to {ssim:.2f} ({attack}).")
+
+
+def _table(section: Section) -> tuple[list[str], list[list[str]]]:
+    header = ["defense", "accuracy"]
+    for a in section.inversion_attacks:
+        header += [f"{a} SSIM", f"{a} PSNR (dB)", f"{a} MSE"]
+    header += [f"{a} accuracy" for a in section.completion_attacks]
+    if any(r.ce_floor is not None for r in section.rows):
+        header.append("CE floor (MSE)")
+    body = []
+    for r in section.rows:
+        line = [r.label, _pct(r.accuracy)]
+        for a in section.inversion_attacks:
+            m = r.attacks.get(a, {})
+            line += [_num(m.get("ssim")), _num(m.get("psnr"), 2), _num(m.get("mse"), 4)]
+        line += [_pct(r.attacks.get(a, {}).get("completion_accuracy")) for a in section.completion_attacks]
+        if header[-1] == "CE floor (MSE)":
+            line.append("–" if r.ce_floor is None else f"{r.ce_floor:.3g}")
+        body.append(line)
+    return header, body
+
+
+def _markdown_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _html_table(header: list[str], body: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+# --------------------------------------------------------------------------------------------------
+# figures
+
+
+def privacy_utility_plot(section: Section, path: Path) -> Path | None:
+    """Accuracy vs the best attack's SSIM (left) and MSE (right), one curve per defense family.
+
+    Returns ``None`` when the section has no inversion attack or no accuracy to plot.
+    """
+    rows = [r for r in section.rows if r.accuracy is not None and r.best("ssim") is not None]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    families: dict[str, list[DefenseRow]] = defaultdict(list)
+    for r in rows:
+        families[r.family].append(r)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (family, members) in enumerate(families.items()):
+        colour = colours[i % len(colours)]
+        for ax, metric in zip(axes, ("ssim", "mse"), strict=True):
+            points = sorted((r.best(metric)[1], 100 * r.accuracy) for r in members)
+            xs, ys = zip(*points, strict=True)
+            marker = "*" if family == "none" else "o"
+            ax.plot(xs, ys, marker=marker, markersize=11 if family == "none" else 6, color=colour, label=family,
+                    linestyle="-" if len(points) > 1 else "none")
+        floors = sorted((r.ce_floor, 100 * r.accuracy) for r in members if r.ce_floor is not None)
+        if floors:
+            xs, ys = zip(*floors, strict=True)
+            axes[1].plot(xs, ys, linestyle="--", marker="|", color=colour, label=f"CE floor ({family})")
+    axes[0].set_xlabel("best attack SSIM (higher = more leakage)")
+    axes[1].set_xlabel("best attack MSE (lower = more leakage)")
+    for ax in axes:
+        ax.set_ylabel("task accuracy with defense (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="best")
+    fig.suptitle(f"Privacy–utility: {section.title}", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _load_reconstruction(cell: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    from safetensors.numpy import load_file
+
+    path = cell["artifacts"].get("reconstruction")
+    if path is None or not Path(path).is_file():
+        return None
+    arrays = load_file(str(path))
+    return torch.from_numpy(np.array(arrays["original"])), torch.from_numpy(np.array(arrays["reconstruction"]))
+
+
+def reconstruction_grids(section: Section, folder: Path) -> list[Path]:
+    """One grid per defense family: the originals, the undefended rows, then a row per (defense strength,
+    attack); first seed only."""
+    from .figures import reconstruction_grid
+
+    seed = section.seeds[0]
+    families: dict[str, list[DefenseRow]] = defaultdict(list)
+    for r in section.rows:
+        families[r.family].append(r)
+    baseline = families.get("none", [])
+    paths = []
+    for family, members in families.items():
+        if family == "none" and len(families) > 1:
+            continue  # the undefended rows open every other family's grid
+        shown = members if family == "none" else [*baseline, *members]
+        originals, rows = None, []
+        for r in shown:
+            for attack in section.inversion_attacks:
+                cell = next((c for c in r.cells if c["attack_label"] == attack and c["seed"] == seed), None)
+                loaded = _load_reconstruction(cell) if cell else None
+                if loaded is None:
+                    continue
+                originals = loaded[0] if originals is None else originals
+                ssim = cell["metrics"].get("ssim")
+                rows.append((f"{r.label}\n{attack}\nSSIM {_num(ssim, 2)}", loaded[1]))
+        if originals is None:
+            continue
+        name = "".join(ch if ch.isalnum() else "-" for ch in family)
+        paths.append(reconstruction_grid(originals, rows, folder / f"{section.slug}-grid-{name}.png",
+                                         title=f"{section.title} · {family} (seed {seed})"))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# the report
+
+
+_CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; max-width: 1150px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
+h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.88em; }
+th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
+th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
+img { max-width: 100%; display: block; margin: .8em 0; border: 1px solid #eee; }
+.summary { background: #f6f8fa; border-left: 4px solid #2b6cb0; padding: .6em 1em; }
+.meta { color: #666; font-size: 0.9em; }
+"""
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def build_report(db: str | Path, out_dir: str | Path, title: str | None = None) -> ReportFiles:
+    """Write ``report.md``, ``report.html`` (self-contained) and ``figures/*.png`` to ``out_dir``."""
+    db = Path(db)
+    if not db.is_file():
+        raise ConfigError(f"results database {db} does not exist; run `splitshield run SPEC --db {db}` first")
+    out = Path(out_dir)
+    figures_dir = out / "figures"
+    with ResultStore(db) as store:
+        sections = load_sections(store)
+        runs = store.runs()
+    name = title or (runs[-1]["name"] if runs else "splitshield")
+    n_cells = sum(len(r.cells) for s in sections for r in s.rows)
+    meta = (f"{n_cells} cells from {db.name}; metrics are means over the evaluation images and over seeds; "
+            "SSIM uses a 7×7 uniform window (scikit-image's default), PSNR assumes a data range of 1.")
+    summaries = [summary_sentence(s) for s in sections]
+    md = [f"# Split-inference leakage report: {name}", "", meta, "", "## Summary", ""]
+    md += [f"- {s}" for s in summaries]
+    body = [f"<h1>Split-inference leakage report: {html.escape(name)}</h1>", f"<p class='meta'>{html.escape(meta)}</p>",
+            "<h2>Summary</h2><div class='summary'><ul>"
+            + "".join(f"<li>{html.escape(s)}</li>" for s in summaries) + "</ul></div>"]
+    figures: list[Path] = []
+    for section, sentence in zip(sections, summaries, strict=True):
+        header, rows = _table(section)
+        seeds = ", ".join(map(str, section.seeds))
+        md += ["", f"## {section.title}", "", f"Seeds: {seeds}.", "", sentence, "", _markdown_table(header, rows)]
+        body += [f"<h2>{html.escape(section.title)}</h2>", f"<p class='meta'>Seeds: {html.escape(seeds)}.</p>",
+                 f"<p>{html.escape(sentence)}</p>", _html_table(header, rows)]
+        plot = privacy_utility_plot(section, figures_dir / f"{section.slug}-privacy-utility.png")
+        grids = reconstruction_grids(section, figures_dir)
+        for fig, caption in [*([(plot, "Privacy–utility trade-off")] if plot else []),
+                             *((g, "Reconstructions") for g in grids)]:
+            figures.append(fig)
+            rel = fig.relative_to(out).as_posix()
+            md += ["", f"![{caption}]({rel})"]
+            body.append(f"<img alt='{html.escape(caption)}' src='{_data_uri(fig)}'>")
+    out.mkdir(parents=True, exist_ok=True)
+    md_path, html_path = out / "report.md", out / "report.html"
+    md_path.write_text("\n".join(md) + "\n")
+    html_path.write_text("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+                         f"<title>{html.escape(name)} — splitshield report</title><style>{_CSS}</style></head>"
+                         f"<body>{''.join(body)}</body></html>\n")
+    return ReportFiles(md_path, html_path, figures)
+
+
+# --------------------------------------------------------------------------------------------------
+# the audit gate
+
+
+@dataclass(frozen=True)
+class AuditViolation:
+    """An attack that beat the bar: the cell's configuration and the offending numbers."""
+
+    dataset: str
+    model: str
+    split: str
+    defense: str
+    attack: str
+    seed: int
+    metric: str
+    value: float
+    limit: float
+
+    def __str__(self) -> str:
+        return (f"{self.dataset}/{self.model}/{self.split} defense={self.defense} attack={self.attack} "
+                f"seed={self.seed}: {self.metric} {self.value:.4g} > {self.limit:.4g}")
+
+
+def audit(store: ResultStore, max_ssim: float | None = None, max_psnr: float | None = None,
+          max_completion_accuracy: float | None = None, hashes: Iterable[str] | None = None) -> list[AuditViolation]:
+    """Every finished cell whose attack beats a bar (mean over the evaluation images, per seed).
+
+    ``hashes`` restricts the check to those cells (the ones of one spec); ``None`` checks all.
+    """
+    limits = {"ssim": max_ssim, "psnr": max_psnr, "completion_accuracy": max_completion_accuracy}
+    if all(v is None for v in limits.values()):
+        raise ConfigError("audit needs at least one bar: --max-ssim, --max-psnr or --max-completion-accuracy")
+    wanted = None if hashes is None else set(hashes)
+    out = []
+    for cell in store.cells(status="done"):
+        if wanted is not None and cell["hash"] not in wanted:
+            continue
+        for metric, limit in limits.items():
+            value = cell["metrics"].get(metric)
+            if limit is not None and value is not None and value > limit:
+                out.append(AuditViolation(cell["dataset"], cell["model"], cell["split"], cell["defense_label"],
+                                          cell["attack_label"], cell["seed"], metric, value, limit))
+    return out

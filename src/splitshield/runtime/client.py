@@ -1,0 +1,238 @@
+"""The edge side of a deployed split model: head + defense on the device, features over HTTP.
+
+>>> client = EdgeClient("model.safetensors", "http://127.0.0.1:8080", token="...")  # doctest: +SKIP
+>>> logits = client.predict(images)                                                  # doctest: +SKIP
+
+Only the codec frame of ``defense.obfuscate(head(x), training=False)`` leaves the device; the server
+(:mod:`splitshield.runtime.server`) runs the tail and answers with logits.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, SplitShieldError
+from ..train import load_checkpoint
+from .codec import CodecOptions, encode
+
+__all__ = ["EdgeClient", "ServerError", "load_images", "read_token"]
+
+# load_checkpoint cuts the model with torch.fx, whose tracer patches nn.Module.__call__ process-wide
+# while it runs: two threads tracing at once can leave the patch in place for good. Serialise it.
+_LOAD_LOCK = threading.Lock()
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class ServerError(SplitShieldError):
+    """The server refused a request or could not be reached; ``code`` is its stable error code."""
+
+    def __init__(self, message: str, code: str = "unreachable", status: int | None = None):
+        super().__init__(message)
+        self.code, self.status = code, status
+
+
+def read_token(path: str | Path | None, allow_empty: bool = False) -> str:
+    """Read a bearer token from a file, stripping surrounding whitespace (the trailing newline).
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, or the token is empty and ``allow_empty`` is false.
+    """
+    if path is None:
+        token = ""
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--token-file {path} does not exist: write the shared secret into it")
+        token = path.read_text(encoding="utf-8").strip()
+    if not token and not allow_empty:
+        raise ConfigError("the bearer token is empty: put a secret in --token-file (or pass --no-auth to serve)")
+    if not token.isascii() or any(ch.isspace() or not ch.isprintable() for ch in token):
+        raise ConfigError("the bearer token must be one line of printable ASCII characters without spaces")
+    return token
+
+
+def load_images(paths: list[str | Path], input_shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[Path]]:
+    """Read image files (or every image in given folders, sorted) as a float batch in [0, 1].
+
+    Images are converted to grey or RGB to match ``input_shape`` (C, H, W) and resized to (H, W)
+    with bilinear filtering when their size differs.
+
+    Returns
+    -------
+    images : torch.Tensor
+        ``[N, C, H, W]`` float32 in [0, 1].
+    files : list of Path
+        The file behind each row, in order.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ConfigError(f"image path {p} does not exist")
+    if not files:
+        raise ConfigError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, paths))}")
+    c, h, w = input_shape
+    if c not in (1, 3):
+        raise ConfigError(f"the model takes {c}-channel images; only grey (1) or RGB (3) files can be read")
+    batch = torch.empty(len(files), c, h, w)
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                im = im.convert("L" if c == 1 else "RGB")
+                if im.size != (w, h):
+                    im = im.resize((w, h), Image.BILINEAR)
+                data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ConfigError(f"cannot read image {f}: {exc}") from None
+        batch[i] = data.view(h, w, c).permute(2, 0, 1).float() / 255.0
+    return batch, files
+
+
+class EdgeClient:
+    """Runs the head and its defense locally and the tail on a remote server.
+
+    Parameters
+    ----------
+    checkpoint : str or Path
+        The same checkpoint the server hosts (``NAME.safetensors`` + ``NAME.json``).
+    server_url : str
+        Base URL, e.g. ``http://127.0.0.1:8080``.
+    token : str
+        Bearer token shared with the server (``""`` for a server started with ``--no-auth``).
+    codec : CodecOptions
+        How features are encoded on the wire.
+    timeout : float
+        Seconds per HTTP request (connect, read, write each).
+    retries : int
+        Extra attempts after a connection error, a timeout or a 503, with exponential backoff from
+        ``backoff`` seconds. A retried request keeps its ``X-Request-ID``, so the server's
+        transcript shows duplicates as such.
+    batch_size : int
+        Images per request; lowered to the server's ``max_batch`` if larger.
+    seed : int
+        Seeds the defense's random draws (noise) on the device (CPU random stream).
+    """
+
+    def __init__(self, checkpoint: str | Path, server_url: str, token: str = "", *,
+                 codec: CodecOptions | None = None, timeout: float = 30.0, retries: int = 3,
+                 backoff: float = 0.2, batch_size: int = 64, seed: int = 0, device: str = "cpu"):
+        import httpx
+
+        if retries < 0 or batch_size < 1 or timeout <= 0:
+            raise ConfigError("retries must be >= 0, batch_size >= 1 and timeout > 0")
+        with _LOAD_LOCK:
+            target, defense, meta = load_checkpoint(checkpoint, device=device)
+        if target.input_shape is None:
+            raise ConfigError(f"checkpoint {checkpoint} has no input_shape; re-save it with split(..., input_shape=)")
+        self.head, self.defense = target.head.eval(), defense.eval()
+        self.point, self.input_shape = target.point, tuple(target.input_shape)
+        self.feature_shape = target.feature_shape()
+        del target  # the tail's weights stay in the checkpoint file; the device never runs them
+        self.codec = codec or CodecOptions()
+        self.retries, self.backoff, self.batch_size, self.device = retries, backoff, batch_size, device
+        self._generator = torch.Generator(device=device).manual_seed(seed)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=server_url.rstrip("/"), headers=headers, timeout=timeout)
+        self._checked = False
+
+    def __enter__(self) -> EdgeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:  # connection refused/reset, timeouts
+                if last:
+                    raise ServerError(f"{method} {self._http.base_url}{path} failed after "
+                                      f"{attempt + 1} attempts: {type(exc).__name__}: {exc}") from None
+            else:
+                # 503 = the server is overloaded or timed out: transient, worth another try.
+                if response.status_code != 503 or last:
+                    break
+            time.sleep(self.backoff * 2**attempt)
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code != 200:
+            err = body.get("error", {}) if isinstance(body, dict) else {}
+            message = err.get("message", response.text[:200])
+            raise ServerError(
+                f"server answered {response.status_code} {err.get('code', '')}: {message}",
+                code=err.get("code", "http_error"), status=response.status_code,
+            )
+        return body
+
+    def model_info(self) -> dict[str, Any]:
+        """The server's ``GET /v1/model``: split point, shapes and accepted codec options."""
+        return self._request("GET", "/v1/model")
+
+    def _check_server(self) -> None:
+        if self._checked:
+            return
+        info = self.model_info()
+        if info.get("split") != self.point or tuple(info.get("feature_shape", ())) != self.feature_shape:
+            raise ConfigError(
+                f"server hosts split {info.get('split')!r} with feature shape {info.get('feature_shape')}, "
+                f"this device sends {self.point!r} {list(self.feature_shape)}: use the same checkpoint on both"
+            )
+        codec = info.get("codec", {})
+        if self.codec.encoding not in codec.get("encodings", []) or self.codec.compression not in codec.get(
+                "compressions", []):
+            raise ConfigError(f"server does not accept {self.codec.encoding}/{self.codec.compression}; it accepts "
+                              f"encodings {codec.get('encodings')} and compressions {codec.get('compressions')}")
+        self.batch_size = min(self.batch_size, int(info.get("max_batch", self.batch_size)))
+        self._checked = True
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """What leaves the device: ``defense.obfuscate(head(x), training=False)``, ``[N, *feature_shape]``."""
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != self.input_shape:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ConfigError(f"images: expected [N, {', '.join(map(str, self.input_shape))}] in [0, 1], got {got}")
+        x = images.to(self.device)
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        state = torch.random.get_rng_state()
+        torch.random.set_rng_state(self._generator.get_state())
+        try:
+            return self.defense.obfuscate(self.head(x), training=False)
+        finally:
+            self._generator.set_state(torch.random.get_rng_state())
+            torch.random.set_rng_state(state)
+
+    def send(self, z: torch.Tensor, request_id: str | None = None) -> torch.Tensor:
+        """Send one batch of features ``[B, *feature_shape]``; returns the tail's logits ``[B, K]``."""
+        body = self._request(
+            "POST", "/v1/infer", content=encode(z, self.codec),
+            headers={"Content-Type": "application/octet-stream", "X-Request-ID": request_id or uuid.uuid4().hex},
+        )
+        return torch.tensor(body["logits"], dtype=torch.float32)
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, K]`` for images ``[N, C, H, W]`` (float in [0, 1] or uint8), in batches."""
+        self._check_server()
+        z = self.features(images)
+        return torch.cat([self.send(z[i : i + self.batch_size]) for i in range(0, len(z), self.batch_size)])

@@ -1,0 +1,110 @@
+"""Attacks: threat models enforced, each attack recovers something real, batching is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import splitshield as ss
+from splitshield import metrics
+from splitshield.attacks._rmle import rmle, total_variation
+from splitshield.errors import ConfigError, ThreatModelError
+
+
+@pytest.fixture(scope="module")
+def digits(mnist5k):
+    return mnist5k.test.first_per_class()
+
+
+def test_views_lack_what_the_threat_model_forbids(trained_lenet, mnist5k):
+    target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
+    black = ss.Victim(target, threat="black_box", aux=mnist5k.holdout).view()
+    assert not hasattr(black, "head") and not hasattr(black, "tail")
+    free = ss.Victim(target, threat="query_free", aux=mnist5k.holdout).view()
+    assert not hasattr(free, "head") and not hasattr(free, "query")
+    # The shadow architecture is the head's, but none of its weights.
+    fresh = free.head_architecture()
+    assert not torch.equal(fresh.conv1.weight, target.head.conv1.weight)
+    with pytest.raises(ThreatModelError, match="WhiteBoxInversion needs white_box access; the victim gives black_box"):
+        ss.WhiteBoxInversion().fit(ss.Victim(target, threat="black_box"))
+    with pytest.raises(ThreatModelError, match="InverseNetwork needs black_box or white_box"):
+        ss.InverseNetwork().fit(ss.Victim(target, threat="query_free", aux=mnist5k.holdout))
+
+
+def test_frozen_copies_do_not_touch_the_victim(trained_lenet):
+    target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
+    view = ss.Victim(target, threat="white_box").view()
+    with torch.no_grad():
+        view.head.conv1.weight.zero_()
+    assert target.head.conv1.weight.abs().sum() > 0
+
+
+def test_whitebox_recovers_conv1_almost_exactly(trained_lenet, digits):
+    x, _ = digits
+    target = ss.split(trained_lenet, "conv1", input_shape=(1, 28, 28))
+    victim = ss.Victim(target, threat="white_box")
+    x_hat = ss.WhiteBoxInversion(iters=600, progress=False).fit(victim).invert(victim.observe(x))
+    assert x_hat.shape == x.shape and float(x_hat.min()) >= 0 and float(x_hat.max()) <= 1
+    assert float(metrics.psnr(x_hat, x)) > 30  # conv1 is linear and over-complete: nearly invertible
+
+
+def test_batched_rmle_equals_per_image(trained_lenet, digits):
+    # Summing per-image losses keeps each image's optimisation independent of the batch (ALGORITHMS §F.4).
+    x, _ = digits
+    head = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28)).head.eval()
+    with torch.no_grad():
+        z = head(x[:3])
+    batched = rmle(head, z, (1, 28, 28), iters=50, lr=1e-2, tv=1.0, l2=0.0)
+    for i in range(3):
+        single = rmle(head, z[i : i + 1], (1, 28, 28), iters=50, lr=1e-2, tv=1.0, l2=0.0)
+        assert torch.allclose(batched[i : i + 1], single, atol=1e-5)
+
+
+def test_total_variation_known_case():
+    x = torch.zeros(1, 1, 4, 4)
+    x[..., :, 2:] = 1.0  # one vertical edge: 4 of the 12 horizontal differences are 1
+    assert torch.allclose(total_variation(x), torch.tensor([4 / 12]))
+
+
+def test_inverse_network_beats_the_mean_image(trained_lenet, mnist5k, digits):
+    x, _ = digits
+    target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
+    victim = ss.Victim(target, threat="black_box", aux=mnist5k.holdout)
+    attack = ss.InverseNetwork(steps=150, progress=False).fit(victim)
+    x_hat = attack.invert(victim.observe(x))
+    mean_image = mnist5k.holdout.tensors()[0].mean(0, keepdim=True).expand_as(x)
+    assert float(metrics.mse(x_hat, x)) < 0.7 * float(metrics.mse(mean_image, x))
+    assert attack.losses[-1] < attack.losses[0]
+
+
+def test_query_free_trains_a_shadow_that_fools_the_tail(trained_lenet, mnist5k, digits):
+    x, _ = digits
+    target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
+    victim = ss.Victim(target, threat="query_free", aux=mnist5k.holdout)
+    for shadow in ("same", "different"):
+        attack = ss.QueryFreeInversion(shadow=shadow, steps=150, iters=100, progress=False).fit(victim)
+        assert attack.shadow_accuracy > 0.5  # the frozen tail classifies the shadow's features
+        assert attack.invert(victim.observe(x)).shape == x.shape
+
+
+def test_model_completion_beats_chance(trained_lenet, mnist5k):
+    target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
+    victim = ss.Victim(target, threat="black_box", aux=mnist5k.holdout)
+    attack = ss.ModelCompletion(n_labels=100, steps=200, progress=False).fit(victim)
+    x, y = mnist5k.test.take(300).tensors()
+    assert metrics.accuracy(attack.predict(victim.observe(x)), y) > 0.5
+
+
+def test_wrong_image_shape_names_expected_and_got(trained_lenet):
+    target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
+    victim = ss.Victim(target, threat="black_box")
+    with pytest.raises(ConfigError, match=r"expected shape \[N, 1, 28, 28\].*got \(2, 3, 32, 32\)"):
+        victim.observe(torch.rand(2, 3, 32, 32))
+
+
+def test_observe_is_seeded(trained_lenet, digits):
+    x, _ = digits
+    target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
+    a = ss.Victim(target, threat="black_box").observe(x)
+    b = ss.Victim(target, threat="black_box").observe(x)
+    assert torch.equal(a, b)

@@ -1,0 +1,122 @@
+"""CEM: k-means, the hinged log-variance loss, where its gradient goes, the λ schedule, trainer integration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitshield import Trainer, split
+from splitshield.data import ImageSet
+from splitshield.defenses import CEM, FeatureBound, GaussianNoise, NoPeek
+from splitshield.defenses.cem import kmeans
+from splitshield.errors import ConfigError
+from splitshield.models import build_model
+
+
+def tiny_set(n: int = 64) -> ImageSet:
+    """Random 28×28 grey images with 4 labels (the CEM mechanics need no learnable task)."""
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(n, 1, 28, 28, generator=g) * 255).to(torch.uint8)
+    return ImageSet(images, torch.arange(n) % 4, ("a", "b", "c", "d"))
+
+
+def mixture(seed: int = 0, per: int = 60, spread: float = 1.0):
+    """Two classes, each a mixture of three well-separated Gaussian clusters in 6-D."""
+    g = torch.Generator().manual_seed(seed)
+    means = 20 * torch.randn(2, 3, 6, generator=g)
+    points = means[:, :, None, :] + spread * torch.randn(2, 3, per, 6, generator=g)
+    labels = torch.arange(2)[:, None, None].expand(2, 3, per)
+    truth = torch.arange(6).view(2, 3, 1).expand(2, 3, per)
+    return points.reshape(-1, 6), labels.reshape(-1), truth.reshape(-1)
+
+
+def within_variance(points, labels, truth):
+    return torch.stack([(points[truth == t] - points[truth == t].mean(0)).pow(2).mean() for t in truth.unique()]).mean()
+
+
+def test_kmeans_recovers_separated_clusters():
+    points, labels, truth = mixture()
+    for c in (0, 1):
+        _, assign = kmeans(points[labels == c], 3, generator=torch.Generator().manual_seed(1))
+        t = truth[labels == c]
+        # Each found cluster is exactly one true cluster (a permutation of the labels).
+        pairs = {(int(a), int(b)) for a, b in zip(assign, t, strict=True)}
+        assert len(pairs) == 3 and len({a for a, _ in pairs}) == 3
+
+
+def test_cem_loss_lowers_within_cluster_variance_down_to_the_hinge():
+    points, labels, truth = mixture(spread=1.0)
+    z = points.clone().requires_grad_(True)
+    sigma = 1.0
+    cem = CEM(lam=1.0, sigma=sigma, k=3, tau=0.125)
+    opt = torch.optim.SGD([z], lr=50.0)
+    start = within_variance(z.detach(), labels, truth).item()
+    for epoch in range(15):
+        cem.fit_clusters(z.detach(), labels, seed=epoch)
+        for _ in range(10):
+            loss = cem.cem_loss(z, labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    end = within_variance(z.detach(), labels, truth).item()
+    assert start == pytest.approx(1.0, rel=0.15)
+    assert end < 0.5 * start
+    # The hinge stops the shrinking near tau*sigma^2 (log(v + gamma) = log(tau sigma^2 + gamma)): not far below.
+    assert end > 0.5 * cem.tau * sigma**2
+    assert cem.cem_loss(z.detach(), labels).item() < 0.05
+
+
+def test_cem_gradient_reaches_the_head_only():
+    target = split(build_model("lenet", num_classes=4), "ReLU2", input_shape=(1, 28, 28))
+    x, y = tiny_set(32).tensors()
+    cem = CEM(lam=16, sigma=0.001, k=2)
+    with torch.no_grad():
+        cem.fit_clusters(target.head(x), y)
+    z = target.head(x)
+    logits = target.tail(z)
+    loss = cem.regularizer(x, y, z, z, logits)
+    assert loss is not None and loss.item() > 0
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in target.head.parameters())
+    assert all(p.grad is None for p in target.tail.parameters())
+
+
+def test_lambda_schedule_follows_the_learning_rate():
+    cem = CEM(lam=8, sigma=0.1)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    import weakref
+
+    cem._optimizer_ref = weakref.ref(opt)
+    assert cem.schedule_factor() == pytest.approx(0.02)  # 0.001 / 0.05, as the code's first LR stage
+    opt.param_groups[0]["lr"] = 1e-3
+    assert cem.schedule_factor() == pytest.approx(1.0)
+    opt.param_groups[0]["lr"] = 4e-4
+    assert cem.schedule_factor() == 1.0
+
+
+def test_cem_trains_on_top_of_noise_and_reads_sigma_from_it():
+    target = split(build_model("lenet", num_classes=4), "ReLU2", input_shape=(1, 28, 28))
+    cem = CEM(lam=16, k=2)
+    defense = FeatureBound("tanh") + GaussianNoise(0.2) + cem
+    trainer = Trainer(target, defense, epochs=2, batch_size=16, progress=False)
+    trainer.fit(tiny_set(64))
+    assert cem.hinge_sigma == pytest.approx(0.2)
+    assert cem.centroids.shape == (4, 2, 16 * 8 * 8)
+    assert cem.centroids.abs().max() <= 1  # clustered the bounded (tanh) feature, as the tail's input
+    assert torch.allclose(cem.weights.sum(1), torch.ones(4))
+
+
+def test_cem_first_epoch_adds_no_loss():
+    z = torch.randn(4, 3)
+    assert CEM(lam=16, sigma=0.1).regularizer(None, torch.zeros(4, dtype=torch.long), z, z, None) is None
+
+
+def test_cem_errors_are_clear():
+    points, labels, _ = mixture(per=1)
+    with pytest.raises(ConfigError, match="k=5 is larger than class 0's 3 training samples"):
+        CEM(lam=8, sigma=0.1, k=5).fit_clusters(points, labels)
+    with pytest.raises(ConfigError, match="sigma must be > 0"):
+        CEM(sigma=0.0)
+    target = split(build_model("lenet", num_classes=4), "ReLU2", input_shape=(1, 28, 28))
+    with pytest.raises(ConfigError, match="CEM needs the noise level"):
+        Trainer(target, NoPeek(0.1) + CEM(lam=8), epochs=1, progress=False).fit(tiny_set(16))

@@ -1,0 +1,148 @@
+"""Experiment specs: grids expand to the right settings, and every mistake is one line naming field and fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitshield.attacks import ATTACKS
+from splitshield.config import expand_grid, load_spec, parse_spec
+from splitshield.defenses import DEFENSES, Defense
+from splitshield.errors import ConfigError
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+BASE = {"dataset": "mnist-5k", "splits": ["ReLU2"], "attacks": [{"name": "black_box", "steps": 5}]}
+
+
+class Scale(Defense):
+    """A test defense with two parameters: z * factor + shift."""
+
+    name = "scale_for_test"
+
+    def __init__(self, factor: float = 1.0, shift: float = 0.0):
+        super().__init__()
+        self.factor, self.shift = factor, shift
+
+    def obfuscate(self, z: torch.Tensor, training: bool) -> torch.Tensor:
+        return z * self.factor + self.shift
+
+    def config(self) -> dict:
+        return {"name": self.name, "factor": self.factor, "shift": self.shift}
+
+
+@pytest.fixture
+def scale_registered(monkeypatch):
+    monkeypatch.setitem(DEFENSES, Scale.name, Scale)
+
+
+def test_expand_grid_is_the_cartesian_product_in_key_order():
+    assert expand_grid({"a": [1, 2], "b": 3, "c": ["x", "y"]}) == [
+        {"a": 1, "b": 3, "c": "x"}, {"a": 1, "b": 3, "c": "y"}, {"a": 2, "b": 3, "c": "x"}, {"a": 2, "b": 3, "c": "y"}]
+    assert expand_grid({"a": 1}) == [{"a": 1}]
+    assert expand_grid({}) == [{}]
+
+
+def test_defense_grid_and_compose_expand_to_every_setting(scale_registered):
+    spec = parse_spec({**BASE, "defenses": [
+        {"name": "none"},
+        {"name": "scale_for_test", "factor": [0.1, 0.5, 1.0]},
+        {"name": "compose", "parts": [{"name": "scale_for_test", "factor": [1, 2]},
+                                      {"name": "scale_for_test", "shift": [0.0, 0.1, 0.2]}]},
+    ]})
+    settings = spec.defense_settings()
+    assert settings[0] == {"name": "none"}
+    assert [s["factor"] for s in settings[1:4]] == [0.1, 0.5, 1.0]
+    composed = settings[4:]
+    assert len(composed) == 2 * 3
+    assert composed[0] == {"name": "compose", "parts": [{"name": "scale_for_test", "factor": 1},
+                                                        {"name": "scale_for_test", "shift": 0.0}]}
+
+
+def test_attack_grid_and_default_threats():
+    spec = parse_spec({**BASE, "attacks": [{"name": "black_box", "steps": [5, 10]}, {"name": "white_box"},
+                                           {"name": "query_free"}, {"name": "model_completion"}]})
+    settings = spec.attack_settings()
+    assert [s["params"] for s in settings[:2]] == [{"steps": 5}, {"steps": 10}]
+    assert [s["threat"] for s in settings] == ["black_box", "black_box", "white_box", "query_free", "black_box"]
+    assert all(s["aux"] == "same_distribution" for s in settings)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"attacks": [{"name": "deep_leak"}]}, ["attacks[0].name", "'deep_leak'", *sorted(ATTACKS)]),
+    ({"defenses": [{"name": "magic"}]}, ["defenses[0].name", "'magic'", "none", "compose"]),
+    ({"attacks": [{"name": "black_box", "threat": "grey_box"}]},
+     ["attacks[0].threat", "'grey_box'", "white_box", "black_box", "query_free"]),
+    ({"attacks": [{"name": "white_box", "threat": "black_box"}]}, ["attacks[0]", "white_box", "'black_box'"]),
+    ({"attacks": [{"name": "black_box", "aux": "internet"}]}, ["attacks[0].aux", "'internet'", "same_set", "noise"]),
+    ({"attacks": [{"name": "black_box", "stepz": 3}]}, ["attacks[0].stepz", "black_box", "steps"]),
+    ({"attacks": [{"name": "black_box", "seed": 3}]}, ["attacks[0]", "seed", "set by the experiment"]),
+    ({"dataset": "svhn"}, ["dataset", "'svhn'", "mnist-5k", "npz:PATH"]),
+    ({"model": "resnet9000"}, ["model", "'resnet9000'", "lenet"]),
+    ({"seeds": [1, 1]}, ["seeds", "[1, 1]", "distinct"]),
+    ({"train": {"epochs": 0}}, ["train.epochs", "0", "greater than or equal to 1"]),
+    ({"evaluation": {"images": 0}}, ["evaluation.images", "first_per_class"]),
+    ({"evaluation": {"metrics": ["psnr", "lpips"]}}, ["evaluation.metrics[1]", "'lpips'", "ssim"]),
+    ({"device": "tpu"}, ["device", "'tpu'", "cuda"]),
+    ({"colour": "blue"}, ["colour", "unknown field"]),
+    ({"defenses": [{"name": "compose"}]}, ["defenses[0]", "compose needs parts"]),
+])
+def test_bad_spec_is_one_line_naming_field_value_and_allowed(change, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_spec({**BASE, **change})
+    message = str(info.value)
+    assert "\n" not in message
+    for part in expected:
+        assert part in message, f"{part!r} missing from: {message}"
+
+
+def test_missing_required_field_is_named():
+    with pytest.raises(ConfigError, match=r"^spec field splits: required but missing$"):
+        parse_spec({"dataset": "mnist-5k", "attacks": [{"name": "black_box"}]})
+
+
+def test_unknown_defense_lists_newly_registered_names(scale_registered):
+    with pytest.raises(ConfigError, match="scale_for_test"):
+        parse_spec({**BASE, "defenses": [{"name": "nope"}]})
+
+
+def test_bad_defense_parameter_fails_at_load(scale_registered):
+    with pytest.raises(ConfigError, match=r"defenses\[0\].*colour"):
+        parse_spec({**BASE, "defenses": [{"name": "scale_for_test", "colour": [1, 2]}]})
+
+
+def test_yaml_and_toml_give_the_same_spec(tmp_path):
+    (tmp_path / "s.yaml").write_text(
+        "dataset: mnist-5k\nsplits: [ReLU2]\nattacks:\n  - {name: black_box, steps: [5, 10]}\ntrain: {epochs: 1}\n")
+    (tmp_path / "s.toml").write_text(
+        'dataset = "mnist-5k"\nsplits = ["ReLU2"]\n[[attacks]]\nname = "black_box"\nsteps = [5, 10]\n'
+        "[train]\nepochs = 1\n")
+    assert load_spec(tmp_path / "s.yaml") == load_spec(tmp_path / "s.toml")
+
+
+def test_load_errors_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_spec(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("dataset: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_spec(tmp_path / "bad.yaml")
+    (tmp_path / "s.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"\.yaml, \.yml or \.toml"):
+        load_spec(tmp_path / "s.json")
+
+
+def test_relative_data_dir_is_resolved_against_the_spec_file(tmp_path):
+    (tmp_path / "s.yaml").write_text("dataset: mnist\ndata_dir: data\nsplits: [ReLU2]\nattacks: [{name: white_box}]\n")
+    assert load_spec(tmp_path / "s.yaml").data_dir == str((tmp_path / "data").resolve())
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.*ml")), ids=lambda p: p.name)
+def test_examples_validate(path):
+    try:
+        spec = load_spec(path)
+    except ConfigError as exc:
+        if "unknown defense" in str(exc):
+            pytest.skip(f"{path.name} uses a defense not registered yet: {exc}")
+        raise
+    assert spec.attack_settings() and spec.defense_settings()

@@ -1,0 +1,516 @@
+"""Tests of the deployed runtime: a real tail server on 127.0.0.1 and the edge client.
+
+The server runs as a subprocess (``python -m splitshield.runtime.server``) on a random free port, as a
+user would start it; every request goes over real loopback HTTP. Malformed frames are built by hand
+from the layout documented in :mod:`splitshield.runtime.codec`, independently of the encoder.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+import splitshield as ss
+from splitshield.errors import ConfigError
+from splitshield.runtime.client import EdgeClient, ServerError, load_images, read_token
+from splitshield.runtime.codec import CodecOptions, decode, encode
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+TOKEN = "s3cret-token-0123456789"
+FEATURE = (16, 8, 8)  # LeNet ReLU2
+MAX_BATCH = 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m splitshield.runtime.server`` (or ``command``) on 127.0.0.1, killed on :meth:`stop`."""
+
+    def __init__(self, checkpoint: Path, *args: str, port: int | None = None, ready_timeout: float = 60.0,
+                 command: tuple[str, ...] = ("-m", "splitshield.runtime.server")):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, *command, str(checkpoint), "--host", "127.0.0.1",
+               "--port", str(self.port), *args]
+        # Output goes to a file, not a pipe: a pipe nobody reads could fill up and block the server.
+        self.log = tempfile.NamedTemporaryFile(prefix="splitshield-server-", suffix=".log")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server on port {self.port} not ready after {ready_timeout} s")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handler runs, as in a crash."""
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self) -> str:
+        """Terminate (SIGKILL if it hangs) and return everything the server printed."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        out = self.output()
+        self.log.close()
+        return out
+
+
+def tiny_checkpoint(directory: Path) -> Path:
+    """An untrained LeNet split at ReLU2 (feature 16x8x8), saved as a checkpoint."""
+    torch.manual_seed(0)
+    target = ss.split(ss.build_model("lenet"), "ReLU2", input_shape=(1, 28, 28))
+    return ss.save_checkpoint(directory / "lenet", target)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    token_file = tmp_path_factory.mktemp("tok") / "token.txt"
+    token_file.write_text(TOKEN + "\n")  # the trailing newline an editor adds must be stripped
+    proc = ServerProcess(checkpoint, "--token-file", str(token_file), "--max-batch", str(MAX_BATCH))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server: ServerProcess):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
+        yield client
+
+
+def craft(payload: bytes, shape: tuple[int, ...], *, encoding: int = 0, compression: int = 0,
+          quant: tuple[float, float] | None = None, magic: bytes = b"SSFT", version: int = 1,
+          payload_len: int | None = None, crc: int | None = None) -> bytes:
+    """A frame built from the documented layout; the CRC is valid unless given."""
+    head = struct.pack("<4sBBBB", magic, version, encoding, compression, len(shape))
+    head += struct.pack(f"<{len(shape)}I", *shape)
+    if quant is not None:
+        head += struct.pack("<ff", *quant)
+    head += struct.pack("<Q", len(payload) if payload_len is None else payload_len)
+    if crc is None:
+        crc = zlib.crc32(payload, zlib.crc32(head))
+    return head + struct.pack("<I", crc) + payload
+
+
+def f32(values: list[float]) -> bytes:
+    return struct.pack(f"<{len(values)}f", *values)
+
+
+N = 2 * 16 * 8 * 8
+GOOD = craft(f32([0.5] * N), (2, *FEATURE))
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+
+
+# -- endpoints and auth ------------------------------------------------------------------------------------
+
+
+def test_healthz_needs_no_auth(server: ServerProcess) -> None:
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+
+
+def test_model_document(http: httpx.Client) -> None:
+    info = http.get("/v1/model").json()
+    assert info["split"] == "ReLU2"
+    assert info["input_shape"] == [1, 28, 28] and info["feature_shape"] == list(FEATURE)
+    assert info["num_classes"] == 10 and info["max_batch"] == MAX_BATCH
+    assert set(info["codec"]["encodings"]) == {"float32", "float16", "uint8", "uint4"}
+    assert set(info["codec"]["compressions"]) == {"none", "zstd"}
+
+
+def test_good_frame_gives_the_tails_logits(http: httpx.Client, checkpoint: Path) -> None:
+    r = http.post("/v1/infer", content=GOOD, headers={"X-Request-ID": "abc"})
+    assert r.status_code == 200, r.text
+    target, _, _ = ss.load_checkpoint(checkpoint)
+    expected = target.tail(torch.full((2, *FEATURE), 0.5))
+    assert torch.allclose(torch.tensor(r.json()["logits"]), expected, atol=1e-6)
+    assert r.json()["request_id"] == "abc"
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"Authorization": "Bearer wrong"},
+    {"Authorization": f"Bearer {TOKEN}x"},
+    {"Authorization": TOKEN},
+    {"Authorization": f"Basic {TOKEN}"},
+    {"Authorization": f"Bearer {TOKEN[:-1]}"},
+])
+@pytest.mark.parametrize("method,path", [("GET", "/v1/model"), ("POST", "/v1/infer")])
+def test_auth_failures(server: ServerProcess, headers: dict[str, str], method: str, path: str) -> None:
+    r = httpx.request(method, f"{server.url}{path}", headers=headers, content=GOOD if method == "POST" else None)
+    assert_error(r, 401, "unauthorized")
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_unknown_route_and_method_are_json(http: httpx.Client) -> None:
+    assert_error(http.get("/nope"), 404, "not_found")
+    assert_error(http.get("/v1/infer"), 405, "method_not_allowed")
+
+
+# -- malformed frames: every class the codec rejects -------------------------------------------------------
+
+Q8 = (0.1, 0.0)
+MALFORMED = {
+    "empty body": b"",
+    "shorter than a header": b"SSFT\x01",
+    "bad magic": craft(f32([0.5] * N), (2, *FEATURE), magic=b"XXXX"),
+    "unknown version": craft(f32([0.5] * N), (2, *FEATURE), version=9),
+    "unknown encoding code": craft(f32([0.5] * N), (2, *FEATURE), encoding=7),
+    "unknown compression code": craft(f32([0.5] * N), (2, *FEATURE), compression=5),
+    "too many dims": craft(b"", (1,) * 9),
+    "zero-sized dim": craft(b"", (0, *FEATURE)),
+    "truncated payload": GOOD[:-10],
+    "trailing bytes": GOOD + b"\x00\x00",
+    "payload length lies": craft(f32([0.5] * N), (2, *FEATURE), payload_len=N * 4 + 4),
+    "crc mismatch": GOOD[:-1] + bytes([GOOD[-1] ^ 1]),
+    "payload size disagrees with shape": craft(f32([0.5] * (N - 1)), (2, *FEATURE)),
+    "NaN value": craft(f32([0.5] * (N - 1) + [float("nan")]), (2, *FEATURE)),
+    "inf value": craft(f32([float("inf")] + [0.5] * (N - 1)), (2, *FEATURE)),
+    "float16 inf": craft(struct.pack(f"<{N}e", *([0.5] * (N - 1) + [float("inf")])), (2, *FEATURE), encoding=1),
+    "invalid quantization scale": craft(bytes(N), (2, *FEATURE), encoding=2, quant=(0.0, 0.0)),
+    "NaN quantization offset": craft(bytes(N), (2, *FEATURE), encoding=2, quant=(1.0, float("nan"))),
+    "uint4 payload too short": craft(bytes(N // 2 - 1), (2, *FEATURE), encoding=3, quant=Q8),
+    "corrupt zstd": craft(b"\x28\xb5\x2f\xfd" + b"\xff" * 40, (2, *FEATURE), compression=1),
+    "zstd of the wrong size": None,  # filled below (needs zstandard)
+    "zstd bomb": None,
+}
+
+
+def _zstd_cases() -> None:
+    zstandard = pytest.importorskip("zstandard")
+    c = zstandard.ZstdCompressor()
+    MALFORMED["zstd of the wrong size"] = craft(c.compress(f32([0.5] * (N + 4))), (2, *FEATURE), compression=1)
+    # 200 MiB of zeros compress to a few KB: the server must refuse before expanding it.
+    honest = c.compress(bytes(4 * N))  # a first frame of exactly the size the shape needs...
+    stream = c.compressobj()  # ...then 200 MiB of zeros, compressed in 1 MiB steps to spare the memory
+    bomb = b"".join(stream.compress(bytes(2**20)) for _ in range(200)) + stream.flush()
+    MALFORMED["zstd bomb"] = craft(honest + bomb, (2, *FEATURE), compression=1)
+
+
+_zstd_cases()
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_frames_get_400_and_server_survives(http: httpx.Client, name: str) -> None:
+    assert_error(http.post("/v1/infer", content=MALFORMED[name]), 400, "malformed_frame")
+    assert http.post("/v1/infer", content=GOOD).status_code == 200
+
+
+def test_random_garbage_never_crashes_the_server(http: httpx.Client) -> None:
+    g = torch.Generator().manual_seed(0)
+    for i in range(60):
+        n = int(torch.randint(0, 3000, (1,), generator=g))
+        body = bytes(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).tolist())
+        if i % 2:  # keep a valid magic/version so parsing goes deeper
+            body = b"SSFT\x01" + body
+        assert http.post("/v1/infer", content=body).status_code in (400, 413, 415, 422)
+    assert http.post("/v1/infer", content=GOOD).status_code == 200
+
+
+# -- size and shape ----------------------------------------------------------------------------------------
+
+
+def test_oversize_body_declared_length(http: httpx.Client) -> None:
+    info = http.get("/v1/model").json()
+    assert_error(http.post("/v1/infer", content=bytes(info["max_body_bytes"] + 1)), 413, "payload_too_large")
+
+
+def test_oversize_chunked_body_without_length(http: httpx.Client) -> None:
+    def chunks():
+        for _ in range(40):  # 40 MiB, far over the ~140 KB limit of a 32 x 16x8x8 model
+            yield bytes(2**20)
+
+    r = http.post("/v1/infer", content=chunks())
+    assert_error(r, 413, "payload_too_large")
+
+
+def test_largest_legal_batch_is_accepted_and_one_more_is_not(http: httpx.Client) -> None:
+    z = torch.rand(MAX_BATCH, *FEATURE)
+    assert http.post("/v1/infer", content=encode(z)).status_code == 200
+    z = torch.rand(MAX_BATCH + 1, *FEATURE)
+    # As float32 this batch is over the body limit (413); as uint8 it fits, and its shape is refused.
+    assert_error(http.post("/v1/infer", content=encode(z)), 413, "payload_too_large")
+    assert_error(http.post("/v1/infer", content=encode(z, CodecOptions("uint8"))), 422, "wrong_shape")
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 8, 7), (2, 8, 16, 8), (16, 8, 8), (2, 1024), (1, 1, 16, 8, 8), ()])
+def test_wrong_feature_shape(http: httpx.Client, shape: tuple[int, ...]) -> None:
+    r = http.post("/v1/infer", content=encode(torch.rand(shape)))
+    assert_error(r, 422, "wrong_shape")
+    if shape:
+        assert "16, 8, 8" in r.json()["error"]["message"]
+
+
+# -- the edge client ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding,compression,atol", [
+    ("float32", "none", 1e-5), ("float32", "zstd", 1e-5), ("float16", "zstd", 2e-2), ("uint8", "none", 0.1),
+    ("uint4", "zstd", None),
+])
+def test_edge_client_matches_local_model(server: ServerProcess, checkpoint: Path, encoding: str,
+                                         compression: str, atol: float | None) -> None:
+    x = torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    target, _, _ = ss.load_checkpoint(checkpoint)
+    with torch.no_grad():
+        local = target(x)
+    with EdgeClient(checkpoint, server.url, TOKEN, codec=CodecOptions(encoding, compression), batch_size=16) as c:
+        remote = c.predict(x)
+        # Independent truth for a lossy codec: the tail applied to the decoded features, computed here
+        # per request (quantization ranges are per frame, and the client sends batches of 16).
+        z = c.features(x)
+        sent = torch.cat([decode(encode(z[i : i + 16], CodecOptions(encoding, compression))) for i in range(0, 40, 16)])
+    assert remote.shape == (40, 10)
+    with torch.no_grad():
+        assert torch.allclose(remote, target.tail(sent), atol=1e-5)
+    if atol is not None:
+        assert torch.allclose(remote, local, atol=atol)
+
+
+def test_edge_client_bad_token_raises_server_error(server: ServerProcess, checkpoint: Path) -> None:
+    with EdgeClient(checkpoint, server.url, "nope") as c, pytest.raises(ServerError) as info:
+        c.predict(torch.rand(2, 1, 28, 28))
+    assert info.value.code == "unauthorized" and info.value.status == 401
+
+
+def test_edge_client_retries_then_fails_on_dead_server(checkpoint: Path) -> None:
+    port = free_port()  # nothing listens there
+    with EdgeClient(checkpoint, f"http://127.0.0.1:{port}", TOKEN, retries=2, backoff=0.01, timeout=2) as c:
+        start = time.monotonic()
+        with pytest.raises(ServerError, match="after 3 attempts"):
+            c.predict(torch.rand(2, 1, 28, 28))
+    assert time.monotonic() - start < 10
+
+
+def test_edge_client_rejects_a_server_with_another_model(server: ServerProcess, tmp_path: Path) -> None:
+    other = ss.save_checkpoint(tmp_path / "conv1", ss.split(ss.build_model("lenet"), "conv1", input_shape=(1, 28, 28)))
+    with EdgeClient(other, server.url, TOKEN) as c, pytest.raises(ConfigError, match="same checkpoint"):
+        c.predict(torch.rand(2, 1, 28, 28))
+
+
+def test_concurrent_clients_get_their_own_answers(server: ServerProcess, checkpoint: Path) -> None:
+    target, _, _ = ss.load_checkpoint(checkpoint)
+    errors: list[str] = []
+
+    # Built before the threads start: loading a checkpoint traces the model with torch.fx, which must not
+    # overlap with forward passes in other threads (the tracer patches nn.Module.__call__ globally).
+    clients = [EdgeClient(checkpoint, server.url, TOKEN, codec=CodecOptions("float32", "zstd"), batch_size=4)
+               for _ in range(8)]
+
+    def worker(seed: int) -> None:
+        with clients[seed] as c:
+            for i in range(8):
+                x = torch.rand(1 + (seed + i) % 5, 1, 28, 28, generator=torch.Generator().manual_seed(100 * seed + i))
+                with torch.no_grad():
+                    expected = target(x)
+                if not torch.allclose(c.predict(x), expected, atol=1e-5):
+                    errors.append(f"client {seed} request {i}")
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+
+
+# -- startup and helpers -----------------------------------------------------------------------------------
+
+
+def test_server_refuses_empty_or_missing_token(checkpoint: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from splitshield.runtime.server import main
+
+    (tmp_path / "empty.txt").write_text("\n")
+    # main() exits before loading anything when the token is unusable, so this runs in-process.
+    assert main([str(checkpoint), "--port", "1", "--token-file", str(tmp_path / "empty.txt")]) == 2
+    assert "token is empty" in capsys.readouterr().err
+    assert main([str(checkpoint), "--port", "1"]) == 2
+    assert "--no-auth" in capsys.readouterr().err
+
+
+def test_no_auth_warns_and_serves_without_a_token(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from splitshield.runtime.server import TailService, create_app, resolve_token
+
+    token = resolve_token(None, no_auth=True)
+    assert token is None and "warning: --no-auth" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="not both"):
+        resolve_token("token.txt", no_auth=True)
+    r, = asgi_calls(create_app(TailService(checkpoint), token), ("POST", "/v1/infer", GOOD))
+    assert r.status_code == 200
+
+
+def test_read_token(tmp_path: Path) -> None:
+    (tmp_path / "t").write_text("  abc\n")
+    assert read_token(tmp_path / "t") == "abc"
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_token(tmp_path / "missing")
+    for bad in ("a b", "line1\nline2", "pässword"):
+        (tmp_path / "t").write_text(bad)
+        with pytest.raises(ConfigError, match="one line"):
+            read_token(tmp_path / "t")
+
+
+def test_load_images_converts_and_resizes(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (28, 28), (255, 0, 0)).save(tmp_path / "a.png")
+    Image.new("L", (56, 56), 128).save(tmp_path / "b.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    x, files = load_images([tmp_path], (1, 28, 28))
+    assert [f.name for f in files] == ["a.png", "b.png"] and x.shape == (2, 1, 28, 28)
+    assert abs(float(x[0].mean()) - 76 / 255) < 1e-6  # PIL's L = 0.299 R: 255 * 0.299 = 76.2 -> 76
+    assert torch.allclose(x[1], torch.full((1, 28, 28), 128 / 255))
+
+
+# -- in-process app: options the CLI does not expose --------------------------------------------------------
+
+
+def asgi_calls(app, *calls: tuple[str, str, bytes | None]) -> list[httpx.Response]:
+    """Run requests concurrently against an in-process app (no socket), with the test token."""
+    import asyncio
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+            return await asyncio.gather(*(client.request(m, p, content=body) for m, p, body in calls))
+
+    return asyncio.run(run())
+
+
+def test_unsupported_encoding_and_timeout_in_process(checkpoint: Path) -> None:
+    from splitshield.runtime.server import TailService, create_app
+
+    service = TailService(checkpoint, max_batch=4, encodings=("float32",))
+    app = create_app(service, TOKEN, request_timeout=0.5)
+    info, = asgi_calls(app, ("GET", "/v1/model", None))
+    assert info.json()["codec"]["encodings"] == ["float32"]
+    r, = asgi_calls(app, ("POST", "/v1/infer", encode(torch.rand(2, *FEATURE), CodecOptions("uint8"))))
+    assert_error(r, 415, "unsupported_encoding")
+    service.forward = lambda z: time.sleep(2.0)  # a tail slower than the deadline
+    r, = asgi_calls(app, ("POST", "/v1/infer", encode(torch.rand(2, *FEATURE))))
+    assert_error(r, 503, "timeout")
+
+
+def test_create_app_refuses_empty_token(checkpoint: Path) -> None:
+    from splitshield.runtime.server import TailService, create_app
+
+    with pytest.raises(ConfigError, match="token is empty"):
+        create_app(TailService(checkpoint), "")
+
+
+def test_requests_beyond_max_in_flight_are_refused_as_overloaded(checkpoint: Path) -> None:
+    from splitshield.runtime.server import TailService, create_app
+
+    service = TailService(checkpoint, max_batch=4)
+    forward = service.forward
+    service.forward = lambda z: (time.sleep(0.5), forward(z))[1]
+    frame = encode(torch.rand(1, *FEATURE))
+    responses = asgi_calls(create_app(service, TOKEN, max_in_flight=2), *[("POST", "/v1/infer", frame)] * 5)
+    assert sorted(r.status_code for r in responses) == [200, 200, 503, 503, 503]
+    for r in responses:
+        if r.status_code == 503:
+            assert_error(r, 503, "overloaded")
+
+
+# -- the command line: serve --record, infer, attack --transcript ---------------------------------------------
+
+
+def test_cli_serve_infer_and_attack_the_transcript(checkpoint: Path, tmp_path: Path) -> None:
+    from PIL import Image
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from splitshield.cli import app
+    from splitshield.runtime.transcript import read_features
+
+    (tmp_path / "token.txt").write_text(TOKEN + "\n")
+    db, images = tmp_path / "transcript.db", tmp_path / "images"
+    images.mkdir()
+    g = torch.Generator().manual_seed(5)
+    for i in range(3):
+        pixels = torch.randint(0, 256, (28, 28), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels, mode="L").save(images / f"img{i}.png")
+    proc = ServerProcess(checkpoint, "--token-file", str(tmp_path / "token.txt"), "--record", str(db),
+                         command=("-m", "splitshield.cli", "serve"))
+    runner = CliRunner()
+    try:
+        result = runner.invoke(app, ["infer", str(checkpoint), str(images), "--server", proc.url, "--token-file",
+                                     str(tmp_path / "token.txt"), "--encoding", "uint8", "--compression", "zstd"])
+        assert result.exit_code == 0, result.output
+        assert all(f"img{i}.png" in result.output for i in range(3))
+        bad = runner.invoke(app, ["infer", str(checkpoint), str(images), "--server", proc.url])
+        assert bad.exit_code == 2 and "unauthorized" in bad.output
+    finally:
+        proc.stop()
+    # Exactly the uint8-quantized features of the three images crossed the network, nothing else.
+    target, _, _ = ss.load_checkpoint(checkpoint)
+    x, _ = load_images([images], (1, 28, 28))
+    with torch.no_grad():
+        sent = decode(encode(target.head(x), CodecOptions("uint8", "zstd")))
+    features, _ = read_features(db)
+    assert torch.equal(features, sent)
+
+    result = runner.invoke(app, ["attack", str(checkpoint), "--attack", "white_box", "--options", '{"iters": 20}',
+                                 "--transcript", str(db), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    saved = load_file(str(tmp_path / "out" / "reconstructions.safetensors"))
+    assert saved["x_hat"].shape == (3, 1, 28, 28) and saved["received_at"].shape == (3,)
+
+
+def test_edge_client_applies_the_checkpoints_defense_on_the_device(server: ServerProcess, tmp_path: Path) -> None:
+    from splitshield.defenses import build_defense
+
+    torch.manual_seed(0)
+    target = ss.split(ss.build_model("lenet"), "ReLU2", input_shape=(1, 28, 28))
+    noisy = ss.save_checkpoint(tmp_path / "noisy", target, build_defense({"name": "gaussian_noise", "sigma": 0.5}))
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        clean = target.head(x)
+    with EdgeClient(noisy, server.url, TOKEN, seed=7) as a, EdgeClient(noisy, server.url, TOKEN, seed=7) as b:
+        sent = a.features(x)
+        assert torch.equal(sent, b.features(x))  # same seed, same noise
+        # What leaves the device is head(x) + N(0, 0.5^2): the residual's std is sigma.
+        assert abs(float((sent - clean).std()) - 0.5) < 0.05
+        assert not torch.equal(a.features(x), sent)  # a fresh draw per call

@@ -1,0 +1,71 @@
+"""Trainer: learns, is deterministic, checkpoints without pickle, resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import splitshield as ss
+from splitshield.errors import CheckpointError, ConfigError
+
+
+def _fit(data, seed=0, epochs=2, **kw):
+    model = ss.build_model("lenet", seed=seed)
+    target = ss.split(model, "ReLU2", input_shape=data.image_shape)
+    trainer = ss.Trainer(target, epochs=epochs, batch_size=32, seed=seed, progress=False, **kw)
+    trainer.fit(data.train.take(1000))
+    return trainer
+
+
+def test_learns_and_is_deterministic(mnist5k):
+    a, b, c = _fit(mnist5k), _fit(mnist5k), _fit(mnist5k, seed=1)
+    acc = a.evaluate(mnist5k.test)
+    assert acc > 0.5  # 2 epochs on 1000 digits; chance is 0.1
+    for (k, va), (_, vb), (_, vc) in zip(a.target.state_dict().items(), b.target.state_dict().items(),
+                                         c.target.state_dict().items(), strict=True):
+        assert torch.equal(va, vb), k
+    assert not torch.equal(a.target.head.conv1.weight, c.target.head.conv1.weight)
+
+
+def test_checkpoint_roundtrip(mnist5k, tmp_path):
+    trainer = _fit(mnist5k)
+    path = trainer.save(tmp_path / "ckpt", metrics={"test_accuracy": 0.5})
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["split"] == "ReLU2" and meta["model_spec"]["name"] == "lenet" and meta["input_shape"] == [1, 28, 28]
+    target, defense, meta = ss.load_checkpoint(path)
+    x, _ = mnist5k.test.take(16).tensors()
+    with torch.no_grad():
+        assert torch.equal(target(x), trainer.target.eval()(x))
+    assert isinstance(defense, ss.NoDefense)
+
+
+def test_resume_equals_uninterrupted(mnist5k, tmp_path):
+    full = _fit(mnist5k, epochs=2)
+    first = _fit(mnist5k, epochs=1, checkpoint_dir=tmp_path)
+    assert (tmp_path / "last.safetensors").is_file()
+    model = ss.build_model("lenet")
+    target = ss.split(model, "ReLU2", input_shape=mnist5k.image_shape)
+    resumed = ss.Trainer(target, epochs=2, batch_size=32, seed=0, progress=False, checkpoint_dir=tmp_path)
+    resumed.fit(mnist5k.train.take(1000), resume=True)
+    assert resumed.epoch == 2 and first.epoch == 1
+    for (k, va), (_, vb) in zip(full.target.state_dict().items(), resumed.target.state_dict().items(), strict=True):
+        assert torch.allclose(va, vb, atol=1e-6), k
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="missing"):
+        ss.load_checkpoint(tmp_path / "nothing")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "splitshield-checkpoint/1", "split": "ReLU2"}))
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        ss.load_checkpoint(tmp_path / "bad")
+
+
+def test_bad_hyperparameters():
+    target = ss.split(ss.build_model("lenet"), "ReLU2")
+    with pytest.raises(ConfigError, match="epochs must be a positive integer"):
+        ss.Trainer(target, epochs=0)
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        ss.Trainer(target, lr=-1.0)
