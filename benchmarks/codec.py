@@ -183,7 +183,8 @@ def main() -> None:
     parser.add_argument("--bb-steps-cifar", type=int, default=300)
     parser.add_argument("--wb-iters-mnist", type=int, default=1500)
     parser.add_argument("--wb-iters-cifar", type=int, default=150)
-    parser.add_argument("--cifar-train", type=int, default=5000)
+    parser.add_argument("--cifar-train", type=int, default=10000, help="random training images for the CIFAR net")
+    parser.add_argument("--cifar-epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -204,10 +205,10 @@ def main() -> None:
     cifar = ss.load_dataset("cifar10", data_dir=args.data_dir, seed=args.seed)
     cnn = ss.split(ss.build_model("cifar-cnn", in_channels=3), "ReLU22", input_shape=(3, 32, 32))
     sub = sample(cifar.train, args.cifar_train, args.seed)
-    secs = train(cnn, sub, 1, args.seed)
+    secs = train(cnn, sub, args.cifar_epochs, args.seed)
     acc = ss.evaluate(cnn, None, sample(cifar.test, args.n_test, seed=1))
-    print(f"\nCIFAR net trained 1 epoch on a random {len(sub)}-image subset in {secs:.0f} s (briefly: far from "
-          f"converged); float32 accuracy {100 * acc:.2f}% on {args.n_test} random test images")
+    print(f"\nCIFAR net trained {args.cifar_epochs} epochs on a random {len(sub)}-image subset in {secs:.0f} s "
+          f"(briefly: far from converged); float32 accuracy {100 * acc:.2f}% on {args.n_test} random test images")
     report("CIFAR-10 net ReLU22", cnn, cifar, args, 200, args.wb_iters_cifar, args.bb_steps_cifar)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 

@@ -46,9 +46,14 @@ def measure(label: str, db: Path, **kwargs) -> list[tuple]:
     wall = time.perf_counter() - start
     n = summary.cells_done
     compute, store = summary.compute_seconds / n, summary.overhead_seconds / n
-    executor = max(wall - summary.compute_seconds - summary.overhead_seconds, 0.0) / n
-    print(f"{label:<28} cells {n:>3}  compute {1000 * compute:8.1f} ms  store {1000 * store:7.1f} ms  "
-          f"executor {1000 * executor:7.1f} ms  (store+executor)/compute {(store + executor) / compute:.4f}")
+    line = (f"{label:<30} cells {n:>3}  wall {wall:6.1f} s  compute {1000 * compute:8.1f} ms  "
+            f"store {1000 * store:7.1f} ms  ")
+    if kwargs.get("jobs", 1) > 1 or kwargs.get("executor") == "ray":
+        # Cells overlap in time, so wall - compute says nothing per cell; store/compute is still exact.
+        print(line + f"executor n/a (parallel)  store/compute {store / compute:.4f}")
+    else:
+        executor = max(wall - summary.compute_seconds - summary.overhead_seconds, 0.0) / n
+        print(line + f"executor {1000 * executor:7.1f} ms  (store+executor)/compute {(store + executor) / compute:.4f}")
     with ResultStore(db) as s:
         return s.metric_rows()
 

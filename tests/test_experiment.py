@@ -137,9 +137,7 @@ def _done(db: Path) -> int:
 
 
 def _run_cmd(spec: Path, db: Path) -> list[str]:
-    code = ("import sys; from splitshield.config import load_spec; from splitshield.experiment import run_experiment; "
-            "run_experiment(load_spec(sys.argv[1]), sys.argv[2], progress=False, pngs=False)")
-    return [sys.executable, "-c", code, str(spec), str(db)]
+    return [sys.executable, "-m", "splitshield.cli", "run", str(spec), "--db", str(db), "--quiet"]
 
 
 def test_sigkill_mid_cell_loses_only_that_cell(tmp_path):

@@ -29,8 +29,8 @@ class DemoSettings:
 
     epochs: int = 5
     whitebox_iters: int = 5000
-    decoder_steps: int = 2000
-    shadow_steps: int = 2000
+    decoder_steps: int = 1500
+    shadow_steps: int = 1500
     seed: int = 0
     device: str = "cpu"
     splits: tuple[str, ...] = field(default=SPLITS)

@@ -201,7 +201,7 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> str:
 def _html_table(header: list[str], body: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    return f"<div class='table-wrap'><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,8 +304,10 @@ body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; max
        padding: 0 1em; color: #222; line-height: 1.45; }
 h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
 h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.88em; }
-th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
+.table-wrap { overflow-x: auto; margin: 1em 0; }
+table { border-collapse: collapse; font-size: 0.8em; }
+th, td { border: 1px solid #ccc; padding: .25em .45em; text-align: right; }
+td:first-child { max-width: 16em; overflow-wrap: anywhere; }
 th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; display: block; margin: .8em 0; border: 1px solid #eee; }
 .summary { background: #f6f8fa; border-left: 4px solid #2b6cb0; padding: .6em 1em; }
