@@ -39,7 +39,8 @@ def attacks(args: argparse.Namespace):
     bb, qf = args.decoder_steps, args.shadow_steps
     yield "white-box", "white_box", None, lambda: ss.WhiteBoxInversion(iters=args.iters, progress=False)
     for label, aux in (("same set", "same_set"), ("same dist", "same_distribution"), ("rand set", "noise")):
-        yield f"black-box {label}", "black_box", aux, lambda: ss.InverseNetwork(steps=bb, seed=args.seed, progress=False)
+        yield (f"black-box {label}", "black_box", aux,
+               lambda: ss.InverseNetwork(steps=bb, seed=args.seed, progress=False))
     for data_label, aux in (("same set", "same_set"), ("diff set", "same_distribution")):
         for net_label, shadow in (("same net", "same"), ("diff net", "different")):
             yield (f"query-free {data_label}, {net_label}", "query_free", aux,

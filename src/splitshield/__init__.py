@@ -27,6 +27,17 @@ from .errors import (
 from .models import SplitModel, SplitPoint, build_model, split, split_points
 from .train import Trainer, evaluate, load_checkpoint, save_checkpoint
 
+
+def __getattr__(name: str):
+    # The experiment layer pulls in pydantic, SQLite and matplotlib: load it on first use only.
+    lazy = {"load_spec": "config", "ExperimentSpec": "config", "run_experiment": "experiment",
+            "build_report": "report", "ResultStore": "store"}
+    if name in lazy:
+        import importlib
+
+        return getattr(importlib.import_module(f".{lazy[name]}", __name__), name)
+    raise AttributeError(f"module 'splitshield' has no attribute {name!r}")
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -36,12 +47,14 @@ __all__ = [
     "ConfigError",
     "DataError",
     "Dataset",
+    "ExperimentSpec",
     "Defense",
     "ImageSet",
     "InverseNetwork",
     "ModelCompletion",
     "NoDefense",
     "QueryFreeInversion",
+    "ResultStore",
     "SplitError",
     "SplitModel",
     "SplitPoint",
@@ -52,12 +65,15 @@ __all__ = [
     "WhiteBoxInversion",
     "attacks",
     "build_model",
+    "build_report",
     "defenses",
     "evaluate",
     "load_checkpoint",
     "load_dataset",
+    "load_spec",
     "metrics",
     "models",
+    "run_experiment",
     "save_checkpoint",
     "split",
     "split_points",

@@ -61,7 +61,8 @@ def parse_json(text: str | None, field: str) -> dict[str, Any] | None:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{field}: not valid JSON ({exc.msg}); e.g. '{{\"name\": \"gaussian_noise\", \"sigma\": 0.5}}'")
+        example = '{"name": "gaussian_noise", "sigma": 0.5}'
+        raise ConfigError(f"{field}: not valid JSON ({exc.msg}); e.g. '{example}'") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{field}: expected a JSON object, got {type(value).__name__}")
     return value
@@ -82,7 +83,8 @@ def demo(
 
     settings = DemoSettings(seed=seed, device=device)
     if quick:
-        settings = DemoSettings(epochs=1, whitebox_iters=50, decoder_steps=20, shadow_steps=20, seed=seed, device=device)
+        settings = DemoSettings(epochs=1, whitebox_iters=50, decoder_steps=20, shadow_steps=20, seed=seed,
+                                device=device)
     result = run_demo(out, settings, log=console.print)
     table = Table(title=f"LeNet / MNIST digits — model accuracy {result['model_accuracy']:.2%}")
     for col in ("split", "attack", "PSNR (dB)", "SSIM", "MSE"):
@@ -213,7 +215,8 @@ def attack(
                   f"MSE {float(metrics.mse(x_hat, x)):.5f} on {len(x)} images")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        save_file({"x": x.cpu().contiguous(), "x_hat": x_hat.cpu().contiguous()}, str(out / "reconstructions.safetensors"))
+        tensors = {"x": x.cpu().contiguous(), "x_hat": x_hat.cpu().contiguous()}
+        save_file(tensors, str(out / "reconstructions.safetensors"))
         reconstruction_grid(x.cpu(), [(label, x_hat.cpu())], out / "grid.png")
         console.print(f"wrote {out / 'grid.png'} and {out / 'reconstructions.safetensors'}")
 

@@ -34,7 +34,7 @@ def reconstruction_grid(originals: torch.Tensor, rows: Sequence[tuple[str, torch
                              squeeze=False)
     for r, (label, images) in enumerate(all_rows):
         if images.shape != originals.shape:
-            raise ValueError(f"row {label!r}: shape {tuple(images.shape)} differs from originals {tuple(originals.shape)}")
+            raise ValueError(f"row {label!r}: shape {tuple(images.shape)} differs from {tuple(originals.shape)}")
         for c in range(n):
             ax = axes[r][c]
             img = images[c].detach().cpu().clamp(0, 1)
