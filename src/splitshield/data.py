@@ -352,4 +352,8 @@ def _stratified_split(data: ImageSet, fraction: float, seed: int) -> tuple[Image
         cut = int(round(len(idx) * fraction))
         hold.append(idx[:cut])
         keep.append(idx[cut:])
-    return data.subset(torch.cat(keep).sort().values), data.subset(torch.cat(hold).sort().values)
+    # Shuffled, not in file order: some copies (CIFAR-10's) are sorted by class, and take(n) must be balanced.
+    keep_all, hold_all = torch.cat(keep), torch.cat(hold)
+    keep_all = keep_all[torch.randperm(len(keep_all), generator=g)]
+    hold_all = hold_all[torch.randperm(len(hold_all), generator=g)]
+    return data.subset(keep_all), data.subset(hold_all)

@@ -12,6 +12,7 @@ and its operation (``layer1.0.add``, ``flatten``).
 from __future__ import annotations
 
 import copy
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -91,11 +92,16 @@ class _Tracer(fx.Tracer):
         return isinstance(m, Normalize) or super().is_leaf_module(m, module_qualified_name)
 
 
+# torch.fx patches nn.Module.__call__ process-wide while it traces: two threads must not trace at once.
+_TRACE_LOCK = threading.Lock()
+
+
 def _trace(model: nn.Module) -> fx.GraphModule | None:
     try:
-        tracer = _Tracer()
-        graph = tracer.trace(model)
-        return fx.GraphModule(tracer.root, graph, type(model).__name__)
+        with _TRACE_LOCK:
+            tracer = _Tracer()
+            graph = tracer.trace(model)
+            return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception:  # noqa: BLE001 - any tracing failure means "use the fallback"
         return None
 

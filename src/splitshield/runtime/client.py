@@ -9,7 +9,6 @@ Only the codec frame of ``defense.obfuscate(head(x), training=False)`` leaves th
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,9 +22,6 @@ from .codec import CodecOptions, encode
 
 __all__ = ["EdgeClient", "ServerError", "load_images", "read_token"]
 
-# load_checkpoint cuts the model with torch.fx, whose tracer patches nn.Module.__call__ process-wide
-# while it runs: two threads tracing at once can leave the patch in place for good. Serialise it.
-_LOAD_LOCK = threading.Lock()
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -133,8 +129,7 @@ class EdgeClient:
 
         if retries < 0 or batch_size < 1 or timeout <= 0:
             raise ConfigError("retries must be >= 0, batch_size >= 1 and timeout > 0")
-        with _LOAD_LOCK:
-            target, defense, meta = load_checkpoint(checkpoint, device=device)
+        target, defense, meta = load_checkpoint(checkpoint, device=device)
         if target.input_shape is None:
             raise ConfigError(f"checkpoint {checkpoint} has no input_shape; re-save it with split(..., input_shape=)")
         self.head, self.defense = target.head.eval(), defense.eval()
