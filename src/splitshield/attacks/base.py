@@ -154,9 +154,10 @@ class Victim:
             return BlackBoxView(**common, query=query)
         last = list(self.target.head.modules())[-1]
         final = type(last) if isinstance(last, (nn.ReLU, nn.Sigmoid, nn.Tanh)) else None
+        # Re-initialised now, so the view holds no reference to the trained head's weights.
+        template = fresh_copy(self.target.head)
         return QueryFreeView(**common, tail=_frozen(self.target.tail), obfuscate=obfuscate,
-                             head_architecture=lambda: fresh_copy(self.target.head),
-                             head_final_activation=final)
+                             head_architecture=lambda: copy.deepcopy(template), head_final_activation=final)
 
 
 def _check_images(x: torch.Tensor, shape: tuple[int, ...]) -> None:
