@@ -36,7 +36,7 @@ _FILES = {
 }
 _HOW_TO_GET = {
     "mnist": "an npz with x_train/y_train/x_test/y_test, or torchvision's MNIST folder; "
-    "or pass download=True (--download) where there is a network",
+    "or load_dataset(..., download=True) where there is a network",
     "fashion-mnist": "an npz with x_train/y_train/x_test/y_test (Debian: apt-get install dataset-fashion-mnist), "
     "or torchvision's FashionMNIST folder; or download=True",
     "cifar10": "an npz with x_train/y_train/x_test/y_test, or torchvision's cifar-10-batches-py folder; "
