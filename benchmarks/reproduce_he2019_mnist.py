@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--decoder-steps", type=int, default=6000)
     parser.add_argument("--shadow-steps", type=int, default=4000)
     parser.add_argument("--n-large", type=int, default=1000, help="second protocol: the first N test images")
+    parser.add_argument("--splits", nargs="+", default=["conv1", "ReLU2"], choices=["conv1", "ReLU2"])
     parser.add_argument("--quick", action="store_true", help="tiny budgets, to check the script runs")
     parser.add_argument("--json", type=str, default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
@@ -75,7 +76,7 @@ def main() -> None:
               f"{'ours ' + str(args.n_large) + ' img':>15} | {'Δ PSNR':>7} {'s':>6}")
     print(header)
     print("-" * len(header))
-    for point in ("conv1", "ReLU2"):
+    for point in args.splits:
         target = ss.split(model, point, input_shape=data.image_shape)
         for label, threat, aux_kind, make in attacks(args):
             aux = data.aux(aux_kind, n=len(data.holdout) if aux_kind == "noise" else None) if aux_kind else None
