@@ -28,9 +28,10 @@ class DemoSettings:
     """Budgets of the demo; the defaults finish in a few minutes on 2 CPU cores."""
 
     epochs: int = 5
-    whitebox_iters: int = 5000
-    decoder_steps: int = 1500
-    shadow_steps: int = 1500
+    whitebox_iters: int = 3000
+    decoder_steps: int = 1000
+    shadow_steps: int = 1000
+    batch_size: int = 32
     seed: int = 0
     device: str = "cpu"
     splits: tuple[str, ...] = field(default=SPLITS)
@@ -40,9 +41,11 @@ def _attacks(settings: DemoSettings, progress: bool) -> list[tuple[str, str, Inv
     return [
         ("white-box rMLE", "white_box", WhiteBoxInversion(iters=settings.whitebox_iters, progress=progress)),
         ("black-box inverse net", "black_box",
-         InverseNetwork(steps=settings.decoder_steps, seed=settings.seed, progress=progress)),
+         InverseNetwork(steps=settings.decoder_steps, batch_size=settings.batch_size, seed=settings.seed,
+                        progress=progress)),
         ("query-free shadow", "query_free",
-         QueryFreeInversion(steps=settings.shadow_steps, seed=settings.seed, progress=progress)),
+         QueryFreeInversion(steps=settings.shadow_steps, batch_size=settings.batch_size, seed=settings.seed,
+                            progress=progress)),
     ]
 
 
