@@ -15,12 +15,12 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from test_codec import craft  # the hand-built frame of the documented layout, shared
 
 import splitshield as ss
 from splitshield.errors import ConfigError
@@ -111,20 +111,6 @@ def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
 def http(server: ServerProcess):
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
         yield client
-
-
-def craft(payload: bytes, shape: tuple[int, ...], *, encoding: int = 0, compression: int = 0,
-          quant: tuple[float, float] | None = None, magic: bytes = b"SSFT", version: int = 1,
-          payload_len: int | None = None, crc: int | None = None) -> bytes:
-    """A frame built from the documented layout; the CRC is valid unless given."""
-    head = struct.pack("<4sBBBB", magic, version, encoding, compression, len(shape))
-    head += struct.pack(f"<{len(shape)}I", *shape)
-    if quant is not None:
-        head += struct.pack("<ff", *quant)
-    head += struct.pack("<Q", len(payload) if payload_len is None else payload_len)
-    if crc is None:
-        crc = zlib.crc32(payload, zlib.crc32(head))
-    return head + struct.pack("<I", crc) + payload
 
 
 def f32(values: list[float]) -> bytes:
