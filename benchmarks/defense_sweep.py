@@ -52,7 +52,6 @@ from splitshield.defenses import (
     TopKPrune,
     noise_std,
 )
-from splitshield.defenses._adversary import light_decoder
 from splitshield.metrics import conditional_entropy_floor, mse, psnr, ssim
 from splitshield.models import build_model
 
@@ -77,23 +76,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "full training sets, long attacks (many hours)")
     p.add_argument("--datasets", nargs="+", default=None, help="mnist and/or fashion-mnist (default: mnist)")
     p.add_argument("--model", default="lenet", choices=["lenet", "vgg11-bottleneck"])
+    p.add_argument("--bound", default="tanh", choices=["tanh", "none"],
+                   help="LeNet only: squash the ReLU2 feature with tanh (fixed scale, ALGORITHMS §F.6) or send it "
+                        "unbounded (the setting of §F.7)")
     p.add_argument("--bases", nargs="+", default=list(BASES), choices=list(BASES))
+    p.add_argument("--strengths", nargs="+", type=float, default=None,
+                   help="override the strengths of every base given (default: each base's four)")
     p.add_argument("--noise-lambdas", nargs="+", type=float, default=None, help="CEM λ on the noise base")
     p.add_argument("--other-lambdas", nargs="+", type=float, default=None, help="CEM λ on the other bases")
+    p.add_argument("--cem-k", type=int, default=5, help="CEM clusters per class (code: 5 for *_sgm models, 15 else)")
+    p.add_argument("--cem-tau", type=float, default=0.125, help="CEM hinge threshold τ (var_threshold)")
     p.add_argument("--cem-sigma", type=float, default=0.2,
                    help="hinge σ for CEM on bases without noise (hinge τσ²); noise bases use their own σ")
-    p.add_argument("--train-size", type=int, default=None, help="training images (default 6000; full: all)")
+    p.add_argument("--train-size", type=int, default=None, help="training images (default 6000; full or 0: all)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--test-size", type=int, default=2000, help="test images for accuracy")
     p.add_argument("--eval-size", type=int, default=500, help="test images for the black-box attack and floor")
-    p.add_argument("--aux-size", type=int, default=5000, help="attacker's auxiliary images (holdout)")
-    p.add_argument("--bb-steps", type=int, default=None, help="inverse-network steps (default 200; full 3000)")
+    p.add_argument("--aux-size", type=int, default=15000, help="attacker's auxiliary images (holdout)")
+    p.add_argument("--bb-steps", type=int, default=None, help="inverse-network steps (default 1400; full 3000)")
+    p.add_argument("--bb-batch", type=int, default=128, help="inverse-network batch size")
     p.add_argument("--wb-iters", type=int, default=None, help="white-box rMLE iterations (default 150; full 1000)")
     p.add_argument("--non-adaptive", action="store_true", help="attackers ignore the defense (labelled so)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="/tmp/defense_sweep.json")
-    p.add_argument("--summarize", metavar="JSON", help="only print the CEM gain table of a finished run's JSON")
+    p.add_argument("--summarize", metavar="JSON", nargs="+",
+                   help="only print the CEM gain table of finished runs' JSON files (merged)")
     p.add_argument("--overhead", type=int, metavar="REPEATS", default=0,
                    help="only measure CEM's training-time overhead on the noise base (sigma 0.1, lambda 0 vs 16), "
                         "REPEATS alternating runs each, in process CPU time (robust to other load on the machine)")
@@ -102,17 +110,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.datasets = args.datasets or (["mnist", "fashion-mnist"] if full else ["mnist"])
     args.noise_lambdas = args.noise_lambdas or [0.0, 8.0, 16.0]
     args.other_lambdas = args.other_lambdas or ([0.0, 8.0, 16.0] if full else [0.0, 16.0])
-    args.train_size = args.train_size or (0 if full else 6000)  # 0: all
+    args.train_size = args.train_size if args.train_size is not None else (0 if full else 6000)  # 0: all
     args.epochs = args.epochs or (10 if full else 3)
-    args.bb_steps = args.bb_steps or (3000 if full else 200)
+    args.bb_steps = args.bb_steps or (3000 if full else 1400)
     args.wb_iters = args.wb_iters or (1000 if full else 150)
     return args
 
 
-def build_target(model: str, in_channels: int):
+def build_target(model: str, in_channels: int, bound: str = "tanh"):
     if model == "lenet":
         return split(build_model("lenet", in_channels=in_channels), "ReLU2", input_shape=(in_channels, 28, 28)), \
-            FeatureBound("tanh")
+            FeatureBound("tanh") if bound == "tanh" else NoDefense()
     target = split(build_model("vgg11-bottleneck", in_channels=in_channels), "sigmoid",
                    input_shape=(in_channels, 28, 28))
     return target, NoDefense()
@@ -120,14 +128,14 @@ def build_target(model: str, in_channels: int):
 
 def run_cell(args, data, train, base: str, strength: float, lam: float) -> dict:
     torch.manual_seed(args.seed)
-    target, bound = build_target(args.model, data.image_shape[0])
+    target, bound = build_target(args.model, data.image_shape[0], args.bound)
     shape = target.feature_shape()
     base_defense = BASES[base][2](strength, shape)
     parts: list[Defense] = [] if isinstance(bound, NoDefense) else [bound]
     parts.append(base_defense)
     if lam:
         sigma = None if base == "noise" else args.cem_sigma
-        parts.append(CEM(lam=lam, sigma=sigma, seed=args.seed))
+        parts.append(CEM(lam=lam, sigma=sigma, k=args.cem_k, tau=args.cem_tau, seed=args.seed))
     defense = parts[0] + parts[1] if len(parts) >= 2 else parts[0]
     for extra in parts[2:]:
         defense = defense + extra
@@ -138,14 +146,13 @@ def run_cell(args, data, train, base: str, strength: float, lam: float) -> dict:
     acc = trainer.evaluate(data.test.take(args.test_size))
     adaptive = not args.non_adaptive
     aux = data.holdout.take(args.aux_size)
-    x_eval, y_eval = data.test.take(args.eval_size).tensors()
+    x_eval, _ = data.test.take(args.eval_size).tensors()
     x10, _ = data.test.first_per_class()
 
     # Black-box: decoder trained on the oracle's (defended) features of the auxiliary data.
     bb_victim = Victim(target, defense, threat="black_box", aux=aux, adaptive=adaptive, seed=args.seed + 1)
-    torch.manual_seed(args.seed)
-    decoder = light_decoder(shape, tuple(data.image_shape), width=32, sigmoid=False)
-    attack = InverseNetwork(decoder, steps=args.bb_steps, lr=1e-2, seed=args.seed, progress=False).fit(bb_victim)
+    attack = InverseNetwork(steps=args.bb_steps, batch_size=args.bb_batch, seed=args.seed, progress=False)
+    attack.fit(bb_victim)
     z_eval = bb_victim.observe(x_eval)  # what the cloud receives: always the defended feature
     x_hat = attack.invert(z_eval)
     bb = {"mse": mse(x_hat, x_eval).item(), "ssim": ssim(x_hat, x_eval).item(), "psnr": psnr(x_hat, x_eval).item()}
@@ -157,13 +164,15 @@ def run_cell(args, data, train, base: str, strength: float, lam: float) -> dict:
     wb = {"mse": mse(x10_hat, x10).item(), "ssim": ssim(x10_hat, x10).item(), "psnr": psnr(x10_hat, x10).item()}
     bb10 = mse(attack.invert(bb_victim.observe(x10)), x10).item()
 
-    # Conditional-entropy floor: clean features (deterministic part of the defense) and the fixed noise std.
+    # Conditional-entropy floor: clean features (deterministic part of the defense) and the fixed noise std,
+    # fitted on the auxiliary images: more samples per class than pixels, so the image covariance has full rank.
     sigma = noise_std(defense, shape)
+    x_fit, y_fit = aux.tensors()
     with torch.no_grad():
         target.eval()
         defense.eval()
-        z_clean = defense.clean(target.head(x_eval))
-    floor = conditional_entropy_floor(x_eval, z_clean, sigma, y_eval)["mse_floor"]
+        z_clean = defense.clean(target.head(x_fit))
+    floor = conditional_entropy_floor(x_fit, z_clean, sigma, y_fit)["mse_floor"]
     strongest = min(bb["mse"], wb["mse"], bb10)
     feature_std = z_clean.std().item()
     return {"dataset": data.name, "base": base, "strength": strength, "lam": lam, "accuracy": acc,
@@ -248,7 +257,7 @@ def measure_overhead(args: argparse.Namespace) -> None:
     for _ in range(args.overhead):
         for lam in cpu:
             torch.manual_seed(args.seed)
-            target, bound = build_target(args.model, data.image_shape[0])
+            target, bound = build_target(args.model, data.image_shape[0], args.bound)
             defense = bound + GaussianNoise(0.1) + CEM(lam=lam, seed=args.seed) if lam else bound + GaussianNoise(0.1)
             trainer = Trainer(target, defense, epochs=args.epochs, seed=args.seed, progress=False)
             c0 = time.process_time()
@@ -263,9 +272,9 @@ def measure_overhead(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.summarize:
-        saved = json.loads(Path(args.summarize).read_text())
-        adaptive = all(r["adaptive"] for r in saved["rows"])
-        print_gains(saved["rows"], "ADAPTIVE attackers" if adaptive else "NON-ADAPTIVE attackers (some or all rows)")
+        rows = [row for path in args.summarize for row in json.loads(Path(path).read_text())["rows"]]
+        adaptive = all(r["adaptive"] for r in rows)
+        print_gains(rows, "ADAPTIVE attackers" if adaptive else "NON-ADAPTIVE attackers (some or all rows)")
         return
     torch.set_num_threads(args.threads)
     if args.overhead:
@@ -274,10 +283,11 @@ def main(argv: list[str] | None = None) -> None:
     label = "ADAPTIVE attackers" if not args.non_adaptive else "NON-ADAPTIVE attackers (they ignore the defense)"
     print("command:", shlex.join([sys.executable, *sys.argv]))
     print("settings:", json.dumps({k: v for k, v in vars(args).items()}, sort_keys=True))
-    print(f"attacks: {label}; black-box = inverse network (light 4-conv decoder, Adam lr 1e-2, {args.bb_steps} steps, "
+    print(f"attacks: {label}; black-box = inverse network (the attack's default decoder and optimiser, {args.bb_steps} "
+          f"steps of {args.bb_batch}, "
           f"aux = {args.aux_size} holdout images), white-box = rMLE ({args.wb_iters} iters, first test image per "
           f"class); SSIM = 7x7 uniform (He et al.); model = {args.model}"
-          + (" at ReLU2 + tanh bound" if args.model == "lenet" else " at the sigmoid bottleneck"), flush=True)
+          + (f" at ReLU2, bound: {args.bound}" if args.model == "lenet" else " at the sigmoid bottleneck"), flush=True)
     rows: list[dict] = []
     started = time.perf_counter()
     for name in args.datasets:
@@ -293,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         print(header, flush=True)
         for base in args.bases:
             param, strengths, _ = BASES[base]
+            strengths = args.strengths or strengths
             lams = args.noise_lambdas if base == "noise" else args.other_lambdas
             for strength in strengths:
                 for lam in lams:

@@ -108,3 +108,24 @@ def test_observe_is_seeded(trained_lenet, digits):
     a = ss.Victim(target, threat="black_box").observe(x)
     b = ss.Victim(target, threat="black_box").observe(x)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("feature", "image", "dense"),
+    [
+        ((16, 8, 8), (1, 28, 28), True),  # LeNet ReLU2: a coarse map mixing a large receptive field
+        ((8, 24, 24), (1, 28, 28), False),  # LeNet conv1: nearly full resolution, local
+        ((120,), (1, 28, 28), True),  # flat
+        ((8, 8, 8), (3, 32, 32), True),  # CEM's VGG bottleneck
+        ((128, 16, 16), (3, 32, 32), False),  # too many values for a dense first layer
+    ],
+)
+def test_build_decoder_picks_dense_for_coarse_features_and_maps_to_the_image(feature, image, dense):
+    decoder = ss.attacks.build_decoder(feature, image)
+    is_dense = not any(isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d) for m in decoder.modules())
+    assert is_dense == dense
+    assert decoder(torch.randn(2, *feature)).shape == (2, *image)
+    forced = ss.attacks.build_decoder(feature, image, kind="conv" if dense else "dense")
+    assert forced(torch.randn(2, *feature)).shape == (2, *image)
+    with pytest.raises(ConfigError, match="decoder kind"):
+        ss.attacks.build_decoder(feature, image, kind="mlp")

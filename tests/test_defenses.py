@@ -43,7 +43,8 @@ def all_defenses():
         LaplaceNoise(0.2), DPNoise(0.5, 2.0), DPNoise(0.5, 2.0, mechanism="gaussian"), Dropout(0.3),
         Dropout(0.3, rescale=True), TopKPrune(0.5), Quantize(3), Shredder(FEATURE, lam=0.1), NoPeek(0.5),
         VIB(16, 0.1), AdversarialReconstruction(0.3), AdversarialReconstruction(0.3, metric="mse"),
-        InfoScissors(1.0), CEM(8, sigma=0.1), GaussianNoise(0.1) + CEM(16),
+        InfoScissors(1.0), CEM(8, sigma=0.1), GaussianNoise(0.1) + CEM(16), GaussianNoise(0.2, on="input"),
+        LaplaceNoise(0.2, on="input"),
     ]
 
 
@@ -76,6 +77,48 @@ def test_laplace_std_is_sqrt2_times_scale():
     assert noise.std().item() == pytest.approx(math.sqrt(2) * 0.5, rel=0.01)
     assert noise.abs().mean().item() == pytest.approx(0.5, rel=0.01)  # E|X| = b for Laplace(0, b)
     assert LaplaceNoise(0.5).std == pytest.approx(math.sqrt(2) * 0.5)
+
+
+@pytest.mark.parametrize("noise", [GaussianNoise(0.4, on="input"), LaplaceNoise(0.4 / math.sqrt(2), on="input")],
+                         ids=["gaussian", "laplace"])
+def test_input_noise_perturbs_the_images_only(noise):
+    torch.manual_seed(0)
+    x = torch.full((200, 1, 28, 28), 0.5)
+    moved = noise.perturb(x, training=False) - x
+    assert moved.mean().abs() < 0.005 and moved.std().item() == pytest.approx(0.4, rel=0.01)
+    z = torch.rand(6, *FEATURE)
+    assert torch.equal(noise.obfuscate(z, training=True), z)  # nothing added on the feature side
+    assert torch.equal(GaussianNoise(0.4).perturb(x, training=True), x)  # and feature noise leaves x alone
+    assert noise_std(noise, FEATURE) == 0.0  # not feature noise: no CE floor, no CEM threshold from it
+    head = nn.Flatten()
+    torch.manual_seed(1)
+    sent = noise.send(head, x)
+    torch.manual_seed(1)
+    assert torch.equal(sent, head(noise.perturb(x, training=False)))
+
+
+def test_input_noise_reaches_trainer_victim_and_attacks():
+    from splitshield.attacks import Victim, WhiteBoxInversion
+
+    target = lenet_split()
+    inputs: list[torch.Tensor] = []
+    target.head.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    data = tiny_set()
+    trainer = Trainer(target, GaussianNoise(0.3, on="input"), epochs=1, batch_size=32, progress=False)
+    trainer.fit(data)
+    x, _ = data.tensors()
+    assert inputs and all((seen.std() - x.std()).abs() > 0.05 for seen in inputs)  # noisy images in training
+    defense = GaussianNoise(0.3, on="input")
+    victim = Victim(target, defense, threat="white_box", aux=data, seed=3)
+    z = victim.observe(x[:4])
+    z_clean = target.head(x[:4]).detach()
+    assert not torch.allclose(z, z_clean)
+    view = victim.view()  # the adaptive white-box attacker optimises through the input noise, resampled
+    assert not torch.equal(view.send(x[:4]), view.send(x[:4]))
+    blind = Victim(target, defense, threat="white_box", aux=data, adaptive=False).view()
+    assert torch.equal(blind.send(x[:4]), z_clean)
+    x_hat = WhiteBoxInversion(iters=3, progress=False).fit(victim).invert(z)
+    assert x_hat.shape == (4, 1, 28, 28)
 
 
 def test_noise_std_of_a_composition_adds_variances():
@@ -202,6 +245,7 @@ def test_feature_bound_ranges():
         (lambda: CEM(lam=-8), "lam must be >= 0"),
         (lambda: CEM(k=0), "k must be a positive integer"),
         (lambda: FeatureBound("relu"), "kind must be one of"),
+        (lambda: GaussianNoise(0.1, on="output"), "on must be 'feature' or 'input'"),
         (lambda: build_defense({"name": "gaussian_noise", "sigma": -2}), "sigma must be >= 0"),
         (lambda: build_defense({"name": "gaussian_noise", "simga": 1}), "gaussian_noise"),
     ],

@@ -230,7 +230,6 @@ def _get_target(config: dict[str, Any], target_hash: str, data, root: Path, devi
 
 def _target_metrics(config: dict[str, Any], target, defense, data, device: str) -> list[tuple[str, int, float]]:
     """Accuracy with the defense on the test set, and the conditional-entropy MSE floor when available."""
-    from . import metrics as M
     from .train import evaluate
 
     wanted = config["evaluation"]["metrics"]
@@ -239,8 +238,8 @@ def _target_metrics(config: dict[str, Any], target, defense, data, device: str) 
     rows = []
     if "accuracy" in wanted:
         rows.append(("accuracy", -1, evaluate(target, defense, test, device=device)))
-    if "ce_floor" in wanted and hasattr(M, "conditional_entropy_floor"):
-        floor = _ce_floor(M.conditional_entropy_floor, config, target, defense, data)
+    if "ce_floor" in wanted:
+        floor = _ce_floor(config, target, defense, data)
         if floor is not None:
             rows.append(("ce_floor", -1, floor))
     return rows
@@ -249,29 +248,35 @@ def _target_metrics(config: dict[str, Any], target, defense, data, device: str) 
 def _noise_position(config: dict[str, Any]) -> tuple[int, float] | None:
     """(index of the single Gaussian-noise part, its sigma) in a defense config, or ``None``."""
     parts = config["parts"] if config["name"] == "compose" else [config]
-    found = [(i, float(p.get("sigma", 0.1))) for i, p in enumerate(parts) if p["name"] == "gaussian_noise"]
+    found = [(i, float(p.get("sigma", 0.1))) for i, p in enumerate(parts)
+             if p["name"] == "gaussian_noise" and p.get("on", "feature") == "feature"]
     return found[0] if len(found) == 1 else None
 
 
+#: Training images the conditional-entropy floor is fitted on: each class's image covariance needs more
+#: samples than pixels, or its rank deficit drives the H(x) estimate, and so the floor, towards 0.
+FLOOR_IMAGES = 5000
+
+
 @torch.no_grad()
-def _ce_floor(fn: Callable, config: dict[str, Any], target, defense, data) -> float | None:
-    """The MSE floor implied by the defense's Gaussian noise, fitted on the test images; ``None`` when
+def _ce_floor(config: dict[str, Any], target, defense, data) -> float | None:
+    """The MSE floor implied by the defense's Gaussian noise, fitted on training images; ``None`` when
     the defense has no single Gaussian-noise stage. Stages after the noise can only lose information, so
     the floor computed at the noise stays a floor for what is finally sent (data-processing inequality)."""
     from .defenses.base import Compose
+    from .metrics import conditional_entropy_floor
 
     found = _noise_position(config["defense"])
     if found is None:
         return None
     index, sigma = found
-    test_n = config["evaluation"]["test_n"] or 2000
-    x, labels = data.test.take(test_n).tensors()
-    z = target.head(x)
+    x, labels = data.train.take(FLOOR_IMAGES).tensors()
+    z = target.head(defense.perturb(x, training=False))
     if isinstance(defense, Compose):
         for part in list(defense.parts)[:index]:
             z = part.obfuscate(z, training=False)
     try:
-        return float(fn(x, z, sigma, labels=labels)["mse_floor"])
+        return float(conditional_entropy_floor(x, z, sigma, labels=labels)["mse_floor"])
     except (SplitShieldError, ValueError, RuntimeError):
         return None
 

@@ -35,7 +35,7 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """Train ``target`` (head + tail) and ``defense`` jointly on a classification task.
 
-    Each step computes ``z = head(x)``, ``z_sent = defense.obfuscate(z, training=True)``,
+    Each step computes ``z = head(defense.perturb(x))``, ``z_sent = defense.obfuscate(z, training=True)``,
     ``logits = tail(z_sent)`` and minimises ``CE(logits, y) + defense.regularizer(...)``.
     The optimiser is He et al.'s: Adam(lr, amsgrad, eps=1e-3), with the learning rate halved every
     ``lr_halve_every`` epochs.
@@ -128,7 +128,7 @@ class Trainer:
             group["lr"] = lr
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.target.head(x)
+        z = self.target.head(self.defense.perturb(x, training=True))
         z_sent = self.defense.obfuscate(z, training=True)
         logits = self.target.tail(z_sent)
         loss = F.cross_entropy(logits, y)
@@ -178,7 +178,7 @@ def evaluate(target: SplitModel, defense: Defense | None, data: ImageSet, batch_
     defense.eval()
     correct = 0
     for x, y in data.batches(batch_size, device=device):
-        logits = target.tail(defense.obfuscate(target.head(x), training=False))
+        logits = target.tail(defense.send(target.head, x))
         correct += int((logits.argmax(1) == y).sum())
     target.train(modes[0])
     defense.train(modes[1])

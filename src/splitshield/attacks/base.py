@@ -62,14 +62,19 @@ class VictimView:
 
 @dataclass(frozen=True)
 class WhiteBoxView(VictimView):
-    """Frozen head weights and the defense mechanism: ``obfuscate(head(x))`` is differentiable."""
+    """Frozen head weights and the defense mechanism: ``send(x) = obfuscate(head(perturb(x)))`` is differentiable."""
 
     head: nn.Module
+    perturb: Callable[[torch.Tensor], torch.Tensor]
     obfuscate: Callable[[torch.Tensor], torch.Tensor]
+
+    def send(self, x: torch.Tensor) -> torch.Tensor:
+        """The device's feature for images ``x``, differentiable in ``x`` (input and feature defenses included)."""
+        return self.obfuscate(self.head(self.perturb(x)))
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.obfuscate(self.head(x))
+            return self.send(x)
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,7 @@ class QueryFreeView(VictimView):
     """Frozen tail weights, the defense mechanism, and a fresh copy of the head's architecture."""
 
     tail: nn.Module
+    perturb: Callable[[torch.Tensor], torch.Tensor]
     obfuscate: Callable[[torch.Tensor], torch.Tensor]
     head_architecture: Callable[[], nn.Module]
     head_final_activation: type[nn.Module] | None
@@ -127,7 +133,7 @@ class Victim:
         state = torch.random.get_rng_state()
         torch.manual_seed(self._generator_seed)
         try:
-            return self.defense.obfuscate(self.target.head(x.to(self.device)), training=False)
+            return self.defense.send(self.target.head, x.to(self.device))
         finally:
             torch.random.set_rng_state(state)
 
@@ -139,24 +145,27 @@ class Victim:
         head = _frozen(self.target.head)
         defense = _frozen(self.defense) if self.adaptive else NoDefense()
 
+        def perturb(x: torch.Tensor) -> torch.Tensor:
+            return defense.perturb(x, training=False)
+
         def obfuscate(z: torch.Tensor) -> torch.Tensor:
             return defense.obfuscate(z, training=False)
 
         if self.threat == "white_box":
-            return WhiteBoxView(**common, head=head, obfuscate=obfuscate)
+            return WhiteBoxView(**common, head=head, perturb=perturb, obfuscate=obfuscate)
         if self.threat == "black_box":
             # The oracle is the deployed device: defended features unless the evaluation is non-adaptive.
             def query(x: torch.Tensor) -> torch.Tensor:
                 _check_images(x, self.target.input_shape)
                 with torch.no_grad():
-                    return obfuscate(head(x.to(self.device)))
+                    return obfuscate(head(perturb(x.to(self.device))))
 
             return BlackBoxView(**common, query=query)
         last = list(self.target.head.modules())[-1]
         final = type(last) if isinstance(last, (nn.ReLU, nn.Sigmoid, nn.Tanh)) else None
         # Re-initialised now, so the view holds no reference to the trained head's weights.
         template = fresh_copy(self.target.head)
-        return QueryFreeView(**common, tail=_frozen(self.target.tail), obfuscate=obfuscate,
+        return QueryFreeView(**common, tail=_frozen(self.target.tail), perturb=perturb, obfuscate=obfuscate,
                              head_architecture=lambda: copy.deepcopy(template), head_final_activation=final)
 
 

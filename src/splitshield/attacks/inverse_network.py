@@ -27,7 +27,9 @@ class InverseNetwork(InversionAttack):
     steps:
         Optimiser steps (batches), independent of the auxiliary set's size.
     batch_size, lr:
-        Adam (amsgrad, eps 1e-3 as the authors' code), learning rate decayed by cosine to 1 % of ``lr``.
+        Adam with its standard eps (1e-8), learning rate decayed by cosine to 1 % of ``lr``. Not the
+        authors' eps of 1e-3: with a decoder's small MSE gradients it dominates Adam's step size
+        (LeNet/MNIST ``ReLU2``, dense decoder, 1400 steps: 22.3 dB with 1e-8 against 17.9 dB with 1e-3).
     seed:
         Seeds the decoder's initialisation and the batch order.
     """
@@ -36,7 +38,7 @@ class InverseNetwork(InversionAttack):
     name = "black_box"
 
     def __init__(self, decoder: nn.Module | None = None, steps: int = 3000, batch_size: int = 64,
-                 lr: float = 3e-3, seed: int = 0, progress: bool = True):
+                 lr: float = 1e-3, seed: int = 0, progress: bool = True):
         self.decoder = decoder
         self.steps, self.batch_size, self.lr, self.seed = steps, batch_size, lr, seed
         self.progress = progress
@@ -54,7 +56,7 @@ class InverseNetwork(InversionAttack):
         # Query once per auxiliary image: the oracle is the costly, rate-limited part in practice.
         z_all = torch.cat([view.query(x_all[i : i + 512]) for i in range(0, len(x_all), 512)]).cpu()
         self.decoder.train()
-        opt = torch.optim.Adam(self.decoder.parameters(), lr=self.lr, eps=1e-3, amsgrad=True)
+        opt = torch.optim.Adam(self.decoder.parameters(), lr=self.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.steps, eta_min=self.lr * 0.01)
         g = torch.Generator().manual_seed(self.seed)
         device = next(self.decoder.parameters()).device

@@ -94,7 +94,7 @@ class QueryFreeInversion(InversionAttack):
         correct = seen = 0
         for step in tqdm(range(self.steps), desc="train shadow head", disable=not self.progress, leave=False):
             idx = torch.randint(len(x_all), (min(self.batch_size, len(x_all)),), generator=g)
-            logits = view.tail(view.obfuscate(head(x_all[idx])))
+            logits = view.tail(view.obfuscate(head(view.perturb(x_all[idx]))))
             loss = F.cross_entropy(logits, y_all[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -108,7 +108,7 @@ class QueryFreeInversion(InversionAttack):
         for p in head.parameters():
             p.requires_grad_(False)
         self.shadow_head = head
-        self._obfuscate = view.obfuscate
+        self._perturb, self._obfuscate = view.perturb, view.obfuscate
         self._input_shape = view.input_shape
         self.iters, self.rmle_lr, self.tv, self.l2 = rmle_settings(
             view.point, self.iters, self.rmle_lr, self.tv, self.l2
@@ -119,8 +119,8 @@ class QueryFreeInversion(InversionAttack):
         head = self.shadow_head
         if head is None:
             raise RuntimeError("call fit(victim) before invert(z)")
-        obfuscate = self._obfuscate
-        return rmle(lambda x: obfuscate(head(x)), z, self._input_shape, iters=self.iters, lr=self.rmle_lr,
+        perturb, obfuscate = self._perturb, self._obfuscate
+        return rmle(lambda x: obfuscate(head(perturb(x))), z, self._input_shape, iters=self.iters, lr=self.rmle_lr,
                     tv=self.tv, l2=self.l2, progress=self.progress, desc="query-free rMLE")
 
     def config(self) -> dict:

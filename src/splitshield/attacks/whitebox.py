@@ -68,7 +68,7 @@ class WhiteBoxInversion(InversionAttack):
         view = self._head_view
         if view is None:
             raise RuntimeError("call fit(victim) before invert(z)")
-        return rmle(lambda x: view.obfuscate(view.head(x)), z, view.input_shape, iters=self.iters, lr=self.lr,
+        return rmle(view.send, z, view.input_shape, iters=self.iters, lr=self.lr,
                     tv=self.tv, l2=self.l2, progress=self.progress, desc="white-box rMLE")
 
     def config(self) -> dict:

@@ -20,19 +20,21 @@ def light_decoder(feature_shape: tuple[int, ...], image_shape: tuple[int, ...], 
                   sigmoid: bool = True) -> nn.Module:
     """A small decoder from features to images, in (0, 1) with ``sigmoid`` (as CEM's decoders).
 
-    Convolutional features: conv 3×3, bilinear resize to half the image size, conv 3×3, a stride-2
-    transposed conv to full size, conv 3×3 to the image channels — about a quarter of the inverse-network
-    attack's default decoder, because an online adversary runs twice per training step. Flat features
-    use the attack's :func:`~splitshield.attacks.decoders.build_decoder` (imported late: the attacks
-    package imports ``defenses.base``). Without ``sigmoid`` the output is unbounded: better for an attack
-    trained with Adam's large ``eps`` (the sigmoid's small gradients then barely move it).
+    Flat or coarse features (at most half the image's resolution) get the attack's fully connected
+    decoder with ``8 * width`` hidden units, as the inverse-network attack would
+    (:func:`~splitshield.attacks.decoders.build_decoder`; imported late: the attacks package imports
+    ``defenses.base``). Finer convolutional features: conv 3×3, bilinear resize to half the image size,
+    conv 3×3, a stride-2 transposed conv to full size, conv 3×3 to the image channels — about a quarter
+    of the attack's convolutional decoder, because an online adversary runs twice per training step.
+    Without ``sigmoid`` the output is unbounded: better for an attack trained with Adam's large ``eps``
+    (the sigmoid's small gradients then barely move it).
     """
+    from ..attacks.decoders import dense_decoder, wants_dense_decoder
+
     tail: list[nn.Module] = [nn.Sigmoid()] if sigmoid else []
     channels, height, wide = image_shape
-    if len(feature_shape) != 3:
-        from ..attacks.decoders import build_decoder
-
-        return nn.Sequential(build_decoder(feature_shape, image_shape, width=width), *tail)
+    if wants_dense_decoder(feature_shape, image_shape):
+        return nn.Sequential(dense_decoder(feature_shape, image_shape, hidden=8 * width), *tail)
     half = max(1, width // 2)
     return nn.Sequential(
         nn.Conv2d(feature_shape[0], width, 3, padding=1), nn.ReLU(),

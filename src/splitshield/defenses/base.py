@@ -1,7 +1,9 @@
 """The ``Defense`` protocol: what the edge device does to a feature before it leaves.
 
-A defense has three optional hooks, called by :class:`~splitshield.Trainer` (and the runtime):
+A defense has four optional hooks, called by :class:`~splitshield.Trainer` (and the runtime):
 
+- ``perturb(x, training) -> x'`` — transforms the images before the head sees them (noise on the input,
+  He et al. IoT-J 2020 §IV). Identity for feature-side defenses.
 - ``obfuscate(z, training) -> z'`` — transforms the feature on its way to the cloud, in training and
   in inference (noise, dropout, pruning, quantisation, learned noise). Must be differentiable where the
   defense is to be trained through, since an adaptive white-box attacker optimises through it.
@@ -31,9 +33,17 @@ class Defense(nn.Module):
     #: Short registry name, used in configs and reports.
     name: str = "none"
 
+    def perturb(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        """Transform images ``x`` [B, C, H, W] (in [0, 1]) before the head; the identity unless input-side."""
+        return x
+
     def obfuscate(self, z: torch.Tensor, training: bool) -> torch.Tensor:
         """Transform feature ``z`` [B, ...] before it is sent; same shape out unless documented."""
         return z
+
+    def send(self, head: nn.Module, x: torch.Tensor, training: bool = False) -> torch.Tensor:
+        """What the device sends for images ``x`` [B, C, H, W]: ``obfuscate(head(perturb(x)))``."""
+        return self.obfuscate(head(self.perturb(x, training)), training)
 
     def regularizer(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, z_sent: torch.Tensor,
                     logits: torch.Tensor) -> torch.Tensor | None:
@@ -75,6 +85,11 @@ class Compose(Defense):
         for d in defenses:
             flat.extend(d.parts if isinstance(d, Compose) else [d])
         self.parts = nn.ModuleList(flat)
+
+    def perturb(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        for d in self.parts:
+            x = d.perturb(x, training)
+        return x
 
     def obfuscate(self, z: torch.Tensor, training: bool) -> torch.Tensor:
         for d in self.parts:

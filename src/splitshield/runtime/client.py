@@ -3,7 +3,7 @@
 >>> client = EdgeClient("model.safetensors", "http://127.0.0.1:8080", token="...")  # doctest: +SKIP
 >>> logits = client.predict(images)                                                  # doctest: +SKIP
 
-Only the codec frame of ``defense.obfuscate(head(x), training=False)`` leaves the device; the server
+Only the codec frame of ``defense.send(head, x)`` (``obfuscate(head(perturb(x)))``) leaves the device; the server
 (:mod:`splitshield.runtime.server`) runs the tail and answers with logits.
 """
 
@@ -204,7 +204,7 @@ class EdgeClient:
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """What leaves the device: ``defense.obfuscate(head(x), training=False)``, ``[N, *feature_shape]``."""
+        """What leaves the device: ``defense.send(head, x)``, ``[N, *feature_shape]``."""
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != self.input_shape:
             got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ConfigError(f"images: expected [N, {', '.join(map(str, self.input_shape))}] in [0, 1], got {got}")
@@ -213,7 +213,7 @@ class EdgeClient:
         state = torch.random.get_rng_state()
         torch.random.set_rng_state(self._generator.get_state())
         try:
-            return self.defense.obfuscate(self.head(x), training=False)
+            return self.defense.send(self.head, x)
         finally:
             self._generator.set_state(torch.random.get_rng_state())
             torch.random.set_rng_state(state)
