@@ -120,3 +120,32 @@ def test_cem_errors_are_clear():
     target = split(build_model("lenet", num_classes=4), "ReLU2", input_shape=(1, 28, 28))
     with pytest.raises(ConfigError, match="CEM needs the noise level"):
         Trainer(target, NoPeek(0.1) + CEM(lam=8), epochs=1, progress=False).fit(tiny_set(16))
+
+
+class _RecordingCEM(CEM):
+    """Keeps what it was asked to cluster."""
+
+    def fit_clusters(self, features, labels, seed=None):
+        self.seen = (features.clone(), labels.clone())
+        super().fit_clusters(features, labels, seed)
+
+
+def test_epoch_features_are_the_training_sets_clean_features_without_an_extra_pass():
+    data = tiny_set(64)
+    seen, images_through_head = {}, {}
+    for mode in ("epoch", "refresh"):
+        target = split(build_model("lenet", num_classes=4), "ReLU2", input_shape=(1, 28, 28))
+        cem = _RecordingCEM(lam=16, k=2, cluster_features=mode)
+        head_calls = []
+        target.head.register_forward_hook(lambda module, args, out: head_calls.append(len(args[0])))
+        # A vanishing learning rate keeps the weights, so both modes must see the same features.
+        Trainer(target, FeatureBound("tanh") + GaussianNoise(0.2) + cem, epochs=1, batch_size=16, lr=1e-12,
+                progress=False).fit(data)
+        features, labels = cem.seen
+        assert len(features) == 64 and torch.equal(torch.bincount(labels), torch.bincount(data.labels))
+        seen[mode] = torch.stack([features[labels == c].mean(0) for c in range(4)])
+        images_through_head[mode] = sum(head_calls)
+    assert torch.allclose(seen["epoch"], seen["refresh"], atol=1e-5)
+    assert images_through_head["refresh"] - images_through_head["epoch"] == 64  # the refresh is a second pass
+    with pytest.raises(ConfigError, match="cluster_features must be 'epoch' or 'refresh'"):
+        CEM(cluster_features="batch")

@@ -6,11 +6,16 @@ With noise of variance σ² on the feature ẑ, H(x|z) >= const − ½·Σⱼ π
 Gaussian mixture: shrinking each cluster's covariance relative to σ² raises the floor on any inversion's
 MSE. As the authors' code:
 
-1. at the end of every epoch, the clean features of the whole training set (head in eval mode, then the
-   deterministic ``clean`` part of the defenses composed before CEM, e.g. a bound) are clustered **per
-   class** by k-means in torch (k-means++ the first time, warm-started after, at most 50 Lloyd
-   iterations); each cluster keeps its centroid μ, weight w (its share of the class) and variance v̄
-   (mean squared distance to μ over samples and dimensions);
+1. at the end of every epoch, the clean features of the whole training set (after the deterministic
+   ``clean`` part of the defenses composed before CEM, e.g. a bound) are clustered **per class** by
+   k-means in torch (k-means++ the first time, warm-started after, at most 50 Lloyd iterations); each
+   cluster keeps its centroid μ, weight w (its share of the class) and variance v̄ (mean squared
+   distance to μ over samples and dimensions). The authors' code recomputes those features in a fresh
+   pass over the training set with the head in eval mode (``cluster_features="refresh"``); by default
+   CEM instead clusters the features the head already produced for the epoch's training batches
+   (``"epoch"``), which saves that extra forward pass, most of CEM's training-time cost. They lag the
+   final weights by up to an epoch and, with batch norm, use batch statistics; the clustering is
+   warm-started and refreshed every epoch either way;
 2. per batch (from the second epoch on), each clean feature goes to the nearest centroid of its own
    class; each cluster present gets v = a·v_b + (1 − a)·v̄ with its batch variance v_b and
    a = min(0.99, 10·n_j / (w·N_c)) (N_c = |train| / #classes), and pays
@@ -87,6 +92,9 @@ class CEM(Defense):
         The code's ``var_threshold`` (0.125) and log offset (0.01).
     iters:
         Maximum Lloyd iterations per epoch.
+    cluster_features:
+        ``"epoch"`` (default): cluster the features collected from the epoch's training batches;
+        ``"refresh"``: a fresh eval-mode pass over the training set at each epoch end, as the code.
     seed:
         Seeds the k-means++ initialisation.
     """
@@ -94,7 +102,7 @@ class CEM(Defense):
     name = "cem"
 
     def __init__(self, lam: float = 16.0, sigma: float | None = None, k: int = 5, tau: float = 0.125,
-                 gamma: float = 0.01, iters: int = 50, seed: int = 0):
+                 gamma: float = 0.01, iters: int = 50, cluster_features: str = "epoch", seed: int = 0):
         super().__init__()
         self.lam = non_negative("lam", lam)
         self.sigma = positive("sigma", sigma) if sigma is not None else None
@@ -102,6 +110,9 @@ class CEM(Defense):
         self.tau = positive("tau", tau)
         self.gamma = positive("gamma", gamma)
         self.iters = positive_int("iters", iters)
+        if cluster_features not in ("epoch", "refresh"):
+            raise ConfigError(f"cluster_features must be 'epoch' or 'refresh', got {cluster_features!r}")
+        self.cluster_features = cluster_features
         self.seed = int(seed)
         # Training-only state, deliberately not buffers: it is not deployed and its shape is data-dependent.
         self.centroids: torch.Tensor | None = None  # [classes, k, D]
@@ -110,6 +121,7 @@ class CEM(Defense):
         self.samples_per_class = 0.0
         self.hinge_sigma: float | None = self.sigma
         self._optimizer_ref: weakref.ref | None = None  # a weak reference survives deepcopy as itself
+        self._epoch_features: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # ---- epoch end: clustering ------------------------------------------------------------------
 
@@ -123,7 +135,12 @@ class CEM(Defense):
             if not self.hinge_sigma > 0:
                 raise ConfigError("CEM needs the noise level: compose it after a noise defense "
                                   "(e.g. GaussianNoise(0.1) + CEM()) or pass sigma=")
-        features, labels = self._clean_features(trainer, before)
+        if self.cluster_features == "epoch" and self._epoch_features:
+            features = torch.cat([z for z, _ in self._epoch_features])
+            labels = torch.cat([y for _, y in self._epoch_features])
+        else:
+            features, labels = self._clean_features(trainer, before)
+        self._epoch_features = []
         self.fit_clusters(features, labels, seed=self.seed + trainer.epoch)
 
     @torch.no_grad()
@@ -194,13 +211,16 @@ class CEM(Defense):
         return terms[present].sum() / torch.unique(y).numel()
 
     def regularizer(self, x, y, z, z_sent, logits):  # noqa: D102 - documented on Defense
+        if self.lam and self.training and self.cluster_features == "epoch":
+            self._epoch_features.append((z.detach().flatten(1), y.detach()))
         if not self.lam or self.centroids is None:
             return None  # the first epoch has no clustering yet, as in the code
         return self.lam * self.schedule_factor() * self.cem_loss(z, y)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "lam": self.lam, "sigma": self.sigma, "k": self.k, "tau": self.tau,
-                "gamma": self.gamma, "iters": self.iters, "seed": self.seed}
+                "gamma": self.gamma, "iters": self.iters, "cluster_features": self.cluster_features,
+                "seed": self.seed}
 
 
 def _parts_before(root: Defense, me: Defense) -> list[Defense]:
