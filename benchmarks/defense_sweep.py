@@ -175,25 +175,32 @@ def run_cell(args, data, train, base: str, strength: float, lam: float) -> dict:
     floor = conditional_entropy_floor(x_fit, z_clean, sigma, y_fit)["mse_floor"]
     strongest = min(bb["mse"], wb["mse"], bb10)
     feature_std = z_clean.std().item()
-    return {"dataset": data.name, "base": base, "strength": strength, "lam": lam, "accuracy": acc,
+    return {"dataset": data.name, "base": base, "strength": strength, "lam": lam, "cem_k": args.cem_k,
+            "cem_tau": args.cem_tau, "accuracy": acc,
             "bb": bb, "wb": wb, "floor": floor, "strongest_mse": strongest, "floor_ok": floor <= strongest,
             "noise_std": sigma, "feature_std": feature_std, "train_time": train_time, "train_cpu": train_cpu,
             "adaptive": adaptive}
 
 
+def _cem_variant(row: dict) -> tuple[float, int, float]:
+    """(λ, k, τ) of a row's CEM; rows written before k and τ were recorded used the defaults."""
+    return row["lam"], row.get("cem_k", 5), row.get("cem_tau", 0.125)
+
+
 def cem_gains(rows: list[dict]) -> list[dict]:
-    """Per (dataset, base, λ>0): mean relative black-box MSE increase over accuracy-matched pairs."""
+    """Per (dataset, base, CEM variant with λ>0): relative black-box MSE increases over the no-CEM rows."""
     out = []
-    keyed = {(r["dataset"], r["base"], r["strength"], r["lam"]): r for r in rows}
+    reference = {(r["dataset"], r["base"], r["strength"]): r for r in rows if not r["lam"]}
     for dataset in sorted({r["dataset"] for r in rows}):
         for base in BASES:
-            lams = sorted({r["lam"] for r in rows if r["dataset"] == dataset and r["base"] == base and r["lam"]})
-            for lam in lams:
-                matched, every, ratios = [], [], []
-                for r in rows:
-                    if (r["dataset"], r["base"], r["lam"]) != (dataset, base, lam):
-                        continue
-                    ref = keyed.get((dataset, base, r["strength"], 0.0))
+            mine = [r for r in rows if (r["dataset"], r["base"]) == (dataset, base)]
+            curve = sorted((r["accuracy"], r["bb"]["mse"]) for r in mine if not r["lam"])
+            for variant in sorted({_cem_variant(r) for r in mine if r["lam"]}):
+                matched, every, ratios, interpolated = [], [], [], []
+                for r in (r for r in mine if _cem_variant(r) == variant):
+                    if (ref_mse := _mse_at_accuracy(curve, r["accuracy"])) is not None:
+                        interpolated.append(r["bb"]["mse"] / ref_mse - 1)
+                    ref = reference.get((dataset, base, r["strength"]))
                     if ref is None:
                         continue
                     gain = r["bb"]["mse"] / ref["bb"]["mse"] - 1
@@ -201,13 +208,9 @@ def cem_gains(rows: list[dict]) -> list[dict]:
                     ratios.append(r["train_time"] / ref["train_time"])
                     if abs(r["accuracy"] - ref["accuracy"]) <= 0.01:
                         matched.append(gain)
-                curve = sorted((r["accuracy"], r["bb"]["mse"]) for r in rows
-                               if (r["dataset"], r["base"], r["lam"]) == (dataset, base, 0.0))
-                interpolated = [r["bb"]["mse"] / ref - 1 for r in rows
-                                if (r["dataset"], r["base"], r["lam"]) == (dataset, base, lam)
-                                and (ref := _mse_at_accuracy(curve, r["accuracy"])) is not None]
-                out.append({"dataset": dataset, "base": base, "lam": lam, "matched": matched, "all": every,
-                            "curve_matched": interpolated,
+                lam, k, tau = variant
+                out.append({"dataset": dataset, "base": base, "lam": lam, "k": k, "tau": tau, "matched": matched,
+                            "all": every, "curve_matched": interpolated,
                             "time_ratio": sum(ratios) / len(ratios) if ratios else math.nan})
     return out
 
@@ -233,8 +236,8 @@ def print_gains(rows: list[dict], label: str) -> list[dict]:
     print("same-strength = vs the same base & strength without CEM, over pairs whose accuracies differ by <= 1 point "
           "(and over all pairs); curve = vs the no-CEM (accuracy, MSE) curve interpolated at the CEM point's "
           "accuracy. Paper: +12.9% to +48.2% on average; our target on the noise base: >= +48.2%")
-    print(f"{'dataset':<14} {'base':<12} {'lam':>4} {'matched':>8} {'same-str(matched)':>17} {'same-str(all)':>13} "
-          f"{'curve(n)':>14} {'CEM time ratio':>14}")
+    print(f"{'dataset':<14} {'base':<12} {'lam':>4} {'k':>3} {'tau':>6} {'matched':>8} {'same-str(matched)':>17} "
+          f"{'same-str(all)':>13} {'curve(n)':>14} {'CEM time ratio':>14}")
     gains = cem_gains(rows)
 
     def mean(values: list[float]) -> str:
@@ -242,7 +245,8 @@ def print_gains(rows: list[dict], label: str) -> list[dict]:
 
     for g in gains:
         curve = f"{mean(g['curve_matched'])} ({len(g['curve_matched'])})"
-        print(f"{g['dataset']:<14} {g['base']:<12} {g['lam']:>4g} {len(g['matched']):>3}/{len(g['all']):<4} "
+        print(f"{g['dataset']:<14} {g['base']:<12} {g['lam']:>4g} {g['k']:>3} {g['tau']:>6g} "
+              f"{len(g['matched']):>3}/{len(g['all']):<4} "
               f"{mean(g['matched']):>17} {mean(g['all']):>13} {curve:>14} {g['time_ratio']:>14.2f}")
     return gains
 

@@ -10,8 +10,8 @@ published recipe, CEM's ``gan_adv_stepK`` after ResSFL (Li et al., CVPR 2022; AL
   α·ReLU(thr − MSE(D(z_sent), x)) (``metric="mse"``; thr = 1 keeps it always active: −α·MSE + α),
   back-propagated through the frozen D into the head.
 
-Differences from CEM's code: D is a light 4-conv decoder (``_adversary.light_decoder``), not
-``res_normN4C64``, and it is not pre-trained for 30 epochs (it learns from the first batch, so early
+Differences from CEM's code: D is a light decoder (``_adversary.light_decoder``: fully connected on
+coarse features, 4 convolutions on finer ones), not ``res_normN4C64``, and it is not pre-trained for 30 epochs (it learns from the first batch, so early
 epochs defend less). The decoder lives outside the trainer's optimiser and outside checkpoints (see ``_adversary.py``).
 """
 
