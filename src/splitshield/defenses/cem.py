@@ -195,10 +195,11 @@ class CEM(Defense):
         assert self.centroids is not None and self.hinge_sigma is not None
         flat = z.flatten(1)
         k = self.k
-        own = self.centroids[y]  # [B, k, D]
-        j = (flat[:, None, :] - own).pow(2).sum(-1).argmin(1)
+        with torch.no_grad():  # the assignment is a constant of the loss
+            to_own = torch.cdist(flat, self.centroids.flatten(0, 1)).view(len(y), -1, k)  # [B, classes, k]
+            j = to_own[torch.arange(len(y), device=z.device), y].argmin(1)
         cluster = y * k + j
-        sq = (flat - own[torch.arange(len(y), device=z.device), j]).pow(2).mean(1)
+        sq = (flat - self.centroids[y, j]).pow(2).mean(1)
         total = self.centroids.shape[0] * k
         count = torch.bincount(cluster, minlength=total).to(flat.dtype)
         v_batch = torch.zeros(total, dtype=flat.dtype, device=z.device).index_add(0, cluster, sq) / count.clamp_min(1)
