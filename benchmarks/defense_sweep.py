@@ -76,9 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "full training sets, long attacks (many hours)")
     p.add_argument("--datasets", nargs="+", default=None, help="mnist and/or fashion-mnist (default: mnist)")
     p.add_argument("--model", default="lenet", choices=["lenet", "vgg11-bottleneck"])
-    p.add_argument("--bound", default="tanh", choices=["tanh", "none"],
-                   help="LeNet only: squash the ReLU2 feature with tanh (fixed scale, ALGORITHMS §F.6) or send it "
-                        "unbounded (the setting of §F.7)")
+    p.add_argument("--bound", default="tanh", choices=["tanh", "sigmoid", "standardize", "none"],
+                   help="LeNet only: fix the ReLU2 feature's scale with a FeatureBound (ALGORITHMS §F.6; "
+                        "standardize: per-sample zero mean, unit variance) or send it unbounded (the setting of §F.7)")
     p.add_argument("--bases", nargs="+", default=list(BASES), choices=list(BASES))
     p.add_argument("--strengths", nargs="+", type=float, default=None,
                    help="override the strengths of every base given (default: each base's four)")
@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_target(model: str, in_channels: int, bound: str = "tanh"):
     if model == "lenet":
         return split(build_model("lenet", in_channels=in_channels), "ReLU2", input_shape=(in_channels, 28, 28)), \
-            FeatureBound("tanh") if bound == "tanh" else NoDefense()
+            NoDefense() if bound == "none" else FeatureBound(bound)
     target = split(build_model("vgg11-bottleneck", in_channels=in_channels), "sigmoid",
                    input_shape=(in_channels, 28, 28))
     return target, NoDefense()
