@@ -175,7 +175,8 @@ def run_cell(args, data, train, base: str, strength: float, lam: float) -> dict:
     floor = conditional_entropy_floor(x_fit, z_clean, sigma, y_fit)["mse_floor"]
     strongest = min(bb["mse"], wb["mse"], bb10)
     feature_std = z_clean.std().item()
-    return {"dataset": data.name, "base": base, "strength": strength, "lam": lam, "cem_k": args.cem_k,
+    return {"dataset": data.name, "model": args.model, "bound": args.bound if args.model == "lenet" else "sigmoid",
+            "base": base, "strength": strength, "lam": lam, "cem_k": args.cem_k,
             "cem_tau": args.cem_tau, "accuracy": acc,
             "bb": bb, "wb": wb, "floor": floor, "strongest_mse": strongest, "floor_ok": floor <= strongest,
             "noise_std": sigma, "feature_std": feature_std, "train_time": train_time, "train_cpu": train_cpu,
@@ -187,20 +188,25 @@ def _cem_variant(row: dict) -> tuple[float, int, float]:
     return row["lam"], row.get("cem_k", 5), row.get("cem_tau", 0.125)
 
 
+def _setting(row: dict) -> str:
+    """Dataset, model and feature bound: the rows whose numbers are comparable."""
+    return f"{row['dataset']}/{row['model']}/{row['bound']}"
+
+
 def cem_gains(rows: list[dict]) -> list[dict]:
     """Per (dataset, base, CEM variant with λ>0): relative black-box MSE increases over the no-CEM rows."""
     out = []
-    reference = {(r["dataset"], r["base"], r["strength"]): r for r in rows if not r["lam"]}
-    for dataset in sorted({r["dataset"] for r in rows}):
+    reference = {(_setting(r), r["base"], r["strength"]): r for r in rows if not r["lam"]}
+    for setting in sorted({_setting(r) for r in rows}):
         for base in BASES:
-            mine = [r for r in rows if (r["dataset"], r["base"]) == (dataset, base)]
+            mine = [r for r in rows if (_setting(r), r["base"]) == (setting, base)]
             curve = sorted((r["accuracy"], r["bb"]["mse"]) for r in mine if not r["lam"])
             for variant in sorted({_cem_variant(r) for r in mine if r["lam"]}):
                 matched, every, ratios, interpolated = [], [], [], []
                 for r in (r for r in mine if _cem_variant(r) == variant):
                     if (ref_mse := _mse_at_accuracy(curve, r["accuracy"])) is not None:
                         interpolated.append(r["bb"]["mse"] / ref_mse - 1)
-                    ref = reference.get((dataset, base, r["strength"]))
+                    ref = reference.get((setting, base, r["strength"]))
                     if ref is None:
                         continue
                     gain = r["bb"]["mse"] / ref["bb"]["mse"] - 1
@@ -209,7 +215,7 @@ def cem_gains(rows: list[dict]) -> list[dict]:
                     if abs(r["accuracy"] - ref["accuracy"]) <= 0.01:
                         matched.append(gain)
                 lam, k, tau = variant
-                out.append({"dataset": dataset, "base": base, "lam": lam, "k": k, "tau": tau, "matched": matched,
+                out.append({"dataset": setting, "base": base, "lam": lam, "k": k, "tau": tau, "matched": matched,
                             "all": every, "curve_matched": interpolated,
                             "time_ratio": sum(ratios) / len(ratios) if ratios else math.nan})
     return out
@@ -236,8 +242,8 @@ def print_gains(rows: list[dict], label: str) -> list[dict]:
     print("same-strength = vs the same base & strength without CEM, over pairs whose accuracies differ by <= 1 point "
           "(and over all pairs); curve = vs the no-CEM (accuracy, MSE) curve interpolated at the CEM point's "
           "accuracy. Paper: +12.9% to +48.2% on average; our target on the noise base: >= +48.2%")
-    print(f"{'dataset':<14} {'base':<12} {'lam':>4} {'k':>3} {'tau':>6} {'matched':>8} {'same-str(matched)':>17} "
-          f"{'same-str(all)':>13} {'curve(n)':>14} {'CEM time ratio':>14}")
+    print(f"{'dataset/model/bound':<30} {'base':<12} {'lam':>4} {'k':>3} {'tau':>6} {'matched':>8} "
+          f"{'same-str(matched)':>17} {'same-str(all)':>13} {'curve(n)':>14} {'CEM time ratio':>14}")
     gains = cem_gains(rows)
 
     def mean(values: list[float]) -> str:
@@ -245,7 +251,7 @@ def print_gains(rows: list[dict], label: str) -> list[dict]:
 
     for g in gains:
         curve = f"{mean(g['curve_matched'])} ({len(g['curve_matched'])})"
-        print(f"{g['dataset']:<14} {g['base']:<12} {g['lam']:>4g} {g['k']:>3} {g['tau']:>6g} "
+        print(f"{g['dataset']:<30} {g['base']:<12} {g['lam']:>4g} {g['k']:>3} {g['tau']:>6g} "
               f"{len(g['matched']):>3}/{len(g['all']):<4} "
               f"{mean(g['matched']):>17} {mean(g['all']):>13} {curve:>14} {g['time_ratio']:>14.2f}")
     return gains
@@ -281,7 +287,12 @@ def measure_overhead(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.summarize:
-        rows = [row for path in args.summarize for row in json.loads(Path(path).read_text())["rows"]]
+        rows = []
+        for path in args.summarize:
+            saved = json.loads(Path(path).read_text())
+            settings = saved["settings"]  # rows written before the model and bound were recorded per row
+            defaults = {"model": settings["model"], "bound": settings.get("bound", "tanh")}
+            rows += [{**defaults, **row} for row in saved["rows"]]
         adaptive = all(r["adaptive"] for r in rows)
         print_gains(rows, "ADAPTIVE attackers" if adaptive else "NON-ADAPTIVE attackers (some or all rows)")
         return
