@@ -129,3 +129,15 @@ def test_build_decoder_picks_dense_for_coarse_features_and_maps_to_the_image(fea
     assert forced(torch.randn(2, *feature)).shape == (2, *image)
     with pytest.raises(ConfigError, match="decoder kind"):
         ss.attacks.build_decoder(feature, image, kind="mlp")
+
+
+def test_rmle_restarts_images_whose_grey_start_has_no_gradient():
+    # f(x) = ReLU(x - 0.6): every unit is off at the grey start 0.5, so its gradient there is zero.
+    target = torch.zeros(2, 1, 8, 8)
+    target[:, :, 2:6, 2:6] = 1.0
+    z = torch.relu(target - 0.6)
+    x_hat = rmle(lambda x: torch.relu(x - 0.6), z, (1, 8, 8), iters=300, lr=0.05, tv=0.0, l2=0.0)
+    # Pixels restarted above 0.6 have a gradient and climb to 1; a stuck start would leave all of them at 0.5.
+    assert (x_hat[target == 1] > 0.95).float().mean() > 0.2
+    again = rmle(lambda x: torch.relu(x - 0.6), z, (1, 8, 8), iters=300, lr=0.05, tv=0.0, l2=0.0)
+    assert torch.equal(x_hat, again)  # the restart is seeded

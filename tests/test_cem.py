@@ -137,7 +137,7 @@ def test_epoch_features_are_the_training_sets_clean_features_without_an_extra_pa
         target = split(build_model("lenet", num_classes=4), "ReLU2", input_shape=(1, 28, 28))
         cem = _RecordingCEM(lam=16, k=2, cluster_features=mode)
         head_calls = []
-        target.head.register_forward_hook(lambda module, args, out: head_calls.append(len(args[0])))
+        target.head.register_forward_hook(lambda module, args, out, calls=head_calls: calls.append(len(args[0])))
         # A vanishing learning rate keeps the weights, so both modes must see the same features.
         Trainer(target, FeatureBound("tanh") + GaussianNoise(0.2) + cem, epochs=1, batch_size=16, lr=1e-12,
                 progress=False).fit(data)

@@ -38,12 +38,16 @@ def rmle(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input
     tv, l2:
         Weights of the total-variation prior and of the pull towards the grey start ``init``.
 
+    Images whose feature loss has no gradient at the grey start (a head whose ReLUs are all off there,
+    as NoPeek can train) would never move: they restart from uniform noise (seeded, so runs repeat).
+
     Returns
     -------
     Reconstructions [B, C, H, W] in [0, 1].
     """
     z = z.detach()
     x = torch.full((z.shape[0], *input_shape), init, device=z.device, requires_grad=True)
+    _restart_dead_starts(forward, z, x)
     opt = torch.optim.Adam([x], lr=lr, eps=eps, amsgrad=True)
     for _ in tqdm(range(iters), desc=desc, disable=not progress, leave=False):
         feature_loss = (forward(x) - z).pow(2).flatten(1).mean(1)
@@ -58,3 +62,16 @@ def rmle(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input
         with torch.no_grad():
             x.clamp_(0.0, 1.0)
     return x.detach()
+
+
+def _restart_dead_starts(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, x: torch.Tensor) -> None:
+    """Re-draw, uniformly in [0, 1], the start of every image whose feature loss has a zero gradient."""
+    with torch.enable_grad():
+        loss = (forward(x) - z).pow(2).flatten(1).mean(1).sum()
+        (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
+    dead = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if grad is None else (
+        grad.flatten(1).abs().amax(1) == 0)
+    if dead.any():
+        g = torch.Generator(device=x.device).manual_seed(0)
+        with torch.no_grad():
+            x[dead] = torch.rand(x[dead].shape, generator=g, device=x.device, dtype=x.dtype)

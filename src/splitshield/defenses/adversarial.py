@@ -11,8 +11,9 @@ published recipe, CEM's ``gan_adv_stepK`` after ResSFL (Li et al., CVPR 2022; AL
   back-propagated through the frozen D into the head.
 
 Differences from CEM's code: D is a light decoder (``_adversary.light_decoder``: fully connected on
-coarse features, 4 convolutions on finer ones), not ``res_normN4C64``, and it is not pre-trained for 30 epochs (it learns from the first batch, so early
-epochs defend less). The decoder lives outside the trainer's optimiser and outside checkpoints (see ``_adversary.py``).
+coarse features, 4 convolutions on finer ones), not ``res_normN4C64``, and it is not pre-trained for
+30 epochs (it learns from the first batch, so early epochs defend less). The decoder lives outside the
+trainer's optimiser and outside checkpoints (see ``_adversary.py``).
 """
 
 from __future__ import annotations
