@@ -147,5 +147,5 @@ def test_epoch_features_are_the_training_sets_clean_features_without_an_extra_pa
         images_through_head[mode] = sum(head_calls)
     assert torch.allclose(seen["epoch"], seen["refresh"], atol=1e-5)
     assert images_through_head["refresh"] - images_through_head["epoch"] == 64  # the refresh is a second pass
-    with pytest.raises(ConfigError, match="cluster_features must be 'epoch' or 'refresh'"):
+    with pytest.raises(ConfigError, match="cluster_features must be one of epoch, refresh"):
         CEM(cluster_features="batch")

@@ -245,7 +245,7 @@ def test_feature_bound_ranges():
         (lambda: CEM(lam=-8), "lam must be >= 0"),
         (lambda: CEM(k=0), "k must be a positive integer"),
         (lambda: FeatureBound("relu"), "kind must be one of"),
-        (lambda: GaussianNoise(0.1, on="output"), "on must be 'feature' or 'input'"),
+        (lambda: GaussianNoise(0.1, on="output"), "on must be one of feature, input"),
         (lambda: build_defense({"name": "gaussian_noise", "sigma": -2}), "sigma must be >= 0"),
         (lambda: build_defense({"name": "gaussian_noise", "simga": 1}), "gaussian_noise"),
     ],

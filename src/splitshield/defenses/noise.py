@@ -24,17 +24,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from ._params import non_negative
+from ._params import choice, non_negative
 from .base import Defense
-
-SITES = ("feature", "input")
-
-
-def _site(on: str) -> str:
-    if on not in SITES:
-        raise ConfigError(f"on must be 'feature' or 'input' (where the noise is added), got {on!r}")
-    return on
 
 
 def laplace_like(z: torch.Tensor, scale: float) -> torch.Tensor:
@@ -47,7 +38,7 @@ class _AdditiveNoise(Defense):
 
     def __init__(self, on: str = "feature"):
         super().__init__()
-        self.on = _site(on)
+        self.on = choice("on", on, ("feature", "input"))
 
     @property
     def std(self) -> float:
