@@ -24,6 +24,15 @@ def mnist5k():
     return ss.load_dataset("mnist-5k")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny convolutions: on a busy 2-core machine, a second OpenMP thread makes them ~5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def trained_lenet(mnist5k):
     """LeNet trained 2 epochs on the built-in digits (about 90 % accuracy): the uncut model."""

@@ -48,15 +48,6 @@ def test_floor_bad_input():
         conditional_entropy_floor(torch.rand(4, 1, 2, 2), torch.rand(4, 3), 1.0, torch.tensor([0, 0, 0, 1]))
 
 
-@pytest.fixture
-def one_thread():
-    """Small convolutions run faster on one thread than on an oversubscribed shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_floor_below_the_strongest_adaptive_attack_on_real_data(one_thread):
     """Same protocol as benchmarks/defense_sweep.py, scaled down: MNIST digits, LeNet at ReLU2, tanh bound + noise."""
     torch.manual_seed(0)

@@ -137,15 +137,6 @@ def test_every_answered_request_survives_sigkill(tmp_path: Path) -> None:
     assert features.shape[1:] == (16, 8, 8) and features.shape[0] >= sum(1 + i % 3 for i in range(125)) * 4
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny convolutions: on a busy 2-core machine, a second OpenMP thread makes them ~5x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_attack_runs_on_recorded_features(tmp_path: Path, one_thread: None) -> None:
     """A white-box attack on recorded conv1 features reconstructs the images the device saw."""
     torch.manual_seed(0)
