@@ -8,7 +8,7 @@ auxiliary data), the adaptive white-box rMLE's PSNR / SSIM on the first test ima
 (``metrics.conditional_entropy_floor``) with a check that it lies below the strongest measured attack.
 
 Per base defense it prints the CEM gain: the relative increase of the black-box attack MSE with CEM over
-the same base and strength without CEM, over the pairs whose accuracies match within 1 point; and the
+the same base, strength and seed without CEM, over the pairs whose accuracies match within 1 point; and the
 training-time overhead of CEM (training wall time with CEM / without).
 
 Model: LeNet (He et al.) split at ReLU2, followed by a fixed tanh bound (``FeatureBound("tanh")``: the
@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--other-lambdas", nargs="+", type=float, default=None, help="CEM λ on the other bases")
     p.add_argument("--cem-k", type=int, default=5, help="CEM clusters per class (code: 5 for *_sgm models, 15 else)")
     p.add_argument("--cem-tau", type=float, default=0.125, help="CEM hinge threshold τ (var_threshold)")
+    p.add_argument("--cem-variance", default="mean", choices=["mean", "per_dim"],
+                   help="CEM's variance: pooled over dimensions (the code) or hinged per dimension (older code)")
     p.add_argument("--cem-sigma", type=float, default=0.2,
                    help="hinge σ for CEM on bases without noise (hinge τσ²); noise bases use their own σ")
     p.add_argument("--train-size", type=int, default=None, help="training images (default 6000; full or 0: all)")
@@ -135,7 +137,8 @@ def run_cell(args, data, train, base: str, strength: float, lam: float) -> dict:
     parts.append(base_defense)
     if lam:
         sigma = None if base == "noise" else args.cem_sigma
-        parts.append(CEM(lam=lam, sigma=sigma, k=args.cem_k, tau=args.cem_tau, seed=args.seed))
+        parts.append(CEM(lam=lam, sigma=sigma, k=args.cem_k, tau=args.cem_tau, variance=args.cem_variance,
+                         seed=args.seed))
     defense = parts[0] + parts[1] if len(parts) >= 2 else parts[0]
     for extra in parts[2:]:
         defense = defense + extra
@@ -177,15 +180,15 @@ def run_cell(args, data, train, base: str, strength: float, lam: float) -> dict:
     feature_std = z_clean.std().item()
     return {"dataset": data.name, "model": args.model, "bound": args.bound if args.model == "lenet" else "sigmoid",
             "base": base, "strength": strength, "lam": lam, "cem_k": args.cem_k,
-            "cem_tau": args.cem_tau, "accuracy": acc,
+            "cem_tau": args.cem_tau, "cem_variance": args.cem_variance, "seed": args.seed, "accuracy": acc,
             "bb": bb, "wb": wb, "floor": floor, "strongest_mse": strongest, "floor_ok": floor <= strongest,
             "noise_std": sigma, "feature_std": feature_std, "train_time": train_time, "train_cpu": train_cpu,
             "adaptive": adaptive}
 
 
-def _cem_variant(row: dict) -> tuple[float, int, float]:
-    """(λ, k, τ) of a row's CEM; rows written before k and τ were recorded used the defaults."""
-    return row["lam"], row.get("cem_k", 5), row.get("cem_tau", 0.125)
+def _cem_variant(row: dict) -> tuple[float, int, float, str]:
+    """(λ, k, τ, variance) of a row's CEM; rows written before these were recorded used the defaults."""
+    return row["lam"], row.get("cem_k", 5), row.get("cem_tau", 0.125), row.get("cem_variance", "mean")
 
 
 def _setting(row: dict) -> str:
@@ -196,7 +199,7 @@ def _setting(row: dict) -> str:
 def cem_gains(rows: list[dict]) -> list[dict]:
     """Per (dataset, base, CEM variant with λ>0): relative black-box MSE increases over the no-CEM rows."""
     out = []
-    reference = {(_setting(r), r["base"], r["strength"]): r for r in rows if not r["lam"]}
+    reference = {(_setting(r), r["base"], r["strength"], r["seed"]): r for r in rows if not r["lam"]}
     for setting in sorted({_setting(r) for r in rows}):
         for base in BASES:
             mine = [r for r in rows if (_setting(r), r["base"]) == (setting, base)]
@@ -206,7 +209,7 @@ def cem_gains(rows: list[dict]) -> list[dict]:
                 for r in (r for r in mine if _cem_variant(r) == variant):
                     if (ref_mse := _mse_at_accuracy(curve, r["accuracy"])) is not None:
                         interpolated.append(r["bb"]["mse"] / ref_mse - 1)
-                    ref = reference.get((setting, base, r["strength"]))
+                    ref = reference.get((setting, base, r["strength"], r["seed"]))
                     if ref is None:
                         continue
                     gain = r["bb"]["mse"] / ref["bb"]["mse"] - 1
@@ -214,8 +217,9 @@ def cem_gains(rows: list[dict]) -> list[dict]:
                     ratios.append(r["train_time"] / ref["train_time"])
                     if abs(r["accuracy"] - ref["accuracy"]) <= 0.01:
                         matched.append(gain)
-                lam, k, tau = variant
-                out.append({"dataset": setting, "base": base, "lam": lam, "k": k, "tau": tau, "matched": matched,
+                lam, k, tau, variance = variant
+                out.append({"dataset": setting, "base": base, "lam": lam, "k": k, "tau": tau, "variance": variance,
+                            "matched": matched,
                             "all": every, "curve_matched": interpolated,
                             "time_ratio": sum(ratios) / len(ratios) if ratios else math.nan})
     return out
@@ -242,7 +246,7 @@ def print_gains(rows: list[dict], label: str) -> list[dict]:
     print("same-strength = vs the same base & strength without CEM, over pairs whose accuracies differ by <= 1 point "
           "(and over all pairs); curve = vs the no-CEM (accuracy, MSE) curve interpolated at the CEM point's "
           "accuracy. Paper: +12.9% to +48.2% on average; our target on the noise base: >= +48.2%")
-    print(f"{'dataset/model/bound':<30} {'base':<12} {'lam':>4} {'k':>3} {'tau':>6} {'matched':>8} "
+    print(f"{'dataset/model/bound':<30} {'base':<12} {'lam':>4} {'k':>3} {'tau':>6} {'var':>7} {'matched':>8} "
           f"{'same-str(matched)':>17} {'same-str(all)':>13} {'curve(n)':>14} {'CEM time ratio':>14}")
     gains = cem_gains(rows)
 
@@ -251,7 +255,7 @@ def print_gains(rows: list[dict], label: str) -> list[dict]:
 
     for g in gains:
         curve = f"{mean(g['curve_matched'])} ({len(g['curve_matched'])})"
-        print(f"{g['dataset']:<30} {g['base']:<12} {g['lam']:>4g} {g['k']:>3} {g['tau']:>6g} "
+        print(f"{g['dataset']:<30} {g['base']:<12} {g['lam']:>4g} {g['k']:>3} {g['tau']:>6g} {g['variance']:>7} "
               f"{len(g['matched']):>3}/{len(g['all']):<4} "
               f"{mean(g['matched']):>17} {mean(g['all']):>13} {curve:>14} {g['time_ratio']:>14.2f}")
     return gains
@@ -291,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         for path in args.summarize:
             saved = json.loads(Path(path).read_text())
             settings = saved["settings"]  # rows written before the model and bound were recorded per row
-            defaults = {"model": settings["model"], "bound": settings.get("bound", "tanh")}
+            defaults = {"model": settings["model"], "bound": settings.get("bound", "tanh"), "seed": settings["seed"]}
             rows += [{**defaults, **row} for row in saved["rows"]]
         adaptive = all(r["adaptive"] for r in rows)
         print_gains(rows, "ADAPTIVE attackers" if adaptive else "NON-ADAPTIVE attackers (some or all rows)")

@@ -66,6 +66,32 @@ def test_cem_loss_lowers_within_cluster_variance_down_to_the_hinge():
     assert cem.cem_loss(z.detach(), labels).item() < 0.05
 
 
+def test_cem_per_dimension_variance_hinges_each_dimension():
+    # One cluster per class, all of its spread in one of 4 dimensions: that dimension's variance is 4x the
+    # hinge and the dimension mean is exactly at it. The pooled loss is then 0; the per-dimension loss is
+    # the mean over dimensions of the hinged logs, (log(4h + γ) − log(h + γ)) / 4 with h = τσ².
+    tau, sigma, gamma = 0.125, 2.0, 0.01
+    h = tau * sigma**2
+    spread = torch.tensor([-1.0, 1.0]).repeat(8) * (4 * h) ** 0.5  # 16 samples with variance exactly 4h
+    z = torch.zeros(32, 4)
+    z[:16, 0] = spread
+    z[16:, 2] = spread + 5
+    labels = torch.arange(2).repeat_interleave(16)
+    pooled = CEM(lam=1, sigma=sigma, k=1, tau=tau, gamma=gamma)
+    per_dim = CEM(lam=1, sigma=sigma, k=1, tau=tau, gamma=gamma, variance="per_dim")
+    for cem in (pooled, per_dim):
+        cem.fit_clusters(z, labels)
+    expected = (torch.log(torch.tensor(4 * h + gamma)) - torch.log(torch.tensor(h + gamma))).item() / 4
+    assert pooled.cem_loss(z, labels).item() == pytest.approx(0.0, abs=1e-6)
+    # Two classes, weight 1 each, divided by the two classes present.
+    assert per_dim.cem_loss(z, labels).item() == pytest.approx(expected, rel=1e-5)
+    # With a single dimension both are the same loss.
+    one = z[:, :1]
+    for cem in (pooled, per_dim):
+        cem.fit_clusters(one, labels)
+    assert per_dim.cem_loss(one, labels).item() == pytest.approx(pooled.cem_loss(one, labels).item(), rel=1e-6)
+
+
 def test_cem_gradient_reaches_the_head_only():
     target = split(build_model("lenet", num_classes=4), "ReLU2", input_shape=(1, 28, 28))
     x, y = tiny_set(32).tensors()
@@ -149,3 +175,5 @@ def test_epoch_features_are_the_training_sets_clean_features_without_an_extra_pa
     assert images_through_head["refresh"] - images_through_head["epoch"] == 64  # the refresh is a second pass
     with pytest.raises(ConfigError, match="cluster_features must be one of epoch, refresh"):
         CEM(cluster_features="batch")
+    with pytest.raises(ConfigError, match="variance must be one of mean, per_dim"):
+        CEM(variance="diag")

@@ -30,6 +30,15 @@ def test_lenet_paper_points_and_shapes():
     _check_exact(model, (1, 28, 28), ["conv1", "ReLU1", "ReLU2", "pool2", "fc1", "fc2act"])
 
 
+@pytest.mark.parametrize(("shape", "feature"), [((3, 32, 32), (8, 8, 8)), ((1, 28, 28), (8, 7, 7))])
+def test_vgg11_bottleneck_splits_at_the_sigmoid_for_cifar_and_mnist_sizes(shape, feature):
+    model = ss.build_model("vgg11-bottleneck", in_channels=shape[0])
+    shapes = {p.name: p.feature_shape for p in ss.split_points(model, shape)}
+    assert shapes["sigmoid"] == feature  # CEM's 8-channel bottleneck at a quarter of the resolution
+    assert model.eval()(torch.rand(2, *shape)).shape == (2, 10)  # the tail pools a 7×7 map down to 1×1 too
+    _check_exact(model, shape, ["sigmoid"])
+
+
 def test_cifar_cnn_paper_points_and_shapes():
     model = ss.build_model("cifar-cnn", in_channels=3)
     shapes = {p.name: p.feature_shape for p in ss.split_points(model, (3, 32, 32))}

@@ -20,7 +20,11 @@ MSE. As the authors' code:
 2. per batch (from the second epoch on), each clean feature goes to the nearest centroid of its own
    class; each cluster present gets v = a·v_b + (1 − a)·v̄ with its batch variance v_b and
    a = min(0.99, 10·n_j / (w·N_c)) (N_c = |train| / #classes), and pays
-   ℓ = w·ReLU(log(v + γ) − log(τσ² + γ)); L_C = Σ ℓ / #classes in the batch;
+   ℓ = w·ReLU(log(v + γ) − log(τσ² + γ)); L_C = Σ ℓ / #classes in the batch. With
+   ``variance="per_dim"`` v, v̄ and the hinge are taken per feature dimension and ℓ averages the hinged
+   terms over dimensions, like the authors' older ``model_training.py`` (which hinges at a fixed 0.001): a
+   diagonal rather than isotropic surrogate of log det(I + Σⱼ/σ²), so that a few high-variance
+   dimensions cannot hide behind a small mean;
 3. the loss added is λ·s·L_C with s = 1 when the learning rate is < 4.1e-4, else 0.001/lr (the code's
    schedule). L_C depends only on the clean feature, so its gradient reaches the edge head (and edge-side
    defense parameters) only, never the cloud tail: the code's "inject into the encoder's gradient".
@@ -96,6 +100,9 @@ class CEM(Defense):
     cluster_features:
         ``"epoch"`` (default): cluster the features collected from the epoch's training batches;
         ``"refresh"``: a fresh eval-mode pass over the training set at each epoch end, as the code.
+    variance:
+        ``"mean"`` (default, the current code): one variance per cluster, averaged over dimensions;
+        ``"per_dim"``: one per cluster and dimension, each hinged at τσ².
     seed:
         Seeds the k-means++ initialisation.
     """
@@ -103,7 +110,8 @@ class CEM(Defense):
     name = "cem"
 
     def __init__(self, lam: float = 16.0, sigma: float | None = None, k: int = 5, tau: float = 0.125,
-                 gamma: float = 0.01, iters: int = 50, cluster_features: str = "epoch", seed: int = 0):
+                 gamma: float = 0.01, iters: int = 50, cluster_features: str = "epoch", variance: str = "mean",
+                 seed: int = 0):
         super().__init__()
         self.lam = non_negative("lam", lam)
         self.sigma = positive("sigma", sigma) if sigma is not None else None
@@ -112,11 +120,12 @@ class CEM(Defense):
         self.gamma = positive("gamma", gamma)
         self.iters = positive_int("iters", iters)
         self.cluster_features = choice("cluster_features", cluster_features, ("epoch", "refresh"))
+        self.variance = choice("variance", variance, ("mean", "per_dim"))
         self.seed = int(seed)
         # Training-only state, deliberately not buffers: it is not deployed and its shape is data-dependent.
         self.centroids: torch.Tensor | None = None  # [classes, k, D]
         self.weights: torch.Tensor | None = None  # [classes, k]
-        self.variances: torch.Tensor | None = None  # [classes, k]
+        self.variances: torch.Tensor | None = None  # [classes, k, 1], or [classes, k, D] per dimension
         self.samples_per_class = 0.0
         self.hinge_sigma: float | None = self.sigma
         self._optimizer_ref: weakref.ref | None = None  # a weak reference survives deepcopy as itself
@@ -148,7 +157,7 @@ class CEM(Defense):
         features = features.flatten(1)
         classes = int(labels.max()) + 1
         g = torch.Generator().manual_seed(self.seed if seed is None else seed)
-        warm = self.centroids is not None and self.centroids.shape[0] == classes
+        warm = self.centroids is not None and self.centroids.shape == (classes, self.k, features.shape[1])
         cents, weights, variances = [], [], []
         for c in range(classes):
             zc = features[labels == c]
@@ -156,11 +165,11 @@ class CEM(Defense):
                 raise ConfigError(f"CEM k={self.k} is larger than class {c}'s {len(zc)} training samples; lower k")
             mu, assign = kmeans(zc, self.k, init=self.centroids[c] if warm else None, iters=self.iters, generator=g)
             counts = torch.bincount(assign, minlength=self.k).to(zc.dtype)
-            sq = (zc - mu[assign]).pow(2).mean(1)
+            sq = self._squared_deviation(zc, mu[assign])
             cents.append(mu)
             weights.append(counts / len(zc))
-            variances.append(torch.zeros(self.k, dtype=zc.dtype, device=zc.device).index_add_(0, assign, sq)
-                             / counts.clamp_min(1))
+            variances.append(torch.zeros(self.k, sq.shape[1], dtype=zc.dtype, device=zc.device)
+                             .index_add_(0, assign, sq) / counts.clamp_min(1)[:, None])
         self.centroids, self.weights, self.variances = torch.stack(cents), torch.stack(weights), torch.stack(variances)
         self.samples_per_class = len(features) / classes
 
@@ -178,6 +187,11 @@ class CEM(Defense):
             labels.append(y)
         head.train(mode)
         return torch.cat(feats), torch.cat(labels)
+
+    def _squared_deviation(self, flat: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+        """[n, D] features and their centroids -> [n, 1] mean over dimensions, or [n, D] per dimension."""
+        sq = (flat - centre).pow(2)
+        return sq if self.variance == "per_dim" else sq.mean(1, keepdim=True)
 
     # ---- per batch: the loss --------------------------------------------------------------------
 
@@ -198,15 +212,16 @@ class CEM(Defense):
             to_own = torch.cdist(flat, self.centroids.flatten(0, 1)).view(len(y), -1, k)  # [B, classes, k]
             j = to_own[torch.arange(len(y), device=z.device), y].argmin(1)
         cluster = y * k + j
-        sq = (flat - self.centroids[y, j]).pow(2).mean(1)
+        sq = self._squared_deviation(flat, self.centroids[y, j])  # [B, 1 or D]
         total = self.centroids.shape[0] * k
         count = torch.bincount(cluster, minlength=total).to(flat.dtype)
-        v_batch = torch.zeros(total, dtype=flat.dtype, device=z.device).index_add(0, cluster, sq) / count.clamp_min(1)
+        v_batch = (torch.zeros(total, sq.shape[1], dtype=flat.dtype, device=z.device).index_add(0, cluster, sq)
+                   / count.clamp_min(1)[:, None])
         w = self.weights.flatten()
-        a = (10.0 * count / (w * self.samples_per_class).clamp_min(1e-12)).clamp(max=0.99)
-        v = a * v_batch + (1 - a) * self.variances.flatten()
+        a = (10.0 * count / (w * self.samples_per_class).clamp_min(1e-12)).clamp(max=0.99)[:, None]
+        v = a * v_batch + (1 - a) * self.variances.flatten(0, 1)
         hinge = torch.log(torch.tensor(self.tau * self.hinge_sigma**2 + self.gamma, dtype=flat.dtype))
-        terms = w * torch.relu(torch.log(v + self.gamma) - hinge)
+        terms = w * torch.relu(torch.log(v + self.gamma) - hinge).mean(1)
         present = count > 0
         return terms[present].sum() / torch.unique(y).numel()
 
@@ -220,7 +235,7 @@ class CEM(Defense):
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "lam": self.lam, "sigma": self.sigma, "k": self.k, "tau": self.tau,
                 "gamma": self.gamma, "iters": self.iters, "cluster_features": self.cluster_features,
-                "seed": self.seed}
+                "variance": self.variance, "seed": self.seed}
 
 
 def _parts_before(root: Defense, me: Defense) -> list[Defense]:

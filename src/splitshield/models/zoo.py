@@ -95,7 +95,8 @@ def vgg11_bottleneck(num_classes: int = 10, in_channels: int = 3, bottleneck: in
     cin = 128
     for i, cfg in enumerate([256, 256, "M", 512, 512, "M", 512, 512, "M"]):
         if cfg == "M":
-            layers[f"pool{i + 3}"] = nn.MaxPool2d(2)
+            # ceil_mode: a 28×28 input reaches 7×7 here and must still pool down to 1×1 (same as floor for 32×32).
+            layers[f"pool{i + 3}"] = nn.MaxPool2d(2, ceil_mode=True)
         else:
             conv_bn_relu(f"conv{i + 3}", cin, int(cfg))
             cin = int(cfg)
