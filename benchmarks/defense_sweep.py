@@ -103,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="/tmp/defense_sweep.json")
     p.add_argument("--summarize", metavar="JSON", nargs="+",
-                   help="only print the CEM gain table of finished runs' JSON files (merged)")
+                   help="only print the CEM gain table of finished runs' JSON files (merged; a cell measured "
+                        "again in a later file replaces the earlier one)")
     p.add_argument("--overhead", type=int, metavar="REPEATS", default=0,
                    help="only measure CEM's training-time overhead on the noise base (sigma 0.5, lambda 0 vs 16), "
                         "REPEATS alternating runs each, in process CPU time (robust to other load on the machine)")
@@ -297,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
             settings = saved["settings"]  # rows written before the model and bound were recorded per row
             defaults = {"model": settings["model"], "bound": settings.get("bound", "tanh"), "seed": settings["seed"]}
             rows += [{**defaults, **row} for row in saved["rows"]]
+        # A cell measured again in a later file replaces the earlier measurement.
+        rows = list({(_setting(r), r["base"], r["strength"], r["seed"], *_cem_variant(r)): r for r in rows}.values())
         adaptive = all(r["adaptive"] for r in rows)
         print_gains(rows, "ADAPTIVE attackers" if adaptive else "NON-ADAPTIVE attackers (some or all rows)")
         return
