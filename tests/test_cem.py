@@ -92,6 +92,34 @@ def test_cem_per_dimension_variance_hinges_each_dimension():
     assert per_dim.cem_loss(one, labels).item() == pytest.approx(pooled.cem_loss(one, labels).item(), rel=1e-6)
 
 
+def test_blended_variance_gradient_matches_the_closed_form():
+    # With v = a·v_b + (1 − a)·v̄ and a = 10·n_j/(w·N_c) < 0.99, the n_j and w cancel: each sample's gradient
+    # is 20·(z − μ) / (n_classes·N_c·D·(v + γ)). So the batch *sum* pushes B times as hard as one sample, and
+    # a class of N_c samples damps it by 1/N_c: CEM's strength relative to a mean-over-batch loss is λ·B/N_c.
+    points, labels, _ = mixture(per=60)
+    cem = CEM(lam=1.0, sigma=0.1, k=3)
+    cem.fit_clusters(points, labels)
+    cem.samples_per_class = 5000.0  # a CIFAR-10-sized class: a stays far below its 0.99 cap
+    batch = torch.cat([torch.arange(0, 7), torch.arange(180, 185)])  # uneven: n_j differs between clusters
+    z = points[batch].clone().requires_grad_(True)
+    y = labels[batch]
+    cem.cem_loss(z, y).backward()
+    with torch.no_grad():
+        j = torch.cdist(z, cem.centroids.flatten(0, 1)).view(len(y), -1, 3)[torch.arange(len(y)), y].argmin(1)
+        mu = cem.centroids[y, j]
+        cluster = y * 3 + j
+        d = z.shape[1]
+        sq = (z - mu).pow(2).mean(1)
+        count = torch.bincount(cluster, minlength=6).float()
+        v_b = torch.zeros(6).index_add(0, cluster, sq) / count.clamp_min(1)
+        w = cem.weights.flatten()
+        a = 10 * count / (w * cem.samples_per_class)
+        v = a * v_b + (1 - a) * cem.variances.flatten()
+        expected = 20 * (z - mu) / (2 * cem.samples_per_class * d * (v[cluster] + cem.gamma))[:, None]
+    assert (a[count > 0] < 0.99).all()
+    torch.testing.assert_close(z.grad, expected, rtol=1e-4, atol=1e-9)
+
+
 def test_cem_gradient_reaches_the_head_only():
     target = split(build_model("lenet", num_classes=4), "ReLU2", input_shape=(1, 28, 28))
     x, y = tiny_set(32).tensors()
