@@ -71,28 +71,34 @@ def parse_json(text: str | None, field: str) -> dict[str, Any] | None:
 @app.command()
 @friendly
 def demo(
-    out: Annotated[Path, typer.Option(help="Output folder for results.json, grid.png and the checkpoint.")] = Path(
+    out: Annotated[Path, typer.Option(help="Output folder: results store, report.md, report.html, figures/.")] = Path(
         "splitshield-report"),
     seed: Seed = 0,
     device: Device = "cpu",
     quick: Annotated[bool, typer.Option(help="Tiny budgets (seconds, for smoke tests): numbers are not meaningful.")
                      ] = False,
 ) -> None:
-    """Train LeNet on built-in MNIST digits, attack it at conv1 and ReLU2, write a report."""
-    from .demo import DemoSettings, run_demo
+    """Train LeNet on built-in MNIST digits with no defense, noise and noise + CEM; attack it at conv1 and
+    ReLU2 three ways; print the table and write the report."""
+    from .demo import run_demo
+    from .report import summary_sentence
 
-    settings = DemoSettings(seed=seed, device=device)
-    if quick:
-        settings = DemoSettings(epochs=1, whitebox_iters=50, decoder_steps=20, shadow_steps=20, seed=seed,
-                                device=device)
-    result = run_demo(out, settings, log=console.print)
-    table = Table(title=f"LeNet / MNIST digits — model accuracy {result['model_accuracy']:.2%}")
-    for col in ("split", "attack", "PSNR (dB)", "SSIM", "MSE"):
-        table.add_column(col, justify="right" if col not in ("split", "attack") else "left")
-    for r in result["rows"]:
-        table.add_row(r["split"], r["attack"], f"{r['psnr']:.2f}", f"{r['ssim']:.3f}", f"{r['mse']:.4f}")
-    console.print(table)
-    console.print(f"wrote {out / 'results.json'} and {out / result['grid']} in {result['seconds']} s")
+    result = run_demo(out, seed=seed, device=device, quick=quick)
+    for section in result.sections:
+        table = Table(title=f"{section.dataset} · {section.model} · split {section.split}: PSNR (dB) / SSIM "
+                            "of the reconstructions (first test image of each digit)")
+        table.add_column("defense", overflow="fold")
+        table.add_column("accuracy", justify="right")
+        for attack in section.inversion_attacks:
+            table.add_column(attack, justify="right")
+        for row in section.rows:
+            cells = [f"{row.attacks[a]['psnr']:.1f} / {row.attacks[a]['ssim']:.2f}" if a in row.attacks else "–"
+                     for a in section.inversion_attacks]
+            table.add_row(row.label, "–" if row.accuracy is None else f"{row.accuracy:.1%}", *cells)
+        console.print(table)
+        console.print(summary_sentence(section), highlight=False)
+    console.print(f"wrote {result.report.html} and {result.report.markdown} "
+                  f"({len(result.report.figures)} figures) in {result.summary.seconds:.0f} s", highlight=False)
 
 
 @app.command("split-points")
