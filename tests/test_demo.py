@@ -38,3 +38,11 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path, one_thread):
     assert "report.html" in out.output
     again = run_demo(tmp_path, quick=True, progress=False)
     assert again.summary.cells_done == 0 and again.summary.cells_skipped == 18
+
+
+def test_output_path_that_is_a_file_is_a_one_line_error(tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    out = CliRunner().invoke(app, ["demo", "--quick", "--out", str(target)])
+    assert out.exit_code == 2 and "is a file; pass the path of a folder (--out)" in out.output
+    assert "Traceback" not in out.output and target.read_text() == "not a folder"

@@ -19,7 +19,7 @@ import yaml
 
 from .config import ExperimentSpec, parse_spec
 from .experiment import RunSummary, run_experiment
-from .report import ReportFiles, Section, build_report, load_sections
+from .report import ReportFiles, Section, build_report, load_sections, output_folder
 from .store import ResultStore
 
 #: Tiny budgets for smoke tests: the pipeline runs end to end in seconds, the numbers mean nothing.
@@ -53,8 +53,7 @@ def run_demo(out_dir: str | Path = "splitshield-report", seed: int = 0, device: 
     never mix with real ones) with ``jobs`` worker processes, and write the report beside it.
 
     The numbers do not depend on ``jobs``: every cell runs with one torch thread and its own seed."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir)
     db = out / ("results-quick.db" if quick else "results.db")
     summary = run_experiment(demo_spec(seed, device, quick), db, jobs=jobs, progress=progress, log=log)
     report = build_report(db, out, title="LeNet / MNIST digits: what the features sent to the cloud give away")

@@ -319,12 +319,21 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
+def output_folder(path: str | Path) -> Path:
+    """``path`` as a folder, created if missing; a clear error when a file is in the way."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output folder {out} is a file; pass the path of a folder (--out)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def build_report(db: str | Path, out_dir: str | Path, title: str | None = None) -> ReportFiles:
     """Write ``report.md``, ``report.html`` (self-contained) and ``figures/*.png`` to ``out_dir``."""
     db = Path(db)
     if not db.is_file():
         raise ConfigError(f"results database {db} does not exist; run `splitshield run SPEC --db {db}` first")
-    out = Path(out_dir)
+    out = output_folder(out_dir)
     figures_dir = out / "figures"
     with ResultStore(db) as store:
         sections = load_sections(store)
@@ -354,7 +363,6 @@ def build_report(db: str | Path, out_dir: str | Path, title: str | None = None) 
             rel = fig.relative_to(out).as_posix()
             md += ["", f"![{caption}]({rel})"]
             body.append(f"<img alt='{html.escape(caption)}' src='{_data_uri(fig)}'>")
-    out.mkdir(parents=True, exist_ok=True)
     md_path, html_path = out / "report.md", out / "report.html"
     md_path.write_text("\n".join(md) + "\n")
     html_path.write_text("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
