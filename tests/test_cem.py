@@ -94,8 +94,9 @@ def test_cem_per_dimension_variance_hinges_each_dimension():
 
 def test_blended_variance_gradient_matches_the_closed_form():
     # With v = a·v_b + (1 − a)·v̄ and a = 10·n_j/(w·N_c) < 0.99, the n_j and w cancel: each sample's gradient
-    # is 20·(z − μ) / (n_classes·N_c·D·(v + γ)). So the batch *sum* pushes B times as hard as one sample, and
-    # a class of N_c samples damps it by 1/N_c: CEM's strength relative to a mean-over-batch loss is λ·B/N_c.
+    # is 20·(z − μ) / (C_B·N_c·D·(v + γ)), C_B the classes in the batch. So the batch *sum* pushes B times as
+    # hard as one sample, and a class of N_c samples damps it by 1/N_c: CEM's strength relative to a
+    # mean-over-batch loss is λ·B/N_c.
     points, labels, _ = mixture(per=60)
     cem = CEM(lam=1.0, sigma=0.1, k=3)
     cem.fit_clusters(points, labels)

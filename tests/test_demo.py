@@ -6,15 +6,14 @@ from typer.testing import CliRunner
 
 from splitshield.cli import app
 from splitshield.demo import demo_spec, run_demo
+from splitshield.experiment import defense_family
 
 
 def test_packaged_spec_is_the_design_demo():
     spec = demo_spec()
     assert spec.dataset == ["mnist-5k"] and spec.model == ["lenet"] and spec.splits == ["conv1", "ReLU2"]
     assert [a.name for a in spec.attacks] == ["white_box", "black_box", "query_free"]
-    families = [d["name"] if d["name"] != "compose" else "+".join(p["name"] for p in d["parts"])
-                for d in spec.defense_settings()]
-    assert families == ["none", "gaussian_noise", "gaussian_noise+cem"]
+    assert [defense_family(d) for d in spec.defense_settings()] == ["none", "gaussian_noise", "gaussian_noise+cem"]
     quick = demo_spec(seed=3, quick=True)
     assert quick.seeds == [3] and quick.train.epochs == 1
     assert all(s["params"]["iters" if s["name"] == "white_box" else "steps"] == 20 for s in quick.attack_settings())
