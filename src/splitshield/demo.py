@@ -19,8 +19,7 @@ import yaml
 
 from .config import ExperimentSpec, parse_spec
 from .experiment import RunSummary, run_experiment
-from .report import ReportFiles, Section, build_report, load_sections, output_folder
-from .store import ResultStore
+from .report import ReportFiles, Section, build_report, output_folder
 
 #: Tiny budgets for smoke tests: the pipeline runs end to end in seconds, the numbers mean nothing.
 QUICK = {"train": {"epochs": 1, "train_n": 500},
@@ -44,7 +43,11 @@ class DemoResult:
 
     summary: RunSummary
     report: ReportFiles
-    sections: list[Section]  # one per split point
+
+    @property
+    def sections(self) -> list[Section]:
+        """The report's sections: one per split point."""
+        return self.report.sections
 
 
 def run_demo(out_dir: str | Path = "splitshield-report", seed: int = 0, device: str = "cpu", quick: bool = False,
@@ -57,6 +60,4 @@ def run_demo(out_dir: str | Path = "splitshield-report", seed: int = 0, device: 
     db = out / ("results-quick.db" if quick else "results.db")
     summary = run_experiment(demo_spec(seed, device, quick), db, jobs=jobs, progress=progress, log=log)
     report = build_report(db, out, title="LeNet / MNIST digits: what the features sent to the cloud give away")
-    with ResultStore(db) as store:
-        sections = load_sections(store)
-    return DemoResult(summary, report, sections)
+    return DemoResult(summary, report)

@@ -78,11 +78,12 @@ class Section:
 
 @dataclass
 class ReportFiles:
-    """Paths written by :func:`build_report`."""
+    """Paths written by :func:`build_report`, and the sections it reported."""
 
     markdown: Path
     html: Path
     figures: list[Path]
+    sections: list[Section]
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -368,7 +369,7 @@ def build_report(db: str | Path, out_dir: str | Path, title: str | None = None) 
     html_path.write_text("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
                          f"<title>{html.escape(name)} — splitshield report</title><style>{_CSS}</style></head>"
                          f"<body>{''.join(body)}</body></html>\n")
-    return ReportFiles(md_path, html_path, figures)
+    return ReportFiles(md_path, html_path, figures, sections)
 
 
 # --------------------------------------------------------------------------------------------------
