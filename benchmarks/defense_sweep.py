@@ -20,6 +20,9 @@ short attacks); ``--full`` runs the whole grid (both datasets, λ ∈ {0, 8, 16}
 training sets, long attacks) and takes many hours. Every output line says whether attacks were adaptive.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/defense_sweep.py > /tmp/defense_sweep.log 2>&1
+
+``--resume`` keeps the cells already in ``--out`` and runs only the missing ones; the measured grid of the
+issue notes lives in ``benchmarks/results/`` (its README has the command that extends it).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -70,6 +74,10 @@ BASES: dict[str, tuple[str, list[float], Callable[[float, tuple[int, ...]], Defe
     "infoscissors": ("lam", [0.1, 0.3, 1.0, 3.0], lambda s, shape: InfoScissors(s, width=16)),
 }
 
+#: Noise σ for LeNet's unbounded ReLU2 feature (``--bound none``), whose std grows to 2 to 7 with the noise: the
+#: defaults above are for a feature bounded to [0, 1).
+UNBOUNDED_NOISE = [0.25, 0.5, 1.0, 2.0]
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -106,6 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="/tmp/defense_sweep.json")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in --out (written with the same protocol) and run only the missing "
+                        "cells, so one file can collect a whole grid over several runs (also concurrent ones, "
+                        "given disjoint cells)")
     p.add_argument("--summarize", metavar="JSON", nargs="+",
                    help="only print the CEM gain table of finished runs' JSON files (merged; a cell measured "
                         "again in a later file replaces the earlier one)")
@@ -141,9 +153,8 @@ def run_cell(args, data, train, base: str, strength: float, lam: float) -> dict:
     parts: list[Defense] = [] if isinstance(bound, NoDefense) else [bound]
     parts.append(base_defense)
     if lam:
-        sigma = None if base == "noise" else args.cem_sigma
-        parts.append(CEM(lam=lam, sigma=sigma, k=args.cem_k, tau=args.cem_tau, variance=args.cem_variance,
-                         seed=args.seed))
+        parts.append(CEM(lam=lam, sigma=_cem_sigma(args, base, lam), k=args.cem_k, tau=args.cem_tau,
+                         variance=args.cem_variance, seed=args.seed))
     defense = parts[0] + parts[1] if len(parts) >= 2 else parts[0]
     for extra in parts[2:]:
         defense = defense + extra
@@ -185,13 +196,24 @@ def run_cell(args, data, train, base: str, strength: float, lam: float) -> dict:
     floor = conditional_entropy_floor(x_fit, z_clean, sigma, y_fit)["mse_floor"]
     strongest = min(bb["mse"], wb["mse"], bb10)
     feature_std = z_clean.std().item()
-    return {"dataset": data.name, "model": args.model, "bound": args.bound if args.model == "lenet" else "sigmoid",
+    return {"dataset": data.name, "model": args.model, "bound": _bound_label(args),
             "base": base, "strength": strength, "lam": lam, "cem_k": args.cem_k,
-            "cem_tau": args.cem_tau, "cem_variance": args.cem_variance, "seed": args.seed, "epochs": args.epochs,
+            "cem_tau": args.cem_tau, "cem_variance": args.cem_variance, "cem_sigma": _cem_sigma(args, base, lam),
+            "seed": args.seed, "epochs": args.epochs,
             "batch_size": args.batch_size, "test_size": len(test), "accuracy": acc,
             "bb": bb, "wb": wb, "floor": floor, "strongest_mse": strongest, "floor_ok": floor <= strongest,
             "noise_std": sigma, "feature_std": feature_std, "train_time": train_time, "train_cpu": train_cpu,
             "adaptive": adaptive}
+
+
+def _cem_sigma(args: argparse.Namespace, base: str, lam: float) -> float | None:
+    """CEM's explicit hinge σ: only bases without noise need one (a noise base's CEM reads its σ)."""
+    return args.cem_sigma if lam and base != "noise" else None
+
+
+def _bound_label(args: argparse.Namespace) -> str:
+    """The feature bound a row records: the LeNet bound, or the VGG model's own sigmoid."""
+    return args.bound if args.model == "lenet" else "sigmoid"
 
 
 def _cem_variant(row: dict) -> tuple[float, int, float, str]:
@@ -203,6 +225,55 @@ def _setting(row: dict) -> str:
     """Dataset, model, feature bound and training protocol (epochs, batch size): the rows whose numbers are
     comparable."""
     return f"{row['dataset']}/{row['model']}/{row['bound']}/e{row['epochs']}b{row.get('batch_size', 64)}"
+
+
+def _cell_key(row: dict) -> tuple:
+    """What identifies a cell: its protocol, base, strength, seed and CEM variant (with its hinge σ)."""
+    return (_setting(row), row["base"], row["strength"], row["seed"], *_cem_variant(row), row.get("cem_sigma"))
+
+
+#: Settings that change a cell's numbers without being part of its key: a resumed file must share them.
+PROTOCOL = ("model", "bound", "train_size", "epochs", "batch_size", "test_size", "eval_size", "aux_size",
+            "bb_steps", "bb_batch", "wb_iters", "non_adaptive")
+
+
+def resumed_rows(args: argparse.Namespace) -> list[dict]:
+    """The rows of ``args.out`` for ``--resume`` (none if the file does not exist yet); exits with a one-line
+    message if that file was written with another protocol."""
+    path = Path(args.out)
+    if not path.exists():
+        return []
+    try:
+        saved = json.loads(path.read_text())
+        settings, rows = saved["settings"], saved["rows"]
+    except (ValueError, KeyError, TypeError) as exc:
+        sys.exit(f"--resume: {path} is not a defense_sweep result file ({exc}); pass another --out")
+    for key in PROTOCOL:
+        if settings.get(key) != getattr(args, key):
+            sys.exit(f"--resume: {path} was written with {key}={settings.get(key)!r}, this run has "
+                     f"{getattr(args, key)!r}; pass the same {key} or another --out")
+    return rows
+
+
+def save_rows(args: argparse.Namespace, rows: list[dict], gains: list[dict] | None = None) -> list[dict]:
+    """Write ``rows`` to ``args.out`` (atomically) and return what the file then holds. With ``--resume`` they
+    are merged, under a lock on the folder, with the rows the file holds at that moment, so that several
+    processes can fill one file with disjoint cells."""
+    import fcntl  # POSIX only, like the rest of the benchmarks' tooling
+
+    path = Path(args.out)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        if args.resume:
+            rows = list({_cell_key(r): r for r in [*resumed_rows(args), *rows]}.values())
+        saved = {"settings": vars(args), "rows": rows, **({"gains": gains} if gains is not None else {})}
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(saved, indent=1))
+        partial.replace(path)
+    finally:
+        os.close(folder)
+    return rows
 
 
 def cem_gains(rows: list[dict]) -> list[dict]:
@@ -308,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
                         "epochs": settings["epochs"]}
             rows += [{**defaults, **row} for row in saved["rows"]]
         # A cell measured again in a later file replaces the earlier measurement.
-        rows = list({(_setting(r), r["base"], r["strength"], r["seed"], *_cem_variant(r)): r for r in rows}.values())
+        rows = list({_cell_key(r): r for r in rows}.values())
         adaptive = all(r["adaptive"] for r in rows)
         print_gains(rows, "ADAPTIVE attackers" if adaptive else "NON-ADAPTIVE attackers (some or all rows)")
         return
@@ -324,7 +395,10 @@ def main(argv: list[str] | None = None) -> None:
           f"aux = {args.aux_size} holdout images), white-box = rMLE ({args.wb_iters} iters, first test image per "
           f"class); SSIM = 7x7 uniform (He et al.); model = {args.model}"
           + (f" at ReLU2, bound: {args.bound}" if args.model == "lenet" else " at the sigmoid bottleneck"), flush=True)
-    rows: list[dict] = []
+    rows: list[dict] = resumed_rows(args) if args.resume else []
+    done = {_cell_key(r) for r in rows}
+    if rows:
+        print(f"resuming {args.out}: {len(rows)} cells already measured are kept and skipped", flush=True)
     started = time.perf_counter()
     for name in args.datasets:
         data = load_dataset(name, data_dir=DATA_DIR, seed=args.seed)
@@ -339,10 +413,19 @@ def main(argv: list[str] | None = None) -> None:
         print(header, flush=True)
         for base in args.bases:
             param, strengths, _ = BASES[base]
+            if base == "noise" and args.model == "lenet" and args.bound == "none":
+                strengths = UNBOUNDED_NOISE
             strengths = args.strengths or strengths
             lams = args.noise_lambdas if base == "noise" else args.other_lambdas
             for strength in strengths:
                 for lam in lams:
+                    planned = {"dataset": data.name, "model": args.model, "bound": _bound_label(args),
+                               "epochs": args.epochs, "batch_size": args.batch_size, "base": base,
+                               "strength": strength, "seed": args.seed, "lam": lam, "cem_k": args.cem_k,
+                               "cem_tau": args.cem_tau, "cem_variance": args.cem_variance,
+                               "cem_sigma": _cem_sigma(args, base, lam)}
+                    if _cell_key(planned) in done:
+                        continue
                     r = run_cell(args, data, train, base, strength, lam)
                     rows.append(r)
                     rel = r["noise_std"] / r["feature_std"] if r["noise_std"] and r["feature_std"] else 0.0
@@ -351,13 +434,14 @@ def main(argv: list[str] | None = None) -> None:
                           f"{r['bb']['mse']:>7.4f} {r['bb']['ssim']:>6.3f} {r['bb']['psnr']:>6.2f} "
                           f"{r['wb']['psnr']:>6.2f} {r['wb']['ssim']:>6.3f} {r['floor']:>8.2e} {ok:>10} "
                           f"{rel:>8.2f} {r['train_time']:>7.1f}", flush=True)
-                    Path(args.out).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
+                    save_rows(args, rows)
+    rows = save_rows(args, rows)
     gains = print_gains(rows, label)
     violations = [r for r in rows if r["noise_std"] and not r["floor_ok"]]
     print(f"\nconditional-entropy floor violated in {len(violations)} of "
           f"{sum(1 for r in rows if r['noise_std'])} cells with fixed noise")
     print(f"total wall time {time.perf_counter() - started:.0f} s; rows in {args.out}")
-    Path(args.out).write_text(json.dumps({"settings": vars(args), "rows": rows, "gains": gains}, indent=1))
+    save_rows(args, rows, gains)
 
 
 if __name__ == "__main__":

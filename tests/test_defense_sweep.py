@@ -1,0 +1,116 @@
+"""The defense sweep's bookkeeping: the CEM gain it prints and ``--resume`` (no training: cells are faked)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "defense_sweep.py"
+_spec = importlib.util.spec_from_file_location("defense_sweep", _PATH)
+sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sweep)
+
+
+def _row(strength: float, lam: float, accuracy: float, bb_mse: float, **extra) -> dict:
+    row = {"dataset": "mnist", "model": "lenet", "bound": "none", "epochs": 3, "batch_size": 128, "base": "noise",
+           "strength": strength, "lam": lam, "cem_k": 5, "cem_tau": 0.125, "cem_variance": "mean", "seed": 0,
+           "accuracy": accuracy, "bb": {"mse": bb_mse, "ssim": 0.5, "psnr": 20.0},
+           "wb": {"mse": 0.02, "ssim": 0.5, "psnr": 17.0}, "floor": 1e-4, "floor_ok": True, "noise_std": strength,
+           "feature_std": 1.0, "train_time": 10.0 * (1 + (lam > 0)), "adaptive": True}
+    return {**row, **extra}
+
+
+def test_cem_gain_matches_within_one_point_and_interpolates_the_no_cem_curve():
+    rows = [_row(0.5, 0, 0.98, 0.010), _row(0.5, 16, 0.975, 0.015),  # 0.5 points apart: matched, +50 %
+            _row(1.0, 0, 0.97, 0.012), _row(1.0, 16, 0.95, 0.020)]  # 2 points apart: not matched, +66.7 %
+    (gain,) = sweep.cem_gains(rows)
+    assert gain["matched"] == pytest.approx([0.5])
+    assert gain["all"] == pytest.approx([0.5, 0.02 / 0.012 - 1])
+    # The no-CEM curve at 97.5 % lies halfway between (97 %, 0.012) and (98 %, 0.010); 95 % is off the curve.
+    assert gain["curve_matched"] == pytest.approx([0.015 / 0.011 - 1])
+    assert gain["time_ratio"] == pytest.approx(2.0)
+
+
+def test_cells_of_another_protocol_are_never_paired():
+    rows = [_row(0.5, 0, 0.98, 0.010), _row(0.5, 16, 0.975, 0.015, batch_size=64)]
+    assert all(not g["all"] for g in sweep.cem_gains(rows))
+
+
+@pytest.fixture
+def fake_sweep(monkeypatch):
+    """Run ``main`` with cells that cost nothing; yields the list of cells actually measured."""
+    threads = torch.get_num_threads()  # main() sets the thread count for the whole process
+    measured: list[tuple[float, float]] = []
+
+    def run_cell(args, data, train, base, strength, lam):
+        measured.append((strength, lam))
+        return _row(strength, lam, 0.98 - 0.001 * lam, 0.01 * (1 + lam / 32), seed=args.seed, epochs=args.epochs,
+                    batch_size=args.batch_size, bound=args.bound, base=base,
+                    cem_sigma=sweep._cem_sigma(args, base, lam))
+
+    monkeypatch.setattr(sweep, "run_cell", run_cell)
+    monkeypatch.setattr(sweep, "load_dataset", lambda name, **kw: SimpleNamespace(name=name, train=[0] * 8,
+                                                                                   test=[0] * 8))
+    yield measured
+    torch.set_num_threads(threads)
+
+
+def _main(out: Path, *extra: str) -> None:
+    sweep.main(["--bound", "none", "--train-size", "0", "--epochs", "3", "--batch-size", "128", "--bases", "noise",
+                "--noise-lambdas", "0", "16", "--out", str(out), *extra])
+
+
+def test_resume_runs_only_the_missing_cells_and_keeps_the_rest(fake_sweep, tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    _main(out, "--strengths", "0.5", "--resume")  # no file yet: everything runs
+    assert fake_sweep == [(0.5, 0.0), (0.5, 16.0)]
+    _main(out, "--strengths", "0.5", "1", "--resume")
+    assert fake_sweep[2:] == [(1.0, 0.0), (1.0, 16.0)]
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["strength"], r["lam"]) for r in rows) == [(0.5, 0), (0.5, 16), (1.0, 0), (1.0, 16)]
+    _main(out, "--strengths", "0.5", "1", "--resume")
+    assert len(fake_sweep) == 4
+    assert "4 cells already measured" in capsys.readouterr().out
+
+
+def test_resume_refuses_a_file_of_another_protocol(fake_sweep, tmp_path):
+    out = tmp_path / "sweep.json"
+    _main(out, "--strengths", "0.5")
+    with pytest.raises(SystemExit, match="bb_steps=1400, this run has 500"):
+        _main(out, "--strengths", "0.5", "--bb-steps", "500", "--resume")
+    out.write_text("not json")
+    with pytest.raises(SystemExit, match="not a defense_sweep result file"):
+        _main(out, "--strengths", "0.5", "--resume")
+
+
+def test_without_resume_an_existing_file_is_replaced(fake_sweep, tmp_path):
+    out = tmp_path / "sweep.json"
+    _main(out, "--strengths", "0.5")
+    _main(out, "--strengths", "1")
+    assert {r["strength"] for r in json.loads(out.read_text())["rows"]} == {1.0}
+
+
+def test_resume_reruns_cem_cells_of_a_base_without_noise_when_the_hinge_sigma_changes(fake_sweep, tmp_path):
+    out = tmp_path / "sweep.json"
+    _main(out, "--bases", "dropout", "--strengths", "0.5", "--other-lambdas", "0", "16", "--cem-sigma", "0.5")
+    _main(out, "--bases", "dropout", "--strengths", "0.5", "--other-lambdas", "0", "16", "--cem-sigma", "0.2",
+          "--resume")
+    assert fake_sweep == [(0.5, 0.0), (0.5, 16.0), (0.5, 16.0)]  # the no-CEM cell does not depend on σ
+
+
+def test_concurrent_resumed_runs_merge_their_rows_instead_of_overwriting(tmp_path):
+    out = tmp_path / "sweep.json"
+    first, second = (sweep.parse_args(["--bound", "none", "--resume", "--out", str(out), "--bases", base])
+                     for base in ("noise", "dropout"))
+    assert sweep.resumed_rows(first) == sweep.resumed_rows(second) == []  # both start before either saves
+    sweep.save_rows(first, [_row(0.5, 0, 0.98, 0.01, epochs=first.epochs, batch_size=first.batch_size)])
+    merged = sweep.save_rows(second, [_row(0.2, 0, 0.97, 0.01, base="dropout", epochs=second.epochs,
+                                           batch_size=second.batch_size)])
+    assert sorted(r["base"] for r in merged) == ["dropout", "noise"]
+    assert json.loads(out.read_text())["rows"] == merged
+    assert not list(tmp_path.glob("*.partial"))
