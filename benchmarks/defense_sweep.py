@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--aux-size", type=int, default=15000, help="attacker's auxiliary images (holdout)")
     p.add_argument("--bb-steps", type=int, default=None, help="inverse-network steps (default 1400; full 3000)")
     p.add_argument("--bb-batch", type=int, default=128, help="inverse-network batch size")
+    p.add_argument("--bb-raw-features", action="store_true",
+                   help="feed the inverse network raw features, not standardised ones (the attack before "
+                        "standardisation became its default; weaker, and blind to a defense that inflates the scale)")
     p.add_argument("--wb-iters", type=int, default=None, help="white-box rMLE iterations (default 150; full 1000)")
     p.add_argument("--non-adaptive", action="store_true", help="attackers ignore the defense (labelled so)")
     p.add_argument("--seed", type=int, default=0)
@@ -172,7 +175,8 @@ def run_cell(args, data, train, base: str, strength: float, lam: float) -> dict:
 
     # Black-box: decoder trained on the oracle's (defended) features of the auxiliary data.
     bb_victim = Victim(target, defense, threat="black_box", aux=aux, adaptive=adaptive, seed=args.seed + 1)
-    attack = InverseNetwork(steps=args.bb_steps, batch_size=args.bb_batch, seed=args.seed, progress=False)
+    attack = InverseNetwork(steps=args.bb_steps, batch_size=args.bb_batch, standardize=not args.bb_raw_features,
+                            seed=args.seed, progress=False)
     attack.fit(bb_victim)
     z_eval = bb_victim.observe(x_eval)  # what the cloud receives: always the defended feature
     x_hat = attack.invert(z_eval)
@@ -200,7 +204,8 @@ def run_cell(args, data, train, base: str, strength: float, lam: float) -> dict:
             "base": base, "strength": strength, "lam": lam, "cem_k": args.cem_k,
             "cem_tau": args.cem_tau, "cem_variance": args.cem_variance, "cem_sigma": _cem_sigma(args, base, lam),
             "seed": args.seed, "epochs": args.epochs,
-            "batch_size": args.batch_size, "test_size": len(test), "accuracy": acc,
+            "batch_size": args.batch_size, "bb_raw_features": args.bb_raw_features, "test_size": len(test),
+            "accuracy": acc,
             "bb": bb, "wb": wb, "floor": floor, "strongest_mse": strongest, "floor_ok": floor <= strongest,
             "noise_std": sigma, "feature_std": feature_std, "train_time": train_time, "train_cpu": train_cpu,
             "adaptive": adaptive}
@@ -222,9 +227,10 @@ def _cem_variant(row: dict) -> tuple[float, int, float, str]:
 
 
 def _setting(row: dict) -> str:
-    """Dataset, model, feature bound and training protocol (epochs, batch size): the rows whose numbers are
-    comparable."""
-    return f"{row['dataset']}/{row['model']}/{row['bound']}/e{row['epochs']}b{row.get('batch_size', 64)}"
+    """Dataset, model, feature bound, training protocol (epochs, batch size) and black-box attack (``raw-bb``:
+    rows written before the inverse network standardised its input): the rows whose numbers are comparable."""
+    raw = "/raw-bb" if row.get("bb_raw_features", True) else ""
+    return f"{row['dataset']}/{row['model']}/{row['bound']}/e{row['epochs']}b{row.get('batch_size', 64)}{raw}"
 
 
 def _cell_key(row: dict) -> tuple:
@@ -234,7 +240,7 @@ def _cell_key(row: dict) -> tuple:
 
 #: Settings that change a cell's numbers without being part of its key: a resumed file must share them.
 PROTOCOL = ("model", "bound", "train_size", "epochs", "batch_size", "test_size", "eval_size", "aux_size",
-            "bb_steps", "bb_batch", "wb_iters", "non_adaptive")
+            "bb_steps", "bb_batch", "bb_raw_features", "wb_iters", "non_adaptive")
 
 
 def resumed_rows(args: argparse.Namespace) -> list[dict]:
@@ -390,8 +396,8 @@ def main(argv: list[str] | None = None) -> None:
     label = "ADAPTIVE attackers" if not args.non_adaptive else "NON-ADAPTIVE attackers (they ignore the defense)"
     print("command:", shlex.join([sys.executable, *sys.argv]))
     print("settings:", json.dumps({k: v for k, v in vars(args).items()}, sort_keys=True))
-    print(f"attacks: {label}; black-box = inverse network (the attack's default decoder and optimiser, {args.bb_steps} "
-          f"steps of {args.bb_batch}, "
+    print(f"attacks: {label}; black-box = inverse network (the attack's default decoder and optimiser, "
+          f"{'raw' if args.bb_raw_features else 'standardised'} features, {args.bb_steps} steps of {args.bb_batch}, "
           f"aux = {args.aux_size} holdout images), white-box = rMLE ({args.wb_iters} iters, first test image per "
           f"class); SSIM = 7x7 uniform (He et al.); model = {args.model}"
           + (f" at ReLU2, bound: {args.bound}" if args.model == "lenet" else " at the sigmoid bottleneck"), flush=True)
@@ -420,7 +426,8 @@ def main(argv: list[str] | None = None) -> None:
             for strength in strengths:
                 for lam in lams:
                     planned = {"dataset": data.name, "model": args.model, "bound": _bound_label(args),
-                               "epochs": args.epochs, "batch_size": args.batch_size, "base": base,
+                               "epochs": args.epochs, "batch_size": args.batch_size,
+                               "bb_raw_features": args.bb_raw_features, "base": base,
                                "strength": strength, "seed": args.seed, "lam": lam, "cem_k": args.cem_k,
                                "cem_tau": args.cem_tau, "cem_variance": args.cem_variance,
                                "cem_sigma": _cem_sigma(args, base, lam)}

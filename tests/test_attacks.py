@@ -77,6 +77,35 @@ def test_inverse_network_beats_the_mean_image(trained_lenet, mnist5k, digits):
     assert attack.losses[-1] < attack.losses[0]
 
 
+class _Scale(ss.defenses.Defense):
+    """Multiplies the feature by a constant: no privacy at all, only a different scale."""
+
+    name = "scale"
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def obfuscate(self, z, training):
+        return z * self.factor
+
+
+def test_standardised_inverse_network_is_blind_to_the_feature_scale(trained_lenet, mnist5k, digits):
+    x, _ = digits
+    target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
+    aux = mnist5k.holdout.take(500)
+
+    def attack_mse(factor: float, standardize: bool) -> float:
+        victim = ss.Victim(target, _Scale(factor), threat="black_box", aux=aux)
+        attack = ss.InverseNetwork(steps=60, standardize=standardize, seed=0, progress=False).fit(victim)
+        return float(metrics.mse(attack.invert(victim.observe(x)), x))
+
+    # (c·z − c·mean) / (c·std) is the standardised z itself: the same decoder is trained, up to rounding.
+    assert attack_mse(1000.0, True) == pytest.approx(attack_mse(1.0, True), rel=1e-2)
+    # Raw, the 1000-fold feature stalls the decoder.
+    assert attack_mse(1000.0, False) > 1.5 * attack_mse(1.0, True)
+
+
 def test_query_free_trains_a_shadow_that_fools_the_tail(trained_lenet, mnist5k, digits):
     x, _ = digits
     target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))

@@ -17,7 +17,8 @@ _spec.loader.exec_module(sweep)
 
 
 def _row(strength: float, lam: float, accuracy: float, bb_mse: float, **extra) -> dict:
-    row = {"dataset": "mnist", "model": "lenet", "bound": "none", "epochs": 3, "batch_size": 128, "base": "noise",
+    row = {"dataset": "mnist", "model": "lenet", "bound": "none", "epochs": 3, "batch_size": 128,
+           "bb_raw_features": False, "base": "noise",
            "strength": strength, "lam": lam, "cem_k": 5, "cem_tau": 0.125, "cem_variance": "mean", "seed": 0,
            "accuracy": accuracy, "bb": {"mse": bb_mse, "ssim": 0.5, "psnr": 20.0},
            "wb": {"mse": 0.02, "ssim": 0.5, "psnr": 17.0}, "floor": 1e-4, "floor_ok": True, "noise_std": strength,
@@ -39,6 +40,9 @@ def test_cem_gain_matches_within_one_point_and_interpolates_the_no_cem_curve():
 def test_cells_of_another_protocol_are_never_paired():
     rows = [_row(0.5, 0, 0.98, 0.010), _row(0.5, 16, 0.975, 0.015, batch_size=64)]
     assert all(not g["all"] for g in sweep.cem_gains(rows))
+    older = {k: v for k, v in _row(0.5, 16, 0.975, 0.015).items() if k != "bb_raw_features"}  # before the field
+    assert sweep._setting(older).endswith("/raw-bb")
+    assert all(not g["all"] for g in sweep.cem_gains([_row(0.5, 0, 0.98, 0.010), older]))
 
 
 @pytest.fixture

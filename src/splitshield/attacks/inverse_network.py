@@ -30,6 +30,13 @@ class InverseNetwork(InversionAttack):
         Adam with its standard eps (1e-8), learning rate decayed by cosine to 1 % of ``lr``. Not the
         authors' eps of 1e-3: with a decoder's small MSE gradients it dominates Adam's step size
         (LeNet/MNIST ``ReLU2``, dense decoder, 1400 steps: 22.3 dB with 1e-8 against 19.7 dB with 1e-3).
+    standardize:
+        Feed the decoder each feature value standardised by its mean and standard deviation over the
+        attacker's queries (the statistics are part of the fitted attack). Any attacker can do this, and
+        it makes the attack blind to the feature's scale, which a defense can otherwise inflate to stall
+        the decoder's optimiser. LeNet/MNIST ``ReLU2``, Gaussian noise σ = 0.5, 1000 steps of 128: MSE
+        0.0093 raw, 0.0080 standardised; against a CEM variant that grew the feature to a standard
+        deviation of 54, 0.068 raw (a false sign of privacy) and 0.0091 standardised.
     seed:
         Seeds the decoder's initialisation and the batch order.
     """
@@ -38,9 +45,11 @@ class InverseNetwork(InversionAttack):
     name = "black_box"
 
     def __init__(self, decoder: nn.Module | None = None, steps: int = 3000, batch_size: int = 64,
-                 lr: float = 1e-3, seed: int = 0, progress: bool = True):
+                 lr: float = 1e-3, standardize: bool = True, seed: int = 0, progress: bool = True):
         self.decoder = decoder
         self.steps, self.batch_size, self.lr, self.seed = steps, batch_size, lr, seed
+        self.standardize = standardize
+        self.scaler: nn.Module | None = None
         self.progress = progress
         self.losses: list[float] = []
 
@@ -55,15 +64,16 @@ class InverseNetwork(InversionAttack):
         x_all, _ = aux.tensors()
         # Query once per auxiliary image: the oracle is the costly, rate-limited part in practice.
         z_all = torch.cat([view.query(x_all[i : i + 512]) for i in range(0, len(x_all), 512)]).cpu()
+        device = next(self.decoder.parameters()).device
+        self.scaler = (_Standardize(z_all) if self.standardize else nn.Identity()).to(device)
         self.decoder.train()
         opt = torch.optim.Adam(self.decoder.parameters(), lr=self.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.steps, eta_min=self.lr * 0.01)
         g = torch.Generator().manual_seed(self.seed)
-        device = next(self.decoder.parameters()).device
         for _ in tqdm(range(self.steps), desc="train inverse network", disable=not self.progress, leave=False):
             idx = torch.randint(len(x_all), (min(self.batch_size, len(x_all)),), generator=g)
             x, z = x_all[idx].to(device), z_all[idx].to(device)
-            loss = (self.decoder(z) - x).pow(2).mean()
+            loss = (self.decoder(self.scaler(z)) - x).pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -74,9 +84,25 @@ class InverseNetwork(InversionAttack):
 
     @torch.no_grad()
     def invert(self, z: torch.Tensor) -> torch.Tensor:
-        if self.decoder is None:
+        if self.decoder is None or self.scaler is None:
             raise RuntimeError("call fit(victim) before invert(z)")
-        return self.decoder(z).clamp(0.0, 1.0)
+        return self.decoder(self.scaler(z)).clamp(0.0, 1.0)
 
     def config(self) -> dict:
-        return {"name": self.name, "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr}
+        return {"name": self.name, "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
+                "standardize": self.standardize}
+
+
+class _Standardize(nn.Module):
+    """(z − mean) / std per feature value, with the statistics of the features it was built from [N, ...]."""
+
+    def __init__(self, z: torch.Tensor):
+        super().__init__()
+        std = z.std(0, correction=0)
+        # Values that never vary in the queries (dead ReLUs) must not be blown up by a zero std.
+        floor = max(1e-3 * std.mean().item(), 1e-12)
+        self.register_buffer("mean", z.mean(0))
+        self.register_buffer("std", std.clamp_min(floor))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.mean) / self.std
