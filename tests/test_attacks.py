@@ -106,6 +106,14 @@ def test_standardised_inverse_network_is_blind_to_the_feature_scale(trained_lene
     assert attack_mse(1000.0, False) > 1.5 * attack_mse(1.0, True)
 
 
+def test_inverse_network_standardises_a_map_for_a_conv_decoder_per_channel(trained_lenet, mnist5k):
+    for point, scale_shape in (("conv1", (8, 1, 1)), ("ReLU2", (16, 8, 8))):
+        target = ss.split(trained_lenet, point, input_shape=(1, 28, 28))
+        victim = ss.Victim(target, threat="black_box", aux=mnist5k.holdout.take(64))
+        attack = ss.InverseNetwork(steps=1, progress=False).fit(victim)
+        assert tuple(attack.scaler.std.shape) == scale_shape, point
+
+
 def test_query_free_trains_a_shadow_that_fools_the_tail(trained_lenet, mnist5k, digits):
     x, _ = digits
     target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .base import InversionAttack, Victim, VictimView
-from .decoders import build_decoder, he2019_decoder
+from .decoders import build_decoder, he2019_decoder, wants_dense_decoder
 
 
 class InverseNetwork(InversionAttack):
@@ -31,12 +31,14 @@ class InverseNetwork(InversionAttack):
         authors' eps of 1e-3: with a decoder's small MSE gradients it dominates Adam's step size
         (LeNet/MNIST ``ReLU2``, dense decoder, 1400 steps: 22.3 dB with 1e-8 against 19.7 dB with 1e-3).
     standardize:
-        Feed the decoder each feature value standardised by its mean and standard deviation over the
-        attacker's queries (the statistics are part of the fitted attack). Any attacker can do this, and
-        it makes the attack blind to the feature's scale, which a defense can otherwise inflate to stall
-        the decoder's optimiser. LeNet/MNIST ``ReLU2``, Gaussian noise σ = 0.5, 1000 steps of 128: MSE
-        0.0093 raw, 0.0080 standardised; against a CEM variant that grew the feature to a standard
-        deviation of 54, 0.068 raw (a false sign of privacy) and 0.0091 standardised.
+        Feed the decoder features standardised by their mean and standard deviation over the attacker's
+        queries: per value, or per channel of a feature map that gets a convolutional decoder (the
+        statistics are part of the fitted attack). Any attacker can do this, and it makes the attack blind
+        to the feature's scale, which a defense can otherwise inflate to stall the decoder's optimiser.
+        LeNet/MNIST ``ReLU2``, Gaussian noise σ = 0.5, 1000 steps of 128: MSE 0.0093 raw, 0.0080
+        standardised; against a CEM variant that grew the feature to a standard deviation of 54, 0.068
+        raw (a false sign of privacy) and 0.0091 standardised. At ``conv1`` (no defense, 1000 steps of
+        32): 38.1 dB raw, 38.5 dB per channel, 28.3 dB per value.
     seed:
         Seeds the decoder's initialisation and the batch order.
     """
@@ -65,7 +67,14 @@ class InverseNetwork(InversionAttack):
         # Query once per auxiliary image: the oracle is the costly, rate-limited part in practice.
         z_all = torch.cat([view.query(x_all[i : i + 512]) for i in range(0, len(x_all), 512)]).cpu()
         device = next(self.decoder.parameters()).device
-        self.scaler = (_Standardize(z_all) if self.standardize else nn.Identity()).to(device)
+        if self.standardize:
+            # A convolutional decoder shares its weights across positions, so it gets one scale per channel;
+            # per value, near-constant border positions would be blown up (LeNet conv1: 28.3 dB vs 38.5 dB).
+            per_channel = len(view.feature_shape) == 3 and not wants_dense_decoder(view.feature_shape,
+                                                                                   view.input_shape)
+            self.scaler = _Standardize(z_all, dims=(0, 2, 3) if per_channel else (0,)).to(device)
+        else:
+            self.scaler = nn.Identity()
         self.decoder.train()
         opt = torch.optim.Adam(self.decoder.parameters(), lr=self.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.steps, eta_min=self.lr * 0.01)
@@ -94,14 +103,15 @@ class InverseNetwork(InversionAttack):
 
 
 class _Standardize(nn.Module):
-    """(z − mean) / std per feature value, with the statistics of the features it was built from [N, ...]."""
+    """(z − mean) / std, with the statistics of the features it was built from [N, ...] taken over ``dims``
+    (``(0,)``: per feature value; ``(0, 2, 3)``: per channel of a feature map)."""
 
-    def __init__(self, z: torch.Tensor):
+    def __init__(self, z: torch.Tensor, dims: tuple[int, ...] = (0,)):
         super().__init__()
-        std = z.std(0, correction=0)
+        std = z.std(dims, keepdim=True, correction=0)[0]
         # Values that never vary in the queries (dead ReLUs) must not be blown up by a zero std.
         floor = max(1e-3 * std.mean().item(), 1e-12)
-        self.register_buffer("mean", z.mean(0))
+        self.register_buffer("mean", z.mean(dims, keepdim=True)[0])
         self.register_buffer("std", std.clamp_min(floor))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
