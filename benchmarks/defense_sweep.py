@@ -111,7 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bb-batch", type=int, default=128, help="inverse-network batch size")
     p.add_argument("--bb-raw-features", action="store_true",
                    help="feed the inverse network raw features, not standardised ones (the attack before "
-                        "standardisation became its default; weaker, and blind to a defense that inflates the scale)")
+                        "standardisation became its default: weaker, and fooled by a defense that changes the "
+                        "feature's scale)")
     p.add_argument("--wb-iters", type=int, default=None, help="white-box rMLE iterations (default 150; full 1000)")
     p.add_argument("--non-adaptive", action="store_true", help="attackers ignore the defense (labelled so)")
     p.add_argument("--seed", type=int, default=0)
@@ -200,15 +201,18 @@ def run_cell(args, data, train, base: str, strength: float, lam: float) -> dict:
     floor = conditional_entropy_floor(x_fit, z_clean, sigma, y_fit)["mse_floor"]
     strongest = min(bb["mse"], wb["mse"], bb10)
     feature_std = z_clean.std().item()
-    return {"dataset": data.name, "model": args.model, "bound": _bound_label(args),
-            "base": base, "strength": strength, "lam": lam, "cem_k": args.cem_k,
-            "cem_tau": args.cem_tau, "cem_variance": args.cem_variance, "cem_sigma": _cem_sigma(args, base, lam),
-            "seed": args.seed, "epochs": args.epochs,
-            "batch_size": args.batch_size, "bb_raw_features": args.bb_raw_features, "test_size": len(test),
-            "accuracy": acc,
+    return {**_cell_identity(args, data.name, base, strength, lam), "test_size": len(test), "accuracy": acc,
             "bb": bb, "wb": wb, "floor": floor, "strongest_mse": strongest, "floor_ok": floor <= strongest,
             "noise_std": sigma, "feature_std": feature_std, "train_time": train_time, "train_cpu": train_cpu,
             "adaptive": adaptive}
+
+
+def _cell_identity(args: argparse.Namespace, dataset: str, base: str, strength: float, lam: float) -> dict:
+    """The fields of a row that say which cell it is (see :func:`_cell_key`)."""
+    return {"dataset": dataset, "model": args.model, "bound": _bound_label(args), "epochs": args.epochs,
+            "batch_size": args.batch_size, "bb_raw_features": args.bb_raw_features, "base": base,
+            "strength": strength, "seed": args.seed, "lam": lam, "cem_k": args.cem_k, "cem_tau": args.cem_tau,
+            "cem_variance": args.cem_variance, "cem_sigma": _cem_sigma(args, base, lam)}
 
 
 def _cem_sigma(args: argparse.Namespace, base: str, lam: float) -> float | None:
@@ -425,13 +429,7 @@ def main(argv: list[str] | None = None) -> None:
             lams = args.noise_lambdas if base == "noise" else args.other_lambdas
             for strength in strengths:
                 for lam in lams:
-                    planned = {"dataset": data.name, "model": args.model, "bound": _bound_label(args),
-                               "epochs": args.epochs, "batch_size": args.batch_size,
-                               "bb_raw_features": args.bb_raw_features, "base": base,
-                               "strength": strength, "seed": args.seed, "lam": lam, "cem_k": args.cem_k,
-                               "cem_tau": args.cem_tau, "cem_variance": args.cem_variance,
-                               "cem_sigma": _cem_sigma(args, base, lam)}
-                    if _cell_key(planned) in done:
+                    if _cell_key(_cell_identity(args, data.name, base, strength, lam)) in done:
                         continue
                     r = run_cell(args, data, train, base, strength, lam)
                     rows.append(r)
