@@ -393,6 +393,8 @@ def main(argv: list[str] | None = None) -> None:
         adaptive = all(r["adaptive"] for r in rows)
         print_gains(rows, "ADAPTIVE attackers" if adaptive else "NON-ADAPTIVE attackers (some or all rows)")
         return
+    if not Path(args.out).parent.is_dir():
+        sys.exit(f"--out: folder {Path(args.out).parent} does not exist; create it or pass another --out")
     torch.set_num_threads(args.threads)
     if args.overhead:
         measure_overhead(args)

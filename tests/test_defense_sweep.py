@@ -118,3 +118,9 @@ def test_concurrent_resumed_runs_merge_their_rows_instead_of_overwriting(tmp_pat
     assert sorted(r["base"] for r in merged) == ["dropout", "noise"]
     assert json.loads(out.read_text())["rows"] == merged
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_an_out_file_in_a_missing_folder_is_a_one_line_error_before_any_cell(fake_sweep, tmp_path):
+    with pytest.raises(SystemExit, match="--out: folder .*missing does not exist"):
+        _main(tmp_path / "missing" / "sweep.json", "--strengths", "0.5")
+    assert fake_sweep == []
