@@ -34,7 +34,8 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -61,18 +62,23 @@ from splitshield.models import build_model
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-#: base name -> (strength parameter name, default strengths, factory(strength, feature_shape) -> Defense)
-BASES: dict[str, tuple[str, list[float], Callable[[float, tuple[int, ...]], Defense]]] = {
-    "noise": ("sigma", [0.05, 0.1, 0.2, 0.4], lambda s, shape: GaussianNoise(s)),
-    "dropout": ("rate", [0.2, 0.4, 0.6, 0.8], lambda s, shape: Dropout(s)),
-    "topk": ("ratio", [0.5, 0.75, 0.9, 0.97], lambda s, shape: TopKPrune(s)),
-    "nopeek": ("alpha", [0.5, 1.0, 2.0, 4.0], lambda s, shape: NoPeek(s)),
-    "adversarial": ("alpha", [0.3, 1.0, 3.0, 10.0], lambda s, shape: AdversarialReconstruction(s, width=16)),
+#: base name -> (strength parameter name, default strengths,
+#: factory(strength, feature_shape, standardised online adversary) -> Defense)
+BASES: dict[str, tuple[str, list[float], Callable[[float, tuple[int, ...], bool], Defense]]] = {
+    "noise": ("sigma", [0.05, 0.1, 0.2, 0.4], lambda s, shape, std: GaussianNoise(s)),
+    "dropout": ("rate", [0.2, 0.4, 0.6, 0.8], lambda s, shape, std: Dropout(s)),
+    "topk": ("ratio", [0.5, 0.75, 0.9, 0.97], lambda s, shape, std: TopKPrune(s)),
+    "nopeek": ("alpha", [0.5, 1.0, 2.0, 4.0], lambda s, shape, std: NoPeek(s)),
+    "adversarial": ("alpha", [0.3, 1.0, 3.0, 10.0],
+                    lambda s, shape, std: AdversarialReconstruction(s, width=16, standardize=std)),
     # On LeNet at ReLU2, β = 0.01 already cost MNIST 13 points and β = 0.1 left chance accuracy.
-    "vib": ("beta", [1e-5, 1e-4, 3e-4, 1e-3], lambda s, shape: VIB(shape[0], s)),
-    "shredder": ("lam", [0.1, 0.3, 1.0, 3.0], lambda s, shape: Shredder(shape, lam=s)),
-    "infoscissors": ("lam", [0.1, 0.3, 1.0, 3.0], lambda s, shape: InfoScissors(s, width=16)),
+    "vib": ("beta", [1e-5, 1e-4, 3e-4, 1e-3], lambda s, shape, std: VIB(shape[0], s)),
+    "shredder": ("lam", [0.1, 0.3, 1.0, 3.0], lambda s, shape, std: Shredder(shape, lam=s)),
+    "infoscissors": ("lam", [0.1, 0.3, 1.0, 3.0], lambda s, shape, std: InfoScissors(s, width=16, standardize=std)),
 }
+
+#: Bases that train an online decoder against the model (``--adversary-raw-features`` applies to them).
+ONLINE_ADVERSARY_BASES = ("adversarial", "infoscissors")
 
 #: Noise σ for LeNet's unbounded ReLU2 feature (``--bound none``), whose std grows to 2 to 7 with the noise: the
 #: defaults above are for a feature bounded to [0, 1).
@@ -113,6 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="feed the inverse network raw features, not standardised ones (the attack before "
                         "standardisation became its default: weaker, and fooled by a defense that changes the "
                         "feature's scale)")
+    p.add_argument("--adversary-raw-features", action="store_true",
+                   help="feed the online decoder of adversarial and infoscissors raw features (the defenses "
+                        "before standardisation became their default: the head can then defeat it by scale)")
     p.add_argument("--wb-iters", type=int, default=None, help="white-box rMLE iterations (default 150; full 1000)")
     p.add_argument("--non-adaptive", action="store_true", help="attackers ignore the defense (labelled so)")
     p.add_argument("--seed", type=int, default=0)
@@ -153,7 +162,7 @@ def run_cell(args, data, train, base: str, strength: float, lam: float) -> dict:
     torch.manual_seed(args.seed)
     target, bound = build_target(args.model, data.image_shape[0], args.bound)
     shape = target.feature_shape()
-    base_defense = BASES[base][2](strength, shape)
+    base_defense = BASES[base][2](strength, shape, not args.adversary_raw_features)
     parts: list[Defense] = [] if isinstance(bound, NoDefense) else [bound]
     parts.append(base_defense)
     if lam:
@@ -212,7 +221,8 @@ def _cell_identity(args: argparse.Namespace, dataset: str, base: str, strength: 
     return {"dataset": dataset, "model": args.model, "bound": _bound_label(args), "epochs": args.epochs,
             "batch_size": args.batch_size, "bb_raw_features": args.bb_raw_features, "base": base,
             "strength": strength, "seed": args.seed, "lam": lam, "cem_k": args.cem_k, "cem_tau": args.cem_tau,
-            "cem_variance": args.cem_variance, "cem_sigma": _cem_sigma(args, base, lam)}
+            "cem_variance": args.cem_variance, "cem_sigma": _cem_sigma(args, base, lam),
+            "adversary_raw_features": args.adversary_raw_features if base in ONLINE_ADVERSARY_BASES else None}
 
 
 def _cem_sigma(args: argparse.Namespace, base: str, lam: float) -> float | None:
@@ -231,9 +241,13 @@ def _cem_variant(row: dict) -> tuple[float, int, float, str]:
 
 
 def _setting(row: dict) -> str:
-    """Dataset, model, feature bound, training protocol (epochs, batch size) and black-box attack (``raw-bb``:
-    rows written before the inverse network standardised its input): the rows whose numbers are comparable."""
+    """Dataset, model, feature bound, training protocol (epochs, batch size), black-box attack (``raw-bb``:
+    rows written before the inverse network standardised its input) and, for the bases with an online
+    decoder, that decoder (``raw-adv``: rows written before it standardised its input): the rows whose
+    numbers are comparable."""
     raw = "/raw-bb" if row.get("bb_raw_features", True) else ""
+    if row["base"] in ONLINE_ADVERSARY_BASES and row.get("adversary_raw_features", True):
+        raw += "/raw-adv"
     return f"{row['dataset']}/{row['model']}/{row['bound']}/e{row['epochs']}b{row.get('batch_size', 64)}{raw}"
 
 
@@ -265,24 +279,78 @@ def resumed_rows(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder``, held by one process at a time (POSIX ``flock``)."""
+    import fcntl  # POSIX only, like the rest of the benchmarks' tooling
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _claims_path(args: argparse.Namespace) -> Path:
+    return Path(args.out).with_name(Path(args.out).name + ".claims")
+
+
+def _live_claims(args: argparse.Namespace) -> dict[str, int]:
+    """``cell key (JSON) -> pid`` of the cells being measured by processes still alive (call under the lock)."""
+    path = _claims_path(args)
+    claims = json.loads(path.read_text()) if path.exists() else {}
+    live = {}
+    for key, pid in claims.items():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue  # a killed sweep's cell is free again
+        except PermissionError:
+            pass
+        live[key] = pid
+    return live
+
+
+def _write_claims(args: argparse.Namespace, claims: dict[str, int]) -> None:
+    partial = _claims_path(args).with_name(_claims_path(args).name + ".partial")
+    partial.write_text(json.dumps(claims, indent=1))
+    partial.replace(_claims_path(args))
+
+
+def claim_cell(args: argparse.Namespace, key: tuple) -> bool:
+    """Whether this process should measure the cell ``key``. With ``--resume``: only if ``args.out`` does not
+    hold it yet and no other live process on this machine is measuring it; it is then claimed for this one
+    (``<out>.claims``) until :func:`save_rows` writes it. So several sweeps given the same grid share it."""
+    if not args.resume:
+        return True
+    token = json.dumps(list(key))
+    with _folder_lock(Path(args.out).parent):
+        if key in {_cell_key(r) for r in resumed_rows(args)}:
+            return False
+        claims = _live_claims(args)
+        if claims.get(token, os.getpid()) != os.getpid():
+            return False
+        _write_claims(args, {**claims, token: os.getpid()})
+    return True
+
+
 def save_rows(args: argparse.Namespace, rows: list[dict], gains: list[dict] | None = None) -> list[dict]:
     """Write ``rows`` to ``args.out`` (atomically) and return what the file then holds. With ``--resume`` they
     are merged, under a lock on the folder, with the rows the file holds at that moment, so that several
-    processes can fill one file with disjoint cells."""
-    import fcntl  # POSIX only, like the rest of the benchmarks' tooling
-
+    processes can fill one file with disjoint cells, and this process's claims on them are released."""
     path = Path(args.out)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
+    with _folder_lock(path.parent):
         if args.resume:
             rows = list({_cell_key(r): r for r in [*resumed_rows(args), *rows]}.values())
         saved = {"settings": vars(args), "rows": rows, **({"gains": gains} if gains is not None else {})}
         partial = path.with_name(path.name + ".partial")
         partial.write_text(json.dumps(saved, indent=1))
         partial.replace(path)
-    finally:
-        os.close(folder)
+        if args.resume and _claims_path(args).exists():
+            written = {json.dumps(list(_cell_key(r))) for r in rows}
+            _write_claims(args, {k: pid for k, pid in _live_claims(args).items()
+                                 if not (pid == os.getpid() and k in written)})
     return rows
 
 
@@ -408,7 +476,6 @@ def main(argv: list[str] | None = None) -> None:
           f"class); SSIM = 7x7 uniform (He et al.); model = {args.model}"
           + (f" at ReLU2, bound: {args.bound}" if args.model == "lenet" else " at the sigmoid bottleneck"), flush=True)
     rows: list[dict] = resumed_rows(args) if args.resume else []
-    done = {_cell_key(r) for r in rows}
     if rows:
         print(f"resuming {args.out}: {len(rows)} cells already measured are kept and skipped", flush=True)
     started = time.perf_counter()
@@ -431,7 +498,8 @@ def main(argv: list[str] | None = None) -> None:
             lams = args.noise_lambdas if base == "noise" else args.other_lambdas
             for strength in strengths:
                 for lam in lams:
-                    if _cell_key(_cell_identity(args, data.name, base, strength, lam)) in done:
+                    key = _cell_key(_cell_identity(args, data.name, base, strength, lam))
+                    if not claim_cell(args, key):
                         continue
                     r = run_cell(args, data, train, base, strength, lam)
                     rows.append(r)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -124,3 +125,28 @@ def test_an_out_file_in_a_missing_folder_is_a_one_line_error_before_any_cell(fak
     with pytest.raises(SystemExit, match="--out: folder .*missing does not exist"):
         _main(tmp_path / "missing" / "sweep.json", "--strengths", "0.5")
     assert fake_sweep == []
+
+
+def test_sweeps_given_the_same_grid_share_it_through_claims(fake_sweep, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "sweep.json"
+    args = sweep.parse_args(["--bound", "none", "--train-size", "0", "--epochs", "3", "--batch-size", "128",
+                             "--bases", "noise", "--noise-lambdas", "0", "16", "--strengths", "0.5", "--resume",
+                             "--out", str(out)])
+    busy, abandoned = (json.dumps(list(sweep._cell_key(sweep._cell_identity(args, "mnist", "noise", 0.5, lam))))
+                       for lam in (0.0, 16.0))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    sweep._claims_path(args).write_text(json.dumps({busy: os.getppid(), abandoned: dead.pid}))
+    _main(out, "--strengths", "0.5", "--resume")
+    assert fake_sweep == [(0.5, 16.0)]  # the live process's cell is left to it; the killed one's is taken over
+    assert json.loads(sweep._claims_path(args).read_text()) == {busy: os.getppid()}
+
+
+def test_rows_of_an_online_decoder_fed_raw_features_are_a_setting_of_their_own():
+    old = _row(0.3, 0, 0.98, 0.01, base="adversarial")  # written before the field existed
+    new = _row(0.3, 0, 0.98, 0.01, base="adversarial", adversary_raw_features=False)
+    assert sweep._setting(old).endswith("/raw-adv") and not sweep._setting(new).endswith("/raw-adv")
+    assert not sweep._setting(_row(0.5, 0, 0.98, 0.01)).endswith("/raw-adv")  # noise has no online decoder

@@ -312,6 +312,27 @@ def test_online_adversary_is_updated_but_outside_the_trainer_optimiser(defense):
     trainer.fit(tiny_set(32))
 
 
+@pytest.mark.parametrize("make", [lambda std: AdversarialReconstruction(1.0, metric="mse", standardize=std),
+                                  lambda std: InfoScissors(1.0, standardize=std)], ids=["adversarial", "club"])
+def test_online_adversary_cannot_be_defeated_by_the_feature_scale(make):
+    """Standardised, the decoder's input (hence the penalty) is the same for z and c·z: d penalty / dc = 0 at
+    c = 1, so a head gains nothing by growing or shrinking its feature. Raw-fed, the scale moves the penalty."""
+    x, y = tiny_set(16).tensors()
+    z = lenet_split().head(x).detach()
+
+    def scale_gradient(standardize: bool) -> float:
+        defense = make(standardize)
+        defense.regularizer(x, y, z, z, None)  # build and train the decoder once
+        c = torch.tensor(1.0, requires_grad=True)
+        torch.manual_seed(0)  # InfoScissors' negative pairs
+        defense.regularizer(x, y, c * z, c * z, None).backward()
+        return c.grad.abs().item()
+
+    raw, standardised = scale_gradient(False), scale_gradient(True)
+    assert raw > 1e-5  # 2e-3 (adversarial) and 7e-5 (CLUB) in this setting
+    assert standardised < 1e-4 * raw  # float rounding: about 3e-10
+
+
 def test_regularizers_in_a_composition_see_the_bounded_feature():
     seen = {}
 

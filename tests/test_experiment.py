@@ -55,6 +55,17 @@ def test_plan_is_the_full_product_with_stable_unique_hashes():
     assert len(shared) == 2 * 2 * 2  # only the steps=20 cells are new
 
 
+def test_a_new_results_revision_gives_every_target_and_cell_a_new_hash(monkeypatch):
+    import splitshield.experiment as experiment
+
+    spec = parse_spec(TINY)
+    before = plan(spec)
+    monkeypatch.setattr(experiment, "RESULTS_REVISION", experiment.RESULTS_REVISION + 1)
+    after = plan(spec)
+    assert not {c.hash for c in before} & {c.hash for c in after}
+    assert not {c.target_hash for c in before} & {c.target_hash for c in after}  # the model is trained again
+
+
 def test_unknown_split_lists_the_legal_points():
     with pytest.raises(ConfigError, match=r"spec field splits: 'ReLU9' is not a split point of lenet.*conv1.*ReLU2"):
         plan(parse_spec({**TINY, "splits": ["ReLU9"]}))

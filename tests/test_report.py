@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from splitshield.cli import app
 from splitshield.errors import ConfigError
+from splitshield.experiment import RESULTS_REVISION
 from splitshield.report import audit, build_report, load_sections, summary_sentence
 from splitshield.store import CellRecord, ResultStore
 
@@ -45,7 +46,7 @@ def _fill(db: Path) -> None:
                 store.register_cells(run, [{
                     "hash": h, "target_hash": f"t{d}", "dataset": "mnist", "model": "lenet", "split": "ReLU2",
                     "defense": defense, "defense_label": _label(defense), "attack": {"name": attack},
-                    "attack_label": attack, "seed": 0, "config": {}}])
+                    "attack_label": attack, "seed": 0, "config": {"revision": RESULTS_REVISION}}])
                 rel = f"artifacts/{h}.safetensors"
                 (db.parent / "artifacts").mkdir(exist_ok=True)
                 save_file({"original": original, "reconstruction": (original * ssim).astype(np.float32)},
@@ -108,6 +109,32 @@ def test_report_of_missing_or_empty_store_is_a_config_error(tmp_path):
     ResultStore(tmp_path / "empty.db").close()
     with pytest.raises(ConfigError, match="no finished cells"):
         build_report(tmp_path / "empty.db", tmp_path / "out")
+
+
+def _add_stale_cell(db: Path) -> None:
+    """A finished cell written by an older splitshield (no revision in its config) that beats every bar."""
+    with ResultStore(db) as store:
+        run = store.start_run("old", {}, "local", 1)
+        store.register_cells(run, [{
+            "hash": "stale", "target_hash": "t-old", "dataset": "mnist", "model": "lenet", "split": "ReLU2",
+            "defense": {"name": "old_defense"}, "defense_label": "old_defense", "attack": {"name": "black_box"},
+            "attack_label": "black_box", "seed": 0, "config": {}}])
+        store.record(CellRecord("stale", [("accuracy", -1, 0.99), ("ssim", -1, 0.99), ("psnr", -1, 40.0),
+                                          ("mse", -1, 1e-4)], {"compute_seconds": 1.0}, {}))
+
+
+def test_cells_of_an_older_revision_are_left_out_and_said_so(db, tmp_path):
+    _add_stale_cell(db)
+    with ResultStore(db) as store:
+        (section,) = load_sections(store)
+        assert "old_defense" not in {r.label for r in section.rows}
+        assert all(v.defense != "old_defense" for v in audit(store, max_ssim=0.1))
+    md = build_report(db, tmp_path / "report").markdown.read_text()
+    assert "1 cells measured by an older splitshield" in md and "old_defense" not in md
+    only_old = tmp_path / "old.db"
+    _add_stale_cell(only_old)
+    with pytest.raises(ConfigError, match="1 were measured by an older splitshield"):
+        build_report(only_old, tmp_path / "out")
 
 
 def test_audit_flags_exactly_the_attacks_above_the_bar(db):

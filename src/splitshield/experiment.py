@@ -40,6 +40,13 @@ from .errors import CheckpointError, ConfigError, SplitShieldError
 from .store import CellRecord, ResultStore
 
 INVERSION_METRICS = ("mse", "psnr", "ssim")
+
+#: Bumped whenever a change to splitshield changes the numbers an existing cell would give (training, an
+#: attack's or a defense's default behaviour, a metric). It is part of every target and cell hash, so a store
+#: written by an older splitshield is measured again rather than resumed, and reports leave its cells out.
+#: 1: cells written before the revision was recorded. 2: the inverse network and the online decoders of
+#: adversarial training and InfoScissors standardise their input.
+RESULTS_REVISION = 2
 _KNOWN_SHAPES = {"mnist-5k": (1, 28, 28), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
@@ -51,6 +58,14 @@ def config_hash(config: dict[str, Any]) -> str:
 def derived_seed(seed: int, key: str) -> int:
     """A 31-bit seed from (spec seed, cell hash): distinct per cell, the same on every machine."""
     return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def current_cells(store: ResultStore) -> tuple[list[dict[str, Any]], int]:
+    """The store's finished cells measured by this splitshield's :data:`RESULTS_REVISION`, and the number of
+    finished cells from older revisions, whose numbers may differ and which are left out."""
+    done = store.cells(status="done")
+    current = [c for c in done if c["config"].get("revision", 1) == RESULTS_REVISION]
+    return current, len(done) - len(current)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,7 +147,7 @@ def plan(spec: ExperimentSpec) -> list[Cell]:
                 for defense in defenses:
                     for seed in spec.seeds:
                         target = {"dataset": dataset, "model": model, "split": split, "defense": defense,
-                                  "seed": seed, "train": train}
+                                  "seed": seed, "train": train, "revision": RESULTS_REVISION}
                         target_hash = config_hash(target)
                         for attack, label in zip(attacks, attack_labels, strict=True):
                             config = {**target, "attack": attack, "evaluation": evaluation}

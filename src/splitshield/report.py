@@ -98,10 +98,15 @@ def _family(config: dict[str, Any]) -> str:
 
 
 def load_sections(store: ResultStore) -> list[Section]:
-    """Group the store's finished cells by (dataset, model, split) and defense setting."""
-    cells = store.cells(status="done")
+    """Group the store's finished cells of this splitshield's results revision by (dataset, model, split) and
+    defense setting."""
+    from .experiment import current_cells
+
+    cells, stale = current_cells(store)
     if not cells:
-        raise ConfigError(f"{store.path}: no finished cells to report; run `splitshield run SPEC --db {store.path}`")
+        older = f" ({stale} were measured by an older splitshield and would be measured again)" if stale else ""
+        raise ConfigError(f"{store.path}: no finished cells to report{older}; "
+                          f"run `splitshield run SPEC --db {store.path}`")
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for cell in cells:
         groups[(cell["dataset"], cell["model"], cell["split"])].append(cell)
@@ -336,12 +341,17 @@ def build_report(db: str | Path, out_dir: str | Path, title: str | None = None) 
         raise ConfigError(f"results database {db} does not exist; run `splitshield run SPEC --db {db}` first")
     out = output_folder(out_dir)
     figures_dir = out / "figures"
+    from .experiment import current_cells
+
     with ResultStore(db) as store:
         sections = load_sections(store)
         runs = store.runs()
+        stale = current_cells(store)[1]
     name = title or (runs[-1]["name"] if runs else "splitshield")
     n_cells = sum(len(r.cells) for s in sections for r in s.rows)
-    meta = (f"{n_cells} cells from {db.name}; metrics are means over the evaluation images and over seeds; "
+    older = (f" ({stale} cells measured by an older splitshield, whose numbers may differ, are left out; "
+             "`splitshield run` measures them again)") if stale else ""
+    meta = (f"{n_cells} cells from {db.name}{older}; metrics are means over the evaluation images and over seeds; "
             "SSIM uses a 7×7 uniform window (scikit-image's default), PSNR assumes a data range of 1.")
     summaries = [summary_sentence(s) for s in sections]
     md = [f"# Split-inference leakage report: {name}", "", meta, "", "## Summary", ""]
@@ -399,14 +409,17 @@ def audit(store: ResultStore, max_ssim: float | None = None, max_psnr: float | N
           max_completion_accuracy: float | None = None, hashes: Iterable[str] | None = None) -> list[AuditViolation]:
     """Every finished cell whose attack beats a bar (mean over the evaluation images, per seed).
 
-    ``hashes`` restricts the check to those cells (the ones of one spec); ``None`` checks all.
+    ``hashes`` restricts the check to those cells (the ones of one spec); ``None`` checks all the cells of
+    this splitshield's results revision.
     """
     limits = {"ssim": max_ssim, "psnr": max_psnr, "completion_accuracy": max_completion_accuracy}
     if all(v is None for v in limits.values()):
         raise ConfigError("audit needs at least one bar: --max-ssim, --max-psnr or --max-completion-accuracy")
     wanted = None if hashes is None else set(hashes)
     out = []
-    for cell in store.cells(status="done"):
+    from .experiment import current_cells
+
+    for cell in current_cells(store)[0]:
         if wanted is not None and cell["hash"] not in wanted:
             continue
         for metric, limit in limits.items():

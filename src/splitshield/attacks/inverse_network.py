@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .base import InversionAttack, Victim, VictimView
-from .decoders import build_decoder, he2019_decoder, wants_dense_decoder
+from .decoders import Standardize, build_decoder, he2019_decoder, standardize_dims
 
 
 class InverseNetwork(InversionAttack):
@@ -68,11 +68,8 @@ class InverseNetwork(InversionAttack):
         z_all = torch.cat([view.query(x_all[i : i + 512]) for i in range(0, len(x_all), 512)]).cpu()
         device = next(self.decoder.parameters()).device
         if self.standardize:
-            # A convolutional decoder shares its weights across positions, so it gets one scale per channel;
-            # per value, near-constant border positions would be blown up (LeNet conv1: 28.3 dB vs 38.5 dB).
-            per_channel = len(view.feature_shape) == 3 and not wants_dense_decoder(view.feature_shape,
-                                                                                   view.input_shape)
-            self.scaler = _Standardize(z_all, dims=(0, 2, 3) if per_channel else (0,)).to(device)
+            dims = standardize_dims(view.feature_shape, view.input_shape)
+            self.scaler = Standardize(dims, reference=z_all).to(device)
         else:
             self.scaler = nn.Identity()
         self.decoder.train()
@@ -101,18 +98,3 @@ class InverseNetwork(InversionAttack):
         return {"name": self.name, "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
                 "standardize": self.standardize}
 
-
-class _Standardize(nn.Module):
-    """(z − mean) / std, with the statistics of the features it was built from [N, ...] taken over ``dims``
-    (``(0,)``: per feature value; ``(0, 2, 3)``: per channel of a feature map)."""
-
-    def __init__(self, z: torch.Tensor, dims: tuple[int, ...] = (0,)):
-        super().__init__()
-        std = z.std(dims, keepdim=True, correction=0)[0]
-        # Values that never vary in the queries (dead ReLUs) must not be blown up by a zero std.
-        floor = max(1e-3 * std.mean().item(), 1e-12)
-        self.register_buffer("mean", z.mean(dims, keepdim=True)[0])
-        self.register_buffer("std", std.clamp_min(floor))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self.mean) / self.std

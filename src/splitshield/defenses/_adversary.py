@@ -17,7 +17,7 @@ from torch import nn
 
 
 def light_decoder(feature_shape: tuple[int, ...], image_shape: tuple[int, ...], width: int = 32,
-                  sigmoid: bool = True) -> nn.Module:
+                  sigmoid: bool = True, standardize: bool = True) -> nn.Module:
     """A small decoder from features to images, in (0, 1) with ``sigmoid`` (as CEM's decoders).
 
     Flat or coarse features (at most half the image's resolution) get the attack's fully connected
@@ -28,15 +28,22 @@ def light_decoder(feature_shape: tuple[int, ...], image_shape: tuple[int, ...], 
     of the attack's convolutional decoder, because an online adversary runs twice per training step.
     Without ``sigmoid`` the output is unbounded: better for an attack trained with Adam's large ``eps``
     (the sigmoid's small gradients then barely move it).
-    """
-    from ..attacks.decoders import dense_decoder, wants_dense_decoder
 
+    With ``standardize`` the decoder first standardises each batch by its own statistics (per value for
+    the dense decoder, per channel for the convolutional one), as the inverse-network attack does with
+    its query set. Without it, a head trained against the decoder can defeat it by scale alone: growing
+    or shrinking the feature slows a raw-fed decoder without hiding anything from a scale-blind attacker.
+    """
+    from ..attacks.decoders import Standardize, dense_decoder, standardize_dims, wants_dense_decoder
+
+    head: list[nn.Module] = [Standardize(standardize_dims(feature_shape, image_shape))] if standardize else []
     tail: list[nn.Module] = [nn.Sigmoid()] if sigmoid else []
     channels, height, wide = image_shape
     if wants_dense_decoder(feature_shape, image_shape):
-        return nn.Sequential(dense_decoder(feature_shape, image_shape, hidden=8 * width), *tail)
+        return nn.Sequential(*head, dense_decoder(feature_shape, image_shape, hidden=8 * width), *tail)
     half = max(1, width // 2)
     return nn.Sequential(
+        *head,
         nn.Conv2d(feature_shape[0], width, 3, padding=1), nn.ReLU(),
         nn.Upsample(size=(max(1, height // 2), max(1, wide // 2)), mode="bilinear", align_corners=False),
         nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),

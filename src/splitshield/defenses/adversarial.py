@@ -12,8 +12,10 @@ published recipe, CEM's ``gan_adv_stepK`` after ResSFL (Li et al., CVPR 2022; AL
 
 Differences from CEM's code: D is a light decoder (``_adversary.light_decoder``: fully connected on
 coarse features, 4 convolutions on finer ones), not ``res_normN4C64``, and it is not pre-trained for
-30 epochs (it learns from the first batch, so early epochs defend less). The decoder lives outside the
-trainer's optimiser and outside checkpoints (see ``_adversary.py``).
+30 epochs (it learns from the first batch, so early epochs defend less), and it standardises each
+batch of features before decoding (``standardize``), so that the head cannot escape it by rescaling its
+feature: CEM's ``res_normN4C64`` gets the same protection from its leading batch norm. The decoder
+lives outside the trainer's optimiser and outside checkpoints (see ``_adversary.py``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class AdversarialReconstruction(Defense):
         Decoder updates per batch and its Adam learning rate.
     width:
         Channels of the light decoder.
+    standardize:
+        Feed the decoder its input standardised by each batch's statistics (default), so that the head
+        cannot defeat it by the feature's scale alone; ``False`` feeds it the raw feature.
     seed:
         Seeds the decoder's initialisation.
     """
@@ -51,7 +56,7 @@ class AdversarialReconstruction(Defense):
     name = "adversarial"
 
     def __init__(self, alpha: float = 0.3, metric: str = "ssim", threshold: float | None = None, steps: int = 1,
-                 lr: float = 1e-3, width: int = 32, seed: int = 0):
+                 lr: float = 1e-3, width: int = 32, standardize: bool = True, seed: int = 0):
         super().__init__()
         self.alpha = non_negative("alpha", alpha)
         self.metric = choice("metric", metric, ("ssim", "mse"))
@@ -59,9 +64,10 @@ class AdversarialReconstruction(Defense):
         self.steps = positive_int("steps", steps)
         self.lr = positive("lr", lr)
         self.width = positive_int("width", width)
+        self.standardize = bool(standardize)
         self.seed = int(seed)
-        self.adversary = OnlineAdversary(partial(light_decoder, width=self.width), lr=self.lr, steps=self.steps,
-                                       seed=self.seed)
+        self.adversary = OnlineAdversary(partial(light_decoder, width=self.width, standardize=self.standardize),
+                                       lr=self.lr, steps=self.steps, seed=self.seed)
 
     def _quality(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction quality the decoder maximises: SSIM, or −MSE."""
@@ -79,4 +85,5 @@ class AdversarialReconstruction(Defense):
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "alpha": self.alpha, "metric": self.metric, "threshold": self.threshold,
-                "steps": self.steps, "lr": self.lr, "width": self.width, "seed": self.seed}
+                "steps": self.steps, "lr": self.lr, "width": self.width, "standardize": self.standardize,
+                "seed": self.seed}

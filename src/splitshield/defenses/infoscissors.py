@@ -40,21 +40,26 @@ class InfoScissors(Defense):
         Inversion-net updates per batch and its Adam learning rate.
     width:
         Channels of the light decoder.
+    standardize:
+        Feed the decoder its input standardised by each batch's statistics (default), so that the head
+        cannot defeat it by the feature's scale alone; ``False`` feeds it the raw feature.
     seed:
         Seeds the inversion net's initialisation and the negative pairs' permutation.
     """
 
     name = "infoscissors"
 
-    def __init__(self, lam: float = 1.0, steps: int = 1, lr: float = 1e-3, width: int = 32, seed: int = 0):
+    def __init__(self, lam: float = 1.0, steps: int = 1, lr: float = 1e-3, width: int = 32,
+                 standardize: bool = True, seed: int = 0):
         super().__init__()
         self.lam = non_negative("lam", lam)
         self.steps = positive_int("steps", steps)
         self.lr = positive("lr", lr)
         self.width = positive_int("width", width)
+        self.standardize = bool(standardize)
         self.seed = int(seed)
-        self.inversion = OnlineAdversary(partial(light_decoder, width=self.width), lr=self.lr, steps=self.steps,
-                                       seed=self.seed)
+        self.inversion = OnlineAdversary(partial(light_decoder, width=self.width, standardize=self.standardize),
+                                       lr=self.lr, steps=self.steps, seed=self.seed)
 
     def regularizer(self, x, y, z, z_sent, logits):  # noqa: D102 - documented on Defense
         if not self.lam:
@@ -67,4 +72,4 @@ class InfoScissors(Defense):
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "lam": self.lam, "steps": self.steps, "lr": self.lr, "width": self.width,
-                "seed": self.seed}
+                "standardize": self.standardize, "seed": self.seed}
