@@ -129,8 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="/tmp/defense_sweep.json")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in --out (written with the same protocol) and run only the missing "
-                        "cells, so one file can collect a whole grid over several runs (also concurrent ones, "
-                        "given disjoint cells)")
+                        "cells, so one file can collect a whole grid over several runs; concurrent runs on this "
+                        "machine share the missing cells (each claims a cell before measuring it)")
     p.add_argument("--summarize", metavar="JSON", nargs="+",
                    help="only print the CEM gain table of finished runs' JSON files (merged; a cell measured "
                         "again in a later file replaces the earlier one)")
@@ -296,32 +296,43 @@ def _claims_path(args: argparse.Namespace) -> Path:
     return Path(args.out).with_name(Path(args.out).name + ".claims")
 
 
-def _live_claims(args: argparse.Namespace) -> dict[str, int]:
-    """``cell key (JSON) -> pid`` of the cells being measured by processes still alive (call under the lock)."""
+def _process_id(pid: int) -> str | None:
+    """``"pid:start time"`` of a running process, or ``None`` if it has ended (or is a zombie). The start time
+    (Linux ``/proc``) tells a claim's process from a later one that was given the same pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (command) "
+    return None if fields[0] in ("Z", "X") else f"{pid}:{fields[19]}"
+
+
+def _me() -> str:
+    return _process_id(os.getpid()) or str(os.getpid())
+
+
+def _live_claims(args: argparse.Namespace) -> dict[str, str]:
+    """``cell key (JSON) -> "pid:start time"`` of the cells being measured by processes still running on this
+    machine (call under the folder lock)."""
     path = _claims_path(args)
     claims = json.loads(path.read_text()) if path.exists() else {}
-    live = {}
-    for key, pid in claims.items():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue  # a killed sweep's cell is free again
-        except PermissionError:
-            pass
-        live[key] = pid
-    return live
+    return {key: owner for key, owner in claims.items() if _process_id(int(owner.split(":")[0])) == owner}
 
 
-def _write_claims(args: argparse.Namespace, claims: dict[str, int]) -> None:
-    partial = _claims_path(args).with_name(_claims_path(args).name + ".partial")
+def _write_claims(args: argparse.Namespace, claims: dict[str, str]) -> None:
+    path = _claims_path(args)
+    if not claims:
+        path.unlink(missing_ok=True)
+        return
+    partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(claims, indent=1))
-    partial.replace(_claims_path(args))
+    partial.replace(path)
 
 
 def claim_cell(args: argparse.Namespace, key: tuple) -> bool:
     """Whether this process should measure the cell ``key``. With ``--resume``: only if ``args.out`` does not
-    hold it yet and no other live process on this machine is measuring it; it is then claimed for this one
-    (``<out>.claims``) until :func:`save_rows` writes it. So several sweeps given the same grid share it."""
+    hold it yet and no other running process on this machine is measuring it; it is then claimed for this one
+    (in ``<out>.claims``) until :func:`save_rows` writes it. So several sweeps given the same grid share it."""
     if not args.resume:
         return True
     token = json.dumps(list(key))
@@ -329,28 +340,29 @@ def claim_cell(args: argparse.Namespace, key: tuple) -> bool:
         if key in {_cell_key(r) for r in resumed_rows(args)}:
             return False
         claims = _live_claims(args)
-        if claims.get(token, os.getpid()) != os.getpid():
+        if claims.get(token, _me()) != _me():
+            print(f"skipped (being measured by process {claims[token].split(':')[0]}): {token}", flush=True)
             return False
-        _write_claims(args, {**claims, token: os.getpid()})
+        _write_claims(args, {**claims, token: _me()})
     return True
 
 
-def save_rows(args: argparse.Namespace, rows: list[dict], gains: list[dict] | None = None) -> list[dict]:
-    """Write ``rows`` to ``args.out`` (atomically) and return what the file then holds. With ``--resume`` they
-    are merged, under a lock on the folder, with the rows the file holds at that moment, so that several
-    processes can fill one file with disjoint cells, and this process's claims on them are released."""
+def save_rows(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
+    """Write ``rows`` and their CEM gains to ``args.out`` (atomically) and return the rows the file then holds.
+    With ``--resume`` they are merged, under a lock on the folder, with the rows the file holds at that
+    moment, so that several processes can fill one file, and this process's claims on them are released."""
     path = Path(args.out)
     with _folder_lock(path.parent):
         if args.resume:
             rows = list({_cell_key(r): r for r in [*resumed_rows(args), *rows]}.values())
-        saved = {"settings": vars(args), "rows": rows, **({"gains": gains} if gains is not None else {})}
+        saved = {"settings": vars(args), "rows": rows, "gains": cem_gains(rows)}
         partial = path.with_name(path.name + ".partial")
         partial.write_text(json.dumps(saved, indent=1))
         partial.replace(path)
         if args.resume and _claims_path(args).exists():
             written = {json.dumps(list(_cell_key(r))) for r in rows}
-            _write_claims(args, {k: pid for k, pid in _live_claims(args).items()
-                                 if not (pid == os.getpid() and k in written)})
+            _write_claims(args, {k: owner for k, owner in _live_claims(args).items()
+                                 if not (owner == _me() and k in written)})
     return rows
 
 
@@ -398,8 +410,8 @@ def _mse_at_accuracy(curve: list[tuple[float, float]], accuracy: float) -> float
     return curve[-1][1]
 
 
-def print_gains(rows: list[dict], label: str) -> list[dict]:
-    """Print the CEM gain table; returns the gains."""
+def print_gains(rows: list[dict], label: str) -> None:
+    """Print the CEM gain table."""
     print(f"\n== CEM gain ({label}): relative increase of black-box MSE with CEM ==")
     print("same-strength = vs the same base & strength without CEM, over pairs whose accuracies differ by <= 1 point "
           "(and over all pairs); curve = vs the no-CEM (accuracy, MSE) curve interpolated at the CEM point's "
@@ -416,7 +428,6 @@ def print_gains(rows: list[dict], label: str) -> list[dict]:
         print(f"{g['dataset']:<38} {g['base']:<12} {g['lam']:>4g} {g['k']:>3} {g['tau']:>6g} {g['variance']:>7} "
               f"{len(g['matched']):>3}/{len(g['all']):<4} "
               f"{mean(g['matched']):>17} {mean(g['all']):>13} {curve:>14} {g['time_ratio']:>14.2f}")
-    return gains
 
 
 def measure_overhead(args: argparse.Namespace) -> None:
@@ -511,12 +522,11 @@ def main(argv: list[str] | None = None) -> None:
                           f"{rel:>8.2f} {r['train_time']:>7.1f}", flush=True)
                     save_rows(args, rows)
     rows = save_rows(args, rows)
-    gains = print_gains(rows, label)
+    print_gains(rows, label)
     violations = [r for r in rows if r["noise_std"] and not r["floor_ok"]]
     print(f"\nconditional-entropy floor violated in {len(violations)} of "
           f"{sum(1 for r in rows if r['noise_std'])} cells with fixed noise")
     print(f"total wall time {time.perf_counter() - started:.0f} s; rows in {args.out}")
-    save_rows(args, rows, gains)
 
 
 if __name__ == "__main__":

@@ -127,22 +127,31 @@ def test_an_out_file_in_a_missing_folder_is_a_one_line_error_before_any_cell(fak
     assert fake_sweep == []
 
 
-def test_sweeps_given_the_same_grid_share_it_through_claims(fake_sweep, tmp_path):
+def test_sweeps_given_the_same_grid_share_it_through_claims(fake_sweep, tmp_path, capsys):
     import subprocess
     import sys
 
     out = tmp_path / "sweep.json"
-    args = sweep.parse_args(["--bound", "none", "--train-size", "0", "--epochs", "3", "--batch-size", "128",
-                             "--bases", "noise", "--noise-lambdas", "0", "16", "--strengths", "0.5", "--resume",
-                             "--out", str(out)])
-    busy, abandoned = (json.dumps(list(sweep._cell_key(sweep._cell_identity(args, "mnist", "noise", 0.5, lam))))
-                       for lam in (0.0, 16.0))
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    sweep._claims_path(args).write_text(json.dumps({busy: os.getppid(), abandoned: dead.pid}))
-    _main(out, "--strengths", "0.5", "--resume")
-    assert fake_sweep == [(0.5, 16.0)]  # the live process's cell is left to it; the killed one's is taken over
-    assert json.loads(sweep._claims_path(args).read_text()) == {busy: os.getppid()}
+    grid = ["--bound", "none", "--train-size", "0", "--epochs", "3", "--batch-size", "128", "--bases", "noise",
+            "--noise-lambdas", "0", "8", "16", "--strengths", "0.5", "--resume", "--out", str(out)]
+    args = sweep.parse_args(grid)
+    busy, ended, reused = (json.dumps(list(sweep._cell_key(sweep._cell_identity(args, "mnist", "noise", 0.5, lam))))
+                           for lam in (0.0, 8.0, 16.0))
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    parent = sweep._process_id(os.getppid())
+    sweep._claims_path(args).write_text(json.dumps({
+        busy: parent,  # a running sweep
+        ended: f"{finished.pid}:1",  # a sweep that was killed
+        reused: f"{os.getppid()}:1",  # a killed sweep whose pid now belongs to another process
+    }))
+    sweep.main(grid)
+    assert fake_sweep == [(0.5, 8.0), (0.5, 16.0)]  # the running sweep's cell is left to it
+    assert "being measured by process" in capsys.readouterr().out
+    assert json.loads(sweep._claims_path(args).read_text()) == {busy: parent}
+    sweep._claims_path(args).unlink()
+    sweep.main([*grid[:-5], "--strengths", "1", "--resume", "--out", str(out)])
+    assert not sweep._claims_path(args).exists()  # a sweep leaves no claims file behind
 
 
 def test_rows_of_an_online_decoder_fed_raw_features_are_a_setting_of_their_own():

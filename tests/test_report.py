@@ -130,10 +130,10 @@ def test_cells_of_an_older_revision_are_left_out_and_said_so(db, tmp_path):
         assert "old_defense" not in {r.label for r in section.rows}
         assert all(v.defense != "old_defense" for v in audit(store, max_ssim=0.1))
     md = build_report(db, tmp_path / "report").markdown.read_text()
-    assert "1 cells measured by an older splitshield" in md and "old_defense" not in md
+    assert "1 cells measured by another splitshield revision" in md and "old_defense" not in md
     only_old = tmp_path / "old.db"
     _add_stale_cell(only_old)
-    with pytest.raises(ConfigError, match="1 were measured by an older splitshield"):
+    with pytest.raises(ConfigError, match="1 were measured by another splitshield revision"):
         build_report(only_old, tmp_path / "out")
 
 

@@ -62,7 +62,8 @@ def derived_seed(seed: int, key: str) -> int:
 
 def current_cells(store: ResultStore) -> tuple[list[dict[str, Any]], int]:
     """The store's finished cells measured by this splitshield's :data:`RESULTS_REVISION`, and the number of
-    finished cells from older revisions, whose numbers may differ and which are left out."""
+    finished cells from other revisions (older ones, or a newer splitshield's), whose numbers may differ and
+    which are left out."""
     done = store.cells(status="done")
     current = [c for c in done if c["config"].get("revision", 1) == RESULTS_REVISION]
     return current, len(done) - len(current)
@@ -302,13 +303,14 @@ def _eval_images(config: dict[str, Any], data) -> torch.Tensor:
     return x
 
 
-def _run_attack(config: dict[str, Any], cell_hash: str, target, defense, data, device: str,
+def _run_attack(config: dict[str, Any], target, defense, data, device: str,
                 progress: bool) -> tuple[list[tuple[str, int, float]], np.ndarray | None, np.ndarray | None]:
     from . import metrics as M
     from .attacks import ATTACKS, CompletionAttack, Victim
 
     spec = config["attack"]
-    seed = derived_seed(config["seed"], cell_hash)
+    # Seeded by the cell without its results revision: a cell the new revision does not change draws the same.
+    seed = derived_seed(config["seed"], config_hash({k: v for k, v in config.items() if k != "revision"}))
     aux = data.aux(spec["aux"], n=spec["aux_n"], seed=seed)
     victim = Victim(target, defense, threat=spec["threat"], aux=aux, adaptive=spec["adaptive"], seed=seed)
     cls = ATTACKS[spec["name"]]
@@ -363,7 +365,7 @@ def run_unit(unit: dict[str, Any], root: str, progress: bool = False, threads: i
                                                                          root_path, device, progress)
                     target_rows = _target_metrics(config, target, defense, data, device)
                 attack_start = time.perf_counter()
-                rows, original, reconstruction = _run_attack(config, cell["hash"], target, defense, data, device,
+                rows, original, reconstruction = _run_attack(config, target, defense, data, device,
                                                              progress)
             except (SplitShieldError, RuntimeError, ValueError, TypeError) as exc:
                 last = traceback.format_exception_only(type(exc), exc)[-1].strip()

@@ -104,7 +104,7 @@ def load_sections(store: ResultStore) -> list[Section]:
 
     cells, stale = current_cells(store)
     if not cells:
-        older = f" ({stale} were measured by an older splitshield and would be measured again)" if stale else ""
+        older = f" ({stale} were measured by another splitshield revision and would be measured again)" if stale else ""
         raise ConfigError(f"{store.path}: no finished cells to report{older}; "
                           f"run `splitshield run SPEC --db {store.path}`")
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -349,7 +349,7 @@ def build_report(db: str | Path, out_dir: str | Path, title: str | None = None) 
         stale = current_cells(store)[1]
     name = title or (runs[-1]["name"] if runs else "splitshield")
     n_cells = sum(len(r.cells) for s in sections for r in s.rows)
-    older = (f" ({stale} cells measured by an older splitshield, whose numbers may differ, are left out; "
+    older = (f" ({stale} cells measured by another splitshield revision, whose numbers may differ, are left out; "
              "`splitshield run` measures them again)") if stale else ""
     meta = (f"{n_cells} cells from {db.name}{older}; metrics are means over the evaluation images and over seeds; "
             "SSIM uses a 7×7 uniform window (scikit-image's default), PSNR assumes a data range of 1.")

@@ -89,12 +89,13 @@ def wants_dense_decoder(feature_shape: tuple[int, ...], image_shape: tuple[int, 
     return coarse and math.prod(feature_shape) <= DENSE_MAX_FEATURES
 
 
-def standardize_dims(feature_shape: tuple[int, ...], image_shape: tuple[int, int, int]) -> tuple[int, ...]:
-    """The dimensions a decoder's input is standardised over: ``(0, 2, 3)``, one scale per channel, for a
-    feature map that gets a convolutional decoder (it shares its weights across positions, and per value
-    near-constant border positions would be blown up: LeNet ``conv1``, 28.3 dB against 38.5 dB); else
-    ``(0,)``, one scale per feature value."""
-    per_channel = len(feature_shape) == 3 and not wants_dense_decoder(feature_shape, image_shape)
+def standardize_dims(feature_shape: tuple[int, ...], decoder: nn.Module) -> tuple[int, ...]:
+    """The dimensions ``decoder``'s input is standardised over: ``(0, 2, 3)``, one scale per channel, for a
+    feature map whose decoder starts with a convolution (it shares its weights across positions, and per
+    value near-constant border positions would be blown up: LeNet ``conv1``, 28.3 dB against 38.5 dB);
+    else ``(0,)``, one scale per feature value (a fully connected decoder, or a flat feature)."""
+    first = next((m for m in decoder.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))), None)
+    per_channel = len(feature_shape) == 3 and isinstance(first, (nn.Conv2d, nn.ConvTranspose2d))
     return (0, 2, 3) if per_channel else (0,)
 
 

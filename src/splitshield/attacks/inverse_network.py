@@ -68,8 +68,7 @@ class InverseNetwork(InversionAttack):
         z_all = torch.cat([view.query(x_all[i : i + 512]) for i in range(0, len(x_all), 512)]).cpu()
         device = next(self.decoder.parameters()).device
         if self.standardize:
-            dims = standardize_dims(view.feature_shape, view.input_shape)
-            self.scaler = Standardize(dims, reference=z_all).to(device)
+            self.scaler = Standardize(standardize_dims(view.feature_shape, self.decoder), reference=z_all).to(device)
         else:
             self.scaler = nn.Identity()
         self.decoder.train()

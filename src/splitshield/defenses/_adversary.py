@@ -36,21 +36,21 @@ def light_decoder(feature_shape: tuple[int, ...], image_shape: tuple[int, ...], 
     """
     from ..attacks.decoders import Standardize, dense_decoder, standardize_dims, wants_dense_decoder
 
-    head: list[nn.Module] = [Standardize(standardize_dims(feature_shape, image_shape))] if standardize else []
-    tail: list[nn.Module] = [nn.Sigmoid()] if sigmoid else []
     channels, height, wide = image_shape
     if wants_dense_decoder(feature_shape, image_shape):
-        return nn.Sequential(*head, dense_decoder(feature_shape, image_shape, hidden=8 * width), *tail)
-    half = max(1, width // 2)
-    return nn.Sequential(
-        *head,
-        nn.Conv2d(feature_shape[0], width, 3, padding=1), nn.ReLU(),
-        nn.Upsample(size=(max(1, height // 2), max(1, wide // 2)), mode="bilinear", align_corners=False),
-        nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-        nn.ConvTranspose2d(width, half, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Upsample(size=(height, wide), mode="bilinear", align_corners=False),
-        nn.Conv2d(half, channels, 3, padding=1), *tail,
-    )
+        body = dense_decoder(feature_shape, image_shape, hidden=8 * width)
+    else:
+        half = max(1, width // 2)
+        body = nn.Sequential(
+            nn.Conv2d(feature_shape[0], width, 3, padding=1), nn.ReLU(),
+            nn.Upsample(size=(max(1, height // 2), max(1, wide // 2)), mode="bilinear", align_corners=False),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(width, half, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Upsample(size=(height, wide), mode="bilinear", align_corners=False),
+            nn.Conv2d(half, channels, 3, padding=1),
+        )
+    head = [Standardize(standardize_dims(feature_shape, body))] if standardize else []
+    return nn.Sequential(*head, body, *([nn.Sigmoid()] if sigmoid else []))
 
 
 class OnlineAdversary:

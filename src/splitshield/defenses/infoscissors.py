@@ -8,7 +8,9 @@ Information", ICML 2020), which is consistent with "variational upper bounds" bu
 the paper:
 
 - an inversion net ψ (``_adversary.light_decoder``) models q_ψ(x | r) = N(ψ(r), ½·I), trained online
-  (``steps`` Adam updates per batch, on the detached r) to minimise ‖x − ψ(r)‖²;
+  (``steps`` Adam updates per batch, on the detached r) to minimise ‖x − ψ(r)‖²; by default ψ first
+  standardises r by the batch's statistics, so q_ψ conditions on r up to its scale, which the head
+  could otherwise change to loosen the bound without hiding anything;
 - the model pays λ·[E_{p(x,r)} log q_ψ(x|r) − E_{p(x)p(r)} log q_ψ(x|r)]
   = λ·[MSE(ψ(r), x_shuffled) − MSE(ψ(r), x)] (pixel means; negatives are the batch's images in a random
   permutation), back-propagated through the frozen ψ into the head.
