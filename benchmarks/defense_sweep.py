@@ -349,8 +349,9 @@ def claim_cell(args: argparse.Namespace, key: tuple) -> bool:
 
 def save_rows(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     """Write ``rows`` and their CEM gains to ``args.out`` (atomically) and return the rows the file then holds.
-    With ``--resume`` they are merged, under a lock on the folder, with the rows the file holds at that
-    moment, so that several processes can fill one file, and this process's claims on them are released."""
+    With ``--resume`` they are merged, under a lock on the folder, into the rows the file holds at that
+    moment (a row of ``rows`` replaces the file's row of the same cell), so that several processes can fill
+    one file, and this process's claims on them are released."""
     path = Path(args.out)
     with _folder_lock(path.parent):
         if args.resume:
@@ -486,9 +487,11 @@ def main(argv: list[str] | None = None) -> None:
           f"aux = {args.aux_size} holdout images), white-box = rMLE ({args.wb_iters} iters, first test image per "
           f"class); SSIM = 7x7 uniform (He et al.); model = {args.model}"
           + (f" at ReLU2, bound: {args.bound}" if args.model == "lenet" else " at the sigmoid bottleneck"), flush=True)
-    rows: list[dict] = resumed_rows(args) if args.resume else []
-    if rows:
-        print(f"resuming {args.out}: {len(rows)} cells already measured are kept and skipped", flush=True)
+    if args.resume and (kept := resumed_rows(args)):
+        print(f"resuming {args.out}: {len(kept)} cells already measured are kept and skipped", flush=True)
+    # Only this run's own rows are saved (merged into the file under its lock): a row another process wrote
+    # meanwhile is never overwritten by a copy this one read at its start.
+    rows: list[dict] = []
     started = time.perf_counter()
     for name in args.datasets:
         data = load_dataset(name, data_dir=DATA_DIR, seed=args.seed)

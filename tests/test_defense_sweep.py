@@ -159,3 +159,20 @@ def test_rows_of_an_online_decoder_fed_raw_features_are_a_setting_of_their_own()
     new = _row(0.3, 0, 0.98, 0.01, base="adversarial", adversary_raw_features=False)
     assert sweep._setting(old).endswith("/raw-adv") and not sweep._setting(new).endswith("/raw-adv")
     assert not sweep._setting(_row(0.5, 0, 0.98, 0.01)).endswith("/raw-adv")  # noise has no online decoder
+
+
+def test_a_row_another_process_rewrote_meanwhile_is_not_overwritten(fake_sweep, tmp_path, monkeypatch):
+    out = tmp_path / "sweep.json"
+    _main(out, "--strengths", "0.5", "--resume")
+    fake_run_cell = sweep.run_cell
+
+    def run_cell_while_another_process_saves(args, *rest):
+        saved = json.loads(out.read_text())
+        saved["rows"][0]["accuracy"] = 0.5  # another sweep (say, with newer code) measured that cell again
+        out.write_text(json.dumps(saved))
+        return fake_run_cell(args, *rest)
+
+    monkeypatch.setattr(sweep, "run_cell", run_cell_while_another_process_saves)
+    _main(out, "--strengths", "0.5", "1", "--resume")
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and {r["accuracy"] for r in rows if r["strength"] == 0.5} >= {0.5}
