@@ -121,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "feature's scale)")
     p.add_argument("--adversary-raw-features", action="store_true",
                    help="feed the online decoder of adversarial and infoscissors raw features (the defenses "
-                        "before standardisation became their default: the head can then defeat it by scale)")
+                        "before standardisation became their default: the head can then slow it by scale alone)")
     p.add_argument("--wb-iters", type=int, default=None, help="white-box rMLE iterations (default 150; full 1000)")
     p.add_argument("--non-adaptive", action="store_true", help="attackers ignore the defense (labelled so)")
     p.add_argument("--seed", type=int, default=0)

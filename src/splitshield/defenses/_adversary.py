@@ -31,8 +31,10 @@ def light_decoder(feature_shape: tuple[int, ...], image_shape: tuple[int, ...], 
 
     With ``standardize`` the decoder first standardises each batch by its own statistics (per value for
     the dense decoder, per channel for the convolutional one), as the inverse-network attack does with
-    its query set. Without it, a head trained against the decoder can defeat it by scale alone: growing
-    or shrinking the feature slows a raw-fed decoder without hiding anything from a scale-blind attacker.
+    its query set, so that the penalty measures what the feature reveals up to its scale, which is what a
+    scale-blind attacker sees. Raw-fed, the decoder can also be slowed by rescaling the feature alone.
+    (Which trains the better defense is an empirical question: on LeNet/MNIST at ``ReLU2`` neither wins at
+    every strength; ``benchmarks/results/README.md``.)
     """
     from ..attacks.decoders import Standardize, dense_decoder, standardize_dims, wants_dense_decoder
 

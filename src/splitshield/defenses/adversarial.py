@@ -14,7 +14,7 @@ Differences from CEM's code: D is a light decoder (``_adversary.light_decoder``:
 coarse features, 4 convolutions on finer ones), not ``res_normN4C64``, and it is not pre-trained for
 30 epochs (it learns from the first batch, so early epochs defend less), and it standardises each
 batch of features before decoding (``standardize``), so that the head cannot escape it by rescaling its
-feature: CEM's ``res_normN4C64`` gets the same protection from its leading batch norm. The decoder
+feature alone: CEM's ``res_normN4C64`` is scale-blind in the same way through its leading batch norm. The decoder
 lives outside the trainer's optimiser and outside checkpoints (see ``_adversary.py``).
 """
 
