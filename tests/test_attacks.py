@@ -106,6 +106,15 @@ def test_standardised_inverse_network_is_blind_to_the_feature_scale(trained_lene
     assert attack_mse(1000.0, False) > 1.5 * attack_mse(1.0, True)
 
 
+def test_standardisation_follows_the_decoder_actually_used():
+    from splitshield.attacks.decoders import build_decoder, he2019_decoder, standardize_dims
+
+    # He et al.'s ReLU32 decoder is convolutional although the shape rule alone would pick a dense one.
+    assert standardize_dims((128, 8, 8), he2019_decoder("ReLU32", (128, 8, 8))) == (0, 2, 3)
+    assert standardize_dims((128, 8, 8), build_decoder((128, 8, 8), (3, 32, 32))) == (0,)
+    assert standardize_dims((64,), build_decoder((64,), (1, 28, 28))) == (0,)
+
+
 def test_inverse_network_standardises_a_map_for_a_conv_decoder_per_channel(trained_lenet, mnist5k):
     for point, scale_shape in (("conv1", (8, 1, 1)), ("ReLU2", (16, 8, 8))):
         target = ss.split(trained_lenet, point, input_shape=(1, 28, 28))
