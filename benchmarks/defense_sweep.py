@@ -315,8 +315,11 @@ def _live_claims(args: argparse.Namespace) -> dict[str, str]:
     """``cell key (JSON) -> "pid:start time"`` of the cells being measured by processes still running on this
     machine (call under the folder lock)."""
     path = _claims_path(args)
-    claims = json.loads(path.read_text()) if path.exists() else {}
-    return {key: owner for key, owner in claims.items() if _process_id(int(owner.split(":")[0])) == owner}
+    try:
+        claims = json.loads(path.read_text()) if path.exists() else {}
+        return {key: owner for key, owner in claims.items() if _process_id(int(owner.split(":")[0])) == owner}
+    except (ValueError, AttributeError) as exc:
+        sys.exit(f"--resume: {path} is not a claims file ({exc}); delete it when no sweep is running")
 
 
 def _write_claims(args: argparse.Namespace, claims: dict[str, str]) -> None:

@@ -176,3 +176,11 @@ def test_a_row_another_process_rewrote_meanwhile_is_not_overwritten(fake_sweep, 
     _main(out, "--strengths", "0.5", "1", "--resume")
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 4 and {r["accuracy"] for r in rows if r["strength"] == 0.5} >= {0.5}
+
+
+def test_a_corrupt_claims_file_is_a_one_line_error(fake_sweep, tmp_path):
+    out = tmp_path / "sweep.json"
+    (tmp_path / "sweep.json.claims").write_text("not json")
+    with pytest.raises(SystemExit, match="is not a claims file .*delete it when no sweep is running"):
+        _main(out, "--strengths", "0.5", "--resume")
+    assert fake_sweep == []
