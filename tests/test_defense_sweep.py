@@ -161,6 +161,16 @@ def test_rows_of_an_online_decoder_fed_raw_features_are_a_setting_of_their_own()
     assert not sweep._setting(_row(0.5, 0, 0.98, 0.01)).endswith("/raw-adv")  # noise has no online decoder
 
 
+def test_shredder_rows_swept_over_lambda_are_a_setting_of_their_own():
+    shredder = sweep.BASES["shredder"][2](1.0, (16, 8, 8), True)
+    assert (shredder.init_scale, shredder.lam) == (1.0, 1.0)  # the sweep's Shredder strength is b0
+    old = _row(1.0, 0, 0.98, 0.01, base="shredder")  # written when the strength was Shredder's λ
+    new = _row(1.0, 0, 0.98, 0.01, base="shredder", param="b0")
+    assert sweep._setting(old).endswith("/shredder-lam") and not sweep._setting(new).endswith("/shredder-lam")
+    assert sweep._cell_key(old) != sweep._cell_key(new)
+    assert sweep._setting(_row(0.5, 0, 0.98, 0.01)) == sweep._setting(_row(0.5, 0, 0.98, 0.01, param="sigma"))
+
+
 def test_a_row_another_process_rewrote_meanwhile_is_not_overwritten(fake_sweep, tmp_path, monkeypatch):
     out = tmp_path / "sweep.json"
     _main(out, "--strengths", "0.5", "--resume")
