@@ -6,6 +6,8 @@ MSE / SSIM / PSNR on held-out test images (decoder trained on *defended* feature
 auxiliary data), the adaptive white-box rMLE's PSNR / SSIM on the first test image of each class
 (optimising through the obfuscation, re-sampled every step), and the conditional-entropy MSE floor
 (``metrics.conditional_entropy_floor``) with a check that it lies below the strongest measured attack.
+Its ``σ/std(z)`` column is the noise's standard deviation per element (for Shredder the learned noise's,
+``Shredder.learned_std``) over the clean feature's.
 
 Per base defense it prints the CEM gain: the relative increase of the black-box attack MSE with CEM over
 the same base, strength and seed without CEM, over the pairs whose accuracies match within 1 point; and the
@@ -212,9 +214,11 @@ def run_cell(args, data, train, base: str, strength: float, lam: float) -> dict:
     floor = conditional_entropy_floor(x_fit, z_clean, sigma, y_fit)["mse_floor"]
     strongest = min(bb["mse"], wb["mse"], bb10)
     feature_std = z_clean.std().item()
+    learned = [part for part in getattr(defense, "parts", [defense]) if isinstance(part, Shredder)]
     return {**_cell_identity(args, data.name, base, strength, lam), "test_size": len(test), "accuracy": acc,
             "bb": bb, "wb": wb, "floor": floor, "strongest_mse": strongest, "floor_ok": floor <= strongest,
-            "noise_std": sigma, "feature_std": feature_std, "train_time": train_time, "train_cpu": train_cpu,
+            "noise_std": sigma, "learned_noise_std": learned[0].learned_std() if learned else None,
+            "feature_std": feature_std, "train_time": train_time, "train_cpu": train_cpu,
             "adaptive": adaptive}
 
 
@@ -529,7 +533,8 @@ def main(argv: list[str] | None = None) -> None:
                         continue
                     r = run_cell(args, data, train, base, strength, lam)
                     rows.append(r)
-                    rel = r["noise_std"] / r["feature_std"] if r["noise_std"] and r["feature_std"] else 0.0
+                    noise = r["noise_std"] or r["learned_noise_std"] or 0.0
+                    rel = noise / r["feature_std"] if r["feature_std"] else 0.0
                     ok = ("yes" if r["floor_ok"] else "VIOLATED") if r["noise_std"] else "n/a(no σ)"
                     print(f"{base:<12} {param + '=' + format(strength, 'g'):>12} {lam:>4g} {100 * r['accuracy']:>6.2f} "
                           f"{r['bb']['mse']:>7.4f} {r['bb']['ssim']:>6.3f} {r['bb']['psnr']:>6.2f} "

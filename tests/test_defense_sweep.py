@@ -23,7 +23,7 @@ def _row(strength: float, lam: float, accuracy: float, bb_mse: float, **extra) -
            "strength": strength, "lam": lam, "cem_k": 5, "cem_tau": 0.125, "cem_variance": "mean", "seed": 0,
            "accuracy": accuracy, "bb": {"mse": bb_mse, "ssim": 0.5, "psnr": 20.0},
            "wb": {"mse": 0.02, "ssim": 0.5, "psnr": 17.0}, "floor": 1e-4, "floor_ok": True, "noise_std": strength,
-           "feature_std": 1.0, "train_time": 10.0 * (1 + (lam > 0)), "adaptive": True}
+           "learned_noise_std": None, "feature_std": 1.0, "train_time": 10.0 * (1 + (lam > 0)), "adaptive": True}
     return {**row, **extra}
 
 

@@ -294,6 +294,17 @@ def test_shredder_noise_is_trained_by_the_trainer():
     assert not torch.equal(shredder.loc, before[1])
 
 
+def test_shredder_learned_std_is_the_std_of_its_random_part():
+    shredder = Shredder(FEATURE, init_scale=0.5)
+    assert shredder.learned_std() == pytest.approx(0.5 * math.sqrt(2))  # Laplace(b): std = √2·b
+    with torch.no_grad():
+        shredder.log_scale[0] = math.log(2.0)  # one channel louder: the RMS over elements follows
+        noise = shredder.obfuscate(torch.zeros(4000, *FEATURE), training=True) - shredder.loc
+    expected = math.sqrt(2 * (0.25 * 15 + 4.0) / 16)
+    assert shredder.learned_std() == pytest.approx(expected)
+    assert noise.pow(2).mean().sqrt().item() == pytest.approx(expected, rel=0.01)
+
+
 @pytest.mark.parametrize("defense", [AdversarialReconstruction(1.0), InfoScissors(1.0)], ids=["adversarial", "club"])
 def test_online_adversary_is_updated_but_outside_the_trainer_optimiser(defense):
     target = lenet_split()

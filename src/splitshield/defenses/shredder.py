@@ -72,6 +72,10 @@ class Shredder(Defense):
         b = self.log_scale.exp()
         return (b * torch.exp(-self.loc.abs() / b) + self.loc.abs()).mean()
 
+    def learned_std(self) -> float:
+        """The random part's standard deviation per element, root-mean-square over elements: √(2·mean(b²))."""
+        return math.sqrt(2 * self.log_scale.detach().exp().pow(2).mean().item())
+
     def obfuscate(self, z: torch.Tensor, training: bool) -> torch.Tensor:
         b = self.log_scale.exp()
         return z + self.loc + laplace_like(z, 1.0) * b
