@@ -111,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="hinge σ for CEM on bases without noise (hinge τσ²); noise bases use their own σ")
     p.add_argument("--train-size", type=int, default=None, help="training images (default 6000; full or 0: all)")
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--tail-epochs", type=int, default=0,
+                   help="then train only the cloud tail for this many epochs, the edge head and its defense "
+                        "parameters frozen: the attacks see the same head, only the accuracy can change (it "
+                        "separates what a defense takes from the feature from a tail lagging behind a moving head)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (CEM's code trains with 128; "
                    "CEM's per-batch blend makes its effective strength grow with the batch, see CEM's docstring)")
     p.add_argument("--test-size", type=int, default=10000, help="test images for accuracy (the whole MNIST test set: "
@@ -180,6 +184,8 @@ def run_cell(args, data, train, base: str, strength: float, lam: float) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     trainer.fit(train)
     train_time, train_cpu = time.perf_counter() - t0, time.process_time() - c0
+    if args.tail_epochs:
+        _fit_tail_only(trainer, train, args.tail_epochs)
     test = data.test.take(args.test_size)
     acc = trainer.evaluate(test)
     adaptive = not args.non_adaptive
@@ -222,9 +228,23 @@ def run_cell(args, data, train, base: str, strength: float, lam: float) -> dict:
             "adaptive": adaptive}
 
 
+def _fit_tail_only(trainer: Trainer, train, epochs: int) -> None:
+    """Train ``epochs`` more epochs with every optimised parameter but the tail's frozen."""
+    tail = {id(p) for p in trainer.target.tail.parameters()}
+    edge = [p for group in trainer.optimizer.param_groups for p in group["params"]
+            if id(p) not in tail and p.requires_grad]
+    for p in edge:
+        p.requires_grad_(False)
+    trainer.epochs += epochs
+    trainer.fit(train)
+    for p in edge:
+        p.requires_grad_(True)
+
+
 def _cell_identity(args: argparse.Namespace, dataset: str, base: str, strength: float, lam: float) -> dict:
     """The fields of a row that say which cell it is (see :func:`_cell_key`)."""
     return {"dataset": dataset, "model": args.model, "bound": _bound_label(args), "epochs": args.epochs,
+            "tail_epochs": args.tail_epochs,
             "batch_size": args.batch_size, "bb_raw_features": args.bb_raw_features, "base": base,
             "param": BASES[base][0], "strength": strength, "seed": args.seed, "lam": lam, "cem_k": args.cem_k,
             "cem_tau": args.cem_tau, "cem_variance": args.cem_variance, "cem_sigma": _cem_sigma(args, base, lam),
@@ -251,17 +271,18 @@ _FORMER_PARAMS = {"shredder": "lam"}
 
 
 def _setting(row: dict) -> str:
-    """Dataset, model, feature bound, training protocol (epochs, batch size), black-box attack (``raw-bb``:
-    rows written before the inverse network standardised its input), for the bases with an online
-    decoder, that decoder (``raw-adv``: rows written before it standardised its input), and a strength
-    parameter other than today's (``shredder-lam``): the rows whose numbers are comparable."""
+    """Dataset, model, feature bound, training protocol (epochs, tail-only epochs, batch size), black-box
+    attack (``raw-bb``: rows written before the inverse network standardised its input), for the bases
+    with an online decoder, that decoder (``raw-adv``: rows written before it standardised its input),
+    and a strength parameter other than today's (``shredder-lam``): the rows whose numbers are comparable."""
     raw = "/raw-bb" if row.get("bb_raw_features", True) else ""
     if row["base"] in ONLINE_ADVERSARY_BASES and row.get("adversary_raw_features", True):
         raw += "/raw-adv"
     param = row.get("param", _FORMER_PARAMS.get(row["base"], BASES[row["base"]][0]))
     if param != BASES[row["base"]][0]:
         raw += f"/{row['base']}-{param}"
-    return f"{row['dataset']}/{row['model']}/{row['bound']}/e{row['epochs']}b{row.get('batch_size', 64)}{raw}"
+    tail = f"+t{row['tail_epochs']}" if row.get("tail_epochs") else ""
+    return f"{row['dataset']}/{row['model']}/{row['bound']}/e{row['epochs']}{tail}b{row.get('batch_size', 64)}{raw}"
 
 
 def _cell_key(row: dict) -> tuple:

@@ -194,3 +194,28 @@ def test_a_corrupt_claims_file_is_a_one_line_error(fake_sweep, tmp_path):
     with pytest.raises(SystemExit, match="is not a claims file .*delete it when no sweep is running"):
         _main(out, "--strengths", "0.5", "--resume")
     assert fake_sweep == []
+
+
+def test_tail_only_epochs_leave_the_edge_head_and_its_defense_as_they_were():
+    from splitshield import ImageSet, Trainer
+    from splitshield.defenses import CEM, GaussianNoise, Shredder
+
+    target, _ = sweep.build_target("lenet", 1, "none")
+    defense = Shredder(target.feature_shape(), init_scale=0.1) + GaussianNoise(0.5) + CEM(16, k=2)
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet((torch.rand(64, 1, 28, 28, generator=g) * 255).to(torch.uint8), torch.arange(64) % 4,
+                    tuple("abcd"))
+    trainer = Trainer(target, defense, epochs=1, batch_size=16, progress=False)
+    trainer.fit(data)
+    edge = {k: v.clone() for k, v in [*target.head.state_dict().items(), *defense.state_dict().items()]}
+    tail = {k: v.clone() for k, v in target.tail.state_dict().items()}
+    sweep._fit_tail_only(trainer, data, 2)
+    assert trainer.epoch == 3
+    assert all(torch.equal(v, {**target.head.state_dict(), **defense.state_dict()}[k]) for k, v in edge.items())
+    assert any(not torch.equal(v, target.tail.state_dict()[k]) for k, v in tail.items())
+    assert all(p.requires_grad for p in [*target.head.parameters(), *defense.parameters()])  # unfrozen after
+
+
+def test_tail_only_epochs_are_a_protocol_of_their_own():
+    assert sweep._setting(_row(0.5, 0, 0.98, 0.01, tail_epochs=1)).endswith("/e3+t1b128")
+    assert sweep._setting(_row(0.5, 0, 0.98, 0.01, tail_epochs=0)) == sweep._setting(_row(0.5, 0, 0.98, 0.01))
