@@ -146,6 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="only measure CEM's training-time overhead on the noise base (sigma 0.5, lambda 0 vs 16), "
                         "REPEATS alternating runs each, in process CPU time (robust to other load on the machine)")
     args = p.parse_args(argv)
+    if args.tail_epochs < 0:
+        p.error(f"--tail-epochs must be >= 0, got {args.tail_epochs}; pass 0 for no tail-only training")
     full = args.full
     args.datasets = args.datasets or (["mnist", "fashion-mnist"] if full else ["mnist"])
     args.noise_lambdas = args.noise_lambdas or [0.0, 8.0, 16.0]

@@ -219,3 +219,10 @@ def test_tail_only_epochs_leave_the_edge_head_and_its_defense_as_they_were():
 def test_tail_only_epochs_are_a_protocol_of_their_own():
     assert sweep._setting(_row(0.5, 0, 0.98, 0.01, tail_epochs=1)).endswith("/e3+t1b128")
     assert sweep._setting(_row(0.5, 0, 0.98, 0.01, tail_epochs=0)) == sweep._setting(_row(0.5, 0, 0.98, 0.01))
+
+
+def test_negative_tail_epochs_are_a_one_line_error(capsys):
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--tail-epochs", "-1"])
+    err = capsys.readouterr().err
+    assert "--tail-epochs must be >= 0" in err and "Traceback" not in err
