@@ -238,9 +238,11 @@ def _fit_tail_only(trainer: Trainer, train, epochs: int) -> None:
     for p in edge:
         p.requires_grad_(False)
     trainer.epochs += epochs
-    trainer.fit(train)
-    for p in edge:
-        p.requires_grad_(True)
+    try:
+        trainer.fit(train)
+    finally:
+        for p in edge:
+            p.requires_grad_(True)
 
 
 def _cell_identity(args: argparse.Namespace, dataset: str, base: str, strength: float, lam: float) -> dict:
