@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import splitshield as ss
-from splitshield.errors import SplitError
+from splitshield.errors import ConfigError, SplitError
 
 
 def _check_exact(model: nn.Module, shape: tuple[int, ...], points: list[str]) -> None:
@@ -37,6 +37,23 @@ def test_vgg11_bottleneck_splits_at_the_sigmoid_for_cifar_and_mnist_sizes(shape,
     assert shapes["sigmoid"] == feature  # CEM's 8-channel bottleneck at a quarter of the resolution
     assert model.eval()(torch.rand(2, *shape)).shape == (2, 10)  # the tail pools a 7×7 map down to 1×1 too
     _check_exact(model, shape, ["sigmoid"])
+
+
+def test_vgg11_bottleneck_slim_keeps_cems_head_and_narrows_the_cloud():
+    full = ss.split(ss.build_model("vgg11-bottleneck", in_channels=1), "sigmoid", input_shape=(1, 28, 28))
+    slim = ss.split(ss.build_model("vgg11-bottleneck-slim", in_channels=1), "sigmoid", input_shape=(1, 28, 28))
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(slim.head) == shapes(full.head)  # the attacked edge is CEM's, weight for weight
+    assert slim.feature_shape() == full.feature_shape() == (8, 7, 7)
+    tail_params = lambda m: sum(p.numel() for p in m.tail.parameters())  # noqa: E731
+    assert tail_params(slim) < tail_params(full) / 10  # a quarter of the widths: about 1/16 of the weights
+    assert slim.eval()(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("width", [0, -1, 1.5])
+def test_vgg11_bottleneck_cloud_width_out_of_range_is_a_config_error(width):
+    with pytest.raises(ConfigError, match="cloud_width"):
+        ss.models.vgg11_bottleneck(cloud_width=width)
 
 
 def test_cifar_cnn_paper_points_and_shapes():

@@ -104,7 +104,7 @@ def demo(
 @app.command("split-points")
 @friendly
 def split_points_cmd(
-    model: Annotated[str, typer.Argument(help="lenet, cifar-cnn, vgg11-bottleneck or a torchvision model name.")],
+    model: Annotated[str, typer.Argument(help="lenet, cifar-cnn, vgg11-bottleneck[-slim], or a torchvision name.")],
     input_shape: Annotated[str, typer.Option(help="C,H,W of one input image.")] = "1,28,28",
     num_classes: int = 10,
 ) -> None:
@@ -130,7 +130,7 @@ def split_points_cmd(
 @app.command()
 @friendly
 def train(
-    model: Annotated[str, typer.Argument(help="lenet, cifar-cnn, vgg11-bottleneck or a torchvision model name.")],
+    model: Annotated[str, typer.Argument(help="lenet, cifar-cnn, vgg11-bottleneck[-slim], or a torchvision name.")],
     split_at: Annotated[str, typer.Option("--split", help="Split point (see `splitshield split-points`).")],
     out: Annotated[Path, typer.Option(help="Checkpoint path: writes OUT.safetensors and OUT.json.")],
     dataset: Annotated[str, typer.Option(help="mnist-5k (built in), mnist, fashion-mnist, cifar10, npz:PATH.")

@@ -195,9 +195,9 @@ class ExperimentSpec(BaseModel):
     @field_validator("model")
     @classmethod
     def _models(cls, names: list[str]) -> list[str]:
-        from .models.zoo import _torchvision_names
+        from .models.zoo import MODELS, _torchvision_names
 
-        zoo = ("lenet", "cifar-cnn", "vgg11-bottleneck")
+        zoo = tuple(MODELS)
         for name in names:
             if name not in zoo and name not in _torchvision_names():
                 raise ValueError(f"unknown model {name!r}; allowed: {', '.join(zoo)} or a torchvision model name")
