@@ -42,11 +42,16 @@ def test_vgg11_bottleneck_splits_at_the_sigmoid_for_cifar_and_mnist_sizes(shape,
 def test_vgg11_bottleneck_slim_keeps_cems_head_and_narrows_the_cloud():
     full = ss.split(ss.build_model("vgg11-bottleneck", in_channels=1), "sigmoid", input_shape=(1, 28, 28))
     slim = ss.split(ss.build_model("vgg11-bottleneck-slim", in_channels=1), "sigmoid", input_shape=(1, 28, 28))
-    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+
+    def shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+    def size(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
     assert shapes(slim.head) == shapes(full.head)  # the attacked edge is CEM's, weight for weight
     assert slim.feature_shape() == full.feature_shape() == (8, 7, 7)
-    tail_params = lambda m: sum(p.numel() for p in m.tail.parameters())  # noqa: E731
-    assert tail_params(slim) < tail_params(full) / 10  # a quarter of the widths: about 1/16 of the weights
+    assert size(slim.tail) < size(full.tail) / 10  # a quarter of the widths: about 1/16 of the weights
     assert slim.eval()(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 

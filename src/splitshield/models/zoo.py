@@ -81,7 +81,8 @@ def vgg11_bottleneck(num_classes: int = 10, in_channels: int = 3, bottleneck: in
 
     ``cloud_width`` scales every cloud width (conv channels and classifier units); the edge head is CEM's
     whatever it is. The cloud holds about 90 % of the multiply-adds, so ``vgg11-bottleneck-slim``
-    (``cloud_width=0.25``) trains about 3.4× faster on one CPU thread, with the identical head to attack.
+    (``cloud_width=0.25``) trains about 3.4× faster on one CPU thread (``benchmarks/results/README.md``),
+    with the identical head to attack.
     """
     if not 0 < cloud_width <= 1:
         raise ConfigError(f"cloud_width must be in (0, 1], got {cloud_width!r}")
@@ -93,15 +94,15 @@ def vgg11_bottleneck(num_classes: int = 10, in_channels: int = 3, bottleneck: in
         layers[f"{name}_bn"] = nn.BatchNorm2d(cout)
         layers[f"{name}_relu"] = nn.ReLU()
 
+    def width(channels: int) -> int:  # a cloud width
+        return max(1, round(channels * cloud_width))
+
     conv_bn_relu("conv1", in_channels, 64)
     layers["pool1"] = nn.MaxPool2d(2)
     conv_bn_relu("conv2", 64, 128)
     layers["pool2"] = nn.MaxPool2d(2)
     layers["bottleneck"] = nn.Conv2d(128, bottleneck, 3, padding=1)
     layers["sigmoid"] = nn.Sigmoid()
-    def width(channels: int) -> int:
-        return max(1, round(channels * cloud_width))
-
     cin = width(128)
     layers["expand"] = nn.Conv2d(bottleneck, cin, 3, padding=1)
     for i, cfg in enumerate([256, 256, "M", 512, 512, "M", 512, 512, "M"]):
@@ -109,8 +110,9 @@ def vgg11_bottleneck(num_classes: int = 10, in_channels: int = 3, bottleneck: in
             # ceil_mode: a 28×28 input reaches 7×7 here and must still pool down to 1×1 (same as floor for 32×32).
             layers[f"pool{i + 3}"] = nn.MaxPool2d(2, ceil_mode=True)
         else:
-            conv_bn_relu(f"conv{i + 3}", cin, width(int(cfg)))
-            cin = width(int(cfg))
+            cout = width(int(cfg))
+            conv_bn_relu(f"conv{i + 3}", cin, cout)
+            cin = cout
     hidden = width(512)
     layers["gap"] = nn.AdaptiveAvgPool2d(1)
     layers["flatten"] = nn.Flatten()
