@@ -146,3 +146,13 @@ def test_examples_validate(path):
             pytest.skip(f"{path.name} uses a defense not registered yet: {exc}")
         raise
     assert spec.attack_settings() and spec.defense_settings()
+
+
+def test_spec_accepts_every_zoo_model_and_lists_them_when_wrong():
+    from splitshield.models import MODELS
+
+    assert "vgg11-bottleneck-slim" in MODELS
+    for name in MODELS:
+        assert parse_spec({**BASE, "model": name}).model == [name]
+    with pytest.raises(ConfigError, match="vgg11-bottleneck-slim"):
+        parse_spec({**BASE, "model": "vgg11-bottleneck-tiny"})
