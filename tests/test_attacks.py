@@ -115,6 +115,7 @@ def test_standardisation_follows_the_decoder_actually_used():
     assert standardize_dims((64,), build_decoder((64,), (1, 28, 28))) == (0,)
 
 
+@pytest.mark.filterwarnings("ignore:InverseNetwork. the auxiliary set has only")  # one step: size is irrelevant
 def test_inverse_network_standardises_a_map_for_a_conv_decoder_per_channel(trained_lenet, mnist5k):
     for point, scale_shape in (("conv1", (8, 1, 1)), ("ReLU2", (16, 8, 8))):
         target = ss.split(trained_lenet, point, input_shape=(1, 28, 28))
@@ -187,3 +188,17 @@ def test_rmle_restarts_images_whose_grey_start_has_no_gradient():
     assert (x_hat[target == 1] > 0.95).float().mean() > 0.2
     again = rmle(lambda x: torch.relu(x - 0.6), z, (1, 8, 8), iters=300, lr=0.05, tv=0.0, l2=0.0)
     assert torch.equal(x_hat, again)  # the restart is seeded
+
+
+@pytest.mark.parametrize(("images", "width"), [(1, 64), (40, 64), (100, 128), (500, 512), (724, 512), (725, 1024),
+                                               (50000, 1024)])
+def test_dense_decoder_width_follows_the_auxiliary_set(images, width):
+    assert ss.attacks.decoders.dense_width(images) == width
+
+
+def test_inverse_network_on_a_tiny_auxiliary_set_warns_and_sizes_its_decoder(trained_lenet, mnist5k):
+    target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
+    victim = ss.Victim(target, threat="black_box", aux=mnist5k.holdout.take(40))
+    with pytest.warns(UserWarning, match="only 40 images.*under-reports leakage"):
+        attack = ss.InverseNetwork(steps=2, progress=False).fit(victim)
+    assert attack.decoder[1].out_features == 64  # Flatten, then the first dense layer

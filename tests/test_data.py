@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import splitshield as ss
-from splitshield.errors import DataError
+from splitshield.data import conform
+from splitshield.errors import ConfigError, DataError
 
 
 def test_builtin_digits_are_real_mnist(shared_data, mnist5k):
@@ -85,3 +89,217 @@ def test_user_npz_roundtrip(tmp_path):
     data = ss.load_dataset(f"npz:{path}", holdout_fraction=0.5)
     assert data.image_shape == (3, 16, 16) and data.num_classes == 4
     assert len(data.train) == 20 and len(data.holdout) == 20
+
+
+# --------------------------------------------------------------------------------------------------
+# input checks: every bad array gives one line naming the array and the fix
+
+
+def _npz(tmp_path, **arrays) -> str:
+    """A valid 2-class npz (8 train, 4 test grey 4×4 images, uint8 0..255) with ``arrays`` swapped in."""
+    rng = np.random.default_rng(0)
+    base = {"x_train": rng.integers(0, 256, (8, 4, 4), dtype=np.uint8), "y_train": np.arange(8) % 2,
+            "x_test": rng.integers(0, 256, (4, 4, 4), dtype=np.uint8), "y_test": np.arange(4) % 2}
+    path = tmp_path / "d.npz"
+    np.savez(path, **(base | arrays))
+    return f"npz:{path}"
+
+
+def _flat(values, dtype) -> np.ndarray:
+    """One constant 4×4 image per value."""
+    return np.array(values, dtype=dtype)[:, None, None] * np.ones((1, 4, 4), dtype=dtype)
+
+
+def _load_error(name: str, **kwargs) -> str:
+    with pytest.raises(DataError) as info:
+        ss.load_dataset(name, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_uint8_on_a_small_scale_needs_value_range(tmp_path):
+    # scikit-learn's digits are uint8 0..16: read as 0..255 they would be near black.
+    name = _npz(tmp_path, x_train=_flat([0, 16] * 4, np.uint8), x_test=_flat([0, 8, 16, 20], np.uint8))
+    assert "x_train: uint8 images use only 0..16, not 0..255; pass value_range=(0, 16)" in _load_error(name)
+    data = ss.load_dataset(name, value_range=(0, 16))
+    assert data.test.images[:, 0, 0, 0].tolist() == [0, 128, 255, 255]  # 8 -> 127.5 rounds to 128; 20 clips
+    assert sorted({int(v) for v in data.train.images.flatten()}) == [0, 255]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_float_images_in_0_1_are_accepted(tmp_path, dtype):
+    name = _npz(tmp_path, x_train=_flat([0, 1] * 4, dtype), x_test=_flat([0, 0.25, 0.5, 1], dtype))
+    assert ss.load_dataset(name).test.images[:, 0, 0, 0].tolist() == [0, 64, 128, 255]
+
+
+def test_float_images_outside_0_1_need_value_range(tmp_path):
+    name = _npz(tmp_path, x_test=_flat([-1, -0.5, 0, 1], np.float32))
+    message = _load_error(name)
+    assert "x_test: float images span -1..1, not 0..1; pass value_range=(lo, hi)" in message
+    assert "(e.g. (-1, 1))" in message
+    assert ss.load_dataset(name, value_range=(-1, 1)).test.images[:, 0, 0, 0].tolist() == [0, 64, 128, 255]
+    message = _load_error(_npz(tmp_path, x_train=_flat([0.4, 254.6] * 4, np.float64)))
+    assert "x_train: float images span 0.4..254.6, not 0..1" in message and "(e.g. (0, 255))" in message
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_images_are_refused(tmp_path, bad):
+    name = _npz(tmp_path, x_test=_flat([0, 0.5, bad, 1], np.float32))
+    assert "x_test: float images contain NaN or inf" in _load_error(name)
+    assert "x_test: float images contain NaN or inf" in _load_error(name, value_range=(0, 1))
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.int64, np.uint16])
+def test_other_integer_images_need_value_range(tmp_path, dtype):
+    pixels = np.random.default_rng(1).integers(0, 256, (8, 4, 4)).astype(dtype)
+    pixels[0, 0, :2] = 0, 255
+    name = _npz(tmp_path, x_train=pixels)
+    message = _load_error(name)
+    assert f"x_train: {np.dtype(dtype)} images" in message and "value_range=(0, 255)" in message
+    data = ss.load_dataset(name, value_range=(0, 255), holdout_fraction=0.0)
+    assert sorted(map(bytes, data.train.images.numpy())) == sorted(map(bytes, pixels.astype(np.uint8)[:, None]))
+
+
+def test_bool_images_need_value_range(tmp_path):
+    name = _npz(tmp_path, x_test=_flat([0, 1, 0, 1], bool))
+    assert "x_test: bool images" in _load_error(name)
+    assert ss.load_dataset(name, value_range=(0, 1)).test.images[:, 0, 0, 0].tolist() == [0, 255, 0, 255]
+
+
+@pytest.mark.parametrize(("arrays", "expected"), [
+    ({"x_train": np.zeros((0, 4, 4), np.uint8), "y_train": np.zeros(0, np.int64)}, "x_train: holds no images"),
+    ({"x_test": np.zeros((4, 16), np.uint8)}, "x_test: images must be [N, H, W]"),
+    ({"x_test": np.full((4, 4, 4), "a")}, "x_test: images must be numbers"),
+    ({"y_train": np.arange(7) % 2}, "y_train: labels have shape (7,) but there are 8 images"),
+    ({"y_test": np.array([0.0, 1.0, 0.5, 1.0])}, "y_test: labels must be whole numbers, found 0.5"),
+    ({"y_test": np.array([0.0, 1.0, np.nan, 1.0])}, "y_test: labels must be whole numbers, found nan"),
+    ({"y_test": np.array(["cat", "dog", "cat", "dog"])}, "y_test: labels must be integers 0..K-1, got dtype <U3"),
+    ({"y_test": np.array([0, 1, -1, 1])}, "y_test: labels must be 0..K-1, found -1; renumber the classes from 0"),
+    ({"classes": np.array(["a", "b"]), "y_test": np.array([0, 1, 2, 1])},
+     "y_test: largest label is 2 but the classes array names only 2 classes (labels 0..1)"),
+])
+def test_bad_arrays_name_the_array_and_the_fix(tmp_path, arrays, expected):
+    assert expected in _load_error(_npz(tmp_path, **arrays))
+
+
+def test_whole_float_and_keras_shaped_labels_are_accepted(tmp_path):
+    name = _npz(tmp_path, y_train=(np.arange(8) % 2).astype(np.float32), y_test=(np.arange(4) % 2)[:, None])
+    data = ss.load_dataset(name)
+    assert data.test.labels.tolist() == [0, 1, 0, 1] and data.train.labels.dtype == torch.int64
+
+
+@pytest.mark.parametrize("value_range", [(16, 0), (0, 0), (0,), (0, 1, 2), "0,16", (0, float("nan")), (0, "x"), 5])
+def test_value_range_is_checked(value_range):
+    message = _load_error("mnist-5k", value_range=value_range)
+    assert message.startswith("value_range must be two numbers (lo, hi) with lo < hi, e.g. (0, 16); got ")
+
+
+# --------------------------------------------------------------------------------------------------
+# imagefolder and JPEG-bytes npz
+
+
+def _imagefolder(root, pixels: dict[str, list[int]]) -> str:
+    """root/{train,test}/<class>/<i>.png, one constant 4×4 grey image per value."""
+    for part in ("train", "test"):
+        for cls, values in pixels.items():
+            (root / part / cls).mkdir(parents=True)
+            for i, v in enumerate(values):
+                Image.fromarray(np.full((4, 4), v, np.uint8)).save(root / part / cls / f"{i}.png")
+    return f"imagefolder:{root}"
+
+
+def test_imagefolder_loads_and_checks(tmp_path):
+    data = ss.load_dataset(_imagefolder(tmp_path / "a", {"cat": [0, 200], "dog": [50, 255]}))
+    assert data.train.classes == ("cat", "dog") and data.image_shape == (1, 4, 4)
+    assert data.test.images[:, 0, 0, 0].tolist() == [0, 200, 50, 255] and data.test.labels.tolist() == [0, 0, 1, 1]
+
+    dark = _imagefolder(tmp_path / "b", {"cat": [0, 10], "dog": [5, 100]})
+    message = _load_error(dark)
+    assert f"imagefolder {tmp_path / 'b' / 'train'}: uint8 images use only 0..100" in message
+    assert "value_range=(0, 100)" in message
+    assert ss.load_dataset(dark, value_range=(0, 100)).test.images[:, 0, 0, 0].tolist() == [0, 26, 13, 255]
+
+    (tmp_path / "a" / "train" / "cat" / "notes.txt").write_text("not a picture")
+    assert "notes.txt: not an image Pillow can read" in _load_error(f"imagefolder:{tmp_path / 'a'}")
+
+
+def _jpeg_npz(path, colours: dict[str, list[tuple[int, int, int]]], **overrides) -> str:
+    """The JPEG-bytes layout of cifar10_jpegbytes.npz: one constant 8×8 RGB image per colour, label = index."""
+    arrays = {}
+    for part, cols in colours.items():
+        blobs = []
+        for c in cols:
+            buf = io.BytesIO()
+            Image.fromarray(np.full((8, 8, 3), c, np.uint8)).save(buf, format="JPEG", quality=95)
+            blobs.append(buf.getvalue())
+        arrays[f"jpeg_{part}"] = np.frombuffer(b"".join(blobs), np.uint8)
+        arrays[f"offsets_{part}"] = np.cumsum([0] + [len(b) for b in blobs])
+        arrays[f"y_{part}"] = np.arange(len(cols)) % 2
+    np.savez(path, classes=np.array(["red", "blue"]), **(arrays | overrides))
+    return f"npz:{path}"
+
+
+def test_jpeg_bytes_npz_decodes_and_checks(tmp_path):
+    colours = {"train": [(250, 0, 0), (0, 0, 250)] * 2, "test": [(200, 30, 30), (30, 30, 200)]}
+    data = ss.load_dataset(_jpeg_npz(tmp_path / "c.npz", colours))
+    assert data.image_shape == (3, 8, 8) and data.train.classes == ("red", "blue")
+    assert data.test.labels.tolist() == [0, 1]
+    decoded = data.test.images[:, :, 0, 0].int()
+    assert (decoded - torch.tensor(colours["test"])).abs().max() <= 4  # JPEG is lossy
+
+    broken = _jpeg_npz(tmp_path / "d.npz", colours, offsets_train=np.array([0, 3, 6]))
+    assert "jpeg_train image 0 does not decode" in _load_error(broken)
+    np.savez(tmp_path / "e.npz", **{k: v for k, v in np.load(tmp_path / "c.npz").items() if k != "offsets_test"})
+    assert "lacks arrays ['offsets_test']" in _load_error(f"npz:{tmp_path / 'e.npz'}")
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation images and shape conversion
+
+
+def _numbered(labels: list[int]) -> ss.ImageSet:
+    """Image i is filled with the value i, so the picked images can be read back from the pixels."""
+    images = torch.arange(len(labels), dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).clone()
+    return ss.ImageSet(images, torch.tensor(labels), tuple(str(c) for c in range(max(labels) + 1)))
+
+
+def _picked(x: torch.Tensor) -> list[int]:
+    return (x[:, 0, 0, 0] * 255).round().int().tolist()
+
+
+def test_first_per_class_gives_at_least_ten_images():
+    x, y = _numbered([1, 0] * 10).first_per_class()
+    assert x.shape == (10, 1, 2, 2) and x.dtype == torch.float32
+    assert y.tolist() == [0] * 5 + [1] * 5
+    assert _picked(x) == [1, 3, 5, 7, 9, 0, 2, 4, 6, 8]  # each class's first five, in set order
+
+    assert _numbered([0, 1, 2] * 5).first_per_class()[1].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert _numbered([0] * 9 + [1] * 2).first_per_class()[1].tolist() == [0] * 5 + [1] * 2  # class 1 has only 2
+    x, y = _numbered([1, 0] * 10).first_per_class(per_class=2)
+    assert _picked(x) == [1, 3, 0, 2] and y.tolist() == [0, 0, 1, 1]
+    with pytest.raises(ConfigError, match="per_class must be a positive number of images, got 0"):
+        _numbered([0, 1]).first_per_class(per_class=0)
+
+
+def test_first_per_class_with_ten_classes_is_one_each():
+    order = [3, 7, 0, 9, 1, 5, 2, 8, 6, 4]
+    x, y = _numbered(order * 3).first_per_class()
+    assert y.tolist() == list(range(10)) and _picked(x) == [order.index(c) for c in range(10)]
+
+
+def test_conform_converts_grey_and_rgb():
+    grey = ss.ImageSet(torch.tensor([0, 90, 255], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 1, 4, 4).clone(),
+                       torch.tensor([0, 1, 0]), ("a", "b"))
+    rgb = conform(grey, (3, 4, 4))
+    assert rgb.image_shape == (3, 4, 4) and rgb.labels.tolist() == [0, 1, 0] and rgb.classes == ("a", "b")
+    assert rgb.images[:, :, 0, 0].tolist() == [[0, 0, 0], [90, 90, 90], [255, 255, 255]]
+
+    colour = ss.ImageSet(torch.tensor([30, 60, 120], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, 8, 8).clone(),
+                         torch.tensor([0]), ("a",))
+    small = conform(colour, (1, 4, 4))
+    assert small.image_shape == (1, 4, 4) and small.images.unique().tolist() == [70]  # unweighted mean
+    with pytest.raises(DataError, match="cannot convert 3-channel images to 2 channels"):
+        conform(colour, (2, 8, 8))
+    with pytest.raises(DataError, match=r"shape must be \(C, H, W\) with positive sizes, got \(3, 32\)"):
+        conform(colour, (3, 32))

@@ -129,3 +129,158 @@ def test_untraceable_non_sequential_is_a_clear_error():
 
     with pytest.raises(SplitError, match="does not trace with torch.fx"):
         ss.split_points(Branchy())
+
+
+# --------------------------------------------------------------------------------------------------
+# A cut follows the mode of the model it is called in (train/eval), as the original does.
+
+_HANDFUL = [("convnext_tiny", 32), ("efficientnet_b0", 32), ("swin_t", 32), ("googlenet", 32),
+            ("inception_v3", 80), ("resnet18", 32), ("mobilenet_v2", 32), ("vit_b_16", 32)]
+
+
+@pytest.mark.parametrize(("name", "size"), _HANDFUL)
+def test_cut_in_train_mode_is_exact_in_both_modes(name, size, one_thread):
+    shape = (3, size, size)
+    model = ss.build_model(name, input_shape=shape)  # freshly built: train mode, as the CLI and engine cut it
+    legal = ss.split_points(model, shape)
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
+    picks = [legal[round(i * (len(legal) - 2) / 4)].name for i in range(5)]
+    for point in picks:
+        assert ss.check_split(model, ss.split(model, point), x) == {"eval": True, "train": True}, point
+
+
+class _Jitter(nn.Module):
+    """A custom block whose forward reads self.training and holds a submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        if self.training:
+            x = x + 0.1 * torch.randn_like(x)
+        return self.conv(x)
+
+
+class _ModeDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.depth = torchvision.ops.StochasticDepth(0.5, "row")
+        self.jitter = _Jitter()
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        x = x + self.depth(x)
+        x = self.jitter(x)
+        return self.fc(self.drop(x.flatten(1)))
+
+
+def test_custom_mode_dependent_modules_stay_whole():
+    model = _ModeDependent()
+    names = [p.name for p in ss.split_points(model, (1, 8, 8))]
+    assert "jitter" in names and "jitter.conv" not in names  # the block that reads self.training is one piece
+    x = torch.rand(4, 1, 8, 8)
+    for point in names[:-1]:
+        assert ss.check_split(model, ss.split(model, point), x) == {"eval": True, "train": True}, point
+
+
+def test_check_split_catches_a_cut_that_froze_the_mode():
+    model = _ModeDependent().train()
+    frozen = torch.fx.symbolic_trace(model)  # what a plain trace does: `training=True` becomes a constant
+    cut = ss.SplitModel(frozen, nn.Identity(), "all")
+    assert ss.check_split(model, cut, torch.rand(4, 1, 8, 8)) == {"eval": False, "train": True}
+
+
+def test_a_root_forward_that_reads_training_is_a_clear_error():
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            x = self.conv(x)
+            return torch.nn.functional.dropout(x, 0.5, self.training)
+
+    with pytest.raises(SplitError, match=r"Root.forward itself behaves differently in train and eval mode"):
+        ss.split_points(Root())
+
+
+def test_googlenet_with_auxiliary_heads_lists_every_point_and_trains(mnist5k):
+    model = torchvision.models.googlenet(num_classes=10, aux_logits=True, init_weights=False)
+    with pytest.warns(UserWarning, match="auxiliary classifiers switched off"):
+        legal = ss.split_points(model)
+    assert len(legal) == 26
+    assert model.aux_logits and model.aux1 is not None  # the user's model is left as it was
+    data = ss.conform(mnist5k.train.take(16), (3, 32, 32))
+    with pytest.warns(UserWarning):
+        target = ss.split(model, "inception4a", input_shape=(3, 32, 32))
+    history = ss.Trainer(target, epochs=1, batch_size=8, progress=False).fit(data)
+    assert len(history) == 1 and torch.isfinite(torch.tensor(history[0]["loss"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Input shapes: checked up front; the papers' nets adapt; torchvision models take grey images.
+
+
+def test_a_shape_the_model_cannot_take_is_one_line_naming_both_shapes():
+    model = ss.build_model("lenet")
+    calls = (lambda: ss.split_points(model, (3, 32, 32)), lambda: ss.split(model, "ReLU2", input_shape=(1, 20, 20)))
+    for call in calls:
+        with pytest.raises(SplitError) as info:
+            call()
+        message = str(info.value)
+        assert "\n" not in message and "it takes (1, 28, 28)" in message and "does not fit Sequential" in message
+
+
+def test_a_shape_error_on_a_model_without_spec_quotes_torch_in_one_line():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    expected = r"^input_shape \(1, 5, 5\) does not fit Sequential \(torch says: .*mat1"
+    with pytest.raises(SplitError, match=expected) as info:
+        ss.split_points(model, (1, 5, 5))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "shape", "point", "feature"), [
+    ("lenet", (1, 20, 20), "ReLU2", (16, 4, 4)),
+    ("lenet", (3, 24, 40), "pool2", (16, 3, 7)),
+    ("cifar-cnn", (1, 16, 16), "ReLU32", (128, 4, 4)),
+    ("cifar-cnn", (3, 48, 64), "pool3", (128, 6, 8)),
+])
+def test_papers_nets_adapt_to_the_input_size(name, shape, point, feature):
+    model = ss.build_model(name, input_shape=shape)
+    target = ss.split(model, point, input_shape=shape)
+    assert target.feature_shape() == feature
+    assert model.eval()(torch.rand(2, *shape)).shape == (2, 10)
+    assert model.model_spec["input_shape"] == list(shape)
+
+
+@pytest.mark.parametrize(("name", "shape", "minimum"), [("lenet", (1, 8, 8), 16), ("cifar-cnn", (3, 4, 4), 8)])
+def test_papers_nets_name_the_smallest_size_they_take(name, shape, minimum):
+    with pytest.raises(ConfigError, match=rf"{name} takes images of at least {minimum}×{minimum}, got \(4|8"):
+        ss.build_model(name, input_shape=shape)
+
+
+def test_torchvision_model_on_grey_images_equals_the_rgb_model_on_grey_copied_to_rgb():
+    grey = ss.build_model("resnet18", in_channels=1, seed=3).eval()
+    rgb = ss.build_model("resnet18", seed=3).eval()
+    x = torch.rand(2, 1, 32, 32)
+    assert grey.conv1.in_channels == 1
+    torch.testing.assert_close(grey(x), rgb(x.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-5)
+    assert ss.split_points(grey, (1, 28, 28))[0].feature_shape == (64, 14, 14)
+
+
+def test_build_model_defaults_to_the_native_shape_and_rejects_disagreeing_arguments():
+    assert ss.build_model("resnet18").model_spec["input_shape"] == [3, 224, 224]
+    assert ss.build_model("lenet").model_spec["input_shape"] == [1, 28, 28]
+    with pytest.raises(ConfigError, match="agree with in_channels=3"):
+        ss.build_model("lenet", in_channels=3, input_shape=(1, 28, 28))
+
+
+def test_vision_transformer_is_built_for_the_given_square_size():
+    model = ss.build_model("vit_b_16", input_shape=(3, 32, 32))
+    assert model.eval()(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(ConfigError, match="square images whose side is a multiple of 16"):
+        ss.build_model("vit_b_16", input_shape=(3, 32, 48))

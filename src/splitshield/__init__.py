@@ -13,7 +13,7 @@ from .attacks import (
     Victim,
     WhiteBoxInversion,
 )
-from .data import Dataset, ImageSet, load_dataset
+from .data import Dataset, ImageSet, conform, load_dataset
 from .defenses import Compose, Defense, NoDefense
 from .errors import (
     CheckpointError,
@@ -24,7 +24,7 @@ from .errors import (
     SplitShieldError,
     ThreatModelError,
 )
-from .models import SplitModel, SplitPoint, build_model, split, split_points
+from .models import SplitModel, SplitPoint, build_model, check_split, split, split_points
 from .train import Trainer, evaluate, load_checkpoint, save_checkpoint
 
 
@@ -66,6 +66,8 @@ __all__ = [
     "attacks",
     "build_model",
     "build_report",
+    "check_split",
+    "conform",
     "defenses",
     "evaluate",
     "load_checkpoint",

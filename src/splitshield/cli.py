@@ -105,14 +105,16 @@ def demo(
 @friendly
 def split_points_cmd(
     model: Annotated[str, typer.Argument(help="lenet, cifar-cnn, vgg11-bottleneck[-slim], or a torchvision name.")],
-    input_shape: Annotated[str, typer.Option(help="C,H,W of one input image.")] = "1,28,28",
+    input_shape: Annotated[str | None, typer.Option(
+        help="C,H,W of one input image, e.g. 1,28,28 or 3,32,32 (default: the model's native shape; "
+             "torchvision models take grey images too).")] = None,
     num_classes: int = 10,
 ) -> None:
     """List the legal split points of a model with their feature shapes."""
     from .models import build_model, split_points
 
-    shape = parse_shape(input_shape)
-    net = build_model(model, num_classes=num_classes, in_channels=shape[0])
+    net = build_model(model, num_classes=num_classes, input_shape=parse_shape(input_shape) if input_shape else None)
+    shape = tuple(net.model_spec["input_shape"])
     table = Table(title=f"{model}: legal split points for input {shape}")
     table.add_column("#", justify="right")
     table.add_column("point")
@@ -151,7 +153,7 @@ def train(
     from .train import Trainer
 
     data = load_dataset(dataset, data_dir=data_dir, seed=seed)
-    net = build_model(model, num_classes=data.num_classes, in_channels=data.image_shape[0])
+    net = build_model(model, num_classes=data.num_classes, input_shape=data.image_shape)
     target = split(net, split_at, input_shape=data.image_shape)
     config = parse_json(defense, "--defense")
     guard = build_defense(config) if config else None

@@ -147,7 +147,9 @@ class EvaluationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     images: Literal["first_per_class"] | int = Field(
-        default="first_per_class", description="He et al.'s 10 images (first test image of each class) or n")
+        default="first_per_class",
+        description="He et al.'s protocol (the first test image of each class; with fewer than 10 classes the first "
+                    "k of each, k = ceil(10 / classes), so at least 10 images) or n")
     metrics: list[Literal["accuracy", "mse", "psnr", "ssim", "completion_accuracy", "ce_floor"]] = list(METRICS)
     test_n: int | None = Field(default=None, gt=0, description="accuracy on the first n test images only")
 

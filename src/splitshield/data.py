@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 BUILTIN = "mnist-5k"
 NAMED = ("mnist", "fashion-mnist", "cifar10")
@@ -92,9 +93,30 @@ class ImageSet:
         """All images as float [N, C, H, W] in [0, 1] and labels [N]."""
         return to_float(self.images).to(device), self.labels.to(device)
 
-    def first_per_class(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """He et al.'s evaluation protocol: the first image of each class, in class order."""
-        index = [int((self.labels == c).nonzero()[0]) for c in range(self.num_classes) if (self.labels == c).any()]
+    def first_per_class(self, per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The evaluation images: the first ``per_class`` images of each class, class by class.
+
+        He et al. evaluate the first image of each of MNIST's 10 classes; with fewer classes that is
+        too few images to average over, so by default each class gives as many images as it takes to
+        reach at least 10 in all (10 classes: 1 each, as He et al.; 2 classes: 5 each; 3 classes: 4 each).
+
+        Parameters
+        ----------
+        per_class:
+            Images taken from each class, or ``None`` for ``ceil(10 / number of classes present)``.
+            A class with fewer images gives all it has.
+
+        Returns
+        -------
+        images, labels:
+            Float [N, C, H, W] in [0, 1] and int64 [N]: class 0's images first (in set order), then
+            class 1's, and so on.
+        """
+        if per_class is not None and per_class < 1:
+            raise ConfigError(f"per_class must be a positive number of images, got {per_class}")
+        present = [c for c in range(self.num_classes) if (self.labels == c).any()]
+        k = per_class if per_class is not None else -(-10 // max(len(present), 1))
+        index = [int(i) for c in present for i in (self.labels == c).nonzero().flatten()[:k]]
         return self.subset(index).tensors()
 
     def batches(
@@ -173,7 +195,28 @@ def noise_images(n: int, shape: tuple[int, int, int], classes: tuple[str, ...], 
 
 
 def conform(images: ImageSet, shape: tuple[int, int, int]) -> ImageSet:
-    """Resize (bilinear) and convert channels (grey <-> RGB) so every image has ``shape`` (C, H, W)."""
+    """Give every image of ``images`` the shape ``shape``: convert grey <-> RGB, then resize.
+
+    Use it to feed one dataset's images to a model built for another (MNIST digits to a CIFAR-10
+    model, or the reverse).
+
+    Parameters
+    ----------
+    images:
+        The images, uint8 [N, C, H, W] on 0..255.
+    shape:
+        The wanted (C, H, W) in channels and pixels, e.g. ``(3, 32, 32)`` or ``(1, 28, 28)``.
+
+    Returns
+    -------
+    ImageSet
+        uint8 [N, *shape] on 0..255, with the same labels and classes. Grey -> RGB copies the grey
+        channel into each of the C channels; C channels -> grey is their unweighted mean (not a
+        luma formula); resizing is bilinear. Other channel changes (RGB -> 2 channels) raise
+        :class:`DataError`.
+    """
+    if len(shape) != 3 or min(shape) < 1:
+        raise DataError(f"shape must be (C, H, W) with positive sizes, got {tuple(shape)}")
     x = to_float(images.images)
     c = shape[0]
     if x.shape[1] != c:
@@ -190,7 +233,8 @@ def conform(images: ImageSet, shape: tuple[int, int, int]) -> ImageSet:
 
 
 def load_dataset(name: str = BUILTIN, data_dir: str | Path | None = None, holdout_fraction: float = 0.25,
-                 seed: int = 0, download: bool = False) -> Dataset:
+                 seed: int = 0, download: bool = False,
+                 value_range: tuple[float, float] | None = None) -> Dataset:
     """Load a dataset by name and split its training part into target ``train`` and attacker ``holdout``.
 
     Parameters
@@ -203,19 +247,41 @@ def load_dataset(name: str = BUILTIN, data_dir: str | Path | None = None, holdou
         Fraction of the training split kept from the target, stratified per class.
     download:
         Let torchvision download a named dataset when no local copy is found (needs a network).
+    value_range:
+        ``(lo, hi)``: the scale the stored pixel values are on, e.g. ``(0, 16)`` for scikit-learn's
+        digits or ``(-1, 1)`` for normalised floats. Pixels are mapped linearly from ``lo..hi`` to
+        ``0..255`` (rounded; values outside are clipped), whatever their dtype. ``None`` (default)
+        accepts uint8 images that use the 0..255 scale and float images in [0, 1]; anything else
+        raises :class:`DataError` naming the array and its range.
     """
     if not 0.0 <= holdout_fraction < 1.0:
         raise DataError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
-    train, test = _load_raw(name, data_dir, download)
+    if value_range is not None:
+        value_range = _check_value_range(value_range)
+    train, test = _load_raw(name, data_dir, download, value_range)
     fit, holdout = _stratified_split(train, holdout_fraction, seed)
     return Dataset(name, fit, holdout, test)
 
 
-def _load_raw(name: str, data_dir: str | Path | None, download: bool) -> tuple[ImageSet, ImageSet]:
+def _check_value_range(value_range: object) -> tuple[float, float]:
+    try:
+        if isinstance(value_range, str | bytes):  # "0,16" would otherwise unpack character by character
+            raise TypeError
+        lo, hi = (float(v) for v in value_range)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        lo = hi = float("nan")
+    if not lo < hi or not np.isfinite([lo, hi]).all():
+        raise DataError(f"value_range must be two numbers (lo, hi) with lo < hi, e.g. (0, 16); got {value_range!r}")
+    return lo, hi
+
+
+def _load_raw(name: str, data_dir: str | Path | None, download: bool,
+              value_range: tuple[float, float] | None = None) -> tuple[ImageSet, ImageSet]:
     if name == BUILTIN:
         with resources.files("splitshield").joinpath("_data/mnist_5k.npz").open("rb") as fh:
             arrays = _read_npz(io.BytesIO(fh.read()), "built-in mnist-5k")
-        full = _imageset(arrays["x_train"], arrays["y_train"], arrays.get("classes"))
+        full = _imageset(arrays["x_train"], arrays["y_train"], arrays.get("classes"),
+                         ("built-in mnist-5k x_train", "built-in mnist-5k y_train"), value_range)
         # The file is sorted by digit; a fixed shuffle gives it MNIST's mixed order, so take(n) is balanced.
         full = full.subset(torch.randperm(len(full), generator=torch.Generator().manual_seed(5000)))
         # mnist-5k has no test split: the last 100 images of each digit are its test set.
@@ -224,11 +290,11 @@ def _load_raw(name: str, data_dir: str | Path | None, download: bool) -> tuple[I
         mask[test_idx] = False
         return full.subset(mask.nonzero().flatten()), full.subset(test_idx.sort().values)
     if name.startswith("npz:"):
-        return _from_npz(Path(name[4:]))
+        return _from_npz(Path(name[4:]), value_range)
     if name.startswith("imagefolder:"):
-        return _from_imagefolder(Path(name[len("imagefolder:"):]))
+        return _from_imagefolder(Path(name[len("imagefolder:"):]), value_range)
     if name in NAMED:
-        return _from_named(name, data_dir, download)
+        return _from_named(name, data_dir, download, value_range)
     raise DataError(
         f"dataset {name!r} unknown; use {BUILTIN} (built in), {', '.join(NAMED)}, npz:PATH or imagefolder:PATH"
     )
@@ -238,54 +304,125 @@ def _read_npz(source, label: str) -> dict[str, np.ndarray]:
     try:
         with np.load(source, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{label}: not a readable npz without pickled objects ({exc})") from None
 
 
-def _imageset(x: np.ndarray, y: np.ndarray, classes: np.ndarray | None = None) -> ImageSet:
-    if x.dtype != np.uint8:
-        raise DataError(f"images must be uint8 in 0..255, got {x.dtype}")
+def _imageset(x: np.ndarray, y: np.ndarray, classes: np.ndarray | None, names: tuple[str, str],
+              value_range: tuple[float, float] | None = None) -> ImageSet:
+    """Check images ``x`` and labels ``y`` (called ``names`` in errors, e.g. x_train, y_train) and wrap them."""
+    if classes is not None and len(classes) == 0:
+        classes = None  # some files (foolbox_samples.npz) store an empty array for "no names"
+    x, y = _checked(x, y, classes, *names, value_range)
+    class_names = tuple(str(c) for c in (classes if classes is not None else range(int(y.max()) + 1)))
+    return ImageSet(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), class_names)
+
+
+def _checked(x: np.ndarray, y: np.ndarray, classes: np.ndarray | None, x_name: str, y_name: str,
+             value_range: tuple[float, float] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Images as uint8 [N, C, H, W] on 0..255 and labels as int64 [N], or a one-line DataError."""
+    x, y = np.asarray(x), np.asarray(y)
+    given = x.shape
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.transpose(0, 3, 1, 2)
     if x.ndim != 4:
-        raise DataError(f"images must be [N, H, W], [N, H, W, C] or [N, C, H, W], got shape {x.shape}")
-    labels = torch.from_numpy(np.asarray(y).astype(np.int64))
-    names = tuple(str(c) for c in classes) if classes is not None else tuple(
-        str(c) for c in range(int(labels.max()) + 1)
-    )
-    return ImageSet(torch.from_numpy(np.ascontiguousarray(x)), labels, names)
+        raise DataError(f"{x_name}: images must be [N, H, W], [N, H, W, C] or [N, C, H, W], got shape {given}")
+    if x.size == 0:
+        raise DataError(f"{x_name}: holds no images (shape {given}); give at least one image")
+    if x.dtype.kind not in "buif":
+        raise DataError(f"{x_name}: images must be numbers (uint8 0..255 or float 0..1), got dtype {x.dtype}")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise DataError(f"{x_name}: float images contain NaN or inf; replace them before loading")
+
+    lo, hi = x.min().item(), x.max().item()
+    if value_range is not None:
+        x = _rescale(x, *value_range)
+    elif x.dtype == np.uint8:
+        # A uint8 array that never reaches 128 is almost surely on a smaller scale (scikit-learn's
+        # digits are 0..16); used as 0..255 it would train on near-black images without a word.
+        if hi < 128:
+            raise DataError(f"{x_name}: uint8 images use only 0..{hi}, not 0..255; pass value_range=(0, {max(hi, 1)}) "
+                            "to rescale them (or value_range=(0, 255) if they really are that dark)")
+    elif x.dtype.kind == "f":
+        if lo < 0 or hi > 1:
+            # Rounded outwards: float pixels on 0..255 rarely hit 0 and 255 exactly.
+            raise DataError(f"{x_name}: float images span {lo:g}..{hi:g}, not 0..1; pass value_range=(lo, hi), "
+                            f"their nominal scale (e.g. ({np.floor(lo):g}, {np.ceil(hi):g})), to rescale them")
+        x = _rescale(x, 0.0, 1.0)
+    else:
+        raise DataError(f"{x_name}: {x.dtype} images (values {lo}..{hi}) need value_range=(lo, hi) to be mapped "
+                        f"to 0..255, e.g. value_range=({lo}, {hi}); or store them as uint8 0..255 or float 0..1")
+
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]  # Keras stores labels as [N, 1]
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"{y_name}: labels have shape {y.shape} but there are {len(x)} images; "
+                        f"give one label per image, shape ({len(x)},)")
+    if y.dtype.kind not in "buif":
+        raise DataError(f"{y_name}: labels must be integers 0..K-1, got dtype {y.dtype}; "
+                        "store class numbers and pass the names as a classes array")
+    if y.dtype.kind == "f":
+        bad = ~np.isfinite(y) | (y != np.round(y))
+        if bad.any():
+            raise DataError(f"{y_name}: labels must be whole numbers, found {y[bad][0]:g}; store class numbers 0..K-1")
+    y = y.astype(np.int64)
+    if y.min() < 0:
+        raise DataError(f"{y_name}: labels must be 0..K-1, found {y.min()}; renumber the classes from 0")
+    if classes is not None and y.max() >= len(classes):
+        raise DataError(f"{y_name}: largest label is {y.max()} but the classes array names only {len(classes)} "
+                        f"classes (labels 0..{len(classes) - 1}); fix the labels or the classes array")
+    return x, y
 
 
-def _from_npz(path: Path) -> tuple[ImageSet, ImageSet]:
+def _rescale(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map ``lo..hi`` linearly onto uint8 0..255 (rounded, clipped)."""
+    # float32, not float64: a full 60k-image set would otherwise take a 400 MB temporary.
+    scaled = (x.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _from_npz(path: Path, value_range: tuple[float, float] | None = None) -> tuple[ImageSet, ImageSet]:
     if not path.is_file():
-        raise DataError(f"no file {path}: give an npz with x_train, y_train, x_test, y_test (uint8 images)")
+        raise DataError(f"no file {path}: give an npz with x_train, y_train, x_test, y_test "
+                        "(uint8 0..255 or float 0..1 images)")
     arrays = _read_npz(path, str(path))
     if "jpeg_train" in arrays:
-        arrays = _decode_jpeg_npz(arrays)
+        arrays = _decode_jpeg_npz(arrays, path)
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise DataError(f"{path} lacks arrays {missing}; it has {sorted(arrays)}")
-    classes = arrays.get("classes")
-    train = _imageset(arrays["x_train"], arrays["y_train"], classes)
-    return train, _imageset(arrays["x_test"], arrays["y_test"], classes)
+    train, test = (_imageset(arrays[f"x_{part}"], arrays[f"y_{part}"], arrays.get("classes"),
+                             (f"{path}: x_{part}", f"{path}: y_{part}"), value_range) for part in ("train", "test"))
+    return train, test
 
 
-def _decode_jpeg_npz(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _decode_jpeg_npz(arrays: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
     """Decode the JPEG-bytes layout (``jpeg_<split>``, ``offsets_<split>``, ``y_<split>``)."""
     from PIL import Image
 
+    missing = [f"{k}_{part}" for part in ("train", "test") for k in ("jpeg", "offsets", "y")
+               if f"{k}_{part}" not in arrays]
+    if missing:
+        raise DataError(f"{path} (JPEG-bytes layout) lacks arrays {missing}; it has {sorted(arrays)}")
     out = {"classes": arrays["classes"]} if "classes" in arrays else {}
     for part in ("train", "test"):
         blob, off = arrays[f"jpeg_{part}"], arrays[f"offsets_{part}"]
-        images = [np.asarray(Image.open(io.BytesIO(blob[off[i]: off[i + 1]].tobytes())).convert("RGB"))
-                  for i in range(len(off) - 1)]
-        out[f"x_{part}"], out[f"y_{part}"] = np.stack(images), arrays[f"y_{part}"]
+        images = []
+        for i in range(len(off) - 1):
+            try:
+                images.append(np.asarray(Image.open(io.BytesIO(blob[off[i]: off[i + 1]].tobytes())).convert("RGB")))
+            except OSError as exc:
+                raise DataError(f"{path}: jpeg_{part} image {i} does not decode ({exc}); "
+                                f"check offsets_{part}") from None
+        out[f"x_{part}"] = np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
+        out[f"y_{part}"] = arrays[f"y_{part}"]
     return out
 
 
-def _from_named(name: str, data_dir: str | Path | None, download: bool) -> tuple[ImageSet, ImageSet]:
+def _from_named(name: str, data_dir: str | Path | None, download: bool,
+                value_range: tuple[float, float] | None = None) -> tuple[ImageSet, ImageSet]:
     root = data_dir or os.environ.get("SPLITSHIELD_DATA")
     tried: list[str] = []
     if root is not None:
@@ -294,9 +431,9 @@ def _from_named(name: str, data_dir: str | Path | None, download: bool) -> tuple
         for path in candidates:
             tried.append(str(path))
             if path.is_file():
-                return _from_npz(path)
+                return _from_npz(path, value_range)
     if root is not None or download:
-        found = _from_torchvision(name, root or Path.home() / ".cache" / "splitshield", download)
+        found = _from_torchvision(name, root or Path.home() / ".cache" / "splitshield", download, value_range)
         if found is not None:
             return found
         tried.append(f"torchvision layout under {root}")
@@ -304,7 +441,8 @@ def _from_named(name: str, data_dir: str | Path | None, download: bool) -> tuple
     raise DataError(f"dataset {name!r} not found ({where}); provide {_HOW_TO_GET[name]}")
 
 
-def _from_torchvision(name: str, root: Path, download: bool) -> tuple[ImageSet, ImageSet] | None:
+def _from_torchvision(name: str, root: Path, download: bool,
+                      value_range: tuple[float, float] | None = None) -> tuple[ImageSet, ImageSet] | None:
     import torchvision.datasets as tvd
 
     cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]
@@ -313,13 +451,14 @@ def _from_torchvision(name: str, root: Path, download: bool) -> tuple[ImageSet, 
     except (RuntimeError, OSError):
         return None
     sets = []
-    for ds in parts:
+    for part, ds in zip(("train", "test"), parts, strict=True):
         x = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else np.asarray(ds.data)
-        sets.append(_imageset(x.astype(np.uint8), np.asarray(ds.targets), np.asarray(ds.classes)))
+        sets.append(_imageset(x, np.asarray(ds.targets), np.asarray(ds.classes),
+                              (f"torchvision {name} {part} images", f"torchvision {name} {part} labels"), value_range))
     return sets[0], sets[1]
 
 
-def _from_imagefolder(root: Path) -> tuple[ImageSet, ImageSet]:
+def _from_imagefolder(root: Path, value_range: tuple[float, float] | None = None) -> tuple[ImageSet, ImageSet]:
     """``root/train/<class>/*`` and ``root/test/<class>/*``; images are decoded with Pillow."""
     from PIL import Image
 
@@ -331,15 +470,19 @@ def _from_imagefolder(root: Path) -> tuple[ImageSet, ImageSet]:
         xs, ys = [], []
         for label, cls in enumerate(classes):
             for f in sorted((root / part / cls).glob("*")):
-                with Image.open(f) as im:
-                    xs.append(np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB")))
+                try:
+                    with Image.open(f) as im:
+                        xs.append(np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB")))
+                except OSError as exc:
+                    raise DataError(f"imagefolder {f}: not an image Pillow can read ({exc}); remove it") from None
                 ys.append(label)
         if not xs:
             raise DataError(f"imagefolder {root / part} has no images")
         shapes = {x.shape for x in xs}
         if len(shapes) > 1:
             raise DataError(f"imagefolder {root / part}: images differ in size {sorted(shapes)[:3]}; resize them first")
-        sets.append(_imageset(np.stack(xs), np.array(ys), np.array(classes)))
+        where = f"imagefolder {root / part}"
+        sets.append(_imageset(np.stack(xs), np.array(ys), np.array(classes), (where, where), value_range))
     return sets[0], sets[1]
 
 

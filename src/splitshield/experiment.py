@@ -45,8 +45,10 @@ INVERSION_METRICS = ("mse", "psnr", "ssim")
 #: attack's or a defense's default behaviour, a metric). It is part of every target and cell hash, so a store
 #: written by an older splitshield is measured again rather than resumed, and reports leave its cells out.
 #: 1: cells written before the revision was recorded. 2: the inverse network and the online decoders of
-#: adversarial training and InfoScissors standardise their input.
-RESULTS_REVISION = 2
+#: adversarial training and InfoScissors standardise their input. 3: cuts keep mode-dependent modules whole,
+#: the evaluation protocol takes at least 10 images on datasets with fewer classes, and the inverse network's
+#: default decoder is sized to the auxiliary set.
+RESULTS_REVISION = 3
 _KNOWN_SHAPES = {"mnist-5k": (1, 28, 28), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
@@ -162,7 +164,7 @@ def _check_splits(spec: ExperimentSpec) -> None:
     for dataset in spec.dataset:
         shape = _KNOWN_SHAPES.get(dataset) or _load_data(dataset, spec.data_dir, 0, spec.download).image_shape
         for model_name in spec.model:
-            model = build_model(model_name, num_classes=10, in_channels=shape[0])
+            model = build_model(model_name, num_classes=10, input_shape=shape)
             points = split_points(model, shape)
             names = {p.name for p in points} | {a for p in points for a in p.aliases}
             for s in spec.splits:
@@ -231,7 +233,7 @@ def _get_target(config: dict[str, Any], target_hash: str, data, root: Path, devi
             pass  # a half-written cache entry (killed mid-save): train again and overwrite it
     start = time.perf_counter()
     train = config["train"]
-    model = build_model(config["model"], num_classes=data.num_classes, in_channels=data.image_shape[0])
+    model = build_model(config["model"], num_classes=data.num_classes, input_shape=data.image_shape)
     target = split(model, config["split"], input_shape=data.image_shape)
     defense = build_defense(config["defense"])
     train_set = data.train if train["train_n"] is None else data.train.take(train["train_n"])

@@ -285,12 +285,12 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module | None = None,
     if path.suffix in (".safetensors", ".json"):
         path = path.with_suffix("")
     tensors, meta = _read(path)
+    input_shape = tuple(meta["input_shape"]) if meta.get("input_shape") else None
     if model is None:
         spec = meta.get("model_spec")
         if not spec:
             raise CheckpointError(f"{path}.json has no model_spec: pass model=<the uncut nn.Module>")
-        model = build_model(**spec)
-    input_shape = tuple(meta["input_shape"]) if meta.get("input_shape") else None
+        model = build_model(**{"input_shape": input_shape, **spec})  # older specs lack the input shape
     target = split(model, meta["split"], input_shape=input_shape)
     defense = build_defense(meta.get("defense") or {"name": "none"})
     _load_states(target, defense, tensors)

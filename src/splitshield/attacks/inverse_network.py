@@ -9,12 +9,17 @@ returns defended features, so the decoder learns to invert the defense too (adap
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .base import InversionAttack, Victim, VictimView
-from .decoders import Standardize, build_decoder, he2019_decoder, standardize_dims
+from .decoders import Standardize, build_decoder, dense_width, he2019_decoder, standardize_dims
+
+#: Below this many auxiliary images the attack warns that it under-reports leakage.
+SMALL_AUX = 256
 
 
 class InverseNetwork(InversionAttack):
@@ -23,7 +28,9 @@ class InverseNetwork(InversionAttack):
     Parameters
     ----------
     decoder:
-        A module mapping features [B, ...] to images [B, C, H, W]; ``None`` builds one.
+        A module mapping features [B, ...] to images [B, C, H, W]; ``None`` builds one, its dense layers
+        sized to the auxiliary set (:func:`~splitshield.attacks.decoders.dense_width`). Fewer than
+        :data:`SMALL_AUX` auxiliary images give a warning.
     steps:
         Optimiser steps (batches), independent of the auxiliary set's size.
     batch_size, lr:
@@ -59,9 +66,12 @@ class InverseNetwork(InversionAttack):
         view = self._view_for(victim)
         aux = view.require_aux(type(self).__name__)
         torch.manual_seed(self.seed)
+        if len(aux) < SMALL_AUX:
+            warnings.warn(f"InverseNetwork: the auxiliary set has only {len(aux)} images; a decoder trained on so few "
+                          "overfits them and under-reports leakage: give the attacker 1000 or more", stacklevel=2)
         if self.decoder is None:
             self.decoder = he2019_decoder(view.point, view.feature_shape) or build_decoder(
-                view.feature_shape, view.input_shape
+                view.feature_shape, view.input_shape, hidden=dense_width(len(aux))
             )
         x_all, _ = aux.tensors()
         # Query once per auxiliary image: the oracle is the costly, rate-limited part in practice.

@@ -11,9 +11,13 @@ and its operation (``layer1.0.add``, ``flatten``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import threading
+import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -86,24 +90,119 @@ class SplitModel(nn.Module):
 
 
 class _Tracer(fx.Tracer):
-    """Keeps input normalisation whole: a cut inside ``(x - mean) / std`` is never useful."""
+    """Keeps input normalisation and the given mode-dependent modules whole (as leaves of the graph)."""
+
+    def __init__(self, leaves: frozenset[str] = frozenset()):
+        super().__init__()
+        self.leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, Normalize) or super().is_leaf_module(m, module_qualified_name)
+        # A cut inside ``(x - mean) / std`` is never useful.
+        return (isinstance(m, Normalize) or module_qualified_name in self.leaves
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 # torch.fx patches nn.Module.__call__ process-wide while it traces: two threads must not trace at once.
 _TRACE_LOCK = threading.Lock()
 
+# Auxiliary classifiers that a model's own forward runs in train mode only (GoogLeNet, Inception v3).
+_AUX_HEADS = ("aux1", "aux2", "AuxLogits")
 
-def _trace(model: nn.Module) -> fx.GraphModule | None:
+
+@contextlib.contextmanager
+def _without_aux_heads(model: nn.Module) -> Iterator[None]:
+    """Trace the main classifier only: an auxiliary head would be a second output crossing every cut.
+
+    The heads exist to help training from scratch; a split model trains on its main logits, so they are
+    switched off while tracing (and stay out of the cut model) and restored on ``model`` afterwards.
+    """
+    if not getattr(model, "aux_logits", False):
+        yield
+        return
+    saved = {name: getattr(model, name) for name in _AUX_HEADS if hasattr(model, name)}
+    warnings.warn(f"{type(model).__name__}: auxiliary classifiers switched off in the cut model "
+                  "(it trains on the main logits); build it with aux_logits=False to silence this", stacklevel=4)
+    model.aux_logits = False
+    for name in saved:
+        setattr(model, name, None)
     try:
-        with _TRACE_LOCK:
-            tracer = _Tracer()
-            graph = tracer.trace(model)
-            return fx.GraphModule(tracer.root, graph, type(model).__name__)
+        yield
+    finally:
+        model.aux_logits = True
+        for name, head in saved.items():
+            setattr(model, name, head)
+
+
+@contextlib.contextmanager
+def _modes_kept(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's own train/eval flag (a model may mix them, e.g. frozen batch norm)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _trace_once(model: nn.Module, leaves: frozenset[str]) -> tuple[fx.Tracer, fx.Graph] | None:
+    try:
+        tracer = _Tracer(leaves)
+        return tracer, tracer.trace(model)
     except Exception:  # noqa: BLE001 - any tracing failure means "use the fallback"
         return None
+
+
+def _signature(node: fx.Node) -> str:
+    return f"{node.op} {node.target} {node.args} {node.kwargs}"  # nodes in args print as their names
+
+
+def _mode_dependent_scopes(train: fx.Graph, evaluation: fx.Graph) -> set[str]:
+    """Modules whose traced code differs between train and eval mode ("" when it is the root's own code).
+
+    Tracing runs Python, so every ``if self.training`` and every ``training=self.training`` argument
+    is frozen into the graph as a constant. The deepest module containing both sides of a difference is
+    the one whose forward read the flag.
+    """
+    a, b = list(train.nodes), list(evaluation.nodes)
+    differ = [i for i, (p, q) in enumerate(zip(a, b, strict=False)) if _signature(p) != _signature(q)]
+    if len(a) != len(b):
+        # Different code paths: only the first divergence is meaningful; later nodes are shifted.
+        differ = differ[:1] or [min(len(a), len(b))]
+    scopes = set()
+    for i in differ:
+        stacks = [[s.split("@")[0] for s in _scopes(g[i])] if i < len(g) else [] for g in (a, b)]
+        common = [s for s, _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(*stacks, strict=False))]
+        scopes.add(common[-1] if common else "")
+    return scopes
+
+
+def _trace(model: nn.Module) -> fx.GraphModule | None:
+    """Trace ``model`` so that its graph is the same in train and eval mode.
+
+    Modules that read ``self.training`` (dropout, stochastic depth, batch norm, custom blocks) are kept
+    whole, so the cut model follows ``.train()`` / ``.eval()`` exactly as the original does. Found by
+    tracing both modes and comparing, not by a list of known classes, so custom modules are covered too.
+    Returns ``None`` when the model does not trace.
+    """
+    leaves: frozenset[str] = frozenset()
+    with _TRACE_LOCK, _without_aux_heads(model), _modes_kept(model):
+        while True:
+            traced = []
+            for training in (True, False):
+                model.train(training)
+                traced.append(_trace_once(model, leaves))
+            if traced[0] is None or traced[1] is None:
+                return None
+            (_, train_graph), (tracer, eval_graph) = traced
+            scopes = _mode_dependent_scopes(train_graph, eval_graph)
+            if not scopes:
+                return fx.GraphModule(tracer.root, eval_graph, type(model).__name__)
+            if "" in scopes or scopes <= leaves:
+                raise SplitError(
+                    f"{type(model).__name__}.forward itself behaves differently in train and eval mode "
+                    "(it reads self.training): move that code into a submodule so a cut can keep it whole"
+                )
+            leaves = leaves | scopes
 
 
 def _scopes(node: fx.Node) -> list[str]:
@@ -234,24 +333,32 @@ def split_points(model: nn.Module, input_shape: tuple[int, ...] | None = None) -
     model:
         Any ``nn.Module``.
     input_shape:
-        Shape of one input (C, H, W). When given, each point carries its feature shape.
+        Shape of one input (C, H, W). When given, each point carries its feature shape, and a shape the
+        model cannot take is a :class:`SplitError` naming the shape the model expects.
     """
-    points, _ = _points(model)
+    points, traced = _points(model)
     if input_shape is None:
         return points
-    shapes = _feature_shapes(model, points, tuple(input_shape))
+    shapes = _feature_shapes(model, traced, _checked_shape(input_shape))
     return [SplitPoint(p.name, p.aliases, shapes[p.name]) for p in points]
 
 
-def _feature_shapes(model: nn.Module, points: list[SplitPoint], input_shape: tuple[int, ...]) -> dict[str, tuple]:
-    gm = _trace(model)
+def _checked_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    shape = tuple(input_shape)
+    if not shape or not all(isinstance(v, int) and v > 0 for v in shape):
+        raise SplitError(f"input_shape must be positive integers (C, H, W), got {input_shape!r}")
+    return shape
+
+
+def _feature_shapes(model: nn.Module, traced: object, input_shape: tuple[int, ...]) -> dict[str, tuple | None]:
+    """Run one zero image through ``model`` in eval mode and record the shape of every point's value."""
     x = torch.zeros(1, *input_shape, device=_device_of(model))
-    shapes: dict[str, tuple] = {}
-    was_training = model.training
-    model.eval()
+    shapes: dict[str, tuple | None] = {}
     try:
-        with torch.no_grad():
-            if gm is not None:
+        with _modes_kept(model), torch.no_grad():
+            model.eval()
+            if traced is not None:
+                gm, nodes, names = traced
                 values: dict[str, torch.Tensor] = {}
 
                 class _Recorder(fx.Interpreter):
@@ -261,7 +368,6 @@ def _feature_shapes(model: nn.Module, points: list[SplitPoint], input_shape: tup
                         return out
 
                 _Recorder(gm).run(x)
-                nodes, names = _fx_points(gm)
                 for i, nm in names.items():
                     v = values.get(nodes[i].name)
                     shapes[nm[0]] = tuple(v.shape[1:]) if isinstance(v, torch.Tensor) else None
@@ -269,11 +375,16 @@ def _feature_shapes(model: nn.Module, points: list[SplitPoint], input_shape: tup
                 for name, child in model.named_children():
                     x = child(x)
                     shapes[name] = tuple(x.shape[1:])
-    except Exception as exc:  # noqa: BLE001
-        raise SplitError(f"input_shape {input_shape} does not fit {type(model).__name__}: {exc}") from None
-    finally:
-        model.train(was_training)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the shape does not fit
+        raise SplitError(_shape_mismatch(model, input_shape, exc)) from None
     return shapes
+
+
+def _shape_mismatch(model: nn.Module, input_shape: tuple[int, ...], exc: Exception) -> str:
+    expected = (getattr(model, "model_spec", None) or {}).get("input_shape")
+    takes = f"it takes {tuple(expected)}" if expected else "torch says: " + (str(exc).strip().splitlines() or [""])[0]
+    return (f"input_shape {input_shape} does not fit {type(model).__name__} ({takes}); "
+            "pass the shape of your images, or build the model for them (build_model(..., input_shape=))")
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -284,15 +395,30 @@ def _device_of(model: nn.Module) -> torch.device:
 def split(model: nn.Module, at: str, input_shape: tuple[int, ...] | None = None) -> SplitModel:
     """Cut ``model`` after the point named ``at``.
 
-    The halves share parameters with ``model`` (no copy), so training the returned
-    :class:`SplitModel` trains ``model``. ``tail(head(x))`` equals ``model(x)`` exactly.
+    The halves share parameters and submodules with ``model`` (no copy), so training the returned
+    :class:`SplitModel` trains ``model``. ``tail(head(x))`` equals ``model(x)`` exactly, in train mode
+    (same RNG state) and in eval mode alike: modules that behave differently in the two modes stay whole,
+    so ``.train()`` / ``.eval()`` on the split model act as on the original.
+
+    Parameters
+    ----------
+    model:
+        Any ``nn.Module`` that traces with ``torch.fx``, or an ``nn.Sequential``.
+    at:
+        A name from :func:`split_points`.
+    input_shape:
+        Shape of one input image (C, H, W). Checked against the model up front.
 
     Raises
     ------
     SplitError
-        When ``at`` is not a legal point; the message lists the legal names.
+        When ``at`` is not a legal point (the message lists the legal names), or ``input_shape`` does not
+        fit the model (the message names the shape the model takes, where known).
     """
     points, traced = _points(model)
+    if input_shape is not None:
+        input_shape = _checked_shape(input_shape)
+        _feature_shapes(model, traced, input_shape)
     spec = getattr(model, "model_spec", None)
     if traced is not None:
         gm, nodes, names = traced
@@ -305,6 +431,40 @@ def split(model: nn.Module, at: str, input_shape: tuple[int, ...] | None = None)
         return SplitModel(head, tail, at, input_shape, spec)
     legal = ", ".join(p.name for p in points)
     raise SplitError(f"no split point {at!r} in {type(model).__name__}; legal points: {legal}")
+
+
+@torch.no_grad()
+def check_split(model: nn.Module, target: SplitModel, x: torch.Tensor, seed: int = 0) -> dict[str, bool]:
+    """Whether ``target`` computes exactly what ``model`` computes, in eval mode and in train mode.
+
+    Train mode draws dropout / stochastic-depth masks: both sides run from the same RNG seed. The check
+    runs on a deep copy of the two (batch norm statistics and modes of the originals are untouched).
+
+    Parameters
+    ----------
+    model, target:
+        The uncut model and a cut of it (sharing its modules, as :func:`split` returns).
+    x:
+        A batch of inputs, float [N, C, H, W].
+
+    Returns
+    -------
+    dict
+        ``{"eval": bool, "train": bool}``: ``torch.equal`` of the outputs in each mode.
+    """
+    model, target = copy.deepcopy((model, target))  # one deepcopy keeps the shared modules shared
+    result = {}
+    for mode in ("eval", "train"):
+        outputs = []
+        for net in (model, target):
+            net.train(mode == "train")
+            state = torch.random.get_rng_state()
+            torch.manual_seed(seed)
+            out = net(x)
+            torch.random.set_rng_state(state)
+            outputs.append(getattr(out, "logits", out))  # GoogLeNet/Inception return a tuple in train mode
+        result[mode] = torch.equal(*outputs)
+    return result
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -33,11 +34,16 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def lenet(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
-    """He et al.'s MNIST LeNet (ALGORITHMS §A.1): input 1×28×28, ``ReLU2`` feature 16×8×8."""
+def lenet(num_classes: int = 10, in_channels: int = 1, image_size: tuple[int, int] = (28, 28)) -> nn.Sequential:
+    """He et al.'s MNIST LeNet (ALGORITHMS §A.1): input 1×28×28, ``ReLU2`` feature 16×8×8.
+
+    ``image_size`` (H, W) sizes the first linear layer; two 5×5 convolutions and two 2×2 poolings need
+    at least 16×16.
+    """
+    h, w = (((d - 4) // 2 - 4) // 2 for d in _checked_size("lenet", image_size, 16))
     return nn.Sequential(
         OrderedDict(
-            normalize=Normalize(MNIST_MEAN * in_channels, MNIST_STD * in_channels),
+            normalize=_normalize(in_channels, MNIST_MEAN, MNIST_STD),
             conv1=nn.Conv2d(in_channels, 8, 5),
             ReLU1=nn.ReLU(),
             pool1=nn.MaxPool2d(2),
@@ -45,7 +51,7 @@ def lenet(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
             ReLU2=nn.ReLU(),
             pool2=nn.MaxPool2d(2),
             flatten=nn.Flatten(),
-            fc1=nn.Linear(256, 120),
+            fc1=nn.Linear(16 * h * w, 120),
             fc1act=nn.ReLU(),
             fc2=nn.Linear(120, 84),
             fc2act=nn.ReLU(),
@@ -54,10 +60,14 @@ def lenet(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
     )
 
 
-def cifar_cnn(num_classes: int = 10) -> nn.Sequential:
-    """He et al.'s CIFAR-10 "6 conv + 2 fc" network (``CIFAR10CNN``), ImageNet normalisation."""
-    layers: OrderedDict[str, nn.Module] = OrderedDict(normalize=Normalize(IMAGENET_MEAN, IMAGENET_STD))
-    channels = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 128), (128, 128)]
+def cifar_cnn(num_classes: int = 10, in_channels: int = 3, image_size: tuple[int, int] = (32, 32)) -> nn.Sequential:
+    """He et al.'s CIFAR-10 "6 conv + 2 fc" network (``CIFAR10CNN``), ImageNet normalisation.
+
+    ``image_size`` (H, W) sizes the first linear layer; three 2×2 poolings need at least 8×8.
+    """
+    h, w = (d // 8 for d in _checked_size("cifar-cnn", image_size, 8))
+    layers: OrderedDict[str, nn.Module] = OrderedDict(normalize=_normalize(in_channels, IMAGENET_MEAN, IMAGENET_STD))
+    channels = [(in_channels, 64), (64, 64), (64, 128), (128, 128), (128, 128), (128, 128)]
     for i, (cin, cout) in enumerate(channels):
         block, conv = i // 2 + 1, i % 2 + 1
         layers[f"conv{block}{conv}"] = nn.Conv2d(cin, cout, 3, padding=1)
@@ -65,14 +75,33 @@ def cifar_cnn(num_classes: int = 10) -> nn.Sequential:
         if conv == 2:
             layers[f"pool{block}"] = nn.MaxPool2d(2)
     layers["flatten"] = nn.Flatten()
-    layers["fc1"] = nn.Linear(128 * 4 * 4, 512)
+    layers["fc1"] = nn.Linear(128 * h * w, 512)
     layers["fc1act"] = nn.Sigmoid()
     layers["fc2"] = nn.Linear(512, num_classes)
     return nn.Sequential(layers)
 
 
+def _checked_size(model: str, image_size: tuple[int, int], minimum: int) -> tuple[int, int]:
+    if len(image_size) != 2 or min(image_size) < minimum:
+        raise ConfigError(f"model: {model} takes images of at least {minimum}×{minimum}, got {tuple(image_size)}; "
+                          "resize them (ss.data.conform) or choose a model for smaller images")
+    return tuple(image_size)  # type: ignore[return-value]
+
+
+def _normalize(in_channels: int, mean: Sequence[float], std: Sequence[float]) -> Normalize:
+    """The dataset's normalisation for ``in_channels``: grey statistics serve every channel, colour ones
+    are averaged for grey images."""
+    if in_channels == len(mean):
+        return Normalize(mean, std)
+    if len(mean) == 1:
+        return Normalize(tuple(mean) * in_channels, tuple(std) * in_channels)
+    if in_channels == 1:
+        return Normalize((sum(mean) / len(mean),), (sum(std) / len(std),))
+    raise ConfigError(f"model: in_channels must be 1 or {len(mean)}, got {in_channels}")
+
+
 def vgg11_bottleneck(num_classes: int = 10, in_channels: int = 3, bottleneck: int = 8,
-                     cloud_width: float = 1.0) -> nn.Sequential:
+                     cloud_width: float = 1.0, image_size: tuple[int, int] = (32, 32)) -> nn.Sequential:
     """CEM's ``vgg11_bn_sgm`` at ``cutlayer=4`` (ALGORITHMS §B.3): a sigmoid-bounded 8-channel bottleneck.
 
     Edge: conv-BN-ReLU 64, pool, conv-BN-ReLU 128, pool, conv3×3 128→``bottleneck``, sigmoid
@@ -83,11 +112,14 @@ def vgg11_bottleneck(num_classes: int = 10, in_channels: int = 3, bottleneck: in
     whatever it is. The cloud holds about 90 % of the multiply-adds, so ``vgg11-bottleneck-slim``
     (``cloud_width=0.25``) trains about 3.4× faster on one CPU thread (``benchmarks/results/README.md``),
     with the identical head to attack.
+
+    The cloud pools globally, so any ``image_size`` (H, W) of at least 4×4 fits the same weights.
     """
+    _checked_size("vgg11-bottleneck", image_size, 4)
     if not 0 < cloud_width <= 1:
         raise ConfigError(f"cloud_width must be in (0, 1], got {cloud_width!r}")
     mean, std = (CIFAR_MEAN, CIFAR_STD) if in_channels == 3 else (MNIST_MEAN, MNIST_STD)
-    layers: OrderedDict[str, nn.Module] = OrderedDict(normalize=Normalize(mean, std))
+    layers: OrderedDict[str, nn.Module] = OrderedDict(normalize=_normalize(in_channels, mean, std))
 
     def conv_bn_relu(name: str, cin: int, cout: int) -> None:
         layers[f"{name}"] = nn.Conv2d(cin, cout, 3, padding=1)
@@ -126,17 +158,49 @@ def vgg11_bottleneck(num_classes: int = 10, in_channels: int = 3, bottleneck: in
     return nn.Sequential(layers)
 
 
-def torchvision_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    """Any torchvision classifier by name, randomly initialised (weights are never downloaded here)."""
+def torchvision_model(name: str, num_classes: int = 10, in_channels: int = 3,
+                      image_size: tuple[int, int] | None = None) -> nn.Module:
+    """Any torchvision classifier by name, randomly initialised (weights are never downloaded here).
+
+    Auxiliary classifiers (GoogLeNet, Inception v3) are switched off: a split model trains on the main
+    logits. ``in_channels=1`` replaces the first convolution by one whose kernel is the sum of the colour
+    kernels, so a grey image x gives exactly what the RGB image (x, x, x) gives. A vision transformer is
+    built for square ``image_size`` (it takes no other size); other models take any size above a minimum.
+    """
     import torchvision
 
-    builders = _torchvision_names()
-    if name not in builders:
-        raise ConfigError(f"model: unknown torchvision model {name!r}; known: {', '.join(sorted(builders))}")
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if name not in _torchvision_names():
+        known = ", ".join(sorted(_torchvision_names()))
+        raise ConfigError(f"model: unknown torchvision model {name!r}; known: {known}")
+    kwargs: dict = {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}
+    if name.startswith("vit_") and image_size is not None:
+        patch = int(name.rsplit("_", 1)[1])
+        if image_size[0] != image_size[1] or image_size[0] % patch:
+            raise ConfigError(f"model: {name} takes square images whose side is a multiple of {patch}, "
+                              f"got {tuple(image_size)}; resize them (ss.conform)")
+        kwargs["image_size"] = image_size[0]
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     if in_channels != 3:
-        raise ConfigError(f"model: torchvision models take 3-channel images, got in_channels={in_channels}")
+        _set_input_channels(model, in_channels)
     return model
+
+
+def _set_input_channels(model: nn.Module, in_channels: int) -> None:
+    """Replace the first convolution of ``model`` by one that reads ``in_channels`` channels."""
+    found = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    if found is None or found[1].groups != 1:
+        raise ConfigError(f"model: {type(model).__name__} has no plain first convolution to adapt to "
+                          f"{in_channels}-channel images; give it 3-channel images (ss.data.conform)")
+    name, conv = found
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    with torch.no_grad():
+        if in_channels == 1:
+            new.weight.copy_(conv.weight.sum(1, keepdim=True))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
 def _torchvision_names() -> set[str]:
@@ -145,41 +209,71 @@ def _torchvision_names() -> set[str]:
     return set(torchvision.models.list_models(module=torchvision.models))
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "lenet": lenet,
-    "cifar-cnn": cifar_cnn,
-    "vgg11-bottleneck": vgg11_bottleneck,
-    "vgg11-bottleneck-slim": partial(vgg11_bottleneck, cloud_width=0.25),
-}
+@dataclass(frozen=True)
+class ZooEntry:
+    """A model of the zoo: its builder and the image shape it is made for.
 
-
-def build_model(name: str, num_classes: int = 10, in_channels: int = 1, seed: int | None = 0) -> nn.Module:
-    """Build a zoo model (a name in :data:`MODELS`) or a torchvision one by name.
-
-    ``seed`` fixes the random initialisation (``None``: torch's global RNG). The model carries
-    ``model_spec`` (the architecture arguments), which :func:`~splitshield.split` passes on so a
-    checkpoint can rebuild the architecture.
+    ``builder(num_classes=, in_channels=, image_size=)`` returns the uncut model; ``input_shape`` (C, H, W)
+    is its native shape (what ``build_model`` uses when not told otherwise); ``sizes`` says which other
+    image sizes it takes.
     """
-    if seed is None:
-        model = _build(name, num_classes, in_channels)
-    else:
-        with torch.random.fork_rng(devices=[]):
+
+    builder: Callable[..., nn.Module]
+    input_shape: tuple[int, int, int]
+    sizes: str
+
+
+MODELS: dict[str, ZooEntry] = {
+    "lenet": ZooEntry(lenet, (1, 28, 28), "any H, W ≥ 16; 1 or 3 channels"),
+    "cifar-cnn": ZooEntry(cifar_cnn, (3, 32, 32), "any H, W ≥ 8; 1 or 3 channels"),
+    "vgg11-bottleneck": ZooEntry(vgg11_bottleneck, (3, 32, 32), "any H, W ≥ 4; 1 or 3 channels"),
+    "vgg11-bottleneck-slim": ZooEntry(partial(vgg11_bottleneck, cloud_width=0.25), (3, 32, 32),
+                                      "any H, W ≥ 4; 1 or 3 channels"),
+}
+TORCHVISION = ZooEntry(torchvision_model, (3, 224, 224),
+                       "most take H, W ≥ 32 (Inception v3 ≥ 75; ViT: square, a multiple of its patch); any channels")
+
+
+def build_model(name: str, num_classes: int = 10, in_channels: int | None = None,
+                input_shape: tuple[int, int, int] | None = None, seed: int | None = 0) -> nn.Module:
+    """Build a zoo model (a name in :data:`MODELS`) or a torchvision classifier by name.
+
+    Parameters
+    ----------
+    name:
+        ``lenet``, ``cifar-cnn``, ``vgg11-bottleneck``, ``vgg11-bottleneck-slim``, or any name of
+        ``torchvision.models.list_models()`` (``resnet18``, ``mobilenet_v2``, …).
+    num_classes:
+        Outputs of the classifier.
+    in_channels:
+        Channels of the images (1 for grey); default: ``input_shape[0]``, else the model's native count.
+    input_shape:
+        Shape (C, H, W) of the images the model will take; default the model's native shape
+        (``MODELS[name].input_shape``, 3×224×224 for torchvision). LeNet and the CIFAR net size their
+        first linear layer for it.
+    seed:
+        Fixes the random initialisation (``None``: torch's global RNG).
+
+    The model carries ``model_spec`` (these arguments), which :func:`~splitshield.split` passes on so a
+    checkpoint can rebuild the architecture, and which shape errors quote.
+    """
+    entry = MODELS.get(name, TORCHVISION)
+    if entry is TORCHVISION and name not in _torchvision_names():
+        raise ConfigError(
+            f"model: unknown model {name!r}; zoo models: {', '.join(MODELS)}, or any torchvision classifier name"
+        )
+    if input_shape is not None and (len(input_shape) != 3 or in_channels not in (None, input_shape[0])):
+        raise ConfigError(f"model: input_shape must be (C, H, W) and agree with in_channels={in_channels}, "
+                          f"got {tuple(input_shape)}")
+    channels = in_channels or (input_shape[0] if input_shape is not None else entry.input_shape[0])
+    shape = (channels, *(input_shape[1:] if input_shape is not None else entry.input_shape[1:]))
+    kwargs = {"image_size": tuple(shape[1:])} if input_shape is not None or entry is not TORCHVISION else {}
+    if entry is TORCHVISION:
+        kwargs["name"] = name
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
             torch.manual_seed(seed)
-            model = _build(name, num_classes, in_channels)
-    model.model_spec = {"name": name, "num_classes": num_classes, "in_channels": in_channels}
+        model = entry.builder(num_classes=num_classes, in_channels=channels, **kwargs)
+    model.model_spec = {"name": name, "num_classes": num_classes, "in_channels": channels,
+                        "input_shape": list(shape)}
     return model
-
-
-def _build(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    if name in MODELS:
-        builder = MODELS[name]
-        if builder is cifar_cnn:
-            if in_channels != 3:
-                raise ConfigError("model: cifar-cnn takes 3-channel 32×32 images; use lenet for grey images")
-            return builder(num_classes=num_classes)
-        return builder(num_classes=num_classes, in_channels=in_channels)
-    if name in _torchvision_names():
-        return torchvision_model(name, num_classes=num_classes, in_channels=in_channels)
-    raise ConfigError(
-        f"model: unknown model {name!r}; zoo models: {', '.join(MODELS)}, or any torchvision classifier name"
-    )
