@@ -5,7 +5,7 @@ Three datasets are made from the built-in digits and written as npz files, so th
 ``load_dataset("npz:…")`` as a user's data would be:
 
 - ``digits-8x8``: grey 8×8 on a 0..16 scale (the layout of scikit-learn's digits), loaded with
-  ``value_range=(0, 16)``; He et al.'s CIFAR net built for 1×8×8, cut at ``ReLU22``;
+  ``value_range=(0, 16)``; torchvision's resnet18 built for grey images, cut at ``layer1``;
 - ``digits-20x20``: grey 20×20; LeNet built for it, cut at ``ReLU2``;
 - ``colour-24x40``: non-square RGB, each digit stretched to 24×40 and tinted with a random colour on a
   random background; torchvision's resnet18 cut at ``layer1``.
@@ -79,7 +79,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     digits = ss.load_dataset("mnist-5k")
-    cases = [("digits-8x8", (1, 8, 8), 16, False, {"value_range": (0, 16)}, "cifar-cnn", "ReLU22"),
+    cases = [("digits-8x8", (1, 8, 8), 16, False, {"value_range": (0, 16)}, "resnet18", "layer1"),
              ("digits-20x20", (1, 20, 20), 255, False, {}, "lenet", "ReLU2"),
              ("colour-24x40", (3, 24, 40), 255, True, {}, "resnet18", "layer1")]
     for name, shape, scale, tint, options, model_name, point in cases:

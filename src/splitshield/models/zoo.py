@@ -172,7 +172,8 @@ def torchvision_model(name: str, num_classes: int = 10, in_channels: int = 3,
     if name not in _torchvision_names():
         known = ", ".join(sorted(_torchvision_names()))
         raise ConfigError(f"model: unknown torchvision model {name!r}; known: {known}")
-    kwargs: dict = {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}
+    # init_weights=True is their current default, said explicitly to silence torchvision's notice about it.
+    kwargs: dict = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
     if name.startswith("vit_") and image_size is not None:
         patch = int(name.rsplit("_", 1)[1])
         if image_size[0] != image_size[1] or image_size[0] % patch:
