@@ -202,3 +202,29 @@ def test_inverse_network_on_a_tiny_auxiliary_set_warns_and_sizes_its_decoder(tra
     with pytest.warns(UserWarning, match="only 40 images.*under-reports leakage"):
         attack = ss.InverseNetwork(steps=2, progress=False).fit(victim)
     assert attack.decoder[1].out_features == 64  # Flatten, then the first dense layer
+
+
+def test_traffic_reaches_the_view_as_features_only(trained_lenet, mnist5k):
+    target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
+    traffic = mnist5k.test.take(50)
+    view = ss.Victim(target, threat="query_free", aux=mnist5k.holdout, traffic=traffic).view()
+    with torch.no_grad():
+        assert torch.equal(view.traffic, target.head(traffic.tensors()[0]))  # no defense: the features as sent
+    assert ss.Victim(target, threat="query_free", aux=mnist5k.holdout).view().traffic is None
+
+
+def test_query_free_shadow_matching_the_traffic_inverts_better(trained_lenet, mnist5k, digits, one_thread):
+    x, _ = digits
+    target = ss.split(trained_lenet, "conv1", input_shape=(1, 28, 28))
+    victim = ss.Victim(target, threat="query_free", aux=mnist5k.holdout, traffic=mnist5k.test)
+    psnr = {}
+    for weight in (0.0, 3.0):
+        attack = ss.QueryFreeInversion(steps=400, iters=300, match_traffic=weight, progress=False).fit(victim)
+        psnr[weight] = metrics.psnr(attack.invert(victim.observe(x)), x).item()
+    assert psnr[3.0] > psnr[0.0] + 3.0, psnr
+
+
+@pytest.mark.parametrize("weight", [-1.0, float("nan")])
+def test_query_free_rejects_a_negative_moment_weight(weight):
+    with pytest.raises(ConfigError, match="match_traffic must be a weight >= 0"):
+        ss.QueryFreeInversion(match_traffic=weight)

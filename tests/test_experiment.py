@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from splitshield.config import parse_spec
-from splitshield.errors import ConfigError
+from splitshield.errors import ConfigError, DataError
 from splitshield.experiment import plan, run_experiment
 from splitshield.store import ResultStore
 
@@ -190,3 +190,33 @@ def test_ray_executor_matches_local(tmp_path):
         ray.shutdown()
     assert summary.cells_done == 2
     assert _rows(tmp_path / "ray.db") == _rows(tmp_path / "local.db")
+
+
+def test_spec_loads_data_at_another_scale_and_shape(tmp_path):
+    """A user's npz on a 0..16 scale, converted to 3×32×32 for a colour model, through the engine."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 17, size=(120, 8, 8), dtype=np.uint8)
+    y = np.arange(120) % 3
+    np.savez(tmp_path / "tiny.npz", x_train=x[:90], y_train=y[:90], x_test=x[90:], y_test=y[90:])
+    spec = {**TINY, "dataset": f"npz:{tmp_path / 'tiny.npz'}", "model": "cifar-cnn", "splits": ["ReLU22"],
+            "attacks": [{"name": "white_box", "iters": 5}], "evaluation": {}}
+    with pytest.raises(DataError, match=r"0\.\.16, not 0\.\.255; pass value_range=\(0, 16\)"):
+        run_experiment(parse_spec(spec), tmp_path / "a.db", progress=False)
+    spec = {**spec, "value_range": [0, 16], "image_shape": [3, 32, 32]}
+    cells = plan(parse_spec(spec))
+    assert cells[0].config["loading"] == {"value_range": [0.0, 16.0], "image_shape": [3, 32, 32]}
+    outcome = run_experiment(parse_spec(spec), tmp_path / "b.db", progress=False, pngs=True)
+    assert outcome.failures == {}
+    with ResultStore(tmp_path / "b.db") as store:
+        saved = load_file(str(store.cells()[0]["artifacts"]["reconstruction"]))
+    assert saved["original"].shape == (12, 3, 32, 32)  # 3 classes: the first 4 of each
+    assert np.allclose(saved["original"][:, 0], saved["original"][:, 2])  # grey copied to RGB
+
+
+@pytest.mark.parametrize(("change", "field"), [({"value_range": [16, 0]}, "value_range"),
+                                               ({"image_shape": [3, 0, 32]}, "image_shape"),
+                                               ({"image_shape": [3, 32]}, "image_shape")])
+def test_bad_loading_options_are_one_line(change, field):
+    with pytest.raises(ConfigError, match=field) as info:
+        parse_spec({**TINY, **change})
+    assert "\n" not in str(info.value)

@@ -29,6 +29,11 @@ Device = Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1, mps.
 DataDir = Annotated[Path | None, typer.Option(
     "--data-dir", envvar="SPLITSHIELD_DATA", help="Folder or npz file of mnist / fashion-mnist / cifar10.")]
 
+ValueRange = Annotated[str | None, typer.Option(
+    help="LO,HI: the scale the stored pixels are on (e.g. 0,16 for scikit-learn's digits); mapped to 0..255.")]
+ImageShape = Annotated[str | None, typer.Option(
+    help="C,H,W to convert every image to on loading (grey <-> RGB, resizing), e.g. 3,32,32.")]
+
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a SplitShieldError into one line on stderr and exit code 2: users see no tracebacks."""
@@ -53,6 +58,22 @@ def parse_shape(text: str, field: str = "--input-shape") -> tuple[int, ...]:
     if len(shape) != 3 or min(shape) < 1:
         raise ConfigError(f"{field}: expected three positive integers C,H,W such as 1,28,28, got {text!r}")
     return shape
+
+
+def load_data(dataset: str, data_dir: Path | None, seed: int, value_range: str | None, image_shape: str | None):
+    """``load_dataset`` with the CLI's --value-range and --image-shape parsed."""
+    from .data import load_dataset
+
+    scale = None
+    if value_range is not None:
+        try:
+            scale = tuple(float(v) for v in value_range.split(","))
+        except ValueError:
+            raise ConfigError(f"--value-range: expected LO,HI such as 0,16, got {value_range!r}") from None
+        if len(scale) != 2 or not scale[0] < scale[1]:
+            raise ConfigError(f"--value-range: expected LO,HI with LO < HI such as 0,16, got {value_range!r}")
+    shape = parse_shape(image_shape, "--image-shape") if image_shape is not None else None
+    return load_dataset(dataset, data_dir=data_dir, seed=seed, value_range=scale, image_shape=shape)
 
 
 def parse_json(text: str | None, field: str) -> dict[str, Any] | None:
@@ -138,6 +159,8 @@ def train(
     dataset: Annotated[str, typer.Option(help="mnist-5k (built in), mnist, fashion-mnist, cifar10, npz:PATH.")
                        ] = "mnist-5k",
     data_dir: DataDir = None,
+    value_range: ValueRange = None,
+    image_shape: ImageShape = None,
     epochs: int = 5,
     batch_size: int = 64,
     lr: float = 1e-3,
@@ -147,12 +170,11 @@ def train(
     device: Device = "cpu",
 ) -> None:
     """Train a model split at a point (with an optional defense) and save a checkpoint."""
-    from .data import load_dataset
     from .defenses import build_defense
     from .models import build_model, split
     from .train import Trainer
 
-    data = load_dataset(dataset, data_dir=data_dir, seed=seed)
+    data = load_data(dataset, data_dir, seed, value_range, image_shape)
     net = build_model(model, num_classes=data.num_classes, input_shape=data.image_shape)
     target = split(net, split_at, input_shape=data.image_shape)
     config = parse_json(defense, "--defense")
@@ -174,6 +196,8 @@ def attack(
     dataset: Annotated[str, typer.Option(help="Dataset of the private images and the attacker's aux data.")
                        ] = "mnist-5k",
     data_dir: DataDir = None,
+    value_range: ValueRange = None,
+    image_shape: ImageShape = None,
     aux: Annotated[str, typer.Option(help="same_set, same_distribution or noise.")] = "same_distribution",
     n_images: Annotated[int, typer.Option(help="0: the first test image of each class; N: the first N test images.")
                         ] = 0,
@@ -191,7 +215,7 @@ def attack(
 
     from . import metrics
     from .attacks import ATTACKS, CompletionAttack, Victim
-    from .data import load_dataset
+    from .attacks.base import TRAFFIC_IMAGES
     from .figures import reconstruction_grid
     from .train import load_checkpoint
 
@@ -204,9 +228,10 @@ def attack(
     except TypeError as exc:
         raise ConfigError(f"--options for {attack_name}: {exc}") from None
     target, guard, _ = load_checkpoint(checkpoint, device=device)
-    data = load_dataset(dataset, data_dir=data_dir, seed=seed)
+    data = load_data(dataset, data_dir, seed, value_range, image_shape)
     threat = cls.threats[0]
-    victim = Victim(target, guard, threat=threat, aux=data.aux(aux, seed=seed), adaptive=not non_adaptive, seed=seed)
+    victim = Victim(target, guard, threat=threat, aux=data.aux(aux, seed=seed), adaptive=not non_adaptive, seed=seed,
+                    traffic=data.test.take(TRAFFIC_IMAGES))
     x, y = data.test.first_per_class() if n_images == 0 else data.test.take(n_images).tensors()
     instance.fit(victim)
     if transcript is not None:

@@ -171,6 +171,10 @@ class ExperimentSpec(BaseModel):
     data_dir: str | None = Field(default=None, description="where mnist/fashion-mnist/cifar10 files live; "
                                  "relative to the spec file; default $SPLITSHIELD_DATA")
     download: bool = False
+    value_range: tuple[float, float] | None = Field(
+        default=None, description="the scale the stored pixels are on, e.g. [0, 16]; mapped to 0..255 on loading")
+    image_shape: tuple[int, int, int] | None = Field(
+        default=None, description="C, H, W every image is converted to on loading (grey <-> RGB, resizing)")
     model: list[str] = ["lenet"]
     splits: list[str] = Field(min_length=1)
     defenses: list[DefenseSpec] = [DefenseSpec(name="none")]
@@ -204,6 +208,20 @@ class ExperimentSpec(BaseModel):
             if name not in zoo and name not in _torchvision_names():
                 raise ValueError(f"unknown model {name!r}; allowed: {', '.join(zoo)} or a torchvision model name")
         return names
+
+    @field_validator("value_range")
+    @classmethod
+    def _value_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not value[0] < value[1]:
+            raise ValueError(f"value_range must be [lo, hi] with lo < hi, e.g. [0, 16]; got {list(value)}")
+        return value
+
+    @field_validator("image_shape")
+    @classmethod
+    def _image_shape(cls, value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if value is not None and min(value) < 1:
+            raise ValueError(f"image_shape must be three positive sizes [C, H, W], e.g. [3, 32, 32]; got {list(value)}")
+        return value
 
     @field_validator("seeds")
     @classmethod

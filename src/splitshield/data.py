@@ -234,7 +234,8 @@ def conform(images: ImageSet, shape: tuple[int, int, int]) -> ImageSet:
 
 def load_dataset(name: str = BUILTIN, data_dir: str | Path | None = None, holdout_fraction: float = 0.25,
                  seed: int = 0, download: bool = False,
-                 value_range: tuple[float, float] | None = None) -> Dataset:
+                 value_range: tuple[float, float] | None = None,
+                 image_shape: tuple[int, int, int] | None = None) -> Dataset:
     """Load a dataset by name and split its training part into target ``train`` and attacker ``holdout``.
 
     Parameters
@@ -253,12 +254,18 @@ def load_dataset(name: str = BUILTIN, data_dir: str | Path | None = None, holdou
         ``0..255`` (rounded; values outside are clipped), whatever their dtype. ``None`` (default)
         accepts uint8 images that use the 0..255 scale and float images in [0, 1]; anything else
         raises :class:`DataError` naming the array and its range.
+    image_shape:
+        ``(C, H, W)``: convert every image to this shape on loading (grey <-> RGB, bilinear resizing;
+        see :func:`conform`), e.g. ``(3, 32, 32)`` to feed digits to a colour model. ``None`` keeps the
+        stored shape.
     """
     if not 0.0 <= holdout_fraction < 1.0:
         raise DataError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
     if value_range is not None:
         value_range = _check_value_range(value_range)
     train, test = _load_raw(name, data_dir, download, value_range)
+    if image_shape is not None:
+        train, test = conform(train, image_shape), conform(test, image_shape)
     fit, holdout = _stratified_split(train, holdout_fraction, seed)
     return Dataset(name, fit, holdout, test)
 

@@ -47,7 +47,7 @@ INVERSION_METRICS = ("mse", "psnr", "ssim")
 #: 1: cells written before the revision was recorded. 2: the inverse network and the online decoders of
 #: adversarial training and InfoScissors standardise their input. 3: cuts keep mode-dependent modules whole,
 #: the evaluation protocol takes at least 10 images on datasets with fewer classes, and the inverse network's
-#: default decoder is sized to the auxiliary set.
+#: default decoder is sized to the auxiliary set, and the query-free shadow matches the moments of the traffic.
 RESULTS_REVISION = 3
 _KNOWN_SHAPES = {"mnist-5k": (1, 28, 28), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
@@ -143,6 +143,7 @@ def plan(spec: ExperimentSpec) -> list[Cell]:
     attack_labels = _attack_labels(attacks)
     train = spec.train.model_dump()
     evaluation = spec.evaluation.model_dump()
+    loading = _loading(spec)
     cells = []
     for dataset in spec.dataset:
         for model in spec.model:
@@ -151,6 +152,8 @@ def plan(spec: ExperimentSpec) -> list[Cell]:
                     for seed in spec.seeds:
                         target = {"dataset": dataset, "model": model, "split": split, "defense": defense,
                                   "seed": seed, "train": train, "revision": RESULTS_REVISION}
+                        if loading:  # only when set: a spec without them keeps its cells' hashes
+                            target["loading"] = loading
                         target_hash = config_hash(target)
                         for attack, label in zip(attacks, attack_labels, strict=True):
                             config = {**target, "attack": attack, "evaluation": evaluation}
@@ -161,8 +164,10 @@ def plan(spec: ExperimentSpec) -> list[Cell]:
 def _check_splits(spec: ExperimentSpec) -> None:
     from .models import build_model, split_points
 
+    loading = _loading(spec)
     for dataset in spec.dataset:
-        shape = _KNOWN_SHAPES.get(dataset) or _load_data(dataset, spec.data_dir, 0, spec.download).image_shape
+        shape = spec.image_shape or (None if loading else _KNOWN_SHAPES.get(dataset)) or _load_data(
+            dataset, spec.data_dir, 0, spec.download, loading).image_shape
         for model_name in spec.model:
             model = build_model(model_name, num_classes=10, input_shape=shape)
             points = split_points(model, shape)
@@ -194,13 +199,21 @@ class CellOutcome:
 _DATA_CACHE: dict[tuple, Any] = {}
 
 
-def _load_data(name: str, data_dir: str | None, seed: int, download: bool = False):
+def _loading(spec: ExperimentSpec) -> dict[str, list]:
+    """The spec's options for loading its data (value range, image shape), only those it sets."""
+    options = {"value_range": spec.value_range, "image_shape": spec.image_shape}
+    return {k: list(v) for k, v in options.items() if v is not None}
+
+
+def _load_data(name: str, data_dir: str | None, seed: int, download: bool = False, loading: dict | None = None):
     from .data import load_dataset
 
-    key = (name, data_dir, seed)
+    loading = loading or {}
+    key = (name, data_dir, seed, repr(sorted(loading.items())))
     if key not in _DATA_CACHE:
         _DATA_CACHE.clear()  # one dataset in memory per worker is enough: units are grouped by dataset
-        _DATA_CACHE[key] = load_dataset(name, data_dir=data_dir, seed=seed, download=download)
+        _DATA_CACHE[key] = load_dataset(name, data_dir=data_dir, seed=seed, download=download,
+                                        **{k: tuple(v) for k, v in loading.items()})
     return _DATA_CACHE[key]
 
 
@@ -309,12 +322,14 @@ def _run_attack(config: dict[str, Any], target, defense, data, device: str,
                 progress: bool) -> tuple[list[tuple[str, int, float]], np.ndarray | None, np.ndarray | None]:
     from . import metrics as M
     from .attacks import ATTACKS, CompletionAttack, Victim
+    from .attacks.base import TRAFFIC_IMAGES
 
     spec = config["attack"]
     # Seeded by the cell without its results revision: a cell the new revision does not change draws the same.
     seed = derived_seed(config["seed"], config_hash({k: v for k, v in config.items() if k != "revision"}))
     aux = data.aux(spec["aux"], n=spec["aux_n"], seed=seed)
-    victim = Victim(target, defense, threat=spec["threat"], aux=aux, adaptive=spec["adaptive"], seed=seed)
+    victim = Victim(target, defense, threat=spec["threat"], aux=aux, adaptive=spec["adaptive"], seed=seed,
+                    traffic=data.test.take(TRAFFIC_IMAGES))
     cls = ATTACKS[spec["name"]]
     accepted = inspect.signature(cls).parameters
     kwargs = {**spec["params"], **{k: v for k, v in (("seed", seed), ("progress", progress)) if k in accepted}}
@@ -360,7 +375,8 @@ def run_unit(unit: dict[str, Any], root: str, progress: bool = False, threads: i
         for cell in unit["cells"]:
             config, start = cell["config"], time.perf_counter()
             try:
-                data = _load_data(config["dataset"], unit["data_dir"], config["seed"], unit["download"])
+                data = _load_data(config["dataset"], unit["data_dir"], config["seed"], unit["download"],
+                                  config.get("loading"))
                 first = target is None
                 if first:
                     target, defense, train_seconds, cached = _get_target(config, unit["target_hash"], data,

@@ -34,6 +34,8 @@ from ..errors import ConfigError, ThreatModelError
 from ..models.split import SplitModel, fresh_copy
 
 THREATS = ("white_box", "black_box", "query_free")
+#: Test images whose features the evaluation hands the cloud as the traffic it has observed.
+TRAFFIC_IMAGES = 1000
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -45,7 +47,11 @@ def _frozen(module: nn.Module) -> nn.Module:
 
 @dataclass(frozen=True)
 class VictimView:
-    """Base of the attacker's views: shapes, auxiliary data and whether the attack is adaptive."""
+    """Base of the attacker's views: shapes, auxiliary data, observed traffic, whether the attack is adaptive.
+
+    ``traffic`` holds the features [N, ...] the cloud has received from other users' inputs (never the
+    inputs), or ``None``: what any curious cloud collects, under every threat model.
+    """
 
     threat: str
     input_shape: tuple[int, ...]
@@ -53,6 +59,7 @@ class VictimView:
     aux: ImageSet | None
     adaptive: bool
     point: str
+    traffic: torch.Tensor | None
 
     def require_aux(self, attack: str) -> ImageSet:
         if self.aux is None or len(self.aux) == 0:
@@ -112,10 +119,14 @@ class Victim:
         Whether the attacker knows the defense (see the module docstring).
     seed:
         Seeds the defense's random draws in :meth:`observe` and in the oracle.
+    traffic:
+        Other users' images whose (defended) features the cloud has received; the attacker's view holds
+        those features only, e.g. for the statistics of what the device sends.
     """
 
     def __init__(self, target: SplitModel, defense: Defense | None = None, threat: str = "black_box",
-                 aux: ImageSet | None = None, adaptive: bool = True, seed: int = 0):
+                 aux: ImageSet | None = None, adaptive: bool = True, seed: int = 0,
+                 traffic: ImageSet | None = None):
         if threat not in THREATS:
             raise ConfigError(f"threat must be one of {', '.join(THREATS)}, got {threat!r}")
         if target.input_shape is None:
@@ -125,6 +136,8 @@ class Victim:
         self.threat, self.aux, self.adaptive = threat, aux, adaptive
         self._generator_seed = seed
         self.device = next(target.parameters()).device
+        # One call, so the defense's draws differ across the traffic (each observe call restarts its seed).
+        self.traffic = None if traffic is None else self.observe(traffic.tensors()[0])
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +154,7 @@ class Victim:
         """The attacker's view under this victim's threat model."""
         common = dict(threat=self.threat, input_shape=tuple(self.target.input_shape),
                       feature_shape=self.target.feature_shape(), aux=self.aux, adaptive=self.adaptive,
-                      point=self.target.point)
+                      point=self.target.point, traffic=self.traffic)
         head = _frozen(self.target.head)
         defense = _frozen(self.defense) if self.adaptive else NoDefense()
 

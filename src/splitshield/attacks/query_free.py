@@ -5,7 +5,17 @@ trains a shadow head f1' so that the frozen tail classifies its output correctly
 
     f1' = argmin_g (1/m) Σ CE(f2(g(xᵢ)), yᵢ),
 
-then runs rMLE against f1' with the observed feature as the target. The shadow head is either the
+then runs rMLE against f1' with the observed feature as the target.
+
+Many heads satisfy the tail, and rMLE through a shadow whose features differ from the device's inverts
+the wrong map. The cloud also sees what the device sends (its traffic, features only), so when the
+view holds traffic the shadow is also pulled towards the traffic's per-channel mean and standard
+deviation, each measured in units of the traffic's standard deviation (a moment-matching term, weight
+``match_traffic``; 0 gives He et al.'s attack):
+
+    + β · mean_c[((μ_c(f1'(x)) − μ_c(z))² + (σ_c(f1'(x)) − σ_c(z))²) / σ_c(z)²].
+
+The shadow head is either the
 head's own architecture, freshly initialised (``shadow="same"``, He et al.'s "same net"), or a
 different one built from the shapes (``shadow="different"``: 3×3 convolutions with pooling, He et al.'s
 "diff net" idea generalised to any split), or any module the user gives.
@@ -55,6 +65,9 @@ class QueryFreeInversion(InversionAttack):
         ``"same"`` (the head's architecture), ``"different"`` (built from shapes) or an ``nn.Module``.
     steps, batch_size, lr:
         Shadow training: Adam (amsgrad, eps 1e-3), cosine-decayed learning rate.
+    match_traffic:
+        Weight β of the moment-matching term (see the module docstring); used when the victim's view
+        holds traffic.
     iters, rmle_lr, tv, l2:
         The rMLE stage; ``None`` takes the white-box defaults for the split point.
     seed:
@@ -65,10 +78,14 @@ class QueryFreeInversion(InversionAttack):
     name = "query_free"
 
     def __init__(self, shadow: str | nn.Module = "same", steps: int = 3000, batch_size: int = 64,
-                 lr: float = 1e-3, iters: int | None = None, rmle_lr: float | None = None,
-                 tv: float | None = None, l2: float | None = None, seed: int = 0, progress: bool = True):
+                 lr: float = 1e-3, match_traffic: float = 3.0, iters: int | None = None,
+                 rmle_lr: float | None = None, tv: float | None = None, l2: float | None = None, seed: int = 0,
+                 progress: bool = True):
         if isinstance(shadow, str) and shadow not in ("same", "different"):
             raise ConfigError(f"shadow must be 'same', 'different' or an nn.Module, got {shadow!r}")
+        if not match_traffic >= 0:
+            raise ConfigError(f"match_traffic must be a weight >= 0, got {match_traffic!r}")
+        self.match_traffic = match_traffic
         self.shadow = shadow
         self.steps, self.batch_size, self.lr, self.seed = steps, batch_size, lr, seed
         self.iters, self.rmle_lr, self.tv, self.l2 = iters, rmle_lr, tv, l2
@@ -90,12 +107,16 @@ class QueryFreeInversion(InversionAttack):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.steps, eta_min=self.lr * 0.01)
         x_all, y_all = aux.tensors()
         g = torch.Generator().manual_seed(self.seed)
+        moments = _Moments(view.traffic) if view.traffic is not None and self.match_traffic > 0 else None
         head.train()
         correct = seen = 0
         for step in tqdm(range(self.steps), desc="train shadow head", disable=not self.progress, leave=False):
             idx = torch.randint(len(x_all), (min(self.batch_size, len(x_all)),), generator=g)
-            logits = view.tail(view.obfuscate(head(view.perturb(x_all[idx]))))
+            features = view.obfuscate(head(view.perturb(x_all[idx])))
+            logits = view.tail(features)
             loss = F.cross_entropy(logits, y_all[idx])
+            if moments is not None:
+                loss = loss + self.match_traffic * moments.distance(features)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -125,5 +146,19 @@ class QueryFreeInversion(InversionAttack):
 
     def config(self) -> dict:
         shadow = self.shadow if isinstance(self.shadow, str) else type(self.shadow).__name__
-        return {"name": self.name, "shadow": shadow, "steps": self.steps, "iters": self.iters,
-                "rmle_lr": self.rmle_lr, "tv": self.tv, "l2": self.l2}
+        return {"name": self.name, "shadow": shadow, "steps": self.steps, "match_traffic": self.match_traffic,
+                "iters": self.iters, "rmle_lr": self.rmle_lr, "tv": self.tv, "l2": self.l2}
+
+
+class _Moments:
+    """Per-channel (feature maps) or per-value (flat features) mean and std of the traffic ``z`` [N, ...]."""
+
+    def __init__(self, traffic: torch.Tensor):
+        self.dims = (0, 2, 3) if traffic.dim() == 4 else (0,)
+        self.mean, self.std = traffic.mean(self.dims), traffic.std(self.dims)
+        # Channels that never vary (dead ReLUs) must not weigh without bound.
+        self.unit = self.std.clamp_min(1e-3 * self.std.mean().item() + 1e-12)
+
+    def distance(self, features: torch.Tensor) -> torch.Tensor:
+        mean, std = features.mean(self.dims), features.std(self.dims)
+        return (((mean - self.mean) / self.unit) ** 2 + ((std - self.std) / self.unit) ** 2).mean()
