@@ -11,7 +11,8 @@ Three datasets are made from the built-in digits and written as npz files, so th
   random background; torchvision's resnet18 cut at ``layer1``.
 
 Each target is trained ``--epochs`` epochs; the three He et al. attacks run with the attacker's auxiliary
-set being the disjoint holdout (same distribution), evaluated on the first test images of each class.
+set being the disjoint holdout (same distribution) and the cloud's traffic 1,000 other test images,
+evaluated on the first test images of each class.
 
     python benchmarks/any_data.py [--epochs 3] [--steps 1500] [--out /tmp/any-data]
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 import splitshield as ss
+from splitshield.attacks.base import TRAFFIC_IMAGES
 
 
 def write_npz(path: Path, data: ss.Dataset, shape: tuple[int, int, int], scale: int = 255,
@@ -56,14 +58,16 @@ def attack_table(name: str, data: ss.Dataset, model_name: str, point: str, epoch
     print(f"\n### {name}: {model_name} cut at {point}, images {data.image_shape}, feature {target.feature_shape()}")
     seconds = time.perf_counter() - start
     print(f"accuracy {100 * accuracy:.1f} % on {len(data.test)} test images; trained in {seconds:.0f} s")
-    x, _ = data.test.first_per_class()
+    evaluated, traffic = ss.data.evaluation_split(data.test, "first_per_class", TRAFFIC_IMAGES)
+    x, _ = evaluated.tensors()
     print(f"\n| attack ({len(x)} test images) | PSNR dB | SSIM | seconds |\n|---|---:|---:|---:|")
     attacks = {"white_box": ss.WhiteBoxInversion(progress=False),
                "black_box": ss.InverseNetwork(steps=steps, progress=False),
                "query_free": ss.QueryFreeInversion(steps=steps, progress=False)}
     for threat, attack in attacks.items():
         start = time.perf_counter()
-        victim = ss.Victim(target, threat=threat, aux=data.aux("same_distribution"))
+        victim = ss.Victim(target, threat=threat, aux=data.aux("same_distribution"),
+                           traffic=traffic)
         x_hat = attack.fit(victim).invert(victim.observe(x))
         print(f"| {threat} | {ss.metrics.psnr(x_hat, x):.1f} | {ss.metrics.ssim(x_hat, x):.3f} | "
               f"{time.perf_counter() - start:.0f} |", flush=True)

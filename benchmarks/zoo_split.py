@@ -4,7 +4,8 @@ For each classifier of ``torchvision.models.list_models()`` (randomly initialise
 heads off) the model is built in train mode, as a fresh model is, and cut at ``--points`` evenly spaced
 legal points. Each cut is checked with :func:`splitshield.models.check_split`: ``torch.equal`` of
 ``tail(head(x))`` and ``model(x)`` in eval mode, and in train mode from the same RNG seed (dropout and
-stochastic depth draw the same masks). Models run at 64×64 where they take it, else at 224×224.
+stochastic depth draw the same masks). Models run at 64×64 where they take it, else at 224×224 (a model
+that takes neither is a row of zeros and counts as not exact).
 
     python benchmarks/zoo_split.py [--points 5] [--models resnet18,swin_t] [--threads 2]
 
@@ -39,6 +40,9 @@ def check_model(name: str, points: int) -> dict:
             break
         except (ConfigError, SplitError):  # too small for this model: try the next size
             continue
+    else:
+        return {"model": name, "size": 0, "points": 0, "checked": 0, "eval": 0, "train": 0,
+                "seconds": time.perf_counter() - start}
     x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
     checked = [ss.check_split(model, ss.split(model, legal[i].name), x) for i in spaced(len(legal) - 1, points)]
     return {"model": name, "size": shape[1], "points": len(legal), "checked": len(checked),
@@ -64,7 +68,7 @@ def main() -> None:
         print(f"| {row['model']} | {row['size']}² | {row['points']} | {row['checked']} | {row['eval']} | "
               f"{row['train']} | {row['seconds']:.1f} |", flush=True)
     cuts = sum(r["checked"] for r in rows)
-    ok = [r["model"] for r in rows if r["eval"] == r["train"] == r["checked"]]
+    ok = [r["model"] for r in rows if r["checked"] and r["eval"] == r["train"] == r["checked"]]
     print(f"\n{len(ok)} of {len(rows)} models exact in both modes; {sum(r['eval'] for r in rows)}/{cuts} cuts "
           f"equal in eval mode, {sum(r['train'] for r in rows)}/{cuts} in train mode; "
           f"{sum(r['points'] for r in rows)} legal points; {sum(r['seconds'] for r in rows):.0f} s")

@@ -204,19 +204,33 @@ def test_inverse_network_on_a_tiny_auxiliary_set_warns_and_sizes_its_decoder(tra
     assert attack.decoder[1].out_features == 64  # Flatten, then the first dense layer
 
 
-def test_traffic_reaches_the_view_as_features_only(trained_lenet, mnist5k):
+def test_query_free_view_holds_only_the_moments_of_the_traffic(trained_lenet, mnist5k):
     target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
-    traffic = mnist5k.test.take(50)
+    traffic = mnist5k.test.take(600)  # more than one batch of the moment pass
     view = ss.Victim(target, threat="query_free", aux=mnist5k.holdout, traffic=traffic).view()
     with torch.no_grad():
-        assert torch.equal(view.traffic, target.head(traffic.tensors()[0]))  # no defense: the features as sent
+        z = target.head(traffic.tensors()[0]).double()  # no defense: the features as sent
+    moments = view.traffic
+    assert moments.count == 600 and moments.dims == (0, 2, 3)
+    torch.testing.assert_close(moments.mean, z.mean((0, 2, 3)).float())
+    torch.testing.assert_close(moments.std, z.std((0, 2, 3), correction=0).float())
+    assert not hasattr(ss.Victim(target, threat="black_box", traffic=traffic).view(), "traffic")
     assert ss.Victim(target, threat="query_free", aux=mnist5k.holdout).view().traffic is None
+
+
+def test_traffic_never_holds_an_evaluated_image(mnist5k):
+    for images in ("first_per_class", 25):
+        evaluated, traffic = ss.data.evaluation_split(mnist5k.test, images, 2000)
+        assert len(evaluated) in (10, 25) and len(traffic) == len(mnist5k.test) - len(evaluated)
+        seen = {bytes(im.numpy()) for im in traffic.images}
+        assert not any(bytes(im.numpy()) in seen for im in evaluated.images)
 
 
 def test_query_free_shadow_matching_the_traffic_inverts_better(trained_lenet, mnist5k, digits, one_thread):
     x, _ = digits
     target = ss.split(trained_lenet, "conv1", input_shape=(1, 28, 28))
-    victim = ss.Victim(target, threat="query_free", aux=mnist5k.holdout, traffic=mnist5k.test)
+    _, traffic = ss.data.evaluation_split(mnist5k.test, "first_per_class", 1000)
+    victim = ss.Victim(target, threat="query_free", aux=mnist5k.holdout, traffic=traffic)
     psnr = {}
     for weight in (0.0, 3.0):
         attack = ss.QueryFreeInversion(steps=400, iters=300, match_traffic=weight, progress=False).fit(victim)

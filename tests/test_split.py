@@ -232,7 +232,8 @@ def test_a_shape_the_model_cannot_take_is_one_line_naming_both_shapes():
         with pytest.raises(SplitError) as info:
             call()
         message = str(info.value)
-        assert "\n" not in message and "it takes (1, 28, 28)" in message and "does not fit Sequential" in message
+        assert "\n" not in message and "does not fit lenet" in message
+        assert "built for (1, 28, 28), takes any H, W ≥ 16; 1 or 3 channels; torch says: " in message
 
 
 def test_a_shape_error_on_a_model_without_spec_quotes_torch_in_one_line():
@@ -259,7 +260,7 @@ def test_papers_nets_adapt_to_the_input_size(name, shape, point, feature):
 
 @pytest.mark.parametrize(("name", "shape", "minimum"), [("lenet", (1, 8, 8), 16), ("cifar-cnn", (3, 4, 4), 8)])
 def test_papers_nets_name_the_smallest_size_they_take(name, shape, minimum):
-    with pytest.raises(ConfigError, match=rf"{name} takes images of at least {minimum}×{minimum}, got \(4|8"):
+    with pytest.raises(ConfigError, match=rf"{name} takes images of at least {minimum}×{minimum}, got \((4|8), "):
         ss.build_model(name, input_shape=shape)
 
 
@@ -284,3 +285,43 @@ def test_vision_transformer_is_built_for_the_given_square_size():
     assert model.eval()(torch.rand(1, 3, 32, 32)).shape == (1, 10)
     with pytest.raises(ConfigError, match="square images whose side is a multiple of 16"):
         ss.build_model("vit_b_16", input_shape=(3, 32, 48))
+
+
+class _NoiseAtTheEnd(nn.Module):
+    """Train-only code after the block's last submodule: the two modes' graphs differ in length."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.training:
+            x = x + torch.randn_like(x)
+        return x
+
+
+def test_a_train_only_tail_of_a_block_keeps_the_block_whole_not_its_parent():
+    model = nn.Sequential(nn.Conv2d(1, 1, 1), _NoiseAtTheEnd(), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    names = [p.name for p in ss.split_points(model, (1, 8, 8))]
+    assert names[:3] == ["0", "1", "2"] and "1.conv" not in names
+    x = torch.rand(2, 1, 8, 8)
+    for point in names[:-1]:
+        assert ss.check_split(model, ss.split(model, point), x) == {"eval": True, "train": True}, point
+
+
+def test_check_split_compares_googlenet_without_its_auxiliary_heads():
+    model = torchvision.models.googlenet(num_classes=10, aux_logits=True, init_weights=False)
+    with pytest.warns(UserWarning, match="auxiliary classifiers switched off"):
+        target = ss.split(model, "inception4a")
+    assert ss.check_split(model, target, torch.rand(2, 3, 32, 32)) == {"eval": True, "train": True}
+    assert model.aux1 is not None
+
+
+def test_numpy_integers_are_a_shape():
+    import numpy as np
+
+    shape = tuple(np.array([1, 28, 28]))
+    assert ss.split_points(ss.build_model("lenet"), shape)[1].feature_shape == (8, 24, 24)
+    with pytest.raises(SplitError, match="input_shape must be positive integers"):
+        ss.split_points(ss.build_model("lenet"), (1, 28.5, 28))

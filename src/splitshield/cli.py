@@ -216,6 +216,7 @@ def attack(
     from . import metrics
     from .attacks import ATTACKS, CompletionAttack, Victim
     from .attacks.base import TRAFFIC_IMAGES
+    from .data import evaluation_split
     from .figures import reconstruction_grid
     from .train import load_checkpoint
 
@@ -230,9 +231,12 @@ def attack(
     target, guard, _ = load_checkpoint(checkpoint, device=device)
     data = load_data(dataset, data_dir, seed, value_range, image_shape)
     threat = cls.threats[0]
+    if n_images < 0:
+        raise ConfigError(f"--n-images: 0 (the first test image of each class) or a positive count, got {n_images}")
+    evaluated, traffic = evaluation_split(data.test, n_images or "first_per_class", TRAFFIC_IMAGES)
     victim = Victim(target, guard, threat=threat, aux=data.aux(aux, seed=seed), adaptive=not non_adaptive, seed=seed,
-                    traffic=data.test.take(TRAFFIC_IMAGES))
-    x, y = data.test.first_per_class() if n_images == 0 else data.test.take(n_images).tensors()
+                    traffic=traffic)
+    x, y = evaluated.tensors()
     instance.fit(victim)
     if transcript is not None:
         attack_transcript(instance, transcript, target.feature_shape(), out or Path("splitshield-transcript-attack"))

@@ -112,12 +112,15 @@ class ImageSet:
             Float [N, C, H, W] in [0, 1] and int64 [N]: class 0's images first (in set order), then
             class 1's, and so on.
         """
+        return self.subset(self.first_per_class_index(per_class)).tensors()
+
+    def first_per_class_index(self, per_class: int | None = None) -> list[int]:
+        """Positions of the images :meth:`first_per_class` returns, in its order."""
         if per_class is not None and per_class < 1:
             raise ConfigError(f"per_class must be a positive number of images, got {per_class}")
         present = [c for c in range(self.num_classes) if (self.labels == c).any()]
         k = per_class if per_class is not None else -(-10 // max(len(present), 1))
-        index = [int(i) for c in present for i in (self.labels == c).nonzero().flatten()[:k]]
-        return self.subset(index).tensors()
+        return [int(i) for c in present for i in (self.labels == c).nonzero().flatten()[:k]]
 
     def batches(
         self, batch_size: int, shuffle: bool = False, seed: int = 0, device: str | torch.device = "cpu"
@@ -130,6 +133,30 @@ class ImageSet:
         for start in range(0, len(self), batch_size):
             idx = order[start : start + batch_size]
             yield to_float(self.images[idx]).to(device), self.labels[idx].to(device)
+
+
+def evaluation_split(test: ImageSet, images: str | int, traffic: int) -> tuple[ImageSet, ImageSet]:
+    """The images an attack is evaluated on, and other users' images the cloud has seen (its traffic).
+
+    Parameters
+    ----------
+    test:
+        The test split.
+    images:
+        ``"first_per_class"`` (He et al.'s protocol, :meth:`ImageSet.first_per_class`) or a number n
+        (the first n test images).
+    traffic:
+        At most this many test images, none of them evaluated: the cloud never sees an evaluated image twice.
+
+    Returns
+    -------
+    evaluated, traffic:
+        Two disjoint :class:`ImageSet` of ``test`` (the traffic may be empty).
+    """
+    index = test.first_per_class_index() if images == "first_per_class" else list(range(min(int(images), len(test))))
+    rest = torch.ones(len(test), dtype=torch.bool)
+    rest[index] = False
+    return test.subset(index), test.subset(rest.nonzero().flatten()).take(traffic)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

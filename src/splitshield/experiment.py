@@ -312,24 +312,20 @@ def _ce_floor(config: dict[str, Any], target, defense, data) -> float | None:
         return None
 
 
-def _eval_images(config: dict[str, Any], data) -> torch.Tensor:
-    images = config["evaluation"]["images"]
-    x, _ = data.test.first_per_class() if images == "first_per_class" else data.test.take(images).tensors()
-    return x
-
-
 def _run_attack(config: dict[str, Any], target, defense, data, device: str,
                 progress: bool) -> tuple[list[tuple[str, int, float]], np.ndarray | None, np.ndarray | None]:
     from . import metrics as M
     from .attacks import ATTACKS, CompletionAttack, Victim
     from .attacks.base import TRAFFIC_IMAGES
+    from .data import evaluation_split
 
     spec = config["attack"]
     # Seeded by the cell without its results revision: a cell the new revision does not change draws the same.
     seed = derived_seed(config["seed"], config_hash({k: v for k, v in config.items() if k != "revision"}))
     aux = data.aux(spec["aux"], n=spec["aux_n"], seed=seed)
+    evaluated, traffic = evaluation_split(data.test, config["evaluation"]["images"], TRAFFIC_IMAGES)
     victim = Victim(target, defense, threat=spec["threat"], aux=aux, adaptive=spec["adaptive"], seed=seed,
-                    traffic=data.test.take(TRAFFIC_IMAGES))
+                    traffic=traffic)
     cls = ATTACKS[spec["name"]]
     accepted = inspect.signature(cls).parameters
     kwargs = {**spec["params"], **{k: v for k, v in (("seed", seed), ("progress", progress)) if k in accepted}}
@@ -346,7 +342,7 @@ def _run_attack(config: dict[str, Any], target, defense, data, device: str,
         for x, y in test.batches(1000, device=device):
             correct += int((attack.predict(victim.observe(x)).argmax(1).cpu() == y.cpu()).sum())
         return [("completion_accuracy", -1, correct / len(test))], None, None
-    x = _eval_images(config, data).to(device)
+    x = evaluated.tensors(device)[0]
     torch.manual_seed(seed)  # the adaptive attackers' expectation over the defense's noise
     x_hat = attack.invert(victim.observe(x)).detach().cpu()
     x = x.cpu()

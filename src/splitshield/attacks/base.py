@@ -47,11 +47,7 @@ def _frozen(module: nn.Module) -> nn.Module:
 
 @dataclass(frozen=True)
 class VictimView:
-    """Base of the attacker's views: shapes, auxiliary data, observed traffic, whether the attack is adaptive.
-
-    ``traffic`` holds the features [N, ...] the cloud has received from other users' inputs (never the
-    inputs), or ``None``: what any curious cloud collects, under every threat model.
-    """
+    """Base of the attacker's views: shapes, auxiliary data and whether the attack is adaptive."""
 
     threat: str
     input_shape: tuple[int, ...]
@@ -59,12 +55,25 @@ class VictimView:
     aux: ImageSet | None
     adaptive: bool
     point: str
-    traffic: torch.Tensor | None
 
     def require_aux(self, attack: str) -> ImageSet:
         if self.aux is None or len(self.aux) == 0:
             raise ConfigError(f"{attack} needs auxiliary data: pass aux=<ImageSet> to Victim(...)")
         return self.aux
+
+
+@dataclass(frozen=True)
+class FeatureMoments:
+    """Mean and standard deviation of the features the cloud received from other users (its traffic).
+
+    Per channel for feature maps [N, C, H, W] (``dims = (0, 2, 3)``), per value for other features
+    (``dims = (0,)``); ``count`` features went into them. Statistics only: no feature of any one user.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    count: int
+    dims: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,7 @@ class QueryFreeView(VictimView):
     obfuscate: Callable[[torch.Tensor], torch.Tensor]
     head_architecture: Callable[[], nn.Module]
     head_final_activation: type[nn.Module] | None
+    traffic: FeatureMoments | None
 
 
 class Victim:
@@ -120,8 +130,8 @@ class Victim:
     seed:
         Seeds the defense's random draws in :meth:`observe` and in the oracle.
     traffic:
-        Other users' images whose (defended) features the cloud has received; the attacker's view holds
-        those features only, e.g. for the statistics of what the device sends.
+        Other users' images (never the attacked ones), whose features, as the device sends them, the cloud
+        has received. A query-free view holds their :class:`FeatureMoments`, nothing else of them.
     """
 
     def __init__(self, target: SplitModel, defense: Defense | None = None, threat: str = "black_box",
@@ -136,8 +146,7 @@ class Victim:
         self.threat, self.aux, self.adaptive = threat, aux, adaptive
         self._generator_seed = seed
         self.device = next(target.parameters()).device
-        # One call, so the defense's draws differ across the traffic (each observe call restarts its seed).
-        self.traffic = None if traffic is None else self.observe(traffic.tensors()[0])
+        self.traffic = traffic
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +163,7 @@ class Victim:
         """The attacker's view under this victim's threat model."""
         common = dict(threat=self.threat, input_shape=tuple(self.target.input_shape),
                       feature_shape=self.target.feature_shape(), aux=self.aux, adaptive=self.adaptive,
-                      point=self.target.point, traffic=self.traffic)
+                      point=self.target.point)
         head = _frozen(self.target.head)
         defense = _frozen(self.defense) if self.adaptive else NoDefense()
 
@@ -179,7 +188,26 @@ class Victim:
         # Re-initialised now, so the view holds no reference to the trained head's weights.
         template = fresh_copy(self.target.head)
         return QueryFreeView(**common, tail=_frozen(self.target.tail), perturb=perturb, obfuscate=obfuscate,
-                             head_architecture=lambda: copy.deepcopy(template), head_final_activation=final)
+                             head_architecture=lambda: copy.deepcopy(template), head_final_activation=final,
+                             traffic=self._traffic_moments())
+
+    @torch.no_grad()
+    def _traffic_moments(self) -> FeatureMoments | None:
+        """Moments of the traffic's features as sent, in batches (bounded memory), one seed for all draws."""
+        if self.traffic is None or len(self.traffic) < 2:
+            return None
+        total = square = None
+        with torch.random.fork_rng(devices=[self.device] if self.device.type != "cpu" else []):
+            torch.manual_seed(self._generator_seed + 1)  # not observe()'s draws: other users, other noise
+            for x, _ in self.traffic.batches(256, device=self.device):
+                z = self.defense.send(self.target.head, x).double()
+                dims = (0, 2, 3) if z.dim() == 4 else (0,)
+                count = len(self.traffic) * (z[0].numel() // z.shape[1] if z.dim() == 4 else 1)
+                total = z.sum(dims) if total is None else total + z.sum(dims)
+                square = z.pow(2).sum(dims) if square is None else square + z.pow(2).sum(dims)
+        mean = total / count
+        std = (square / count - mean.pow(2)).clamp_min(0).sqrt()
+        return FeatureMoments(mean.float(), std.float(), len(self.traffic), dims)
 
 
 def _check_images(x: torch.Tensor, shape: tuple[int, ...]) -> None:

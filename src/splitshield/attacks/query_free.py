@@ -8,12 +8,13 @@ trains a shadow head f1' so that the frozen tail classifies its output correctly
 then runs rMLE against f1' with the observed feature as the target.
 
 Many heads satisfy the tail, and rMLE through a shadow whose features differ from the device's inverts
-the wrong map. The cloud also sees what the device sends (its traffic, features only), so when the
-view holds traffic the shadow is also pulled towards the traffic's per-channel mean and standard
-deviation, each measured in units of the traffic's standard deviation (a moment-matching term, weight
-``match_traffic``; 0 gives He et al.'s attack):
+the wrong map. The cloud also sees what the device sends to it for other users (its traffic), so when the
+view holds the traffic's moments the shadow is also pulled towards them, per channel and in units of the
+traffic's standard deviation σ_c(z) (weight β = ``match_traffic``; 0 gives He et al.'s attack):
 
     + β · mean_c[((μ_c(f1'(x)) − μ_c(z))² + (σ_c(f1'(x)) − σ_c(z))²) / σ_c(z)²].
+
+The traffic is data the cloud holds, not knowledge of the defense: a non-adaptive attacker uses it too.
 
 The shadow head is either the
 head's own architecture, freshly initialised (``shadow="same"``, He et al.'s "same net"), or a
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ._rmle import rmle
-from .base import InversionAttack, QueryFreeView, Victim, VictimView
+from .base import FeatureMoments, InversionAttack, QueryFreeView, Victim, VictimView
 from .whitebox import rmle_settings
 
 
@@ -107,7 +108,7 @@ class QueryFreeInversion(InversionAttack):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.steps, eta_min=self.lr * 0.01)
         x_all, y_all = aux.tensors()
         g = torch.Generator().manual_seed(self.seed)
-        moments = _Moments(view.traffic) if view.traffic is not None and self.match_traffic > 0 else None
+        moments = view.traffic if self.match_traffic > 0 else None
         head.train()
         correct = seen = 0
         for step in tqdm(range(self.steps), desc="train shadow head", disable=not self.progress, leave=False):
@@ -116,7 +117,7 @@ class QueryFreeInversion(InversionAttack):
             logits = view.tail(features)
             loss = F.cross_entropy(logits, y_all[idx])
             if moments is not None:
-                loss = loss + self.match_traffic * moments.distance(features)
+                loss = loss + self.match_traffic * _moment_distance(features, moments)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -150,15 +151,9 @@ class QueryFreeInversion(InversionAttack):
                 "iters": self.iters, "rmle_lr": self.rmle_lr, "tv": self.tv, "l2": self.l2}
 
 
-class _Moments:
-    """Per-channel (feature maps) or per-value (flat features) mean and std of the traffic ``z`` [N, ...]."""
-
-    def __init__(self, traffic: torch.Tensor):
-        self.dims = (0, 2, 3) if traffic.dim() == 4 else (0,)
-        self.mean, self.std = traffic.mean(self.dims), traffic.std(self.dims)
-        # Channels that never vary (dead ReLUs) must not weigh without bound.
-        self.unit = self.std.clamp_min(1e-3 * self.std.mean().item() + 1e-12)
-
-    def distance(self, features: torch.Tensor) -> torch.Tensor:
-        mean, std = features.mean(self.dims), features.std(self.dims)
-        return (((mean - self.mean) / self.unit) ** 2 + ((std - self.std) / self.unit) ** 2).mean()
+def _moment_distance(features: torch.Tensor, moments: FeatureMoments) -> torch.Tensor:
+    """Mean over channels of the squared differences of mean and std, in units of the traffic's std."""
+    # Channels that never vary (dead ReLUs) must not weigh without bound.
+    unit = moments.std.clamp_min(1e-3 * moments.std.mean().item() + 1e-12)
+    mean, std = features.mean(moments.dims), features.std(moments.dims, correction=0)
+    return (((mean - moments.mean) / unit) ** 2 + ((std - moments.std) / unit) ** 2).mean()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import operator
 import threading
 import warnings
 from collections import OrderedDict
@@ -25,7 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SplitError
-from .zoo import Normalize
+from .zoo import MODELS, TORCHVISION, Normalize
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ _AUX_HEADS = ("aux1", "aux2", "AuxLogits")
 
 
 @contextlib.contextmanager
-def _without_aux_heads(model: nn.Module) -> Iterator[None]:
+def _without_aux_heads(model: nn.Module, warn: bool = True) -> Iterator[None]:
     """Trace the main classifier only: an auxiliary head would be a second output crossing every cut.
 
     The heads exist to help training from scratch; a split model trains on its main logits, so they are
@@ -120,8 +121,9 @@ def _without_aux_heads(model: nn.Module) -> Iterator[None]:
         yield
         return
     saved = {name: getattr(model, name) for name in _AUX_HEADS if hasattr(model, name)}
-    warnings.warn(f"{type(model).__name__}: auxiliary classifiers switched off in the cut model "
-                  "(it trains on the main logits); build it with aux_logits=False to silence this", stacklevel=4)
+    if warn:
+        warnings.warn(f"{type(model).__name__}: auxiliary classifiers switched off in the cut model "
+                      "(it trains on the main logits); build it with aux_logits=False to silence this", stacklevel=4)
     model.aux_logits = False
     for name in saved:
         setattr(model, name, None)
@@ -164,16 +166,25 @@ def _mode_dependent_scopes(train: fx.Graph, evaluation: fx.Graph) -> set[str]:
     the one whose forward read the flag.
     """
     a, b = list(train.nodes), list(evaluation.nodes)
-    differ = [i for i, (p, q) in enumerate(zip(a, b, strict=False)) if _signature(p) != _signature(q)]
-    if len(a) != len(b):
-        # Different code paths: only the first divergence is meaningful; later nodes are shifted.
-        differ = differ[:1] or [min(len(a), len(b))]
-    scopes = set()
-    for i in differ:
-        stacks = [[s.split("@")[0] for s in _scopes(g[i])] if i < len(g) else [] for g in (a, b)]
-        common = [s for s, _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(*stacks, strict=False))]
-        scopes.add(common[-1] if common else "")
-    return scopes
+    if len(a) == len(b):  # the same code path with other constants: each differing pair on its own
+        return {_deepest_common_scope([p, q]) for p, q in zip(a, b, strict=True) if _signature(p) != _signature(q)}
+    start = sum(1 for _ in itertools.takewhile(lambda pq: _signature(pq[0]) == _signature(pq[1]),
+                                               zip(a, b, strict=False)))
+    if start < min(len(a), len(b)) and (a[start].op, a[start].target) == (b[start].op, b[start].target):
+        return {_deepest_common_scope([a[start], b[start]])}  # a constant first; the caller traces again
+    # Another code path: the nodes between the common start and the common end of the two graphs. Nodes after
+    # the divergence are renamed, so the end is matched by operation only.
+    end = sum(1 for _ in itertools.takewhile(lambda pq: (pq[0].op, pq[0].target) == (pq[1].op, pq[1].target),
+                                             zip(reversed(a[start:]), reversed(b[start:]), strict=False)))
+    return {_deepest_common_scope(a[start:len(a) - end] + b[start:len(b) - end])}
+
+
+def _deepest_common_scope(nodes: list[fx.Node]) -> str:
+    """The innermost module path enclosing every node of ``nodes`` ("" for the root)."""
+    stacks = [[s.split("@")[0] for s in _scopes(n)] for n in nodes]
+    shared = itertools.takewhile(lambda level: len(set(level)) == 1, zip(*stacks, strict=False))
+    common = [level[0] for level in shared]
+    return common[-1] if common else ""
 
 
 def _trace(model: nn.Module) -> fx.GraphModule | None:
@@ -344,8 +355,11 @@ def split_points(model: nn.Module, input_shape: tuple[int, ...] | None = None) -
 
 
 def _checked_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
-    shape = tuple(input_shape)
-    if not shape or not all(isinstance(v, int) and v > 0 for v in shape):
+    try:
+        shape = tuple(operator.index(v) for v in input_shape)  # numpy integers too, not 28.0
+    except TypeError:
+        shape = ()
+    if not shape or min(shape) < 1:
         raise SplitError(f"input_shape must be positive integers (C, H, W), got {input_shape!r}")
     return shape
 
@@ -381,9 +395,11 @@ def _feature_shapes(model: nn.Module, traced: object, input_shape: tuple[int, ..
 
 
 def _shape_mismatch(model: nn.Module, input_shape: tuple[int, ...], exc: Exception) -> str:
-    expected = (getattr(model, "model_spec", None) or {}).get("input_shape")
-    takes = f"it takes {tuple(expected)}" if expected else "torch says: " + (str(exc).strip().splitlines() or [""])[0]
-    return (f"input_shape {input_shape} does not fit {type(model).__name__} ({takes}); "
+    spec = getattr(model, "model_spec", None) or {}
+    torch_says = "torch says: " + (str(exc).strip().splitlines() or [""])[0]
+    entry = MODELS.get(spec.get("name", ""), TORCHVISION)
+    built = f"built for {tuple(spec['input_shape'])}, takes {entry.sizes}; " if spec.get("input_shape") else ""
+    return (f"input_shape {input_shape} does not fit {spec.get('name', type(model).__name__)} ({built}{torch_says}); "
             "pass the shape of your images, or build the model for them (build_model(..., input_shape=))")
 
 
@@ -453,17 +469,19 @@ def check_split(model: nn.Module, target: SplitModel, x: torch.Tensor, seed: int
         ``{"eval": bool, "train": bool}``: ``torch.equal`` of the outputs in each mode.
     """
     model, target = copy.deepcopy((model, target))  # one deepcopy keeps the shared modules shared
+    devices = [x.device] if x.device.type != "cpu" else []
     result = {}
-    for mode in ("eval", "train"):
-        outputs = []
-        for net in (model, target):
-            net.train(mode == "train")
-            state = torch.random.get_rng_state()
-            torch.manual_seed(seed)
-            out = net(x)
-            torch.random.set_rng_state(state)
-            outputs.append(getattr(out, "logits", out))  # GoogLeNet/Inception return a tuple in train mode
-        result[mode] = torch.equal(*outputs)
+    # The cut has no auxiliary heads (see split): the model is compared without them too, so that they draw
+    # no dropout masks of their own.
+    with _without_aux_heads(model, warn=False):
+        for mode in ("eval", "train"):
+            outputs = []
+            for net in (model, target):
+                net.train(mode == "train")
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(seed)
+                    outputs.append(net(x))
+            result[mode] = torch.equal(*outputs)
     return result
 
 

@@ -266,6 +266,8 @@ def build_model(name: str, num_classes: int = 10, in_channels: int | None = None
     if input_shape is not None and (len(input_shape) != 3 or in_channels not in (None, input_shape[0])):
         raise ConfigError(f"model: input_shape must be (C, H, W) and agree with in_channels={in_channels}, "
                           f"got {tuple(input_shape)}")
+    if in_channels is not None and (not isinstance(in_channels, int) or in_channels < 1):
+        raise ConfigError(f"model: in_channels must be a positive integer, got {in_channels!r}")
     channels = in_channels or (input_shape[0] if input_shape is not None else entry.input_shape[0])
     shape = (channels, *(input_shape[1:] if input_shape is not None else entry.input_shape[1:]))
     kwargs = {"image_size": tuple(shape[1:])} if input_shape is not None or entry is not TORCHVISION else {}
