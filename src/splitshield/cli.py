@@ -220,6 +220,8 @@ def attack(
     from .figures import reconstruction_grid
     from .train import load_checkpoint
 
+    if n_images < 0:
+        raise ConfigError(f"--n-images: 0 (the first test image of each class) or a positive count, got {n_images}")
     if attack_name not in ATTACKS:
         raise ConfigError(f"--attack: unknown attack {attack_name!r}; known: {', '.join(ATTACKS)}")
     cls = ATTACKS[attack_name]
@@ -231,8 +233,6 @@ def attack(
     target, guard, _ = load_checkpoint(checkpoint, device=device)
     data = load_data(dataset, data_dir, seed, value_range, image_shape)
     threat = cls.threats[0]
-    if n_images < 0:
-        raise ConfigError(f"--n-images: 0 (the first test image of each class) or a positive count, got {n_images}")
     evaluated, traffic = evaluation_split(data.test, n_images or "first_per_class", TRAFFIC_IMAGES)
     victim = Victim(target, guard, threat=threat, aux=data.aux(aux, seed=seed), adaptive=not non_adaptive, seed=seed,
                     traffic=traffic)

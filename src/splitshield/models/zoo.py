@@ -84,7 +84,7 @@ def cifar_cnn(num_classes: int = 10, in_channels: int = 3, image_size: tuple[int
 def _checked_size(model: str, image_size: tuple[int, int], minimum: int) -> tuple[int, int]:
     if len(image_size) != 2 or min(image_size) < minimum:
         raise ConfigError(f"model: {model} takes images of at least {minimum}×{minimum}, got {tuple(image_size)}; "
-                          "resize them (ss.data.conform) or choose a model for smaller images")
+                          "resize them (ss.conform, or --image-shape) or choose a model for smaller images")
     return tuple(image_size)  # type: ignore[return-value]
 
 
@@ -178,7 +178,7 @@ def torchvision_model(name: str, num_classes: int = 10, in_channels: int = 3,
         patch = int(name.rsplit("_", 1)[1])
         if image_size[0] != image_size[1] or image_size[0] % patch:
             raise ConfigError(f"model: {name} takes square images whose side is a multiple of {patch}, "
-                              f"got {tuple(image_size)}; resize them (ss.conform)")
+                              f"got {tuple(image_size)}; resize them (ss.conform, or --image-shape)")
         kwargs["image_size"] = image_size[0]
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     if in_channels != 3:
@@ -191,7 +191,7 @@ def _set_input_channels(model: nn.Module, in_channels: int) -> None:
     found = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
     if found is None or found[1].groups != 1:
         raise ConfigError(f"model: {type(model).__name__} has no plain first convolution to adapt to "
-                          f"{in_channels}-channel images; give it 3-channel images (ss.data.conform)")
+                          f"{in_channels}-channel images; give it 3-channel images (ss.conform, or --image-shape)")
     name, conv = found
     new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                     bias=conv.bias is not None, padding_mode=conv.padding_mode)
@@ -232,7 +232,8 @@ MODELS: dict[str, ZooEntry] = {
                                       "any H, W ≥ 4; 1 or 3 channels"),
 }
 TORCHVISION = ZooEntry(torchvision_model, (3, 224, 224),
-                       "most take H, W ≥ 32 (Inception v3 ≥ 75; ViT: square, a multiple of its patch); any channels")
+                       "H, W ≥ 32 for most (Inception v3 ≥ 75; ViT: square, a multiple of its patch), "
+                       "any channels through in_channels")
 
 
 def build_model(name: str, num_classes: int = 10, in_channels: int | None = None,
