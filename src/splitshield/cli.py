@@ -65,13 +65,11 @@ def load_data(dataset: str, data_dir: Path | None, seed: int, value_range: str |
     from .data import load_dataset
 
     scale = None
-    if value_range is not None:
+    if value_range is not None:  # load_dataset checks the two numbers and their order
         try:
             scale = tuple(float(v) for v in value_range.split(","))
         except ValueError:
             raise ConfigError(f"--value-range: expected LO,HI such as 0,16, got {value_range!r}") from None
-        if len(scale) != 2 or not scale[0] < scale[1]:
-            raise ConfigError(f"--value-range: expected LO,HI with LO < HI such as 0,16, got {value_range!r}")
     shape = parse_shape(image_shape, "--image-shape") if image_shape is not None else None
     return load_dataset(dataset, data_dir=data_dir, seed=seed, value_range=scale, image_shape=shape)
 

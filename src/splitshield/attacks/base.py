@@ -196,15 +196,14 @@ class Victim:
         """Moments of the traffic's features as sent, in batches (bounded memory), one seed for all draws."""
         if self.traffic is None or len(self.traffic) < 2:
             return None
-        total = square = None
+        dims = (0, 2, 3) if len(self.target.feature_shape()) == 3 else (0,)
+        total = square = count = 0
         with torch.random.fork_rng(devices=[self.device] if self.device.type != "cpu" else []):
             torch.manual_seed(self._generator_seed + 1)  # not observe()'s draws: other users, other noise
             for x, _ in self.traffic.batches(256, device=self.device):
                 z = self.defense.send(self.target.head, x).double()
-                dims = (0, 2, 3) if z.dim() == 4 else (0,)
-                count = len(self.traffic) * (z[0].numel() // z.shape[1] if z.dim() == 4 else 1)
-                total = z.sum(dims) if total is None else total + z.sum(dims)
-                square = z.pow(2).sum(dims) if square is None else square + z.pow(2).sum(dims)
+                total, square = total + z.sum(dims), square + z.pow(2).sum(dims)
+                count += z.numel() // total.numel()
         mean = total / count
         std = (square / count - mean.pow(2)).clamp_min(0).sqrt()
         return FeatureMoments(mean.float(), std.float(), len(self.traffic), dims)
