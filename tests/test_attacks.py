@@ -1,6 +1,9 @@
-"""Attacks: threat models enforced, each attack recovers something real, batching is exact."""
+"""Attacks: threat models enforced, each attack recovers something real, batching is exact; parameters checked,
+fits repeatable and independent of the global RNG."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch
 import splitshield as ss
 from splitshield import metrics
 from splitshield.attacks._rmle import rmle, total_variation
+from splitshield.attacks.query_free import _moment_distance
 from splitshield.errors import ConfigError, ThreatModelError
 
 
@@ -74,7 +78,7 @@ def test_inverse_network_beats_the_mean_image(trained_lenet, mnist5k, digits):
     x_hat = attack.invert(victim.observe(x))
     mean_image = mnist5k.holdout.tensors()[0].mean(0, keepdim=True).expand_as(x)
     assert float(metrics.mse(x_hat, x)) < 0.7 * float(metrics.mse(mean_image, x))
-    assert attack.losses[-1] < attack.losses[0]
+    assert attack.losses_[-1] < attack.losses_[0]
 
 
 class _Scale(ss.defenses.Defense):
@@ -121,7 +125,7 @@ def test_inverse_network_standardises_a_map_for_a_conv_decoder_per_channel(train
         target = ss.split(trained_lenet, point, input_shape=(1, 28, 28))
         victim = ss.Victim(target, threat="black_box", aux=mnist5k.holdout.take(64))
         attack = ss.InverseNetwork(steps=1, progress=False).fit(victim)
-        assert tuple(attack.scaler.std.shape) == scale_shape, point
+        assert tuple(attack.scaler_.std.shape) == scale_shape, point
 
 
 def test_query_free_trains_a_shadow_that_fools_the_tail(trained_lenet, mnist5k, digits):
@@ -130,7 +134,7 @@ def test_query_free_trains_a_shadow_that_fools_the_tail(trained_lenet, mnist5k, 
     victim = ss.Victim(target, threat="query_free", aux=mnist5k.holdout)
     for shadow in ("same", "different"):
         attack = ss.QueryFreeInversion(shadow=shadow, steps=150, iters=100, progress=False).fit(victim)
-        assert attack.shadow_accuracy > 0.5  # the frozen tail classifies the shadow's features
+        assert attack.shadow_accuracy_ > 0.5  # the frozen tail classifies the shadow's features
         assert attack.invert(victim.observe(x)).shape == x.shape
 
 
@@ -152,9 +156,13 @@ def test_wrong_image_shape_names_expected_and_got(trained_lenet):
 def test_observe_is_seeded(trained_lenet, digits):
     x, _ = digits
     target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
-    a = ss.Victim(target, threat="black_box").observe(x)
-    b = ss.Victim(target, threat="black_box").observe(x)
-    assert torch.equal(a, b)
+    noise = ss.defenses.GaussianNoise(sigma=0.5)
+    state = torch.get_rng_state()
+    a = ss.Victim(target, noise, threat="black_box", seed=0).observe(x)
+    b = ss.Victim(target, noise, threat="black_box", seed=0).observe(x)
+    c = ss.Victim(target, noise, threat="black_box", seed=1).observe(x)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 @pytest.mark.parametrize(
@@ -201,7 +209,7 @@ def test_inverse_network_on_a_tiny_auxiliary_set_warns_and_sizes_its_decoder(tra
     victim = ss.Victim(target, threat="black_box", aux=mnist5k.holdout.take(40))
     with pytest.warns(UserWarning, match="only 40 images.*under-reports leakage"):
         attack = ss.InverseNetwork(steps=2, progress=False).fit(victim)
-    assert attack.decoder[1].out_features == 64  # Flatten, then the first dense layer
+    assert attack.decoder_[1].out_features == 64  # Flatten, then the first dense layer
 
 
 def test_query_free_view_holds_only_the_moments_of_the_traffic(trained_lenet, mnist5k):
@@ -226,19 +234,115 @@ def test_traffic_never_holds_an_evaluated_image(mnist5k):
         assert not any(bytes(im.numpy()) in seen for im in evaluated.images)
 
 
-def test_query_free_shadow_matching_the_traffic_inverts_better(trained_lenet, mnist5k, digits, one_thread):
-    x, _ = digits
+def test_query_free_shadow_matches_the_moments_of_the_traffic(trained_lenet, mnist5k, one_thread):
+    # The mechanism, not a reconstruction gain: at this size (200 steps) whether matching helps rMLE depends on
+    # the seed (+1.3 dB at seed 0, -2 to -4 dB at seeds 1-3 with 400 steps and 300 iterations).
     target = ss.split(trained_lenet, "conv1", input_shape=(1, 28, 28))
     _, traffic = ss.data.evaluation_split(mnist5k.test, "first_per_class", 1000)
-    victim = ss.Victim(target, threat="query_free", aux=mnist5k.holdout, traffic=traffic)
-    psnr = {}
-    for weight in (0.0, 3.0):
-        attack = ss.QueryFreeInversion(steps=400, iters=300, match_traffic=weight, progress=False).fit(victim)
-        psnr[weight] = metrics.psnr(attack.invert(victim.observe(x)), x).item()
-    assert psnr[3.0] > psnr[0.0] + 3.0, psnr
+    view = ss.Victim(target, threat="query_free", aux=mnist5k.holdout, traffic=traffic).view()
+    x = traffic.tensors()[0]
+    for seed in (0, 1):
+        distance = {}
+        for weight in (0.0, 3.0):
+            attack = ss.QueryFreeInversion(steps=200, match_traffic=weight, seed=seed, progress=False).fit(view)
+            with torch.no_grad():
+                distance[weight] = _moment_distance(attack.shadow_head_(x), view.traffic).item()
+        assert distance[3.0] < 0.5 * distance[0.0], (seed, distance)
 
 
-@pytest.mark.parametrize("weight", [-1.0, float("nan")])
-def test_query_free_rejects_a_negative_moment_weight(weight):
-    with pytest.raises(ConfigError, match="match_traffic must be a weight >= 0"):
-        ss.QueryFreeInversion(match_traffic=weight)
+BAD_PARAMETERS = [
+    (ss.WhiteBoxInversion, "iters", 0), (ss.WhiteBoxInversion, "iters", 2.5), (ss.WhiteBoxInversion, "lr", 0.0),
+    (ss.WhiteBoxInversion, "tv", -1.0), (ss.WhiteBoxInversion, "l2", float("nan")),
+    (ss.WhiteBoxInversion, "seed", -1), (ss.WhiteBoxInversion, "progress", "yes"),
+    (ss.InverseNetwork, "steps", 0), (ss.InverseNetwork, "batch_size", -4), (ss.InverseNetwork, "lr", -1e-3),
+    (ss.InverseNetwork, "standardize", 1), (ss.InverseNetwork, "decoder", "dense"), (ss.InverseNetwork, "seed", 1.0),
+    (ss.QueryFreeInversion, "shadow", "other"), (ss.QueryFreeInversion, "steps", 0),
+    (ss.QueryFreeInversion, "batch_size", True), (ss.QueryFreeInversion, "lr", float("inf")),
+    (ss.QueryFreeInversion, "match_traffic", -1.0), (ss.QueryFreeInversion, "match_traffic", float("nan")),
+    (ss.QueryFreeInversion, "iters", -5), (ss.QueryFreeInversion, "rmle_lr", 0), (ss.QueryFreeInversion, "tv", -0.1),
+    (ss.QueryFreeInversion, "l2", -1), (ss.QueryFreeInversion, "seed", "0"),
+    (ss.ModelCompletion, "n_labels", 0), (ss.ModelCompletion, "hidden", 0), (ss.ModelCompletion, "steps", -1),
+    (ss.ModelCompletion, "lr", 0.0), (ss.ModelCompletion, "weight_decay", -1e-4), (ss.ModelCompletion, "seed", -2),
+]
+
+
+@pytest.mark.parametrize(("cls", "field", "value"), BAD_PARAMETERS,
+                         ids=[f"{c.__name__}-{f}={v!r}" for c, f, v in BAD_PARAMETERS])
+def test_attacks_reject_a_bad_parameter_when_built(cls, field, value):
+    with pytest.raises(ConfigError, match=rf"^{field} must .*, got {re.escape(repr(value))}$"):
+        cls(**{field: value})
+
+
+def test_registry_names_say_what_the_attack_is_and_old_names_still_resolve():
+    assert set(ss.attacks.ATTACKS) == {"rmle", "inverse_network", "shadow_head", "model_completion"}
+    assert all(cls.name == name for name, cls in ss.attacks.ATTACKS.items())
+    resolve = ss.attacks.attack_name
+    assert [resolve(n) for n in ("white_box", "black_box", "query_free")] == ["rmle", "inverse_network", "shadow_head"]
+    assert resolve("inverse_network") == "inverse_network" and resolve("nonsense") == "nonsense"
+    assert set(ss.attacks.ATTACK_ALIASES.values()) <= set(ss.attacks.ATTACKS)
+
+
+# Each attack, small, against a noisy defense (so that the attacker's own noise draws matter): (build, threat).
+ATTACKS = {
+    "rmle": (lambda seed: ss.WhiteBoxInversion(iters=5, seed=seed, progress=False), "white_box"),
+    "inverse_network": (lambda seed: ss.InverseNetwork(steps=5, seed=seed, progress=False), "black_box"),
+    "shadow_head": (lambda seed: ss.QueryFreeInversion(steps=5, iters=5, seed=seed, progress=False), "query_free"),
+    "model_completion": (lambda seed: ss.ModelCompletion(steps=5, seed=seed, progress=False), "black_box"),
+}
+
+
+@pytest.fixture(scope="module")
+def noisy_features(trained_lenet, mnist5k, digits):
+    """Per threat model a victim behind Gaussian noise, and the features it sent for the evaluated digits."""
+    target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
+    victims = {threat: ss.Victim(target, ss.defenses.GaussianNoise(sigma=0.5), threat=threat,
+                                 aux=mnist5k.holdout.take(256)) for threat in ss.attacks.THREATS}
+    return victims, victims["black_box"].observe(digits[0])
+
+
+def _output(attack, z: torch.Tensor) -> torch.Tensor:
+    return attack.predict(z) if isinstance(attack, ss.attacks.CompletionAttack) else attack.invert(z)
+
+
+def _settings(attack) -> dict:
+    """The attack's constructor settings: its attributes not ending in ``_`` (those are fitted)."""
+    return {k: v for k, v in vars(attack).items() if not k.endswith("_")}
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_a_second_fit_starts_afresh_and_leaves_the_settings_alone(name, noisy_features, one_thread):
+    build, threat = ATTACKS[name]
+    victims, z = noisy_features
+    attack = build(0)
+    settings = _settings(attack)
+    first = _output(attack.fit(victims[threat]), z)
+    assert _settings(attack) == settings
+    assert torch.equal(_output(attack.fit(victims[threat]), z), first)
+    assert _settings(attack) == settings
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_attacks_draw_from_their_seed_and_leave_the_global_rng_alone(name, noisy_features, one_thread):
+    build, threat = ATTACKS[name]
+    victims, z = noisy_features
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    first = _output(build(0).fit(victims[threat]), z)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)  # another global state: the same reconstructions
+    assert torch.equal(_output(build(0).fit(victims[threat]), z), first)
+    assert not torch.equal(_output(build(1).fit(victims[threat]), z), first)
+
+
+def test_a_given_decoder_is_trained_as_a_copy(noisy_features):
+    victims, _ = noisy_features
+    decoder = ss.attacks.build_decoder((16, 8, 8), (1, 28, 28), hidden=64)
+    weights = [p.detach().clone() for p in decoder.parameters()]
+    attack = ss.InverseNetwork(decoder, steps=3, progress=False).fit(victims["black_box"])
+    assert attack.decoder is decoder and attack.decoder_ is not decoder
+    assert all(torch.equal(a, b) for a, b in zip(weights, decoder.parameters(), strict=True))
+
+
+def test_invert_before_fit_says_so():
+    with pytest.raises(RuntimeError, match="InverseNetwork is not fitted: call fit"):
+        ss.InverseNetwork().invert(torch.zeros(1, 16, 8, 8))

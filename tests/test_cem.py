@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -138,10 +140,9 @@ def test_cem_gradient_reaches_the_head_only():
 
 def test_lambda_schedule_follows_the_learning_rate():
     cem = CEM(lam=8, sigma=0.1)
+    assert cem.schedule_factor() == 1.0  # no optimiser yet
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
-    import weakref
-
-    cem._optimizer_ref = weakref.ref(opt)
+    cem.on_epoch_start(SimpleNamespace(optimizer=opt))  # the trainer's hook, also called on a resumed run
     assert cem.schedule_factor() == pytest.approx(0.02)  # 0.001 / 0.05, as the code's first LR stage
     opt.param_groups[0]["lr"] = 1e-3
     assert cem.schedule_factor() == pytest.approx(1.0)
@@ -173,8 +174,10 @@ def test_cem_errors_are_clear():
     with pytest.raises(ConfigError, match="sigma must be > 0"):
         CEM(sigma=0.0)
     target = split(build_model("lenet", num_classes=4), "ReLU2", input_shape=(1, 28, 28))
-    with pytest.raises(ConfigError, match="CEM needs the noise level"):
-        Trainer(target, NoPeek(0.1) + CEM(lam=8), epochs=1, progress=False).fit(tiny_set(16))
+    trainer = Trainer(target, NoPeek(0.1) + CEM(lam=8), epochs=1, progress=False)
+    with pytest.raises(ConfigError, match=r"defense.parts\[1\] \(cem\): has no noise level sigma"):
+        trainer.fit(tiny_set(16))
+    assert trainer.epoch == 0  # refused before any training, not after an epoch
 
 
 class _RecordingCEM(CEM):

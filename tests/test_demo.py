@@ -12,11 +12,11 @@ from splitshield.experiment import defense_family
 def test_packaged_spec_is_the_design_demo():
     spec = demo_spec()
     assert spec.dataset == ["mnist-5k"] and spec.model == ["lenet"] and spec.splits == ["conv1", "ReLU2"]
-    assert [a.name for a in spec.attacks] == ["white_box", "black_box", "query_free"]
+    assert [a.name for a in spec.attacks] == ["rmle", "inverse_network", "shadow_head"]
     assert [defense_family(d) for d in spec.defense_settings()] == ["none", "gaussian_noise", "gaussian_noise+cem"]
     quick = demo_spec(seed=3, quick=True)
     assert quick.seeds == [3] and quick.train.epochs == 1
-    assert all(s["params"]["iters" if s["name"] == "white_box" else "steps"] == 20 for s in quick.attack_settings())
+    assert all(s["params"]["iters" if s["name"] == "rmle" else "steps"] == 20 for s in quick.attack_settings())
 
 
 def test_quick_demo_runs_end_to_end_and_resumes(tmp_path, one_thread):
@@ -33,7 +33,7 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path, one_thread):
 
     out = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path)])
     assert out.exit_code == 0, out.output
-    assert "split conv1" in out.output and "split ReLU2" in out.output and "white_box" in out.output
+    assert "split conv1" in out.output and "split ReLU2" in out.output and "rmle" in out.output
     assert "report.html" in out.output
     again = run_demo(tmp_path, quick=True, progress=False)
     assert again.summary.cells_done == 0 and again.summary.cells_skipped == 18

@@ -49,7 +49,7 @@ def test_floor_bad_input():
 
 
 def test_floor_below_the_strongest_adaptive_attack_on_real_data(one_thread):
-    """Same protocol as benchmarks/defense_sweep.py, scaled down: MNIST digits, LeNet at ReLU2, tanh bound + noise."""
+    """The protocol of examples/cem_lenet.yaml, scaled down: MNIST digits, LeNet at ReLU2, tanh bound + noise."""
     torch.manual_seed(0)
     data = load_dataset("mnist-5k")
     target = split(build_model("lenet"), "ReLU2", input_shape=(1, 28, 28))

@@ -28,7 +28,7 @@ TINY = {
     "model": "lenet",
     "splits": ["ReLU2"],
     "defenses": [{"name": "none"}],
-    "attacks": [{"name": "white_box", "iters": 25}, {"name": "black_box", "steps": 10, "batch_size": 16},
+    "attacks": [{"name": "rmle", "iters": 25}, {"name": "inverse_network", "steps": 10, "batch_size": 16},
                 {"name": "model_completion", "steps": 20}],
     "train": {"epochs": 1, "train_n": 300},
     "evaluation": {"test_n": 200},
@@ -36,8 +36,9 @@ TINY = {
 
 
 def _rows(db: Path) -> list[tuple]:
+    """Every metric row but the training times (wall-clock: they differ between any two runs)."""
     with ResultStore(db) as store:
-        return store.metric_rows()
+        return [r for r in store.metric_rows() if not r[1].startswith("train_")]
 
 
 def test_plan_is_the_full_product_with_stable_unique_hashes():
@@ -48,7 +49,8 @@ def test_plan_is_the_full_product_with_stable_unique_hashes():
     assert len({c.hash for c in cells}) == len(cells)
     assert len({c.target_hash for c in cells}) == 2 * 2  # attacks on the same model share its target
     assert [c.hash for c in plan(spec)] == [c.hash for c in cells]  # deterministic
-    assert {c.attack_label for c in cells} == {"black_box(steps=5)", "black_box(steps=10)", "white_box"}
+    # The old names (threat names) are read as the attacks they meant.
+    assert {c.attack_label for c in cells} == {"inverse_network(steps=5)", "inverse_network(steps=10)", "rmle"}
     changed = plan(parse_spec({**TINY, "splits": ["conv1", "ReLU2"], "seeds": [0, 1],
                                "attacks": [{"name": "black_box", "steps": [5, 20]}, {"name": "white_box"}]}))
     shared = {c.hash for c in cells} & {c.hash for c in changed}
@@ -81,9 +83,11 @@ def test_run_stores_every_cell_once_and_rerun_skips(tmp_path):
         assert all(c["status"] == "done" for c in cells)
         # The target is trained once: the first cell trains it, the others reuse it.
         assert sorted(c["target_cached"] for c in cells) == [0, 1, 1]
-        wb = next(c for c in cells if c["attack_label"] == "white_box")
+        wb = next(c for c in cells if c["attack_label"] == "rmle")
         mc = next(c for c in cells if c["attack_label"] == "model_completion")
-        assert set(wb["metrics"]) == {"accuracy", "mse", "psnr", "ssim"}
+        assert set(wb["metrics"]) == {"accuracy", "mse", "psnr", "ssim", "feature_std", "noise_std",
+                                      "train_seconds", "train_cpu_seconds"}
+        assert wb["metrics"]["noise_std"] == 0 and wb["metrics"]["feature_std"] > 0
         assert 0.0 <= mc["metrics"]["completion_accuracy"] <= 1.0
         # Independent check of the stored numbers: recompute from the saved tensors with scikit-image.
         from skimage.metrics import peak_signal_noise_ratio, structural_similarity
@@ -101,7 +105,8 @@ def test_run_stores_every_cell_once_and_rerun_skips(tmp_path):
     assert (again.cells_done, again.cells_skipped) == (0, 3)
     assert _rows(db) == rows
     # Changing one parameter runs only the new cell, on the cached target.
-    grown = parse_spec({**TINY, "attacks": [*TINY["attacks"], {"name": "black_box", "steps": 5, "batch_size": 16}]})
+    grown = parse_spec({**TINY, "attacks": [*TINY["attacks"],
+                                            {"name": "inverse_network", "steps": 5, "batch_size": 16}]})
     third = run_experiment(grown, db, progress=False)
     assert (third.cells_done, third.cells_skipped) == (1, 3)
     with ResultStore(db) as store:
@@ -115,7 +120,8 @@ def test_same_seed_same_numbers_sequential_and_processes(tmp_path):
     run_experiment(spec, tmp_path / "a.db", progress=False, pngs=False)
     run_experiment(spec, tmp_path / "b.db", progress=False, pngs=False, jobs=2)  # one process per target
     a, b = _rows(tmp_path / "a.db"), _rows(tmp_path / "b.db")
-    assert len(a) == 2 * (1 + 3 * 11) and a == b  # accuracy + (mse, psnr, ssim) x (10 images + mean) per cell
+    # (accuracy, feature_std, noise_std) + (mse, psnr, ssim) x (10 images + mean) per cell
+    assert len(a) == 2 * (3 + 3 * 11) and a == b
 
 
 def test_different_seed_changes_the_numbers(tmp_path):
@@ -133,7 +139,7 @@ model: lenet
 splits: [conv1, ReLU2]
 defenses: [{name: none}]
 attacks:
-  - {name: white_box, iters: [60, 80]}
+  - {name: rmle, iters: [60, 80]}
 train: {epochs: 1, train_n: 300}
 evaluation: {test_n: 200}
 """
@@ -167,11 +173,11 @@ def test_sigkill_mid_cell_loses_only_that_cell(tmp_path):
     before = _rows(db)
     done_hashes = {r[0] for r in before}
     assert len(done_hashes) == killed_done  # no half-written cell left rows behind
-    assert len(before) == killed_done * (1 + 3 * 11)
+    assert len(before) == killed_done * (3 + 3 * 11)  # accuracy, feature_std, noise_std + (mse, psnr, ssim) x 11
     subprocess.run(_run_cmd(spec_path, db), env=env, check=True, capture_output=True, timeout=60)
     after = _rows(db)
     assert _done(db) == 4
-    assert len(after) == 4 * (1 + 3 * 11) == len(set((h, n, i) for h, n, i, _ in after))  # none lost or doubled
+    assert len(after) == 4 * (3 + 3 * 11) == len(set((h, n, i) for h, n, i, _ in after))  # none lost or doubled
     assert set(before) <= set(after)  # the rows written before the kill are untouched
     # Resuming (target from the cache) gives exactly what an uninterrupted run gives.
     fresh = tmp_path / "fresh.db"
@@ -220,3 +226,171 @@ def test_bad_loading_options_are_one_line(change, field):
     with pytest.raises(ConfigError, match=field) as info:
         parse_spec({**TINY, **change})
     assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# one cell pipeline: what `splitshield run` and `splitshield attack` measure is the same
+
+
+def test_attack_command_gives_the_engines_numbers(tmp_path):
+    """The engine's cell and `splitshield attack` on the engine's checkpoint, with the same attack settings and
+    seed, reconstruct bit for bit the same images: one pipeline, one seeding rule."""
+    import torch
+    from typer.testing import CliRunner
+
+    from splitshield.cli import app
+
+    spec = parse_spec({**TINY, "defenses": [{"name": "gaussian_noise", "sigma": 0.3}],
+                       "attacks": [{"name": "inverse_network", "steps": 15, "batch_size": 16}]})
+    db = tmp_path / "results.db"
+    run_experiment(spec, db, progress=False)
+    with ResultStore(db) as store:
+        (cell,) = store.cells()
+    engine = load_file(str(cell["artifacts"]["reconstruction"]))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the engine's cells run on one thread
+    try:
+        result = CliRunner().invoke(app, [
+            "attack", str(cell["artifacts"]["checkpoint"]), "--attack", "black_box",  # the old name, on purpose
+            "--options", '{"steps": 15, "batch_size": 16}', "--out", str(tmp_path / "cli"), "--seed", "0"])
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 0, result.output
+    cli = load_file(str(tmp_path / "cli" / "reconstructions.safetensors"))
+    assert np.array_equal(cli["x"], engine["original"])
+    assert np.array_equal(cli["x_hat"], engine["reconstruction"])
+    assert f"MSE {cell['metrics']['mse']:.5f}" in " ".join(result.output.split())
+
+
+def test_tail_only_epochs_leave_the_edge_head_and_its_defense_as_they_were():
+    import torch
+
+    from splitshield import ImageSet, Trainer, split
+    from splitshield.defenses import CEM, GaussianNoise, Shredder
+    from splitshield.experiment import _fit_tail_only
+    from splitshield.models import build_model
+
+    target = split(build_model("lenet"), "ReLU2", input_shape=(1, 28, 28))
+    defense = Shredder(target.feature_shape(), init_scale=0.1) + GaussianNoise(0.5) + CEM(16, k=2)
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet((torch.rand(64, 1, 28, 28, generator=g) * 255).to(torch.uint8), torch.arange(64) % 4,
+                    tuple("abcd"))
+    trainer = Trainer(target, defense, epochs=1, batch_size=16, progress=False)
+    trainer.fit(data)
+    edge = {k: v.clone() for k, v in [*target.head.state_dict().items(), *defense.state_dict().items()]}
+    tail = {k: v.clone() for k, v in target.tail.state_dict().items()}
+    _fit_tail_only(trainer, data, 2)
+    assert trainer.epoch == 3
+    assert all(torch.equal(v, {**target.head.state_dict(), **defense.state_dict()}[k]) for k, v in edge.items())
+    assert any(not torch.equal(v, target.tail.state_dict()[k]) for k, v in tail.items())
+    assert all(p.requires_grad for p in [*target.head.parameters(), *defense.parameters()])  # unfrozen after
+
+
+def test_spec_options_of_the_retired_sweep(tmp_path):
+    """Per-attack evaluated images, tail-only epochs, a defense that takes the feature's shape from the target,
+    the noise's and the feature's scale and the CE floor with every Gaussian part."""
+    spec = parse_spec({**TINY, "train": {**TINY["train"], "tail_epochs": 1},
+                       "defenses": [{"name": "compose", "parts": [{"name": "gaussian_noise", "sigma": 0.3},
+                                                                  {"name": "gaussian_noise", "sigma": 0.4}]},
+                                    {"name": "shredder", "lam": 1.0, "init_scale": 0.2}],
+                       "attacks": [{"name": "inverse_network", "steps": 5, "batch_size": 16, "images": 12}]})
+    db = tmp_path / "results.db"
+    summary = run_experiment(spec, db, progress=False)
+    assert summary.failures == {}
+    with ResultStore(db) as store:
+        noise, shredder = store.cells()
+    assert load_file(str(noise["artifacts"]["reconstruction"]))["original"].shape[0] == 12
+    assert noise["metrics"]["noise_std"] == pytest.approx(0.5)  # sqrt(0.3² + 0.4²): variances add
+    assert noise["metrics"]["ce_floor"] > 0
+    assert "ce_floor" not in shredder["metrics"]  # learned Laplace noise: no Gaussian floor
+    assert shredder["metrics"]["noise_std"] > 0
+    assert noise["config"]["train"]["tail_epochs"] == 1
+    assert all(c["metrics"]["train_cpu_seconds"] > 0 for c in (noise, shredder))
+
+
+def test_ce_floor_grows_with_the_noise_of_every_gaussian_part():
+    """Two Gaussian parts act like one of their summed variance: the floor equals the single part's."""
+    import torch
+
+    from splitshield import load_dataset, split
+    from splitshield.defenses import GaussianNoise
+    from splitshield.measure import ce_floor
+    from splitshield.models import build_model
+
+    data = load_dataset("mnist-5k")
+    target = split(build_model("lenet"), "ReLU2", input_shape=(1, 28, 28)).eval()
+    x, y = data.train.take(1500).tensors()
+    with torch.no_grad():
+        two = ce_floor(x, y, target, GaussianNoise(0.6) + GaussianNoise(0.8))
+        one = ce_floor(x, y, target, GaussianNoise(1.0))
+        weak = ce_floor(x, y, target, GaussianNoise(0.6))
+    assert two == pytest.approx(one, rel=1e-6) and weak < one
+
+
+def test_only_runs_the_matching_cells_and_says_when_none_match(tmp_path):
+    spec = parse_spec({**TINY, "defenses": [{"name": "none"}, {"name": "gaussian_noise", "sigma": [0.2, 0.4]}],
+                       "attacks": [{"name": "inverse_network", "steps": 5, "batch_size": 16}]})
+    db = tmp_path / "results.db"
+    summary = run_experiment(spec, db, progress=False, only=["*/gaussian_noise(sigma=0.4)/*"])
+    assert (summary.cells_total, summary.cells_done) == (1, 1)
+    with ResultStore(db) as store:
+        assert [c["defense_label"] for c in store.cells()] == ["gaussian_noise(sigma=0.4)"]
+    with pytest.raises(ConfigError, match=r"--only \*/dropout\*: matches none .* look like 'mnist-5k/lenet/ReLU2/"):
+        run_experiment(spec, db, progress=False, only=["*/dropout*"])
+
+
+def test_engine_measures_the_features_the_server_decodes(tmp_path):
+    """With ``wire``, the engine's sent features are the ones the cloud server decodes from the edge client's
+    frames, and accuracy is measured on them."""
+    import torch
+
+    from splitshield import load_checkpoint
+    from splitshield.measure import through_wire
+    from splitshield.runtime.client import EdgeClient
+    from splitshield.runtime.codec import WireFormat
+    from splitshield.runtime.server import TailService
+
+    wired = {**TINY, "attacks": [{"name": "inverse_network", "steps": 5, "batch_size": 16}],
+             "wire": {"dtype": "uint4", "compress": "zstd"}}
+    db = tmp_path / "results.db"
+    run_experiment(parse_spec(wired), db, progress=False)
+    run_experiment(parse_spec({**wired, "wire": None}), tmp_path / "float.db", progress=False)
+    with ResultStore(db) as store:
+        (cell,) = store.cells()
+    with ResultStore(tmp_path / "float.db") as store:
+        (float_cell,) = store.cells()
+    assert cell["config"]["wire"] == {"dtype": "uint4", "compress": "zstd", "batch_size": 1}
+    assert cell["metrics"]["mse"] != float_cell["metrics"]["mse"]  # the attack saw the 4-bit features
+    checkpoint = cell["artifacts"]["checkpoint"]
+    target, defense, _ = load_checkpoint(checkpoint)
+    deployed = through_wire(defense, "uint4", "zstd")
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        engine = deployed.obfuscate(target.head(x), training=False)
+    with EdgeClient(checkpoint, "http://127.0.0.1:9", codec=WireFormat("uint4", "zstd"), batch_size=1) as client:
+        z = client.features(x)
+        server = torch.cat([TailService(checkpoint).decode(client.frame(row)) for row in z.split(1)])
+    assert torch.equal(engine, server)
+
+
+@pytest.mark.parametrize(("wire", "expected"), [
+    ({"dtype": "int8"}, "spec field wire: wire dtype must be one of float32, float16, uint8, uint4, got 'int8'"),
+    ({"compress": "zlib"}, "zstd"),
+    ({"batch_size": 0}, "spec field wire.batch_size: got 0;"),
+])
+def test_bad_wire_options_are_one_line(wire, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_spec({**TINY, "wire": wire})
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_spec_validation_reports_every_problem_before_any_work():
+    """CEM without a noise level is caught when the spec is read (it used to fail after a whole epoch), for
+    every defense entry at once."""
+    bad = {**TINY, "defenses": [{"name": "cem", "lam": 8},
+                                {"name": "compose", "parts": [{"name": "dropout", "rate": 0.5}, {"name": "cem"}]}]}
+    with pytest.raises(ConfigError) as err:
+        parse_spec(bad)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and lines[0].startswith("spec field defenses[0]") and "defenses[1]" in lines[1]
+    assert all("gaussian_noise + cem" in line for line in lines)

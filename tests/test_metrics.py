@@ -1,27 +1,22 @@
 """Tests of splitshield.metrics against scikit-image, numpy and hand-computed values.
 
-The reference values come from scikit-image's own metrics run in float64 on real MNIST and CIFAR-10
-test images (the lossless foolbox samples in ../shared/data), so they are independent of our
-torch implementation.
+The reference values come from scikit-image's own metrics run in float64 on real MNIST digits and
+CIFAR-10 test images kept in the repository (the ``real_images`` fixture: the package's built-in digits
+and tests/data/images.npz), so they are independent of our torch implementation and run on a fresh clone.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.ndimage as scipy_ndimage
+import skimage.metrics as skimage_metrics  # a dev dependency: missing, the tests fail rather than skip
 import torch
 
 from splitshield.errors import ConfigError
 from splitshield.metrics import accuracy, mse, psnr, ssim
-
-skimage_metrics = pytest.importorskip("skimage.metrics")
-scipy_ndimage = pytest.importorskip("scipy.ndimage")
-
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SAMPLES = DATA_DIR / "foolbox_samples.npz"
 
 # Window name -> the scikit-image arguments that define the same SSIM convention.
 SKIMAGE_SSIM_ARGS = {
@@ -32,12 +27,9 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def samples() -> dict[str, np.ndarray]:
+def samples(real_images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Real images as float32 NHWC-or-NHW arrays in [0, 1], keyed by dataset name."""
-    if not SAMPLES.is_file():
-        pytest.skip(f"{SAMPLES} not found: clone the repository with shared/ beside it")
-    with np.load(SAMPLES, allow_pickle=False) as data:
-        return {name: data[f"x_{name}"].astype(np.float32) / 255.0 for name in ("mnist", "cifar10")}
+    return {name: real_images[name].astype(np.float32) / 255.0 for name in ("mnist", "cifar10")}
 
 
 def _corrupt(x: np.ndarray, kind: str) -> np.ndarray:

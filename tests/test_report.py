@@ -165,3 +165,106 @@ def test_cli_report_and_audit_exit_codes(db, tmp_path):
     assert failing.exit_code == 1 and "FAIL" in failing.output
     bad = runner.invoke(app, ["audit", str(spec), "--db", gate_db])
     assert bad.exit_code == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# paired comparisons: a defense with and without a plug-in
+
+NOISE = [{"name": "gaussian_noise", "sigma": 0.5}, {"name": "gaussian_noise", "sigma": 1.0}]
+CEM = {"name": "cem", "lam": 16}
+# (defense config, seed) -> (accuracy, inverse-network MSE, training CPU seconds)
+PAIRED = {
+    (0, False, 0): (0.980, 0.05, 10.0), (0, False, 1): (0.970, 0.04, 10.0),
+    (1, False, 0): (0.950, 0.10, 10.0), (1, False, 1): (0.960, 0.08, 12.0),
+    (0, True, 0): (0.975, 0.06, 15.0), (0, True, 1): (0.950, 0.06, 16.0),
+    (1, True, 0): (0.945, 0.12, 20.0), (1, True, 1): (0.955, 0.10, 18.0),
+}
+
+
+@pytest.fixture
+def paired_db(tmp_path):
+    path = tmp_path / "paired.db"
+    with ResultStore(path) as store:
+        run = store.start_run("paired", {}, "local", len(PAIRED))
+        for (strength, cem, seed), (acc, mse, cpu) in PAIRED.items():
+            defense = {"name": "compose", "parts": [NOISE[strength], CEM]} if cem else NOISE[strength]
+            label = _label(NOISE[strength]) + ("+cem(lam=16)" if cem else "")
+            h = f"p{strength}{int(cem)}{seed}"
+            store.register_cells(run, [{
+                "hash": h, "target_hash": h, "dataset": "mnist", "model": "lenet", "split": "ReLU2",
+                "defense": defense, "defense_label": label, "attack": {"name": "inverse_network"},
+                "attack_label": "inverse_network", "seed": seed, "config": {"revision": RESULTS_REVISION}}])
+            store.record(CellRecord(h, [("accuracy", -1, acc), ("mse", -1, mse), ("ssim", -1, 0.5),
+                                        ("psnr", -1, 15.0), ("train_cpu_seconds", -1, cpu)]))
+    return path
+
+
+def test_paired_gains_against_a_hand_computation(paired_db):
+    from splitshield.report import paired_gains
+
+    with ResultStore(paired_db) as store:
+        (section,) = load_sections(store)
+    (gain,) = paired_gains(section, window=0.01)
+    assert (gain.base, gain.plugin, gain.attack) == ("gaussian_noise", "cem(lam=16)", "inverse_network")
+    # Pairs by (strength, seed): gains 0.2 (dacc -0.5 pt), 0.5 (-2 pt), 0.2 (-0.5 pt), 0.25 (-0.5 pt).
+    assert (gain.pairs, gain.matched) == (4, 3)
+    assert gain.gain_matched == pytest.approx((0.2 + 0.2 + 0.25) / 3)
+    assert gain.gain_all == pytest.approx((0.2 + 0.5 + 0.2 + 0.25) / 4)
+    assert gain.accuracy_change == pytest.approx((-0.005 - 0.02 - 0.005 - 0.005) / 4)
+    assert gain.time_ratio == pytest.approx((1.5 + 1.6 + 2.0 + 1.5) / 4)
+    # The base's curve (seed means): (95.5 %, 0.09), (97.5 %, 0.045). CEM at sigma 0.5 (96.25 %, 0.06) lies
+    # on its segment: 0.09 - 0.045 * 0.375; CEM at sigma 1 (95 %, 0.11) is 0.5 pt below it, within the
+    # window, against its end point 0.09.
+    reference = 0.09 - 0.045 * 0.375
+    assert gain.curve_points == 2
+    assert gain.gain_curve == pytest.approx((0.06 / reference - 1 + 0.11 / 0.09 - 1) / 2)
+    # A narrower window matches fewer pairs and leaves the CEM point outside the curve's range out.
+    narrow = paired_gains(section, window=0.001)[0]
+    assert (narrow.matched, narrow.curve_points) == (0, 1) and narrow.gain_matched is None
+
+
+def test_report_has_the_paired_section_in_markdown_and_html(paired_db, tmp_path):
+    files = build_report(paired_db, tmp_path / "out")
+    md, page = files.markdown.read_text(), files.html.read_text()
+    assert "### Paired comparisons: with and without a plug-in" in md
+    assert "| gaussian_noise | cem(lam=16) | inverse_network | 3 / 4 | +21.7 % | +28.7 % |" in md
+    assert "<h3>Paired comparisons: with and without a plug-in</h3>" in page and "+21.7 %" in page
+    result = CliRunner().invoke(app, ["report", str(paired_db), "--out", str(tmp_path / "cli"), "--window", "3"])
+    assert result.exit_code == 0, result.output
+    assert "| 4 / 4 | +28.7 % | +28.7 % |" in (tmp_path / "cli" / "report.md").read_text()
+    bad = CliRunner().invoke(app, ["report", str(paired_db), "--out", str(tmp_path / "x"), "--window", "150"])
+    assert bad.exit_code == 2 and "--window" in bad.output and "Traceback" not in bad.output
+
+
+def test_imported_rows_form_sections_of_their_own_and_are_never_audited(paired_db, tmp_path):
+    import importlib.util
+    import json
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "import_sweep_json.py"
+    spec = importlib.util.spec_from_file_location("import_sweep_json", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    row = {"dataset": "mnist", "base": "noise", "strength": 0.5, "lam": 0.0, "seed": 0, "epochs": 3,
+           "batch_size": 128, "adaptive": True, "bb_raw_features": False, "accuracy": 0.98, "feature_std": 2.0,
+           "noise_std": 0.5, "floor": 1e-4, "train_time": 100.0, "train_cpu": 90.0, "test_size": 10000,
+           "bb": {"mse": 0.02, "psnr": 17.0, "ssim": 0.6}, "wb": {"mse": 0.05, "psnr": 13.0, "ssim": 0.3}}
+    with_cem = {**row, "lam": 16.0, "accuracy": 0.975, "bb": {"mse": 0.03, "psnr": 15.2, "ssim": 0.5}}
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"settings": {"model": "lenet", "bound": "none", "train_size": 0, "aux_size": 15000,
+                                              "bb_steps": 1000, "bb_batch": 128, "eval_size": 1000,
+                                              "wb_iters": 300, "seed": 0}, "rows": [row, with_cem]}))
+    module.main([str(sweep), "--db", str(paired_db)])
+    with ResultStore(paired_db) as store:
+        sections = load_sections(store)
+        assert audit(store, max_ssim=0.0) and all(v.attack == "inverse_network" and v.seed in (0, 1)
+                                                  for v in audit(store, max_ssim=0.0))
+        assert len(audit(store, max_ssim=0.0)) == len(PAIRED)  # the imported cells are never audited
+    imported = next(s for s in sections if s.source)
+    assert imported.title == "mnist · lenet · split ReLU2 · imported from sweep.json (benchmarks/defense_sweep.py)"
+    labels = {r.label for r in imported.rows}
+    assert labels == {"gaussian_noise(sigma=0.5)", "gaussian_noise(sigma=0.5)+cem(lam=16.0)"}
+    from splitshield.report import paired_gains
+
+    gains = {g.attack: g for g in paired_gains(imported)}
+    assert gains["inverse_network"].gain_all == pytest.approx(0.03 / 0.02 - 1)
+    assert gains["rmle"].gain_all == pytest.approx(0.0)

@@ -117,9 +117,15 @@ class _Untraceable(nn.Sequential):
 def test_untraceable_sequential_falls_back_to_child_order():
     model = _Untraceable(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
     assert [p.name for p in ss.split_points(model)] == ["0", "1", "2", "3"]
-    target = ss.split(model, "1")
-    x = torch.rand(2, 1, 8, 8)
-    assert torch.equal(target.tail(target.head(x)), nn.Sequential(*model)(x))
+    # The promise is the model's own output. (Child order cannot follow the data-dependent branch: for inputs
+    # with a negative sum the model negates x first and the cut does not, so the inputs here are positive.)
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    reference = model(x)
+    for point, feature in [("0", (4, 6, 6)), ("1", (4, 6, 6)), ("2", (144,))]:
+        target = ss.split(model, point, input_shape=(1, 8, 8))
+        assert target.feature_shape() == feature, point
+        assert torch.equal(target.tail(target.head(x)), reference), point
+    assert torch.equal(ss.split(model, "1").head(x), torch.relu(model[0](x)))  # the cut is after the ReLU
 
 
 def test_untraceable_non_sequential_is_a_clear_error():

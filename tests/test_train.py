@@ -50,7 +50,7 @@ def test_resume_equals_uninterrupted(mnist5k, tmp_path):
     resumed.fit(mnist5k.train.take(1000), resume=True)
     assert resumed.epoch == 2 and first.epoch == 1
     for (k, va), (_, vb) in zip(full.target.state_dict().items(), resumed.target.state_dict().items(), strict=True):
-        assert torch.allclose(va, vb, atol=1e-6), k
+        assert torch.equal(va, vb), k
 
 
 def test_checkpoint_errors(tmp_path):

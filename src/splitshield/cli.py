@@ -189,8 +189,9 @@ def train(
 @friendly
 def attack(
     checkpoint: Annotated[Path, typer.Argument(help="NAME.safetensors written by `splitshield train`.")],
-    attack_name: Annotated[str, typer.Option("--attack", help="white_box, black_box, query_free, model_completion.")
-                           ] = "black_box",
+    attack_choice: Annotated[str, typer.Option("--attack", help="rmle, inverse_network, shadow_head, "
+                                               "model_completion (or the old names white_box, black_box, query_free).")
+                             ] = "inverse_network",
     dataset: Annotated[str, typer.Option(help="Dataset of the private images and the attacker's aux data.")
                        ] = "mnist-5k",
     data_dir: DataDir = None,
@@ -208,51 +209,55 @@ def attack(
     seed: Seed = 0,
     device: Device = "cpu",
 ) -> None:
-    """Attack a trained checkpoint and print PSNR / SSIM / MSE (or completion accuracy)."""
+    """Attack a trained checkpoint and print PSNR / SSIM / MSE (or completion accuracy).
+
+    It measures exactly as `splitshield run` does (one pipeline, one seeding rule): the same checkpoint, attack
+    settings and seed give the same numbers as the spec cell with those settings.
+    """
+    import torch
     from safetensors.torch import save_file
 
-    from . import metrics
-    from .attacks import ATTACKS, CompletionAttack, Victim
-    from .attacks.base import TRAFFIC_IMAGES
-    from .data import evaluation_split
+    from .attacks import ATTACKS, attack_name
+    from .config import DEFAULT_THREAT
     from .figures import reconstruction_grid
+    from .measure import attack_seed, fit_attack, measure_attack
     from .train import load_checkpoint
 
     if n_images < 0:
         raise ConfigError(f"--n-images: 0 (the first test image of each class) or a positive count, got {n_images}")
-    if attack_name not in ATTACKS:
-        raise ConfigError(f"--attack: unknown attack {attack_name!r}; known: {', '.join(ATTACKS)}")
-    cls = ATTACKS[attack_name]
+    name = attack_name(attack_choice)
+    if name not in ATTACKS:
+        raise ConfigError(f"--attack: unknown attack {attack_choice!r}; known: {', '.join(ATTACKS)}")
     kwargs = parse_json(options, "--options") or {}
     try:
-        instance = cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"--options for {attack_name}: {exc}") from None
+        ATTACKS[name](**kwargs)  # its parameters are checked before any data is loaded
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--options for {name}: {str(exc).splitlines()[0]}") from None
     target, guard, _ = load_checkpoint(checkpoint, device=device)
     data = load_data(dataset, data_dir, seed, value_range, image_shape)
-    threat = cls.threats[0]
-    evaluated, traffic = evaluation_split(data.test, n_images or "first_per_class", TRAFFIC_IMAGES)
-    victim = Victim(target, guard, threat=threat, aux=data.aux(aux, seed=seed), adaptive=not non_adaptive, seed=seed,
-                    traffic=traffic)
-    x, y = evaluated.tensors()
-    instance.fit(victim)
+    threat = DEFAULT_THREAT[name]
+    setting = {"name": name, "threat": threat, "aux": aux, "aux_n": None, "adaptive": not non_adaptive,
+               "params": kwargs}
+    images = n_images or "first_per_class"
+    cell_seed = attack_seed(seed, setting)
     if transcript is not None:
-        attack_transcript(instance, transcript, target.feature_shape(), out or Path("splitshield-transcript-attack"))
+        fitted = fit_attack(target, guard, data, setting, images=images, seed=cell_seed, device=device)
+        attack_transcript(fitted.attack, transcript, target.feature_shape(),
+                          out or Path("splitshield-transcript-attack"))
         return
-    z = victim.observe(x.to(device))
-    label = f"{attack_name} ({threat}, {'non-adaptive' if non_adaptive else 'adaptive'}) at {target.point}"
-    if isinstance(instance, CompletionAttack):
-        acc = metrics.accuracy(instance.predict(z), y.to(device))
-        console.print(f"{label}: label accuracy {acc:.2%} on {len(y)} images")
+    result = measure_attack(target, guard, data, setting, images=images, seed=cell_seed, device=device)
+    mean = {n: v for n, i, v in result.metrics if i == -1}
+    label = f"{name} ({threat}, {'non-adaptive' if non_adaptive else 'adaptive'}) at {target.point}"
+    if result.reconstruction is None:
+        console.print(f"{label}: label accuracy {mean['completion_accuracy']:.2%} on {len(data.test)} test images")
         return
-    x_hat = instance.invert(z)
-    console.print(f"{label}: PSNR {float(metrics.psnr(x_hat, x)):.2f} dB  SSIM {float(metrics.ssim(x_hat, x)):.3f}  "
-                  f"MSE {float(metrics.mse(x_hat, x)):.5f} on {len(x)} images")
+    console.print(f"{label}: PSNR {mean['psnr']:.2f} dB  SSIM {mean['ssim']:.3f}  MSE {mean['mse']:.5f} "
+                  f"on {len(result.original)} images")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        tensors = {"x": x.cpu().contiguous(), "x_hat": x_hat.cpu().contiguous()}
-        save_file(tensors, str(out / "reconstructions.safetensors"))
-        reconstruction_grid(x.cpu(), [(label, x_hat.cpu())], out / "grid.png")
+        x, x_hat = torch.from_numpy(result.original), torch.from_numpy(result.reconstruction)
+        save_file({"x": x, "x_hat": x_hat}, str(out / "reconstructions.safetensors"))
+        reconstruction_grid(x, [(label, x_hat)], out / "grid.png")
         console.print(f"wrote {out / 'grid.png'} and {out / 'reconstructions.safetensors'}")
 
 
@@ -262,7 +267,7 @@ def attack_transcript(instance: Any, transcript: Path, feature_shape: tuple[int,
     from .runtime.transcript import invert_transcript, save_reconstructions
 
     if not isinstance(instance, InversionAttack):
-        raise ConfigError("--transcript: choose an inversion attack (white_box, black_box, query_free)")
+        raise ConfigError("--transcript: choose an inversion attack (rmle, inverse_network, shadow_head)")
     images, stamps = invert_transcript(instance, transcript, feature_shape)
     tensors, png = save_reconstructions(images, stamps, out)
     console.print(f"reconstructed {len(images)} images from {transcript}; wrote {tensors} and {png}")
@@ -333,14 +338,14 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars: on
 
 
 def _run_spec(spec_path: Path, db: Path, executor: str, address: str | None, jobs: int, quiet: bool,
-              grids: bool = False):
+              grids: bool = False, only: list[str] | None = None):
     from .config import load_spec
     from .experiment import run_experiment
 
     spec = load_spec(spec_path)
     log = (lambda line: err_console.print(line, highlight=False, soft_wrap=True)) if quiet else None
     summary = run_experiment(spec, db, executor=executor, jobs=jobs, address=address, progress=not quiet,
-                             pngs=grids, log=log)
+                             pngs=grids, only=only, log=log)
     err_console.print(f"{spec.name}: {summary.cells_done} cells run, {summary.cells_skipped} already done, "
                       f"{len(summary.failures)} failed, of {summary.cells_total} in {summary.seconds:.1f} s; "
                       f"store {db}", highlight=False, soft_wrap=True)
@@ -359,10 +364,13 @@ def run(
                        ] = None,
     jobs: Annotated[int, typer.Option(help="Local worker processes (one target's cells per task).")] = 1,
     grids: Annotated[bool, typer.Option(help="Also write a reconstruction grid PNG per cell.")] = False,
+    only: Annotated[list[str] | None, typer.Option(
+        help="Run only the cells whose path dataset/model/split/defense/attack/seed=N matches this shell "
+             "pattern, e.g. 'mnist/*/gaussian_noise(sigma=0.5)*'; repeat for several.")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Run every cell of an experiment spec, storing results; finished cells are skipped on rerun."""
-    _, summary = _run_spec(spec, db, executor, address, jobs, quiet, grids)
+    _, summary = _run_spec(spec, db, executor, address, jobs, quiet, grids, only)
     if summary.failures:
         raise typer.Exit(1)
 
@@ -373,11 +381,16 @@ def report(
     db: Annotated[Path, typer.Argument(help="Results store written by `splitshield run`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("report"),
     title: Annotated[str | None, typer.Option(help="Report title (default: the last run's spec name).")] = None,
+    window: Annotated[float, typer.Option(help="Paired comparisons: accuracy difference, in percentage points, "
+                                                "within which a pair with and without a plug-in is 'matched'.")
+                      ] = 1.0,
 ) -> None:
     """Write report.md, a self-contained report.html and PNG figures from a results store."""
     from .report import build_report
 
-    files = build_report(db, out, title=title)
+    if not 0 <= window <= 100:
+        raise ConfigError(f"--window: an accuracy difference in percentage points, 0 to 100; got {window}")
+    files = build_report(db, out, title=title, window=window / 100)
     console.print(f"wrote {files.html}, {files.markdown} and {len(files.figures)} figures in {out / 'figures'}")
 
 

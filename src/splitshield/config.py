@@ -7,13 +7,18 @@ product of the parts'). Every mistake becomes one :class:`~splitshield.errors.Co
 names the field, the value and what is allowed.
 
 >>> spec = ExperimentSpec.model_validate({"dataset": "mnist-5k", "splits": ["ReLU2"],
-...     "defenses": [{"name": "none"}], "attacks": [{"name": "black_box", "steps": 50}]})
+...     "defenses": [{"name": "none"}], "attacks": [{"name": "inverse_network", "steps": 50}]})
 >>> spec.attacks[0].threat
 'black_box'
+
+Attacks are named by what they are (``rmle``, ``inverse_network``, ``shadow_head``, ``model_completion``);
+the names of earlier specs, which were threat names (``white_box``, ``black_box``, ``query_free``), are still
+accepted and read as the attack they meant.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import re
@@ -22,13 +27,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, SplitShieldError
 
 AUX_KINDS = ("same_set", "same_distribution", "noise")
-METRICS = ("accuracy", "mse", "psnr", "ssim", "completion_accuracy", "ce_floor")
+#: The metrics a cell can record: the target's (accuracy with the defense, the conditional-entropy MSE floor, the
+#: clean feature's and the additive noise's standard deviation per element, training wall and CPU seconds) and
+#: the attack's (reconstruction MSE, PSNR, SSIM; a completion attack's label accuracy).
+METRICS = ("accuracy", "mse", "psnr", "ssim", "completion_accuracy", "ce_floor", "feature_std", "noise_std",
+           "train_seconds", "train_cpu_seconds")
+Metric = Literal["accuracy", "mse", "psnr", "ssim", "completion_accuracy", "ce_floor", "feature_std", "noise_std",
+                 "train_seconds", "train_cpu_seconds"]
 DATASET_NAMES = ("mnist-5k", "mnist", "fashion-mnist", "cifar10")
 #: The threat model an attack runs under when the spec does not say.
-DEFAULT_THREAT = {"white_box": "white_box", "black_box": "black_box", "query_free": "query_free",
+DEFAULT_THREAT = {"rmle": "white_box", "inverse_network": "black_box", "shadow_head": "query_free",
                   "model_completion": "black_box"}
 # Per-attack settings the experiment owns: the executor sets them, so a spec may not.
 _RESERVED_ATTACK_PARAMS = ("progress", "seed", "decoder")
@@ -101,10 +112,22 @@ class AttackSpec(BaseModel):
     aux: Literal["same_set", "same_distribution", "noise"] = "same_distribution"
     aux_n: int | None = Field(default=None, gt=0)
     adaptive: bool = True
+    images: Literal["first_per_class"] | int | None = Field(
+        default=None, description="the test images this attack reconstructs, if not evaluation.images")
+
+    @field_validator("images")
+    @classmethod
+    def _positive(cls, value: str | int | None) -> str | int | None:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("images must be 'first_per_class' or a positive number of test images")
+        return value
 
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
+        from .attacks import attack_name
+
+        name = attack_name(name)
         known = _attack_registry()
         if name not in known:
             raise ValueError(f"unknown attack {name!r}; known: {', '.join(sorted(known))}")
@@ -123,9 +146,9 @@ class AttackSpec(BaseModel):
         return self
 
     def settings(self) -> list[dict[str, Any]]:
-        """Concrete attack settings: ``{"name", "threat", "aux", "aux_n", "adaptive", "params": {...}}``."""
+        """Concrete attack settings: ``{"name", "threat", "aux", "aux_n", "adaptive", ["images",] "params": {...}}``."""
         head = {"name": self.name, "threat": self.threat, "aux": self.aux, "aux_n": self.aux_n,
-                "adaptive": self.adaptive}
+                "adaptive": self.adaptive, **({"images": self.images} if self.images is not None else {})}
         return [{**head, "params": params} for params in expand_grid(dict(self.model_extra or {}))]
 
 
@@ -138,6 +161,8 @@ class TrainSpec(BaseModel):
     batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     lr_halve_every: int | None = Field(default=None, ge=1)
+    tail_epochs: int = Field(default=0, ge=0, description="then train the cloud tail alone for this many epochs, "
+                             "the edge head and the defense frozen")
     train_n: int | None = Field(default=None, gt=0, description="use only the first n training images")
 
 
@@ -150,7 +175,7 @@ class EvaluationSpec(BaseModel):
         default="first_per_class",
         description="He et al.'s protocol (the first test image of each class; with fewer than 10 classes the first "
                     "k of each, k = ceil(10 / classes), so at least 10 images) or n")
-    metrics: list[Literal["accuracy", "mse", "psnr", "ssim", "completion_accuracy", "ce_floor"]] = list(METRICS)
+    metrics: list[Metric] = list(METRICS)
     test_n: int | None = Field(default=None, gt=0, description="accuracy on the first n test images only")
 
     @field_validator("images")
@@ -159,6 +184,28 @@ class EvaluationSpec(BaseModel):
         if isinstance(value, int) and value < 1:
             raise ValueError("images must be 'first_per_class' or a positive number of test images")
         return value
+
+
+class WireSpec(BaseModel):
+    """How the features cross the network (``splitshield.runtime.codec``): accuracy and every attack are then
+    measured on the features the server decodes, as deployed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dtype: str = Field(default="float32", description="float32, float16, uint8 or uint4")
+    compress: str | None = Field(default=None, description="none (null) or zstd; lossless")
+    batch_size: int = Field(default=1, ge=1, description="images per frame: uint8/uint4 take their range per "
+                            "frame, so an image's decoded feature depends on the others sent with it")
+
+    @model_validator(mode="after")
+    def _known(self) -> WireSpec:
+        from .runtime.codec import WireFormat
+
+        try:
+            WireFormat(self.dtype, self.compress)
+        except SplitShieldError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 class ExperimentSpec(BaseModel):
@@ -182,6 +229,7 @@ class ExperimentSpec(BaseModel):
     seeds: list[int] = [0]
     train: TrainSpec = TrainSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+    wire: WireSpec | None = Field(default=None, description="send the features through the wire codec")
     device: str = "cpu"
 
     @field_validator("dataset", "model", mode="before")
@@ -283,15 +331,20 @@ def _one_line(exc: ValidationError) -> str:
 def _check_buildable(spec: ExperimentSpec) -> None:
     """Construct every defense and attack setting once, so a bad keyword fails at load, not mid-sweep."""
     from .defenses import build_defense
+    from .validate import check, validate
 
+    problems = []
     for i, entry in enumerate(spec.defenses):
         for setting in entry.settings():
             try:
-                build_defense(setting)
+                defense = build_defense(setting, feature_shape=(1, 1, 1))  # the target's shape fills it at run time
             except ConfigError as exc:
                 raise ConfigError(f"spec field defenses[{i}]: {exc}") from None
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"spec field defenses[{i}] ({setting}): {exc}") from None
+            problems += [dataclasses.replace(p, field=f"spec field defenses[{i}] {p.field}")
+                         for p in validate(None, defense)]
+    check(problems)
     attacks = _attack_registry()
     for i, entry in enumerate(spec.attacks):
         for setting in entry.settings():
@@ -300,7 +353,7 @@ def _check_buildable(spec: ExperimentSpec) -> None:
             unknown = [p for p in setting["params"] if p not in allowed]
             if unknown:
                 raise ConfigError(f"spec field attacks[{i}].{unknown[0]}: not a parameter of {setting['name']}; "
-                                  f"allowed: {', '.join(allowed)}, threat, aux, aux_n, adaptive")
+                                  f"allowed: {', '.join(allowed)}, threat, aux, aux_n, adaptive, images")
             try:
                 cls(**setting["params"], progress=False)
             except (TypeError, ValueError) as exc:

@@ -23,7 +23,8 @@ from .report import ReportFiles, Section, build_report, output_folder
 
 #: Tiny budgets for smoke tests: the pipeline runs end to end in seconds, the numbers mean nothing.
 QUICK = {"train": {"epochs": 1, "train_n": 500},
-         "attacks": {"white_box": {"iters": 20}, "black_box": {"steps": 20}, "query_free": {"steps": 20, "iters": 20}}}
+         "attacks": {"rmle": {"iters": 20}, "inverse_network": {"steps": 20},
+                     "shadow_head": {"steps": 20, "iters": 20}}}
 
 
 def demo_spec(seed: int = 0, device: str = "cpu", quick: bool = False) -> ExperimentSpec:

@@ -12,16 +12,18 @@ Work is shipped to executors per target (a *unit*: one target and the cells atta
 target is never trained twice at once. Workers return rows; only the driver writes the store, one
 transaction per cell, so a killed run loses at most the cells in flight.
 
+A cell is measured by :mod:`splitshield.measure`, the pipeline ``splitshield attack`` also runs.
+
 Determinism: training uses the cell's spec seed (so the defenses of one seed share an initialisation:
-a paired comparison), every other random draw a seed derived from (spec seed, cell hash), and every
-cell runs with ``threads`` torch threads (1 by default), so the local and Ray executors give the same
-numbers bit for bit.
+a paired comparison), the attacker a seed derived from (spec seed, attack setting)
+(:func:`~splitshield.measure.attack_seed`), and every cell runs with ``threads`` torch threads (1 by
+default), so the local and Ray executors give the same numbers bit for bit.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
-import inspect
 import json
 import time
 import traceback
@@ -37,9 +39,8 @@ import torch
 
 from .config import DEFAULT_THREAT, ExperimentSpec
 from .errors import CheckpointError, ConfigError, SplitShieldError
+from .measure import attack_seed, measure_attack, measure_target, through_wire
 from .store import CellRecord, ResultStore
-
-INVERSION_METRICS = ("mse", "psnr", "ssim")
 
 #: Bumped whenever a change to splitshield changes the numbers an existing cell would give (training, an
 #: attack's or a defense's default behaviour, a metric). It is part of every target and cell hash, so a store
@@ -48,7 +49,9 @@ INVERSION_METRICS = ("mse", "psnr", "ssim")
 #: adversarial training and InfoScissors standardise their input. 3: cuts keep mode-dependent modules whole,
 #: the evaluation protocol takes at least 10 images on datasets with fewer classes, and the inverse network's
 #: default decoder is sized to the auxiliary set, and the query-free shadow matches the moments of the traffic.
-RESULTS_REVISION = 3
+#: 4: one cell pipeline (``measure``): the attacker's seed depends on the attack setting only (common random
+#: numbers across defenses), the CE floor counts every Gaussian part, attacks are validated and renamed.
+RESULTS_REVISION = 4
 _KNOWN_SHAPES = {"mnist-5k": (1, 28, 28), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
@@ -58,7 +61,7 @@ def config_hash(config: dict[str, Any]) -> str:
 
 
 def derived_seed(seed: int, key: str) -> int:
-    """A 31-bit seed from (spec seed, cell hash): distinct per cell, the same on every machine."""
+    """A 31-bit seed from (spec seed, a configuration hash): the same on every machine."""
     return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
@@ -66,9 +69,15 @@ def current_cells(store: ResultStore) -> tuple[list[dict[str, Any]], int]:
     """The store's finished cells measured by this splitshield's :data:`RESULTS_REVISION`, and the number of
     finished cells from other revisions (older ones, or a newer splitshield's), whose numbers may differ and
     which are left out."""
-    done = store.cells(status="done")
+    done = [c for c in store.cells(status="done") if c["config"].get("revision") != "imported"]
     current = [c for c in done if c["config"].get("revision", 1) == RESULTS_REVISION]
     return current, len(done) - len(current)
+
+
+def imported_cells(store: ResultStore) -> list[dict[str, Any]]:
+    """The store's cells imported from another tool's results (config ``"revision": "imported"``, with
+    ``"imported": {"file", "by"}``): reported apart from the cells splitshield measured, never audited."""
+    return [c for c in store.cells(status="done") if c["config"].get("revision") == "imported"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,6 +136,12 @@ class Cell:
     def dataset(self) -> str:
         return self.config["dataset"]
 
+    @property
+    def path(self) -> str:
+        """``dataset/model/split/defense label/attack label/seed=N``: what ``--only`` patterns match."""
+        c = self.config
+        return f"{c['dataset']}/{c['model']}/{c['split']}/{self.defense_label}/{self.attack_label}/seed={c['seed']}"
+
     def row(self) -> dict[str, Any]:
         """The ``cells`` table columns."""
         c = self.config
@@ -154,6 +169,8 @@ def plan(spec: ExperimentSpec) -> list[Cell]:
                                   "seed": seed, "train": train, "revision": RESULTS_REVISION}
                         if loading:  # only when set: a spec without them keeps its cells' hashes
                             target["loading"] = loading
+                        if spec.wire is not None:
+                            target["wire"] = spec.wire.model_dump()
                         target_hash = config_hash(target)
                         for attack, label in zip(attacks, attack_labels, strict=True):
                             config = {**target, "attack": attack, "evaluation": evaluation}
@@ -232,7 +249,11 @@ def _target_path(root: Path, target_hash: str) -> Path:
 
 
 def _get_target(config: dict[str, Any], target_hash: str, data, root: Path, device: str, progress: bool):
-    """Load the cached trained target, or train it and cache it. Returns (target, defense, seconds, cached)."""
+    """Load the cached trained target, or train it and cache it.
+
+    Returns (target, defense, training times, cached); the times (``train_seconds`` wall,
+    ``train_cpu_seconds`` process CPU) are the ones measured when the target was trained, also when cached.
+    """
     from .defenses import build_defense
     from .models import build_model, split
     from .train import Trainer, load_checkpoint, save_checkpoint
@@ -240,120 +261,41 @@ def _get_target(config: dict[str, Any], target_hash: str, data, root: Path, devi
     path = _target_path(root, target_hash)
     if path.with_suffix(".json").is_file():
         try:
-            target, defense, _ = load_checkpoint(path, device=device)
-            return target, defense, 0.0, True
+            target, defense, meta = load_checkpoint(path, device=device)
+            return target, defense, meta.get("train_times", {}), True
         except CheckpointError:
             pass  # a half-written cache entry (killed mid-save): train again and overwrite it
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     train = config["train"]
     model = build_model(config["model"], num_classes=data.num_classes, input_shape=data.image_shape)
     target = split(model, config["split"], input_shape=data.image_shape)
-    defense = build_defense(config["defense"])
+    defense = build_defense(config["defense"], feature_shape=target.feature_shape())
     train_set = data.train if train["train_n"] is None else data.train.take(train["train_n"])
-    Trainer(target, defense, epochs=train["epochs"], batch_size=train["batch_size"], lr=train["lr"],
-            lr_halve_every=train["lr_halve_every"], seed=config["seed"], device=device,
-            progress=progress).fit(train_set)
-    save_checkpoint(path, target, defense, extra={"target_config": {k: config[k] for k in
-                                                                   ("dataset", "model", "split", "defense", "seed",
-                                                                    "train")}})
-    return target.eval(), defense.eval(), time.perf_counter() - start, False
+    trainer = Trainer(target, defense, epochs=train["epochs"], batch_size=train["batch_size"], lr=train["lr"],
+                      lr_halve_every=train["lr_halve_every"], seed=config["seed"], device=device, progress=progress)
+    trainer.fit(train_set)
+    if train.get("tail_epochs"):
+        _fit_tail_only(trainer, train_set, train["tail_epochs"])
+    times = {"train_seconds": time.perf_counter() - wall, "train_cpu_seconds": time.process_time() - cpu}
+    save_checkpoint(path, target, defense, extra={"train_times": times, "target_config": {
+        k: config[k] for k in ("dataset", "model", "split", "defense", "seed", "train")}})
+    return target.eval(), defense.eval(), times, False
 
 
-def _target_metrics(config: dict[str, Any], target, defense, data, device: str) -> list[tuple[str, int, float]]:
-    """Accuracy with the defense on the test set, and the conditional-entropy MSE floor when available."""
-    from .train import evaluate
-
-    wanted = config["evaluation"]["metrics"]
-    test_n = config["evaluation"]["test_n"]
-    test = data.test if test_n is None else data.test.take(test_n)
-    rows = []
-    if "accuracy" in wanted:
-        rows.append(("accuracy", -1, evaluate(target, defense, test, device=device)))
-    if "ce_floor" in wanted:
-        floor = _ce_floor(config, target, defense, data)
-        if floor is not None:
-            rows.append(("ce_floor", -1, floor))
-    return rows
-
-
-def _noise_position(config: dict[str, Any]) -> tuple[int, float] | None:
-    """(index of the single Gaussian-noise part, its sigma) in a defense config, or ``None``."""
-    parts = config["parts"] if config["name"] == "compose" else [config]
-    found = [(i, float(p.get("sigma", 0.1))) for i, p in enumerate(parts)
-             if p["name"] == "gaussian_noise" and p.get("on", "feature") == "feature"]
-    return found[0] if len(found) == 1 else None
-
-
-#: Training images the conditional-entropy floor is fitted on: each class's image covariance needs more
-#: samples than pixels, or its rank deficit drives the H(x) estimate, and so the floor, towards 0.
-FLOOR_IMAGES = 5000
-
-
-@torch.no_grad()
-def _ce_floor(config: dict[str, Any], target, defense, data) -> float | None:
-    """The MSE floor implied by the defense's Gaussian noise, fitted on training images; ``None`` when
-    the defense has no single Gaussian-noise stage. Stages after the noise can only lose information, so
-    the floor computed at the noise stays a floor for what is finally sent (data-processing inequality)."""
-    from .defenses.base import Compose
-    from .metrics import conditional_entropy_floor
-
-    found = _noise_position(config["defense"])
-    if found is None:
-        return None
-    index, sigma = found
-    x, labels = data.train.take(FLOOR_IMAGES).tensors()
-    z = target.head(defense.perturb(x, training=False))
-    if isinstance(defense, Compose):
-        for part in list(defense.parts)[:index]:
-            z = part.obfuscate(z, training=False)
+def _fit_tail_only(trainer, train_set, epochs: int) -> None:
+    """Train ``epochs`` more epochs with the edge head and the defense's parameters frozen: the attacks then
+    see the same head, and only the cloud tail catches up with it (``train.tail_epochs``)."""
+    tail = {id(p) for p in trainer.target.tail.parameters()}
+    edge = [p for group in trainer.optimizer.param_groups for p in group["params"]
+            if id(p) not in tail and p.requires_grad]
+    for p in edge:
+        p.requires_grad_(False)
+    trainer.epochs += epochs
     try:
-        return float(conditional_entropy_floor(x, z, sigma, labels=labels)["mse_floor"])
-    except (SplitShieldError, ValueError, RuntimeError):
-        return None
-
-
-def _run_attack(config: dict[str, Any], target, defense, data, device: str,
-                progress: bool) -> tuple[list[tuple[str, int, float]], np.ndarray | None, np.ndarray | None]:
-    from . import metrics as M
-    from .attacks import ATTACKS, CompletionAttack, Victim
-    from .attacks.base import TRAFFIC_IMAGES
-    from .data import evaluation_split
-
-    spec = config["attack"]
-    # Seeded by the cell without its results revision: a cell the new revision does not change draws the same.
-    seed = derived_seed(config["seed"], config_hash({k: v for k, v in config.items() if k != "revision"}))
-    aux = data.aux(spec["aux"], n=spec["aux_n"], seed=seed)
-    evaluated, traffic = evaluation_split(data.test, config["evaluation"]["images"], TRAFFIC_IMAGES)
-    victim = Victim(target, defense, threat=spec["threat"], aux=aux, adaptive=spec["adaptive"], seed=seed,
-                    traffic=traffic)
-    cls = ATTACKS[spec["name"]]
-    accepted = inspect.signature(cls).parameters
-    kwargs = {**spec["params"], **{k: v for k, v in (("seed", seed), ("progress", progress)) if k in accepted}}
-    torch.manual_seed(seed)
-    attack = cls(**kwargs)
-    attack.fit(victim)
-    wanted = config["evaluation"]["metrics"]
-    if isinstance(attack, CompletionAttack):
-        if "completion_accuracy" not in wanted:
-            return [], None, None
-        test_n = config["evaluation"]["test_n"]
-        test = data.test if test_n is None else data.test.take(test_n)
-        correct = 0
-        for x, y in test.batches(1000, device=device):
-            correct += int((attack.predict(victim.observe(x)).argmax(1).cpu() == y.cpu()).sum())
-        return [("completion_accuracy", -1, correct / len(test))], None, None
-    x = evaluated.tensors(device)[0]
-    torch.manual_seed(seed)  # the adaptive attackers' expectation over the defense's noise
-    x_hat = attack.invert(victim.observe(x)).detach().cpu()
-    x = x.cpu()
-    rows: list[tuple[str, int, float]] = []
-    for name in INVERSION_METRICS:
-        if name not in wanted:
-            continue
-        per_image = getattr(M, name)(x_hat, x, reduction="none")
-        rows += [(name, i, float(v)) for i, v in enumerate(per_image)]
-        rows.append((name, -1, float(per_image.mean())))
-    return rows, x.numpy(), x_hat.numpy()
+        trainer.fit(train_set)
+    finally:
+        for p in edge:
+            p.requires_grad_(True)
 
 
 def run_unit(unit: dict[str, Any], root: str, progress: bool = False, threads: int = 1) -> Iterator[CellOutcome]:
@@ -366,7 +308,8 @@ def run_unit(unit: dict[str, Any], root: str, progress: bool = False, threads: i
     device = unit["device"]
     target = defense = None
     target_rows: list[tuple[str, int, float]] = []
-    train_seconds, cached = 0.0, False
+    train_times: dict[str, float] = {}
+    cached = False
     with _torch_threads(threads):
         for cell in unit["cells"]:
             config, start = cell["config"], time.perf_counter()
@@ -374,24 +317,32 @@ def run_unit(unit: dict[str, Any], root: str, progress: bool = False, threads: i
                 data = _load_data(config["dataset"], unit["data_dir"], config["seed"], unit["download"],
                                   config.get("loading"))
                 first = target is None
+                evaluation = config["evaluation"]
                 if first:
-                    target, defense, train_seconds, cached = _get_target(config, unit["target_hash"], data,
-                                                                         root_path, device, progress)
-                    target_rows = _target_metrics(config, target, defense, data, device)
+                    target, defense, train_times, cached = _get_target(config, unit["target_hash"], data,
+                                                                       root_path, device, progress)
+                    if "wire" in config:
+                        defense = through_wire(defense, **config["wire"])
+                    target_rows = measure_target(target, defense, data, test_n=evaluation["test_n"],
+                                                 metrics=evaluation["metrics"], device=device)
+                    target_rows += [(k, -1, v) for k, v in train_times.items() if k in evaluation["metrics"]]
                 attack_start = time.perf_counter()
-                rows, original, reconstruction = _run_attack(config, target, defense, data, device,
-                                                             progress)
+                setting = config["attack"]
+                result = measure_attack(target, defense, data, setting, images=setting.get("images",
+                                        evaluation["images"]), seed=attack_seed(config["seed"], setting),
+                                        test_n=evaluation["test_n"], metrics=evaluation["metrics"], device=device,
+                                        progress=progress)
             except (SplitShieldError, RuntimeError, ValueError, TypeError) as exc:
                 last = traceback.format_exception_only(type(exc), exc)[-1].strip()
                 yield CellOutcome(cell["hash"], error=last)
                 continue
             now = time.perf_counter()
             yield CellOutcome(
-                cell["hash"], metrics=target_rows + rows,
-                # The training time is charged to the first cell of the target; the others reuse it.
-                timings={"train_seconds": train_seconds if first else 0.0, "attack_seconds": now - attack_start,
-                         "compute_seconds": now - start},
-                original=original, reconstruction=reconstruction,
+                cell["hash"], metrics=target_rows + result.metrics,
+                # The training time is charged to the cell that trained the target; the others reuse it.
+                timings={"train_seconds": train_times.get("train_seconds", 0.0) if first and not cached else 0.0,
+                         "attack_seconds": now - attack_start, "compute_seconds": now - start},
+                original=result.original, reconstruction=result.reconstruction,
                 checkpoint=str(_target_path(root_path, unit["target_hash"]).relative_to(root_path)) + ".safetensors",
                 target_cached=cached or not first)
 
@@ -481,9 +432,21 @@ def _ray_results(units: list[dict[str, Any]], root: str, address: str | None, th
         yield from ray.get(ready[0])
 
 
+def select(cells: list[Cell], patterns: list[str]) -> list[Cell]:
+    """The cells whose path ``dataset/model/split/defense label/attack label/seed=N`` matches one of the
+    shell-style ``patterns`` (``*`` any text, ``?`` one character, ``[...]`` a set); all cells when none given."""
+    if not patterns:
+        return cells
+    chosen = [c for c in cells if any(fnmatch.fnmatchcase(c.path, p) for p in patterns)]
+    if not chosen:
+        raise ConfigError(f"--only {' '.join(patterns)}: matches none of the spec's {len(cells)} cells, whose "
+                          f"paths look like {cells[0].path!r}")
+    return chosen
+
+
 def run_experiment(spec: ExperimentSpec, db: str | Path = "results.db", *, executor: str = "local", jobs: int = 1,
                    address: str | None = None, threads: int = 1, progress: bool = True, pngs: bool = False,
-                   log: Callable[[str], None] | None = None) -> RunSummary:
+                   only: list[str] | None = None, log: Callable[[str], None] | None = None) -> RunSummary:
     """Run every cell of ``spec`` not already done in the store ``db``.
 
     Parameters
@@ -498,6 +461,8 @@ def run_experiment(spec: ExperimentSpec, db: str | Path = "results.db", *, execu
     pngs:
         Also write a reconstruction grid PNG per cell beside its tensors (the report draws its own
         grids from the tensors; a PNG per cell costs about 0.3 s of matplotlib in the driver).
+    only:
+        Run only the cells matching one of these patterns (:func:`select`); the others stay as they are.
     log:
         Called with one line per finished cell (for ``--quiet`` logs).
     """
@@ -508,7 +473,7 @@ def run_experiment(spec: ExperimentSpec, db: str | Path = "results.db", *, execu
     if jobs < 1:
         raise ConfigError(f"jobs must be >= 1, got {jobs}")
     start = time.perf_counter()
-    cells = plan(spec)
+    cells = select(plan(spec), only or [])
     by_hash = {c.hash: c for c in cells}
     store = ResultStore(db)
     try:

@@ -66,14 +66,18 @@ class Section:
     rows: list[DefenseRow]
     inversion_attacks: list[str]
     completion_attacks: list[str]
+    #: Where imported cells came from (file and tool); ``None`` for cells splitshield measured.
+    source: str | None = None
 
     @property
     def title(self) -> str:
-        return f"{self.dataset} · {self.model} · split {self.split}"
+        imported = f" · imported from {self.source}" if self.source else ""
+        return f"{self.dataset} · {self.model} · split {self.split}{imported}"
 
     @property
     def slug(self) -> str:
-        return "".join(ch if ch.isalnum() else "-" for ch in f"{self.dataset}-{self.model}-{self.split}")
+        name = f"{self.dataset}-{self.model}-{self.split}" + (f"-{self.source.split()[0]}" if self.source else "")
+        return "".join(ch if ch.isalnum() else "-" for ch in name)
 
 
 @dataclass
@@ -99,19 +103,23 @@ def _family(config: dict[str, Any]) -> str:
 
 def load_sections(store: ResultStore) -> list[Section]:
     """Group the store's finished cells of this splitshield's results revision by (dataset, model, split) and
-    defense setting."""
-    from .experiment import current_cells
+    defense setting; imported cells form sections of their own, per source file."""
+    from .experiment import current_cells, imported_cells
 
     cells, stale = current_cells(store)
-    if not cells:
+    imported = imported_cells(store)
+    if not cells and not imported:
         older = f" ({stale} were measured by another splitshield revision and would be measured again)" if stale else ""
         raise ConfigError(f"{store.path}: no finished cells to report{older}; "
                           f"run `splitshield run SPEC --db {store.path}`")
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[str, str, str, str | None], list[dict[str, Any]]] = defaultdict(list)
     for cell in cells:
-        groups[(cell["dataset"], cell["model"], cell["split"])].append(cell)
+        groups[(cell["dataset"], cell["model"], cell["split"], None)].append(cell)
+    for cell in imported:
+        source = cell["config"]["imported"]
+        groups[(cell["dataset"], cell["model"], cell["split"], f"{source['file']} ({source['by']})")].append(cell)
     sections = []
-    for (dataset, model, split), group in groups.items():
+    for (dataset, model, split, source), group in groups.items():
         by_defense: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for cell in group:
             by_defense[cell["defense_label"]].append(cell)
@@ -132,7 +140,7 @@ def load_sections(store: ResultStore) -> list[Section]:
                                    _mean(m.get("accuracy") for m in per_target.values()),
                                    _mean(m.get("ce_floor") for m in per_target.values()), attacks, dcells))
         sections.append(Section(dataset, model, split, sorted({c["seed"] for c in group}), rows, inversion,
-                                completion))
+                                completion, source))
     return sections
 
 
@@ -211,6 +219,151 @@ def _html_table(header: list[str], body: list[list[str]]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# paired comparisons: a defense with and without a plug-in
+
+
+@dataclass
+class PairedGain:
+    """What adding ``plugin`` (the last part of a composed defense, e.g. CEM) to the defenses of ``base`` does to
+    ``attack``, over every base setting measured with and without it (gains are relative MSE increases:
+    +0.3 means the attack's reconstruction error grew by 30 %).
+
+    Attributes
+    ----------
+    pairs, matched:
+        (setting, seed) pairs measured both ways, and those whose accuracies differ by at most the window.
+    gain_matched, gain_all:
+        Mean relative MSE gain over the matched pairs, and over all pairs (the same strength).
+    gain_curve, curve_points:
+        Mean relative MSE gain over the base's own privacy–utility curve (its (accuracy, MSE) points,
+        linearly interpolated at the plug-in setting's accuracy), and how many plug-in settings fell within
+        the curve's accuracy range (extended by the window).
+    accuracy_change:
+        Mean accuracy with the plug-in minus without, in fraction points.
+    time_ratio:
+        Mean training CPU time with the plug-in over without (wall time for cells that lack CPU time).
+    """
+
+    base: str
+    plugin: str
+    attack: str
+    pairs: int
+    matched: int
+    gain_matched: float | None
+    gain_all: float | None
+    gain_curve: float | None
+    curve_points: int
+    accuracy_change: float | None
+    time_ratio: float | None
+
+
+def _without_plugin(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(the defense without its last part, that part) for a composed defense; ``None`` otherwise."""
+    if config.get("name") != "compose" or len(config.get("parts", [])) < 2:
+        return None
+    parts = config["parts"]
+    base = parts[0] if len(parts) == 2 else {"name": "compose", "parts": parts[:-1]}
+    return base, parts[-1]
+
+
+def _key(config: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(config, sort_keys=True)
+
+
+def _per_seed(row: DefenseRow, attack: str) -> dict[int, tuple[float, float, float | None]]:
+    """seed -> (accuracy, the attack's MSE, training time) of a defense row's cells."""
+    out = {}
+    for cell in row.cells:
+        m = cell["metrics"]
+        if cell["attack_label"] == attack and m.get("accuracy") is not None and m.get("mse") is not None:
+            out[cell["seed"]] = (m["accuracy"], m["mse"], m.get("train_cpu_seconds") or m.get("train_seconds"))
+    return out
+
+
+def _interpolate(curve: list[tuple[float, float]], accuracy: float, window: float) -> float | None:
+    """The MSE of an (accuracy, MSE) curve at ``accuracy``, linear between its points; ``None`` outside its
+    accuracy range extended by ``window`` (where the end point's MSE is used)."""
+    curve = sorted(curve)
+    if not curve or not curve[0][0] - window <= accuracy <= curve[-1][0] + window:
+        return None
+    if accuracy <= curve[0][0]:
+        return curve[0][1]
+    for (a0, m0), (a1, m1) in zip(curve, curve[1:]):  # noqa: B905 - pairs of neighbours
+        if a0 <= accuracy <= a1:
+            return m0 if a1 == a0 else m0 + (m1 - m0) * (accuracy - a0) / (a1 - a0)
+    return curve[-1][1]
+
+
+def paired_gains(section: Section, window: float = ACCURACY_TOLERANCE) -> list[PairedGain]:
+    """Every (base family, plug-in setting, inversion attack) of ``section`` measured with and without the
+    plug-in; ``window`` is the accuracy difference (fraction points) still counted as "matched"."""
+    from .experiment import defense_label
+
+    by_config = {_key(r.config): r for r in section.rows}
+    groups: dict[tuple[str, str], list[tuple[DefenseRow, DefenseRow]]] = defaultdict(list)
+    for row in section.rows:
+        split = _without_plugin(row.config)
+        if split is None or _key(split[0]) not in by_config:
+            continue
+        base = by_config[_key(split[0])]
+        groups[(base.family, defense_label(split[1]))].append((base, row))
+    out = []
+    for (family, plugin), members in groups.items():
+        curve_rows = [r for r in section.rows if r.family == family]
+        for attack in section.inversion_attacks:
+            gains, matched, deltas, ratios = [], [], [], []
+            for base, row in members:
+                without, with_ = _per_seed(base, attack), _per_seed(row, attack)
+                for seed in sorted(set(without) & set(with_)):
+                    (acc0, mse0, t0), (acc1, mse1, t1) = without[seed], with_[seed]
+                    gain = mse1 / mse0 - 1
+                    gains.append(gain)
+                    deltas.append(acc1 - acc0)
+                    if abs(acc1 - acc0) <= window + 1e-12:
+                        matched.append(gain)
+                    if t0 and t1:
+                        ratios.append(t1 / t0)
+            if not gains:
+                continue
+            curve = [(r.accuracy, r.attacks[attack]["mse"]) for r in curve_rows
+                     if r.accuracy is not None and r.attacks.get(attack, {}).get("mse") is not None]
+            above = []
+            for _, row in members:
+                mse = row.attacks.get(attack, {}).get("mse")
+                ref = _interpolate(curve, row.accuracy, window) if row.accuracy is not None and mse else None
+                if ref:
+                    above.append(mse / ref - 1)
+            out.append(PairedGain(family, plugin, attack, len(gains), len(matched), _mean(matched), _mean(gains),
+                                  _mean(above), len(above), _mean(deltas), _mean(ratios)))
+    return out
+
+
+def _signed_pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:+.1f} %"
+
+
+def _paired_table(gains: list[PairedGain], window: float) -> tuple[list[str], list[list[str]]]:
+    header = ["base", "plug-in", "attack", f"pairs within {100 * window:g} pt / all",
+              "MSE gain at matched accuracy", "MSE gain at the same strength", "above the base's curve (points)",
+              "accuracy change", "training time ×"]
+    body = [[g.base, g.plugin, g.attack, f"{g.matched} / {g.pairs}", _signed_pct(g.gain_matched),
+             _signed_pct(g.gain_all), f"{_signed_pct(g.gain_curve)} ({g.curve_points})",
+             "–" if g.accuracy_change is None else f"{100 * g.accuracy_change:+.2f} pt",
+             _num(g.time_ratio, 2)] for g in gains]
+    return header, body
+
+
+PAIRED_EXPLANATION = (
+    "Each row adds a plug-in (the last part of a composed defense) to the settings of a base defense and compares "
+    "the attack's reconstruction MSE with and without it (a positive gain: the attack does worse). Matched "
+    "accuracy: only the (setting, seed) pairs whose accuracies differ by at most {window} pt. Same strength: all "
+    "pairs. Above the base's curve: the plug-in setting's MSE over the base's own accuracy–MSE curve, "
+    "interpolated at the same accuracy. Training time ×: training CPU time with the plug-in over without.")
+
+
+# --------------------------------------------------------------------------------------------------
 # figures
 
 
@@ -268,9 +421,13 @@ def _load_reconstruction(cell: dict[str, Any]) -> tuple[torch.Tensor, torch.Tens
     return torch.from_numpy(np.array(arrays["original"])), torch.from_numpy(np.array(arrays["reconstruction"]))
 
 
+#: Images shown per grid row: a cell evaluated on more images shows its first ones.
+GRID_IMAGES = 10
+
+
 def reconstruction_grids(section: Section, folder: Path) -> list[Path]:
-    """One grid per defense family: the originals, the undefended rows, then a row per (defense strength,
-    attack); first seed only."""
+    """One grid per defense family and evaluated image set: the originals, the undefended rows, then a row per
+    (defense strength, attack); first seed only, at most :data:`GRID_IMAGES` images."""
     from .figures import reconstruction_grid
 
     seed = section.seeds[0]
@@ -283,21 +440,24 @@ def reconstruction_grids(section: Section, folder: Path) -> list[Path]:
         if family == "none" and len(families) > 1:
             continue  # the undefended rows open every other family's grid
         shown = members if family == "none" else [*baseline, *members]
-        originals, rows = None, []
+        # Attacks evaluated on different images (e.g. one on the first 1000 test images, one on the first of each
+        # class) get a grid each: a row always shows the same private images as the first.
+        grids: dict[bytes, tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]] = {}
         for r in shown:
             for attack in section.inversion_attacks:
                 cell = next((c for c in r.cells if c["attack_label"] == attack and c["seed"] == seed), None)
                 loaded = _load_reconstruction(cell) if cell else None
                 if loaded is None:
                     continue
-                originals = loaded[0] if originals is None else originals
+                originals, reconstruction = loaded[0][:GRID_IMAGES], loaded[1][:GRID_IMAGES]
                 ssim = cell["metrics"].get("ssim")
-                rows.append((f"{r.label}\n{attack}\nSSIM {_num(ssim, 2)}", loaded[1]))
-        if originals is None:
-            continue
+                entry = grids.setdefault(originals.numpy().tobytes(), (originals, []))
+                entry[1].append((f"{r.label}\n{attack}\nSSIM {_num(ssim, 2)}", reconstruction))
         name = "".join(ch if ch.isalnum() else "-" for ch in family)
-        paths.append(reconstruction_grid(originals, rows, folder / f"{section.slug}-grid-{name}.png",
-                                         title=f"{section.title} · {family} (seed {seed})"))
+        for i, (originals, rows) in enumerate(grids.values()):
+            suffix = f"-{i + 1}" if len(grids) > 1 else ""
+            paths.append(reconstruction_grid(originals, rows, folder / f"{section.slug}-grid-{name}{suffix}.png",
+                                             title=f"{section.title} · {family} (seed {seed})"))
     return paths
 
 
@@ -334,8 +494,15 @@ def output_folder(path: str | Path) -> Path:
     return out
 
 
-def build_report(db: str | Path, out_dir: str | Path, title: str | None = None) -> ReportFiles:
-    """Write ``report.md``, ``report.html`` (self-contained) and ``figures/*.png`` to ``out_dir``."""
+def build_report(db: str | Path, out_dir: str | Path, title: str | None = None,
+                 window: float = ACCURACY_TOLERANCE) -> ReportFiles:
+    """Write ``report.md``, ``report.html`` (self-contained) and ``figures/*.png`` to ``out_dir``.
+
+    ``window`` is the accuracy difference (fraction points) within which a paired comparison counts as
+    matched (:func:`paired_gains`).
+    """
+    if not 0 <= window <= 1:
+        raise ConfigError(f"window must be an accuracy difference in [0, 1] (fraction points), got {window}")
     db = Path(db)
     if not db.is_file():
         raise ConfigError(f"results database {db} does not exist; run `splitshield run SPEC --db {db}` first")
@@ -366,6 +533,14 @@ def build_report(db: str | Path, out_dir: str | Path, title: str | None = None) 
         md += ["", f"## {section.title}", "", f"Seeds: {seeds}.", "", sentence, "", _markdown_table(header, rows)]
         body += [f"<h2>{html.escape(section.title)}</h2>", f"<p class='meta'>Seeds: {html.escape(seeds)}.</p>",
                  f"<p>{html.escape(sentence)}</p>", _html_table(header, rows)]
+        gains = paired_gains(section, window)
+        if gains:
+            explanation = PAIRED_EXPLANATION.format(window=f"{100 * window:g}")
+            paired_header, paired_rows = _paired_table(gains, window)
+            md += ["", "### Paired comparisons: with and without a plug-in", "", explanation, "",
+                   _markdown_table(paired_header, paired_rows)]
+            body += ["<h3>Paired comparisons: with and without a plug-in</h3>",
+                     f"<p class='meta'>{html.escape(explanation)}</p>", _html_table(paired_header, paired_rows)]
         plot = privacy_utility_plot(section, figures_dir / f"{section.slug}-privacy-utility.png")
         grids = reconstruction_grids(section, figures_dir)
         for fig, caption in [*([(plot, "Privacy–utility trade-off")] if plot else []),

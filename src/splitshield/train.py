@@ -1,9 +1,11 @@
 """Train a split model (with its defense) on the task, and save/load it as safetensors + JSON.
 
 A checkpoint is two files side by side: ``NAME.safetensors`` (tensors only: ``model.*`` for the split
-model, ``defense.*`` for the defense's parameters and buffers, ``optim.*`` for a resumable optimiser)
-and ``NAME.json`` (how to rebuild the model, the split point, the defense config, metrics). Nothing is
-ever pickled, so a checkpoint from an untrusted source cannot run code.
+model, ``defense.*`` for the defense's parameters and buffers and, in a checkpoint to resume training
+from, ``optim.*`` for the optimiser's state and ``train_state.*`` for the defense's
+:meth:`~splitshield.defenses.Defense.training_state`) and ``NAME.json`` (how to rebuild the model, the
+split point, the defense config, metrics). Nothing is ever pickled, so a checkpoint from an untrusted
+source cannot run code.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import ImageSet
-from .defenses.base import Defense, NoDefense
+from .defenses.base import Defense, NoDefense, load_optimizer_tensors, optimizer_tensors, substate
 from .errors import CheckpointError, ConfigError
 from .models.split import SplitModel, split
 from .models.zoo import build_model
+from .validate import check, validate
 
 FORMAT = "splitshield-checkpoint/1"
 
@@ -53,8 +56,9 @@ class Trainer:
     device:
         ``"cpu"`` or e.g. ``"cuda"``.
     checkpoint_dir:
-        When given, ``last.safetensors``/``last.json`` are written there after every epoch and
-        :meth:`fit` with ``resume=True`` continues from them.
+        When given, ``last.safetensors``/``last.json`` are written there after every epoch (with the
+        optimiser's and the defense's training state) and :meth:`fit` with ``resume=True`` continues from
+        them, drawing what an uninterrupted run would.
     progress:
         Show a progress bar.
     """
@@ -90,13 +94,17 @@ class Trainer:
     def fit(self, train: ImageSet, test: ImageSet | None = None, resume: bool = False) -> list[dict[str, float]]:
         """Train for the configured epochs; returns one dict per epoch (loss, train/test accuracy)."""
         self.train_data = train
-        if resume and self.checkpoint_dir is not None and (self.checkpoint_dir / "last.json").is_file():
+        resuming = resume and self.checkpoint_dir is not None and (self.checkpoint_dir / "last.json").is_file()
+        # Every problem of the model and defense at once, before an epoch is spent finding the first.
+        check(validate(self.target, self.defense, for_training=True, resume=resuming))
+        if resuming:
             self._resume(self.checkpoint_dir / "last")
         steps = math.ceil(len(train) / self.batch_size)
         while self.epoch < self.epochs:
             # Per-epoch seeds make a resumed run draw exactly what an uninterrupted one draws.
             seed_everything(self.seed * 100_003 + self.epoch)
             self._set_lr()
+            self.defense.on_epoch_start(self)
             self.target.train()
             self.defense.train()
             total, correct, loss_sum = 0, 0, 0.0
@@ -147,7 +155,10 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def save(self, path: str | Path, metrics: dict[str, Any] | None = None, include_optimizer: bool = False) -> Path:
-        """Write ``path.safetensors`` and ``path.json``; returns the safetensors path."""
+        """Write ``path.safetensors`` and ``path.json``; returns the safetensors path.
+
+        ``include_optimizer`` adds what resuming training needs: the optimiser's and the defense's training state.
+        """
         meta = {"epoch": self.epoch, "seed": self.seed, "history": self.history,
                 "train": {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
                           "lr_halve_every": self.lr_halve_every}}
@@ -155,15 +166,11 @@ class Trainer:
                                optimizer=self.optimizer if include_optimizer else None)
 
     def _resume(self, path: Path) -> None:
+        # fit's validation has refused a defense that cannot resume (resumable = False) before this point.
         tensors, meta = _read(path)
         _load_states(self.target, self.defense, tensors)
-        optim = {k[len("optim."):]: v for k, v in tensors.items() if k.startswith("optim.")}
-        if optim:
-            state = self.optimizer.state_dict()
-            for key, value in optim.items():
-                idx, name = key.split(".", 1)
-                state["state"].setdefault(int(idx), {})[name] = value
-            self.optimizer.load_state_dict(state)
+        load_optimizer_tensors(self.optimizer, substate(tensors, "optim."))
+        self.defense.load_training_state({k: v.to(self.device) for k, v in substate(tensors, "train_state.").items()})
         self.epoch = int(meta.get("epoch", 0))
         self.history = list(meta.get("history", []))
 
@@ -200,24 +207,20 @@ def save_checkpoint(path: str | Path, target: SplitModel, defense: Defense | Non
 
     The JSON sidecar records how to rebuild the model (``model_spec``, set for zoo/torchvision
     models built with :func:`~splitshield.models.build_model`), the split point, the input shape,
-    the defense config and ``metrics``.
+    the defense config and ``metrics``. With ``optimizer`` the checkpoint can resume training: it also
+    holds the optimiser's per-parameter state (``optim.*``) and the defense's training state (``train_state.*``).
     """
     path = Path(path)
     if path.suffix in (".safetensors", ".json"):
         path = path.with_suffix("")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    # Cloning makes every entry own its storage: safetensors refuses tensors that share memory.
-    for key, value in target.state_dict().items():
-        tensors[f"model.{key}"] = value.detach().cpu().clone().contiguous()
     defense = defense or NoDefense()
-    for key, value in defense.state_dict().items():
-        tensors[f"defense.{key}"] = value.detach().cpu().clone().contiguous()
+    parts = [("model.", target.state_dict()), ("defense.", defense.state_dict())]
     if optimizer is not None:
-        for idx, state in optimizer.state_dict()["state"].items():
-            for name, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"optim.{idx}.{name}"] = value.detach().cpu().clone().contiguous()
+        parts += [("optim.", optimizer_tensors(optimizer)), ("train_state.", defense.training_state())]
+    # Cloning makes every entry own its storage: safetensors refuses tensors that share memory.
+    tensors = {prefix + key: value.detach().cpu().clone().contiguous()
+               for prefix, state in parts for key, value in state.items()}
     meta = {
         "format": FORMAT,
         "model_spec": getattr(target, "model_spec", None),
@@ -255,9 +258,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def _load_states(target: SplitModel, defense: Defense, tensors: dict[str, torch.Tensor]) -> None:
     for prefix, module in (("model.", target), ("defense.", defense)):
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
-            module.load_state_dict(state)
+            module.load_state_dict(substate(tensors, prefix))
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             raise CheckpointError(f"checkpoint does not fit the {prefix[:-1]}: {first}") from None

@@ -1,6 +1,7 @@
-"""Attacks on split inference: model inversion (white-box, black-box, query-free) and model completion.
+"""Attacks on split inference: model inversion (rMLE, inverse network, shadow head) and model completion.
 
-Each attack receives only what its threat model allows: see :class:`Victim`.
+Each attack receives only what its threat model allows: see :class:`Victim`. The registry names say what
+an attack does; the threat model it runs under is a separate setting (each class's ``threats``).
 """
 
 from .base import (
@@ -20,15 +21,22 @@ from .model_completion import ModelCompletion
 from .query_free import QueryFreeInversion, different_head
 from .whitebox import HE2019_SETTINGS, WhiteBoxInversion
 
-ATTACKS = {
-    "white_box": WhiteBoxInversion,
-    "black_box": InverseNetwork,
-    "query_free": QueryFreeInversion,
-    "model_completion": ModelCompletion,
+#: Every attack by its name (its class's ``name``).
+ATTACKS: dict[str, type[Attack]] = {
+    cls.name: cls for cls in (WhiteBoxInversion, InverseNetwork, QueryFreeInversion, ModelCompletion)
 }
+#: Names of earlier versions, which named the attacks after the threat model each was first written for.
+ATTACK_ALIASES = {"white_box": "rmle", "black_box": "inverse_network", "query_free": "shadow_head"}
+
+
+def attack_name(name: str) -> str:
+    """The registry name of ``name``: an alias resolved (``"black_box"`` -> ``"inverse_network"``), else ``name``."""
+    return ATTACK_ALIASES.get(name, name)
+
 
 __all__ = [
     "ATTACKS",
+    "ATTACK_ALIASES",
     "HE2019_SETTINGS",
     "THREATS",
     "Attack",
@@ -43,6 +51,7 @@ __all__ = [
     "VictimView",
     "WhiteBoxInversion",
     "WhiteBoxView",
+    "attack_name",
     "build_decoder",
     "different_head",
     "he2019_decoder",

@@ -21,8 +21,9 @@ given the undefended head (white-box), clean features (black-box) or no obfuscat
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,19 @@ from ..models.split import SplitModel, fresh_copy
 THREATS = ("white_box", "black_box", "query_free")
 #: Test images whose features the evaluation hands the cloud as the traffic it has observed.
 TRAFFIC_IMAGES = 1000
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block on a copy of the global RNG seeded with ``seed``; the caller's RNG state is left as it was.
+
+    For code that can only draw from the global RNG: ``nn.Module`` initialisation, a defense's noise.
+    """
+    # CUDA's generators too once CUDA is in use, without initialising it on a CPU-only run.
+    devices = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -102,7 +116,10 @@ class BlackBoxView(VictimView):
 
 @dataclass(frozen=True)
 class QueryFreeView(VictimView):
-    """Frozen tail weights, the defense mechanism, and a fresh copy of the head's architecture."""
+    """Frozen tail weights, the defense mechanism, and the head's architecture.
+
+    ``head_architecture()`` returns a new head, its weights initialised from the global RNG (the caller seeds it).
+    """
 
     tail: nn.Module
     perturb: Callable[[torch.Tensor], torch.Tensor]
@@ -128,7 +145,8 @@ class Victim:
     adaptive:
         Whether the attacker knows the defense (see the module docstring).
     seed:
-        Seeds the defense's random draws in :meth:`observe` and in the oracle.
+        Seeds the defense's random draws in :meth:`observe` and the traffic's. The oracle and the views'
+        ``send``/``obfuscate`` draw from the caller's global RNG: an attack seeds them with its own seed.
     traffic:
         Other users' images (never the attacked ones), whose features, as the device sends them, the cloud
         has received. A query-free view holds their :class:`FeatureMoments`, nothing else of them.
@@ -152,12 +170,8 @@ class Victim:
     def observe(self, x: torch.Tensor) -> torch.Tensor:
         """The features the cloud receives for the private images ``x`` [B, C, H, W] in [0, 1]."""
         _check_images(x, self.target.input_shape)
-        state = torch.random.get_rng_state()
-        torch.manual_seed(self._generator_seed)
-        try:
+        with seeded(self._generator_seed):
             return self.defense.send(self.target.head, x.to(self.device))
-        finally:
-            torch.random.set_rng_state(state)
 
     def view(self) -> VictimView:
         """The attacker's view under this victim's threat model."""
@@ -186,9 +200,10 @@ class Victim:
         last = list(self.target.head.modules())[-1]
         final = type(last) if isinstance(last, (nn.ReLU, nn.Sigmoid, nn.Tanh)) else None
         # Re-initialised now, so the view holds no reference to the trained head's weights.
-        template = fresh_copy(self.target.head)
+        with seeded(self._generator_seed):
+            template = fresh_copy(self.target.head)
         return QueryFreeView(**common, tail=_frozen(self.target.tail), perturb=perturb, obfuscate=obfuscate,
-                             head_architecture=lambda: copy.deepcopy(template), head_final_activation=final,
+                             head_architecture=lambda: fresh_copy(template), head_final_activation=final,
                              traffic=self._traffic_moments())
 
     @torch.no_grad()
@@ -198,8 +213,7 @@ class Victim:
             return None
         dims = (0, 2, 3) if len(self.target.feature_shape()) == 3 else (0,)
         total = square = count = 0
-        with torch.random.fork_rng(devices=[self.device] if self.device.type != "cpu" else []):
-            torch.manual_seed(self._generator_seed + 1)  # not observe()'s draws: other users, other noise
+        with seeded(self._generator_seed + 1):  # not observe()'s draws: other users, other noise
             for x, _ in self.traffic.batches(256, device=self.device):
                 z = self.defense.send(self.target.head, x).double()
                 total, square = total + z.sum(dims), square + z.pow(2).sum(dims)
@@ -216,11 +230,20 @@ def _check_images(x: torch.Tensor, shape: tuple[int, ...]) -> None:
 
 
 class Attack:
-    """Base of every attack: ``fit(victim)`` with the view its threat model allows, then use it."""
+    """Base of every attack: ``fit(victim)`` with the view its threat model allows, then use it.
+
+    Like scikit-learn estimators and ART attacks, an attack checks its parameters when it is built
+    (``ConfigError`` naming the bad one), ``fit`` never changes them (what it learns or resolves is kept in
+    attributes ending in ``_``, rebuilt by every ``fit``), and its randomness comes from its ``seed`` alone:
+    the global RNG is left as it was.
+    """
 
     #: Threat models under which the attack can run, weakest first.
     threats: tuple[str, ...] = THREATS
+    #: The attack's name in :data:`splitshield.attacks.ATTACKS`.
     name: str = "attack"
+    #: Seeds every random draw of ``fit`` (and of ``invert`` where it draws any); set by each attack's ``__init__``.
+    seed: int = 0
 
     def _view_for(self, victim: Victim | VictimView) -> VictimView:
         view = victim.view() if isinstance(victim, Victim) else victim
@@ -230,7 +253,20 @@ class Attack:
             )
         return view
 
+    def _check_fitted(self) -> None:
+        if not any(k.endswith("_") and not k.startswith("_") for k in vars(self)):
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(victim) first")
+
     def fit(self, victim: Victim | VictimView) -> Attack:
+        """Learn what the attack needs from the view of ``victim`` its threat model allows; returns ``self``.
+
+        Every random draw (initialisation, the oracle's or the defense's noise) comes from ``self.seed``.
+        """
+        view = self._view_for(victim)
+        with seeded(self.seed):
+            return self._fit(view)
+
+    def _fit(self, view: VictimView) -> Attack:
         raise NotImplementedError
 
     def config(self) -> dict:

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ._params import choice
 
 
 def he2019_decoder(point: str, feature_shape: tuple[int, ...]) -> nn.Module | None:
@@ -40,18 +40,16 @@ def build_decoder(feature_shape: tuple[int, ...], image_shape: tuple[int, int, i
 
     Flat features, and feature maps at half the image's resolution or less, get the fully connected
     :func:`dense_decoder` (while they have at most :data:`DENSE_MAX_FEATURES` values): after two
-    poolings every feature mixes a large receptive field, and a dense map inverts that far better than
-    upsampling convolutions (LeNet/MNIST ``ReLU2``, 1400 steps of 128: 22.3 dB against 18.1 dB, in a
-    sixth of the time; ``benchmarks/decoders.py``). Finer or larger feature maps get the convolutional decoder:
-    widened to ``width`` channels and doubled in size by transposed convolutions (halving the
-    channels) while they fit; a remaining size gap of up to 8 pixels is closed by one transposed
+    poolings every feature mixes a large receptive field, which a dense map inverts better and faster than
+    upsampling convolutions (compared in ``benchmarks/decoders.py``). Finer or larger feature maps get the
+    convolutional decoder: widened to ``width`` channels and doubled in size by transposed convolutions
+    (halving the channels) while they fit; a remaining size gap of up to 8 pixels is closed by one transposed
     convolution of the exact kernel (e.g. LeNet ``conv1``: 24 -> 28 with a 5×5 kernel, the shape
     inverse of the layer), a larger one by bilinear resizing and a 3×3 conv. Its cost stays at low
     resolution: only ``fine`` channels and one output conv run at full size. ``kind`` forces one of the
     two (``"dense"`` or ``"conv"``); ``"auto"`` chooses as above.
     """
-    if kind not in ("auto", "dense", "conv"):
-        raise ConfigError(f"decoder kind must be 'auto', 'dense' or 'conv', got {kind!r}")
+    choice("decoder kind", kind, ("auto", "dense", "conv"))
     if kind == "dense" or (kind == "auto" and wants_dense_decoder(feature_shape, image_shape)):
         return dense_decoder(feature_shape, image_shape, hidden)
     channels, height, wide = image_shape
@@ -85,8 +83,7 @@ def dense_width(aux_images: int, widest: int = 1024) -> int:
     """Hidden units of the dense decoder for an attacker with ``aux_images`` images.
 
     The power of two nearest the number of images, between 64 and ``widest``: a decoder with far more
-    weights than its training pairs memorises them (and a 1024-wide one on 40 images also trains for
-    minutes). Sets of 725 images or more get the full width.
+    weights than its training pairs memorises them. Sets of 725 images or more get the full width.
     """
     return int(min(widest, max(64, 2 ** round(math.log2(max(aux_images, 1))))))
 
@@ -102,8 +99,8 @@ def wants_dense_decoder(feature_shape: tuple[int, ...], image_shape: tuple[int, 
 def standardize_dims(feature_shape: tuple[int, ...], decoder: nn.Module) -> tuple[int, ...]:
     """The dimensions ``decoder``'s input is standardised over: ``(0, 2, 3)``, one scale per channel, for a
     feature map whose decoder starts with a convolution (it shares its weights across positions, and per
-    value near-constant border positions would be blown up: LeNet ``conv1``, 28.3 dB against 38.5 dB);
-    else ``(0,)``, one scale per feature value (a fully connected decoder, or a flat feature)."""
+    value near-constant border positions would be blown up); else ``(0,)``, one scale per feature value (a
+    fully connected decoder, or a flat feature)."""
     first = next((m for m in decoder.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))), None)
     per_channel = len(feature_shape) == 3 and isinstance(first, (nn.Conv2d, nn.ConvTranspose2d))
     return (0, 2, 3) if per_channel else (0,)

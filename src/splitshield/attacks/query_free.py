@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
+from ._params import flag, module_or, non_negative, non_negative_int, positive, positive_int
 from ._rmle import rmle
-from .base import FeatureMoments, InversionAttack, QueryFreeView, Victim, VictimView
-from .whitebox import rmle_settings
+from .base import FeatureMoments, InversionAttack, QueryFreeView, seeded
+from .whitebox import check_rmle_params, rmle_settings
 
 
 def different_head(input_shape: tuple[int, int, int], feature_shape: tuple[int, ...],
@@ -63,41 +63,50 @@ class QueryFreeInversion(InversionAttack):
     Parameters
     ----------
     shadow:
-        ``"same"`` (the head's architecture), ``"different"`` (built from shapes) or an ``nn.Module``.
+        ``"same"`` (the head's architecture), ``"different"`` (built from shapes) or an ``nn.Module`` (trained
+        as a copy: the module given is left untouched).
     steps, batch_size, lr:
-        Shadow training: Adam (amsgrad, eps 1e-3), cosine-decayed learning rate.
+        Shadow training (each > 0): Adam (amsgrad, eps 1e-3), cosine-decayed learning rate.
     match_traffic:
-        Weight β of the moment-matching term (see the module docstring); used when the victim's view
+        Weight β >= 0 of the moment-matching term (see the module docstring); used when the victim's view
         holds traffic.
     iters, rmle_lr, tv, l2:
-        The rMLE stage; ``None`` takes the white-box defaults for the split point.
+        The rMLE stage (iters, rmle_lr > 0; tv, l2 >= 0); ``None`` takes the white-box defaults for the
+        split point.
     seed:
-        Seeds the shadow's initialisation and the batch order.
+        Seeds the shadow's initialisation, the batch order and the defense's noise the attacker draws.
+    progress:
+        Show progress bars over the shadow's training and the rMLE iterations.
+
+    Fitted attributes
+    -----------------
+    shadow_head_:
+        The trained shadow head (frozen), built afresh by every ``fit``.
+    shadow_accuracy_:
+        The frozen tail's accuracy on the shadow's features over the last 100 training batches.
+    iters_, rmle_lr_, tv_, l2_:
+        The rMLE settings in use, ``None`` resolved for the victim's split point.
+    view_:
+        The query-free view of the victim (its defense mechanism and shapes).
     """
 
     threats = ("query_free",)
-    name = "query_free"
+    name = "shadow_head"
 
     def __init__(self, shadow: str | nn.Module = "same", steps: int = 3000, batch_size: int = 64,
                  lr: float = 1e-3, match_traffic: float = 3.0, iters: int | None = None,
                  rmle_lr: float | None = None, tv: float | None = None, l2: float | None = None, seed: int = 0,
                  progress: bool = True):
-        if isinstance(shadow, str) and shadow not in ("same", "different"):
-            raise ConfigError(f"shadow must be 'same', 'different' or an nn.Module, got {shadow!r}")
-        if not match_traffic >= 0:
-            raise ConfigError(f"match_traffic must be a weight >= 0, got {match_traffic!r}")
-        self.match_traffic = match_traffic
-        self.shadow = shadow
-        self.steps, self.batch_size, self.lr, self.seed = steps, batch_size, lr, seed
-        self.iters, self.rmle_lr, self.tv, self.l2 = iters, rmle_lr, tv, l2
-        self.progress = progress
-        self.shadow_head: nn.Module | None = None
-        self.shadow_accuracy: float | None = None
+        self.shadow = module_or("shadow", shadow, ("same", "different"))
+        self.steps, self.batch_size = positive_int("steps", steps), positive_int("batch_size", batch_size)
+        self.lr = positive("lr", lr)
+        self.match_traffic = non_negative("match_traffic", match_traffic)
+        self.iters, self.rmle_lr, self.tv, self.l2 = check_rmle_params(iters, rmle_lr, tv, l2, lr_field="rmle_lr")
+        self.seed = non_negative_int("seed", seed)
+        self.progress = flag("progress", progress)
 
-    def fit(self, victim: Victim | VictimView) -> QueryFreeInversion:
-        view: QueryFreeView = self._view_for(victim)  # type: ignore[assignment]
+    def _fit(self, view: QueryFreeView) -> QueryFreeInversion:  # type: ignore[override]
         aux = view.require_aux(type(self).__name__)
-        torch.manual_seed(self.seed)
         if self.shadow == "same":
             head = view.head_architecture()
         elif self.shadow == "different":
@@ -125,30 +134,29 @@ class QueryFreeInversion(InversionAttack):
             if step >= self.steps - 100:  # accuracy over the last 100 batches, for the record
                 correct += int((logits.argmax(1) == y_all[idx]).sum())
                 seen += len(idx)
-        self.shadow_accuracy = correct / max(seen, 1)
         head.eval()
         for p in head.parameters():
             p.requires_grad_(False)
-        self.shadow_head = head
-        self._perturb, self._obfuscate = view.perturb, view.obfuscate
-        self._input_shape = view.input_shape
-        self.iters, self.rmle_lr, self.tv, self.l2 = rmle_settings(
+        self.shadow_head_, self.shadow_accuracy_ = head, correct / max(seen, 1)
+        self.iters_, self.rmle_lr_, self.tv_, self.l2_ = rmle_settings(
             view.point, self.iters, self.rmle_lr, self.tv, self.l2
         )
+        self.view_ = view
         return self
 
     def invert(self, z: torch.Tensor) -> torch.Tensor:
-        head = self.shadow_head
-        if head is None:
-            raise RuntimeError("call fit(victim) before invert(z)")
-        perturb, obfuscate = self._perturb, self._obfuscate
-        return rmle(lambda x: obfuscate(head(perturb(x))), z, self._input_shape, iters=self.iters, lr=self.rmle_lr,
-                    tv=self.tv, l2=self.l2, progress=self.progress, desc="query-free rMLE")
+        """Reconstructions [B, C, H, W] in [0, 1] of the features ``z`` [B, ...] the device sent."""
+        self._check_fitted()
+        head, view = self.shadow_head_, self.view_
+        with seeded(self.seed):
+            return rmle(lambda x: view.obfuscate(head(view.perturb(x))), z, view.input_shape, iters=self.iters_,
+                        lr=self.rmle_lr_, tv=self.tv_, l2=self.l2_, progress=self.progress, desc="query-free rMLE")
 
     def config(self) -> dict:
         shadow = self.shadow if isinstance(self.shadow, str) else type(self.shadow).__name__
-        return {"name": self.name, "shadow": shadow, "steps": self.steps, "match_traffic": self.match_traffic,
-                "iters": self.iters, "rmle_lr": self.rmle_lr, "tv": self.tv, "l2": self.l2}
+        return {"name": self.name, "shadow": shadow, "steps": self.steps, "batch_size": self.batch_size,
+                "lr": self.lr, "match_traffic": self.match_traffic, "iters": self.iters, "rmle_lr": self.rmle_lr,
+                "tv": self.tv, "l2": self.l2, "seed": self.seed}
 
 
 def _moment_distance(features: torch.Tensor, moments: FeatureMoments) -> torch.Tensor:

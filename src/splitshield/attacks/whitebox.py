@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from ._params import flag, non_negative, non_negative_int, optional, positive, positive_int
 from ._rmle import rmle
-from .base import InversionAttack, Victim, VictimView, WhiteBoxView
+from .base import InversionAttack, WhiteBoxView, seeded
 
 #: He et al.'s per-split (iterations, lr, λ_TV, λ_l2) for their named split points.
 HE2019_SETTINGS: dict[str, tuple[int, float, float, float]] = {
@@ -27,6 +28,13 @@ HE2019_SETTINGS: dict[str, tuple[int, float, float, float]] = {
     "fc2": (500, 1e-1, 5e2, 1e2),
 }
 _FALLBACK = (3000, 1e-2, 1.0, 0.0)
+
+
+def check_rmle_params(iters: int | None, lr: float | None, tv: float | None, l2: float | None,
+                      lr_field: str = "lr") -> tuple[int | None, float | None, float | None, float | None]:
+    """The rMLE settings checked (``ConfigError`` otherwise): ``None``, or iters > 0 an int, lr > 0, tv, l2 >= 0."""
+    return (optional(positive_int, "iters", iters), optional(positive, lr_field, lr),
+            optional(non_negative, "tv", tv), optional(non_negative, "l2", l2))
 
 
 def rmle_settings(point: str, iters: int | None, lr: float | None, tv: float | None,
@@ -43,33 +51,41 @@ class WhiteBoxInversion(InversionAttack):
     Parameters
     ----------
     iters, lr, tv, l2:
-        Adam steps, step size, TV weight and L2 weight; ``None`` takes He et al.'s value for the
-        split point's name when it is one of theirs, else (3000, 1e-2, 1.0, 0.0).
+        Adam steps (> 0), step size (> 0), TV weight and L2 weight (>= 0); ``None`` takes He et al.'s value
+        for the split point's name when it is one of theirs, else (3000, 1e-2, 1.0, 0.0).
+    seed:
+        Seeds the defense's noise the adaptive attacker draws while it optimises.
     progress:
         Show a progress bar over iterations.
+
+    Fitted attributes
+    -----------------
+    iters_, lr_, tv_, l2_:
+        The settings in use, ``None`` resolved for the victim's split point.
+    view_:
+        The white-box view of the victim.
     """
 
     threats = ("white_box",)
-    name = "white_box"
+    name = "rmle"
 
     def __init__(self, iters: int | None = None, lr: float | None = None, tv: float | None = None,
-                 l2: float | None = None, progress: bool = True):
-        self.iters, self.lr, self.tv, self.l2 = iters, lr, tv, l2
-        self.progress = progress
-        self._head_view: WhiteBoxView | None = None
+                 l2: float | None = None, seed: int = 0, progress: bool = True):
+        self.iters, self.lr, self.tv, self.l2 = check_rmle_params(iters, lr, tv, l2)
+        self.seed = non_negative_int("seed", seed)
+        self.progress = flag("progress", progress)
 
-    def fit(self, victim: Victim | VictimView) -> WhiteBoxInversion:
-        view: WhiteBoxView = self._view_for(victim)  # type: ignore[assignment]
-        self.iters, self.lr, self.tv, self.l2 = rmle_settings(view.point, self.iters, self.lr, self.tv, self.l2)
-        self._head_view = view
+    def _fit(self, view: WhiteBoxView) -> WhiteBoxInversion:  # type: ignore[override]
+        self.iters_, self.lr_, self.tv_, self.l2_ = rmle_settings(view.point, self.iters, self.lr, self.tv, self.l2)
+        self.view_ = view
         return self
 
     def invert(self, z: torch.Tensor) -> torch.Tensor:
-        view = self._head_view
-        if view is None:
-            raise RuntimeError("call fit(victim) before invert(z)")
-        return rmle(view.send, z, view.input_shape, iters=self.iters, lr=self.lr,
-                    tv=self.tv, l2=self.l2, progress=self.progress, desc="white-box rMLE")
+        """Reconstructions [B, C, H, W] in [0, 1] of the features ``z`` [B, ...] the device sent."""
+        self._check_fitted()
+        with seeded(self.seed):
+            return rmle(self.view_.send, z, self.view_.input_shape, iters=self.iters_, lr=self.lr_, tv=self.tv_,
+                        l2=self.l2_, progress=self.progress, desc="white-box rMLE")
 
     def config(self) -> dict:
-        return {"name": self.name, "iters": self.iters, "lr": self.lr, "tv": self.tv, "l2": self.l2}
+        return {"name": self.name, "iters": self.iters, "lr": self.lr, "tv": self.tv, "l2": self.l2, "seed": self.seed}

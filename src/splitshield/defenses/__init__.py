@@ -6,6 +6,7 @@ Every defense is a :class:`Defense` (see ``base.py`` for the protocol); ``a + b`
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from ..errors import ConfigError
@@ -28,14 +29,27 @@ DEFENSES.update({cls.name: cls for cls in (
 )})
 
 
-def build_defense(config: dict[str, Any]) -> Defense:
-    """Rebuild a defense from its ``config()``: ``{"name": ..., **parameters}``."""
+#: Constructor arguments a defense may leave to the target it protects: name -> value from the feature shape.
+_FROM_FEATURE = {"feature_shape": lambda shape: list(shape), "channels": lambda shape: shape[0]}
+
+
+def build_defense(config: dict[str, Any], feature_shape: tuple[int, ...] | None = None) -> Defense:
+    """Rebuild a defense from its ``config()``: ``{"name": ..., **parameters}``.
+
+    With ``feature_shape`` (the target's, [C, H, W] or [D]), the arguments that describe the feature
+    (``feature_shape`` of Shredder, ``channels`` of VIB) may be left out of ``config``: they are taken from it,
+    so one spec entry fits every model and split.
+    """
     params = dict(config)
     name = params.pop("name", None)
     if name == "compose":
-        return Compose(*(build_defense(part) for part in params.get("parts", [])))
+        return Compose(*(build_defense(part, feature_shape) for part in params.get("parts", [])))
     if name not in DEFENSES:
         raise ConfigError(f"defense: unknown name {name!r}; known: {', '.join(sorted(DEFENSES))}")
+    if feature_shape is not None:
+        wanted = inspect.signature(DEFENSES[name]).parameters
+        params.update({k: fill(tuple(feature_shape)) for k, fill in _FROM_FEATURE.items()
+                       if k in wanted and k not in params})
     try:
         return DEFENSES[name](**params)
     except TypeError as exc:

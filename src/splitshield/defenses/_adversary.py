@@ -4,8 +4,10 @@ Adversarial representation learning and InfoScissors train a decoder (and update
 the model is trained to defeat it. The decoder must not be moved by the trainer's optimiser (which
 minimises the model's loss, i.e. would make the decoder *worse*), and is not part of what is deployed.
 So it is kept outside the defense's registered modules: it is absent from ``parameters()`` (hence from
-the trainer's optimiser) and from checkpoints, and is built lazily on the feature's device once the
-shapes are known.
+the trainer's optimiser) and from ``state_dict()`` (hence from the deployed defense), and is built lazily
+on the feature's device once the shapes are known. Its weights and optimiser state are training state:
+:meth:`OnlineAdversary.training_state` exports them for checkpoints to resume training from, and
+:meth:`OnlineAdversary.load_training_state` rebuilds the module from the saved shapes.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from .base import load_optimizer_tensors, optimizer_tensors, substate
 
 
 def light_decoder(feature_shape: tuple[int, ...], image_shape: tuple[int, ...], width: int = 32,
@@ -33,8 +37,8 @@ def light_decoder(feature_shape: tuple[int, ...], image_shape: tuple[int, ...], 
     the dense decoder, per channel for the convolutional one), as the inverse-network attack does with
     its query set, so that the penalty measures what the feature reveals up to its scale, which is what a
     scale-blind attacker sees. Raw-fed, the decoder can also be slowed by rescaling the feature alone.
-    (Which trains the better defense is an empirical question: on LeNet/MNIST at ``ReLU2`` neither wins at
-    every strength; ``benchmarks/results/README.md``.)
+    (Which trains the better defense is an empirical question: see the generated results page,
+    ``benchmarks/results/README.md``.)
     """
     from ..attacks.decoders import Standardize, dense_decoder, standardize_dims, wants_dense_decoder
 
@@ -75,16 +79,22 @@ class OnlineAdversary:
         self._build, self.lr, self.steps, self.seed = build, lr, steps, seed
         self.module: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # (feature, image) it was built for
+
+    def _make(self, feature_shape: tuple[int, ...], image_shape: tuple[int, ...], device: torch.device) -> None:
+        """Build the module (initialised from ``seed``; the global RNG is left as it was) and its optimiser."""
+        state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+        self.module = self._build(feature_shape, image_shape).to(device)
+        torch.random.set_rng_state(state)
+        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr)
+        self.shapes = (feature_shape, image_shape)
 
     def update(self, inputs: torch.Tensor, targets: torch.Tensor,
                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         """Train ``steps`` steps minimising ``loss_fn(module(inputs), targets)`` (inputs are detached)."""
         if self.module is None:
-            state = torch.random.get_rng_state()
-            torch.manual_seed(self.seed)
-            self.module = self._build(tuple(inputs.shape[1:]), tuple(targets.shape[1:])).to(inputs.device)
-            torch.random.set_rng_state(state)
-            self.optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr)
+            self._make(tuple(inputs.shape[1:]), tuple(targets.shape[1:]), inputs.device)
         self.module.train()
         inputs = inputs.detach()
         for _ in range(self.steps):
@@ -104,3 +114,23 @@ class OnlineAdversary:
         finally:
             for p in self.module.parameters():
                 p.requires_grad_(True)
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """The module's weights (``module.*``), its Adam state (``optim.*``) and the shapes it was built for
+        (``feature_shape``, ``image_shape``: int64 [ndim]); empty before the first update."""
+        if self.module is None:
+            return {}
+        feature_shape, image_shape = self.shapes
+        return {"feature_shape": torch.tensor(feature_shape), "image_shape": torch.tensor(image_shape),
+                **{f"module.{k}": v for k, v in self.module.state_dict().items()},
+                **{f"optim.{k}": v for k, v in optimizer_tensors(self.optimizer).items()}}
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`training_state` returned: rebuild the module for the saved shapes, on their device."""
+        if not state:
+            self.module = self.optimizer = self.shapes = None
+            return
+        shapes = state["feature_shape"]
+        self._make(tuple(shapes.tolist()), tuple(state["image_shape"].tolist()), shapes.device)
+        self.module.load_state_dict(substate(state, "module."))
+        load_optimizer_tensors(self.optimizer, substate(state, "optim."))

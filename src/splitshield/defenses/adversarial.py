@@ -15,7 +15,8 @@ coarse features, 4 convolutions on finer ones), not ``res_normN4C64``, and it is
 30 epochs (it learns from the first batch, so early epochs defend less), and it standardises each
 batch of features before decoding (``standardize``), so that the head cannot escape it by rescaling its
 feature alone: CEM's ``res_normN4C64`` is scale-blind in the same way through its leading batch norm. The decoder
-lives outside the trainer's optimiser and outside checkpoints (see ``_adversary.py``).
+lives outside the trainer's optimiser and the deployed defense; its weights and Adam state are exported by
+:meth:`~AdversarialReconstruction.training_state` into checkpoints to resume training from (``_adversary.py``).
 """
 
 from __future__ import annotations
@@ -48,9 +49,8 @@ class AdversarialReconstruction(Defense):
         Channels of the light decoder.
     standardize:
         Feed the decoder its input standardised by each batch's statistics (default), so that the head
-        cannot defeat it by the feature's scale alone; ``False`` feeds it the raw feature. Measured on
-        LeNet/MNIST at ``ReLU2`` over 3 seeds (``benchmarks/results/README.md``), neither trains the better
-        defense everywhere: standardised wins at α <= 1, raw keeps more accuracy at α = 3 and 10.
+        cannot defeat it by the feature's scale alone; ``False`` feeds it the raw feature. Which trains the
+        better defense at which α is measured on the generated results page, ``benchmarks/results/README.md``.
     seed:
         Seeds the decoder's initialisation.
     """
@@ -84,6 +84,13 @@ class AdversarialReconstruction(Defense):
         quality = self._quality(self.adversary.frozen_forward(z_sent), x)
         gap = quality - self.threshold if self.metric == "ssim" else self.threshold + quality
         return self.alpha * torch.relu(gap)
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """The online decoder's weights, Adam state and shapes (:meth:`OnlineAdversary.training_state`)."""
+        return self.adversary.training_state()
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.adversary.load_training_state(state)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "alpha": self.alpha, "metric": self.metric, "threshold": self.threshold,

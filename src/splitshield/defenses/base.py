@@ -1,6 +1,6 @@
 """The ``Defense`` protocol: what the edge device does to a feature before it leaves.
 
-A defense has four optional hooks, called by :class:`~splitshield.Trainer` (and the runtime):
+A defense has five optional hooks, called by :class:`~splitshield.Trainer` (and the runtime):
 
 - ``perturb(x, training) -> x'`` — transforms the images before the head sees them (noise on the input,
   He et al. IoT-J 2020 §IV). Identity for feature-side defenses.
@@ -10,9 +10,13 @@ A defense has four optional hooks, called by :class:`~splitshield.Trainer` (and 
 - ``regularizer(x, y, z, z_sent, logits) -> loss`` — an extra training loss (NoPeek, VIB, CEM, ...),
   given the input images ``x`` [B, C, H, W] in [0, 1], labels ``y`` [B], the clean feature ``z``, the
   feature sent ``z_sent = obfuscate(z)`` and the tail's logits.
-- ``on_epoch_end(trainer)`` — epoch-level work (CEM's clustering, an adversary's schedule).
+- ``on_epoch_start(trainer)`` / ``on_epoch_end(trainer)`` — epoch-level work (CEM's clustering and
+  its learning-rate schedule).
 
-Defenses with parameters own them as an ``nn.Module``; the trainer optimises them with the model.
+Defenses with parameters own them as an ``nn.Module``; the trainer optimises them with the model and
+checkpoints them (``state_dict``). Training-only state kept elsewhere (CEM's clusters, an online
+decoder and its optimiser) is exported by ``training_state()`` and restored by ``load_training_state()``,
+so that training resumes exactly; a defense that cannot do so sets ``resumable = False``.
 ``a + b`` stacks two defenses (:class:`Compose`): obfuscations apply in order, losses add.
 """
 
@@ -32,6 +36,9 @@ class Defense(nn.Module):
 
     #: Short registry name, used in configs and reports.
     name: str = "none"
+    #: Whether :meth:`training_state` holds all the training state kept outside parameters and buffers;
+    #: ``False`` makes ``Trainer.fit(resume=True)`` refuse to continue from a checkpoint.
+    resumable: bool = True
 
     def perturb(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         """Transform images ``x`` [B, C, H, W] (in [0, 1]) before the head; the identity unless input-side."""
@@ -59,8 +66,22 @@ class Defense(nn.Module):
         """
         return z
 
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        """Called once before each training epoch, after the trainer has set the epoch's learning rate."""
+
     def on_epoch_end(self, trainer: Trainer) -> None:
         """Called once after each training epoch."""
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Training-only state kept outside parameters and buffers, as named tensors (none by default).
+
+        Saved between epochs in resumable checkpoints (:class:`~splitshield.Trainer` with
+        ``checkpoint_dir``); Python scalars travel as 0-d float64 tensors, which hold them exactly.
+        """
+        return {}
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`training_state` returned (its tensors already on the training device)."""
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable parameters, stored with checkpoints and results."""
@@ -109,9 +130,27 @@ class Compose(Defense):
             z = d.clean(z)
         return z
 
+    @property
+    def resumable(self) -> bool:
+        """Whether every part is resumable."""
+        return all(d.resumable for d in self.parts)
+
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        for d in self.parts:
+            d.on_epoch_start(trainer)
+
     def on_epoch_end(self, trainer: Trainer) -> None:
         for d in self.parts:
             d.on_epoch_end(trainer)
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """The parts' states, part ``i``'s keys prefixed with ``parts.i.`` (as in ``state_dict``)."""
+        return {f"parts.{i}.{key}": value
+                for i, d in enumerate(self.parts) for key, value in d.training_state().items()}
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        for i, d in enumerate(self.parts):
+            d.load_training_state(substate(state, f"parts.{i}."))
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "parts": [d.config() for d in self.parts]}
@@ -119,3 +158,29 @@ class Compose(Defense):
 
 class NoDefense(Defense):
     """The undefended baseline: the feature leaves the device as it is."""
+
+
+# ---- checkpointable state as flat dicts of tensors (nothing is ever pickled) ---------------------
+
+
+def substate(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` whose key starts with ``prefix``, with the prefix removed."""
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """An optimiser's per-parameter state as ``{"<param index>.<name>": tensor}`` (e.g. Adam's moments).
+
+    Hyperparameters (learning rate, betas) are not included: the owner sets them when it builds the optimiser.
+    """
+    return {f"{idx}.{name}": value for idx, state in optimizer.state_dict()["state"].items()
+            for name, value in state.items() if isinstance(value, torch.Tensor)}
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore the per-parameter state :func:`optimizer_tensors` returned into an optimiser built alike."""
+    state = optimizer.state_dict()
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state["state"].setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict(state)

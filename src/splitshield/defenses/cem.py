@@ -13,8 +13,9 @@ MSE. As the authors' code:
    distance to μ over samples and dimensions). The authors' code recomputes those features in a fresh
    pass over the training set with the head in eval mode (``cluster_features="refresh"``); by default
    CEM instead clusters the features the head already produced for the epoch's training batches
-   (``"epoch"``), which saves that extra forward pass (LeNet/MNIST training CPU time: 1.61× the no-CEM
-   time instead of 1.74×; ``benchmarks/defense_sweep.py --overhead``). They lag the
+   (``"epoch"``), which saves that extra forward pass (the training-time ratio with and without CEM is a
+   column of the paired comparisons of ``splitshield report``; see the generated results page,
+   ``benchmarks/results/README.md``). They lag the
    final weights by up to an epoch and, with batch norm, use batch statistics; the clustering is
    warm-started and refreshed every epoch either way;
 2. per batch (from the second epoch on), each clean feature goes to the nearest centroid of its own
@@ -38,10 +39,14 @@ sample's gradient is 20·(z − μ) / (C_B·N_c·D·(v + γ)), with C_B the clas
 these over the batch while the task loss averages, so CEM pulls on the head λ·B/N_c times as hard as a
 per-sample mean would: the same λ is twice as strong at batch 128 as at 64, and ten times as strong on a
 tenth of the training set. The authors' λ = 8 or 16 was tuned at batch 128 with N_c = 5000 (CIFAR-10);
-full MNIST (N_c = 4500) at batch 128 is the closest match. Measured on LeNet/MNIST at ReLU2 with σ = 0.5
-(``benchmarks/results/``): λ = 16 raises the MSE of the (standardising) inverse network by 46 % at batch
-128, for 1.2 points of accuracy. A decoder fed raw features read +58 % there, and +39 % at batch 64 for
-0.5 points: CEM also shrinks the feature, and a smaller scale alone slows that decoder.
+full MNIST (N_c = 4500) at batch 128 is the closest match. What λ buys against the inverse-network attack,
+and at what accuracy, is on the generated results page, ``benchmarks/results/README.md``. CEM also shrinks
+the feature, and a smaller scale alone slows a decoder fed raw (unstandardised) features, so such a
+decoder overstates the protection.
+
+**Resuming.** The clustering and the hinge's σ are training state, exported by :meth:`CEM.training_state`
+into checkpoints to resume training from; the k-means++ draws come from a generator seeded with
+``seed + epoch``, so a resumed run clusters as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -141,12 +146,14 @@ class CEM(Defense):
         self._optimizer_ref: weakref.ref | None = None  # a weak reference survives deepcopy as itself
         self._epoch_features: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    # ---- epoch end: clustering ------------------------------------------------------------------
+    # ---- epoch start and end: the schedule's optimiser, the clustering -------------------------
+
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        self._optimizer_ref = weakref.ref(trainer.optimizer)  # the λ schedule reads its learning rate
 
     def on_epoch_end(self, trainer: Trainer) -> None:
         if not self.lam:
             return
-        self._optimizer_ref = weakref.ref(trainer.optimizer)
         before = _parts_before(trainer.defense, self)
         if self.hinge_sigma is None:
             self.hinge_sigma = noise_std(Compose(*before), trainer.target.feature_shape()) if before else 0.0
@@ -202,6 +209,28 @@ class CEM(Defense):
         """[n, D] features and their centroids -> [n, 1] mean over dimensions, or [n, D] per dimension."""
         sq = (flat - centre).pow(2)
         return sq if self.variance == "per_dim" else sq.mean(1, keepdim=True)
+
+    # ---- checkpoints: the training state ---------------------------------------------------------
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """The clustering once fitted (``centroids``, ``weights``, ``variances`` with their shapes above, and
+        ``samples_per_class``) and ``hinge_sigma`` once known; the scalars as 0-d float64 tensors.
+
+        The buffer of the epoch's features is not part of it: :meth:`on_epoch_end` empties it, and
+        checkpoints are written between epochs.
+        """
+        state: dict[str, torch.Tensor] = {}
+        if self.centroids is not None:
+            state.update(centroids=self.centroids, weights=self.weights, variances=self.variances,
+                         samples_per_class=torch.tensor(self.samples_per_class, dtype=torch.float64))
+        if self.hinge_sigma is not None:
+            state["hinge_sigma"] = torch.tensor(self.hinge_sigma, dtype=torch.float64)
+        return state
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.centroids, self.weights, self.variances = (state.get(k) for k in ("centroids", "weights", "variances"))
+        self.samples_per_class = float(state["samples_per_class"]) if "samples_per_class" in state else 0.0
+        self.hinge_sigma = float(state["hinge_sigma"]) if "hinge_sigma" in state else self.sigma
 
     # ---- per batch: the loss --------------------------------------------------------------------
 

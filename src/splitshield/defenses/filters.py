@@ -6,8 +6,10 @@
 - Top-k pruning: CEM's ``topkpruneR`` (Xia et al., CVPR 2025, code; §B.4) zeroes the R-fraction of
   smallest elements. We prune per sample by magnitude (the batch-wide version of the code would make a
   user's feature depend on other users' inputs); for a ReLU feature magnitude and value agree.
-- Quantisation: uniform n-bit quantisation between each sample's min and max (the codec's scheme);
-  the rounding passes gradients straight through so the head can be trained and attacked through it.
+- Quantisation: uniform n-bit quantisation between each sample's min and max, by the quantiser the wire
+  codec's uint8/uint4 encodings use (:mod:`splitshield._quantize`), so ``Quantize(8)`` of a sample equals
+  its uint8 wire round trip; the rounding passes gradients straight through so the head can be trained
+  and attacked through it.
 
 All three act in training and at inference, and keep shape, dtype and device.
 """
@@ -19,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .._quantize import MAX_BITS, fake_quantize
 from ..errors import ConfigError
 from ._params import fraction, positive_int
 from .base import Defense
@@ -84,6 +87,9 @@ class TopKPrune(Defense):
 class Quantize(Defense):
     """Uniform ``bits``-bit quantisation of each sample between its min and max (straight-through gradient).
 
+    Per sample ``z[i]``: ``offset = min``, ``scale = (max - min) / (2**bits - 1)`` rounded toward zero to a
+    float32, values ``scale * round((z - offset) / scale) + offset`` (see :mod:`splitshield._quantize`).
+
     Parameters
     ----------
     bits:
@@ -95,16 +101,11 @@ class Quantize(Defense):
     def __init__(self, bits: int = 4):
         super().__init__()
         self.bits = positive_int("bits", bits)
-        if self.bits > 16:
-            raise ConfigError(f"bits must be <= 16, got {bits!r}")
+        if self.bits > MAX_BITS:
+            raise ConfigError(f"bits must be <= {MAX_BITS}, got {bits!r}")
 
     def obfuscate(self, z: torch.Tensor, training: bool) -> torch.Tensor:
-        flat = z.flatten(1)
-        lo = flat.min(1, keepdim=True).values
-        step = (flat.max(1, keepdim=True).values - lo).clamp_min(1e-12) / (2**self.bits - 1)
-        quantized = torch.round((flat - lo) / step) * step + lo
-        # Straight-through: the forward value is quantised, the gradient is the identity's.
-        return (quantized.detach() + (flat - flat.detach())).view_as(z)
+        return fake_quantize(z, self.bits, per_sample=True)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "bits": self.bits}

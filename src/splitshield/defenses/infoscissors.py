@@ -72,6 +72,13 @@ class InfoScissors(Defense):
         club = (x_hat - shuffled).pow(2).mean() - (x_hat - x).pow(2).mean()
         return self.lam * club
 
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """The inversion net's weights, Adam state and shapes (:meth:`OnlineAdversary.training_state`)."""
+        return self.inversion.training_state()
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.inversion.load_training_state(state)
+
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "lam": self.lam, "steps": self.steps, "lr": self.lr, "width": self.width,
                 "standardize": self.standardize, "seed": self.seed}

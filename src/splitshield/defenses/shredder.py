@@ -16,10 +16,13 @@ trained and sampled:
 - inference draws from the same learned distribution.
 
 Adam (the trainer's optimiser) normalises gradients, so each log-scale moves by at most about the learning
-rate per step whatever λ is: over a short training ``init_scale`` sets the noise level and λ mostly whether
-it grows. On LeNet/MNIST at ``ReLU2`` over 3 epochs (1,055 steps at lr 1e-3, so at most e^1.06 ≈ 2.9×),
-λ = 0.1 to 3 at b₀ = 0.1 all cost no accuracy and protected nothing, and at λ = 1 the noise grew 1.1×
-(b₀ = 0.25) to 2.1× (b₀ = 2); ``benchmarks/defense_sweep.py`` therefore sweeps b₀.
+rate per step whatever λ is (n steps at learning rate η scale b by at most about e^(nη)): over a short
+training ``init_scale`` sets the noise level and λ mostly whether it grows. ``examples/cem_lenet.yaml``
+therefore sweeps b₀; what it measures is on the generated results page, ``benchmarks/results/README.md``.
+
+All of Shredder's training state is its parameters: μ and log b are saved with the defense (``defense.*``)
+and their Adam state with the trainer's (``optim.*``), and the noise is drawn from torch's global RNG,
+which the trainer seeds per epoch; so training resumes from a checkpoint as if uninterrupted.
 
 Shredder keeps the pretrained network frozen; to reproduce that, set ``requires_grad_(False)`` on the
 split model's parameters before training (the trainer then only moves the noise).

@@ -18,7 +18,8 @@ import torch
 
 from ..errors import ConfigError, SplitShieldError
 from ..train import load_checkpoint
-from .codec import CodecOptions, encode
+from ..validate import check, validate
+from .codec import CodecOptions, WireFormat, encode
 
 __all__ = ["EdgeClient", "ServerError", "load_images", "read_token"]
 
@@ -108,8 +109,8 @@ class EdgeClient:
         Base URL, e.g. ``http://127.0.0.1:8080``.
     token : str
         Bearer token shared with the server (``""`` for a server started with ``--no-auth``).
-    codec : CodecOptions
-        How features are encoded on the wire.
+    codec : CodecOptions or WireFormat
+        How features are encoded on the wire (default float32, uncompressed).
     timeout : float
         Seconds per HTTP request (connect, read, write each).
     retries : int
@@ -123,7 +124,7 @@ class EdgeClient:
     """
 
     def __init__(self, checkpoint: str | Path, server_url: str, token: str = "", *,
-                 codec: CodecOptions | None = None, timeout: float = 30.0, retries: int = 3,
+                 codec: CodecOptions | WireFormat | None = None, timeout: float = 30.0, retries: int = 3,
                  backoff: float = 0.2, batch_size: int = 64, seed: int = 0, device: str = "cpu"):
         import httpx
 
@@ -132,11 +133,12 @@ class EdgeClient:
         target, defense, meta = load_checkpoint(checkpoint, device=device)
         if target.input_shape is None:
             raise ConfigError(f"checkpoint {checkpoint} has no input_shape; re-save it with split(..., input_shape=)")
+        check(validate(target.eval(), defense.eval()))  # every problem of the head and defense, before any request
         self.head, self.defense = target.head.eval(), defense.eval()
         self.point, self.input_shape = target.point, tuple(target.input_shape)
         self.feature_shape = target.feature_shape()
         del target  # the tail's weights stay in the checkpoint file; the device never runs them
-        self.codec = codec or CodecOptions()
+        self.codec = codec.options if isinstance(codec, WireFormat) else codec or CodecOptions()
         self.retries, self.backoff, self.batch_size, self.device = retries, backoff, batch_size, device
         self._generator = torch.Generator(device=device).manual_seed(seed)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -218,10 +220,14 @@ class EdgeClient:
             self._generator.set_state(torch.random.get_rng_state())
             torch.random.set_rng_state(state)
 
+    def frame(self, z: torch.Tensor) -> bytes:
+        """The codec frame :meth:`send` posts for features ``z`` ``[B, *feature_shape]``."""
+        return encode(z, self.codec)
+
     def send(self, z: torch.Tensor, request_id: str | None = None) -> torch.Tensor:
         """Send one batch of features ``[B, *feature_shape]``; returns the tail's logits ``[B, K]``."""
         body = self._request(
-            "POST", "/v1/infer", content=encode(z, self.codec),
+            "POST", "/v1/infer", content=self.frame(z),
             headers={"Content-Type": "application/octet-stream", "X-Request-ID": request_id or uuid.uuid4().hex},
         )
         return torch.tensor(body["logits"], dtype=torch.float32)

@@ -36,7 +36,9 @@ Encodings of the (uncompressed) payload, ``n`` = product of dims:
 * ``float32`` -- ``4n`` bytes, IEEE little-endian; round-trip is bit-exact.
 * ``float16`` -- ``2n`` bytes; values are rounded to nearest float16, so
   ``|z| <= 65504`` is required.
-* ``uint8`` / ``uint4`` -- affine quantization with ``qmax = 2**bits - 1``:
+* ``uint8`` / ``uint4`` -- affine quantization with ``qmax = 2**bits - 1``,
+  one range per frame, by :mod:`splitshield._quantize` (the quantiser the
+  ``quantize`` defense uses too):
   ``q = clip(round((z - offset) / scale), 0, qmax)`` and
   ``z_hat = scale * q + offset``, where ``offset = min(z)`` and ``scale`` is
   ``(max(z) - min(z)) / qmax``, rounded toward zero to float32 and floored at
@@ -60,8 +62,12 @@ Both are checked from the header before anything is allocated, so no buffer
 the decoder creates is ever larger than ``max_bytes`` (zstd output is read
 through a stream capped at the expected raw size + 1 byte).  Peak memory is a
 small multiple of that: the frame, the raw payload, and the float32 result
-(plus, for quantized frames, 8 MiB of float64 working space).  Zero-sized dims are
+(plus, for quantized frames, 9 MiB of working space).  Zero-sized dims are
 rejected on both sides: an empty feature tensor is never a valid message.
+
+:func:`wire_roundtrip` puts features through exactly this encode/decode path,
+framed as :class:`~splitshield.runtime.client.EdgeClient` sends them, so an
+experiment can measure accuracy and attacks on what the server receives.
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from splitshield._quantize import affine_range, dequantize, quantize
 from splitshield.errors import CodecError, ConfigError
 
 __all__ = [
@@ -86,9 +93,11 @@ __all__ = [
     "VERSION",
     "CodecOptions",
     "FrameHeader",
+    "WireFormat",
     "decode",
     "encode",
     "read_header",
+    "wire_roundtrip",
 ]
 
 MAGIC = b"SSFT"
@@ -112,7 +121,6 @@ _QUANT = struct.Struct("<ff")  # scale, offset
 _TAIL = struct.Struct("<QI")  # payload_len, crc32
 _U32_MAX = 2**32 - 1
 _ZSTD_LEVELS = range(1, 23)
-_F32_TINY = float(np.finfo(np.float32).tiny)
 # Dequantization runs in float64 (exact for scale*q + offset up to one rounding)
 # but in chunks, so the float64 temporaries stay small whatever the tensor size.
 _DEQUANT_CHUNK = 2**20
@@ -164,6 +172,43 @@ class CodecOptions:
 
 
 _DEFAULT_OPTIONS = CodecOptions()
+
+
+@dataclass(frozen=True)
+class WireFormat:
+    """How features cross the wire, as an experiment spec states it: ``wire: {dtype: uint8, compress: zstd}``.
+
+    Parameters
+    ----------
+    dtype : {"float32", "float16", "uint8", "uint4"}
+        The frame encoding (:class:`CodecOptions` ``encoding``).
+    compress : {"none", "zstd"} or None
+        The frame compression; None means ``"none"`` and is stored as ``"none"``. Lossless, so it
+        never changes the decoded values; ``"zstd"`` needs the ``zstandard`` package.
+
+    Raises
+    ------
+    ConfigError
+        One line naming the field and its allowed values.
+    """
+
+    dtype: Encoding = "float32"
+    compress: Compression = "none"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dtype, str) or self.dtype not in _ENCODING_CODES:
+            raise ConfigError(f"wire dtype must be one of {', '.join(_ENCODING_CODES)}, got {self.dtype!r}")
+        if self.compress is None:
+            object.__setattr__(self, "compress", "none")
+        elif not isinstance(self.compress, str) or self.compress not in _COMPRESSION_CODES:
+            raise ConfigError(
+                f"wire compress must be one of {', '.join(_COMPRESSION_CODES)} (or null), got {self.compress!r}"
+            )
+
+    @property
+    def options(self) -> CodecOptions:
+        """The :class:`CodecOptions` an :class:`~splitshield.runtime.client.EdgeClient` encodes with."""
+        return CodecOptions(self.dtype, self.compress)
 
 
 @dataclass(frozen=True)
@@ -240,22 +285,6 @@ def _import_zstd() -> ModuleType:
     return zstandard
 
 
-def _quant_scale(lo: float, hi: float, qmax: int) -> float:
-    """Float32 quantization step for values in ``[lo, hi]``.
-
-    Rounded toward zero so that ``scale * qmax + lo <= hi``: the top code can
-    never decode past the tensor maximum (which keeps e.g. ``FLT_MAX`` finite).
-    Floored at the smallest normal float32 so the step never loses precision
-    as a subnormal and is never 0 -- for a constant tensor every code is then
-    0 and decodes to ``lo`` exactly.
-    """
-    step = (hi - lo) / qmax
-    scale = np.float32(step)
-    if float(scale) > step:
-        scale = np.nextafter(scale, np.float32(0))
-    return max(float(scale), _F32_TINY)
-
-
 def encode(z: torch.Tensor, options: CodecOptions = _DEFAULT_OPTIONS) -> bytes:
     """Serialize a feature tensor into one self-describing frame.
 
@@ -312,17 +341,15 @@ def encode(z: torch.Tensor, options: CodecOptions = _DEFAULT_OPTIONS) -> bytes:
             )
         raw = h.numpy().astype("<f2", copy=False).tobytes()
     else:
-        qmax = 2 ** _QUANT_BITS[options.encoding] - 1
-        lo, hi = float(x.min()), float(x.max())
-        scale = _quant_scale(lo, hi, qmax)
-        # float64 so (x - lo) / scale does not round before the final round().
-        codes = torch.round((x.double() - lo) / scale).clamp_(0, qmax).to(torch.uint8).numpy().ravel()
+        bits = _QUANT_BITS[options.encoding]
+        scale, offset = affine_range(x, bits)  # float32-representable, so the f32 header holds them exactly
+        codes = quantize(x, scale, offset, bits).numpy().ravel()
         if options.encoding == "uint4":
             if codes.size % 2:
                 codes = np.append(codes, np.uint8(0))  # padding nibble, must decode as 0
             codes = codes[0::2] | (codes[1::2] << 4)  # element 2i low nibble, 2i+1 high
         raw = codes.tobytes()
-        quant = _QUANT.pack(scale, lo)
+        quant = _QUANT.pack(float(scale), float(offset))
 
     payload = raw if zstd is None else zstd.ZstdCompressor(level=options.zstd_level).compress(raw)
     head = (
@@ -454,17 +481,13 @@ def _zstd_decompress(payload: memoryview, expected: int) -> bytes:
 
 
 def _dequantize(codes: np.ndarray, scale: float, offset: float) -> np.ndarray:
-    out = np.empty(codes.size, dtype=np.float32)
+    out = torch.empty(codes.size, dtype=torch.float32)
     # A hostile scale can push scale*q + offset past FLT_MAX; that becomes inf
-    # here and is rejected by the caller's finiteness check, so the overflow
-    # warning carries no information.
-    with np.errstate(over="ignore"):
-        for start in range(0, codes.size, _DEQUANT_CHUNK):
-            chunk = codes[start : start + _DEQUANT_CHUNK].astype(np.float64)
-            chunk *= scale
-            chunk += offset
-            out[start : start + chunk.size] = chunk
-    return out
+    # and is rejected by the caller's finiteness check.
+    for start in range(0, codes.size, _DEQUANT_CHUNK):
+        chunk = torch.from_numpy(codes[start : start + _DEQUANT_CHUNK].copy())  # a frame's buffer is read-only
+        out[start : start + chunk.numel()] = dequantize(chunk, scale, offset)
+    return out.numpy()
 
 
 def decode(
@@ -565,3 +588,51 @@ def decode(
     if not np.isfinite(values).all():
         raise CodecError("frame decodes to NaN or inf values")
     return torch.from_numpy(values).reshape(header.shape)
+
+
+def wire_roundtrip(z: torch.Tensor, wire: WireFormat = WireFormat(), *, batch_size: int | None = 1) -> torch.Tensor:
+    """Features as the server receives them: encoded as the edge client sends them, decoded as the server does.
+
+    Each frame is ``encode(z[i : i + batch_size], wire.options)`` -- the bytes
+    :class:`~splitshield.runtime.client.EdgeClient` (``batch_size=``) posts -- decoded by :func:`decode`,
+    the function the server's ``TailService.decode`` ends in.
+
+    Parameters
+    ----------
+    z : torch.Tensor
+        Floating-point features ``[B, ...]`` (any device).
+    wire : WireFormat
+        Encoding and compression.
+    batch_size : int or None
+        Rows of ``z`` per frame; None sends all of ``z`` as one frame. Quantized encodings take their
+        range per frame, so a row's uint8/uint4 values depend on the other rows of its frame unless
+        ``batch_size=1`` (the default: per sample, independent of how ``z`` was batched, and equal to
+        the ``quantize`` defense with 8 or 4 bits). float32/float16 are elementwise, so framing does
+        not change them and ``z`` goes as one frame.
+
+    Returns
+    -------
+    torch.Tensor
+        float32, ``z``'s shape, on ``z``'s device, without gradient. Exactly ``z`` (as float32) for
+        ``float32``; within half a quantization step of it for uint8/uint4.
+
+    Raises
+    ------
+    CodecError
+        If ``z`` cannot be encoded (see :func:`encode`): NaN/inf, empty, float16 overflow, no zstandard.
+    ConfigError
+        If ``batch_size`` is not a positive int or None.
+    """
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"wire_roundtrip expects a torch.Tensor, got {type(z).__name__}")
+    if not isinstance(wire, WireFormat):
+        raise TypeError(f"wire must be a WireFormat, got {type(wire).__name__}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    options = wire.options
+    one_frame = batch_size is None or wire.dtype not in _QUANT_BITS or z.dim() == 0
+    decoded = []
+    for chunk in [z] if one_frame else z.split(batch_size):
+        frame = encode(chunk, options)
+        decoded.append(decode(frame, max_elements=chunk.numel(), max_bytes=max(len(frame), 4 * chunk.numel())))
+    return (decoded[0] if len(decoded) == 1 else torch.cat(decoded)).to(z.device)
