@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from splitshield.experiment import _attack_labels, config_hash, defense_label
+from splitshield.experiment import attack_labels, defense_label
+from splitshield.measure import config_hash
 from splitshield.store import CellRecord, ResultStore
 
 #: The sweep's base name -> (defense name, strength parameter, fixed parameters).
@@ -90,7 +91,7 @@ def cells_of(path: Path) -> list[tuple[dict[str, Any], CellRecord]]:
             shared.append(("train_cpu_seconds", -1, row["train_cpu"]))
         if row.get("noise_std"):
             shared.append(("ce_floor", -1, row["floor"]))
-        for attack, label, result in zip(attacks, _attack_labels(attacks), (row["bb"], row["wb"]), strict=True):
+        for attack, label, result in zip(attacks, attack_labels(attacks), (row["bb"], row["wb"]), strict=True):
             config = {**target, "attack": attack,
                       "evaluation": {"images": "first_per_class", "metrics": [], "test_n": row["test_size"]}}
             cell_hash = config_hash(config)

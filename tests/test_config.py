@@ -171,11 +171,15 @@ def test_examples_validate(path, monkeypatch):
     assert len({c.hash for c in cells}) == len(cells)
 
 
-def test_spec_accepts_every_zoo_model_and_lists_them_when_wrong():
-    from splitshield.models import MODELS
+def test_spec_accepts_every_registered_model_and_dataset_and_lists_them_when_wrong():
+    from splitshield import list_datasets, list_models
 
-    assert "vgg11-bottleneck-slim" in MODELS
-    for name in MODELS:
+    assert "vgg11-bottleneck-slim" in list_models()
+    for name in list_models():
         assert parse_spec({**BASE, "model": name}).model == [name]
     with pytest.raises(ConfigError, match="vgg11-bottleneck-slim"):
         parse_spec({**BASE, "model": "vgg11-bottleneck-tiny"})
+    for name in list_datasets():
+        assert parse_spec({**BASE, "dataset": name}).dataset == [name]  # a pattern takes any PATH, even "PATH"
+    with pytest.raises(ConfigError, match=", ".join(list_datasets())):
+        parse_spec({**BASE, "dataset": "cifar100"})

@@ -232,7 +232,12 @@ def test_bad_loading_options_are_one_line(change, field):
 # one cell pipeline: what `splitshield run` and `splitshield attack` measure is the same
 
 
-def test_attack_command_gives_the_engines_numbers(tmp_path):
+@pytest.mark.parametrize(("entry", "options"), [
+    ({}, []),
+    # the example specs' form: images and aux_n of the attack's own
+    ({"images": 12, "aux_n": 300}, ["--n-images", "12", "--aux-n", "300"]),
+])
+def test_attack_command_gives_the_engines_numbers(tmp_path, entry, options):
     """The engine's cell and `splitshield attack` on the engine's checkpoint, with the same attack settings and
     seed, reconstruct bit for bit the same images: one pipeline, one seeding rule."""
     import torch
@@ -241,7 +246,7 @@ def test_attack_command_gives_the_engines_numbers(tmp_path):
     from splitshield.cli import app
 
     spec = parse_spec({**TINY, "defenses": [{"name": "gaussian_noise", "sigma": 0.3}],
-                       "attacks": [{"name": "inverse_network", "steps": 15, "batch_size": 16}]})
+                       "attacks": [{"name": "inverse_network", "steps": 15, "batch_size": 16, **entry}]})
     db = tmp_path / "results.db"
     run_experiment(spec, db, progress=False)
     with ResultStore(db) as store:
@@ -252,7 +257,7 @@ def test_attack_command_gives_the_engines_numbers(tmp_path):
     try:
         result = CliRunner().invoke(app, [
             "attack", str(cell["artifacts"]["checkpoint"]), "--attack", "black_box",  # the old name, on purpose
-            "--options", '{"steps": 15, "batch_size": 16}', "--out", str(tmp_path / "cli"), "--seed", "0"])
+            "--options", '{"steps": 15, "batch_size": 16}', "--out", str(tmp_path / "cli"), "--seed", "0", *options])
     finally:
         torch.set_num_threads(before)
     assert result.exit_code == 0, result.output
@@ -262,15 +267,16 @@ def test_attack_command_gives_the_engines_numbers(tmp_path):
     assert f"MSE {cell['metrics']['mse']:.5f}" in " ".join(result.output.split())
 
 
-def test_tail_only_epochs_leave_the_edge_head_and_its_defense_as_they_were():
+@pytest.mark.parametrize("model", ["lenet", "vgg11-bottleneck-slim"])  # the second has batch norm in its head
+def test_tail_only_epochs_leave_the_edge_head_and_its_defense_as_they_were(model):
     import torch
 
     from splitshield import ImageSet, Trainer, split
     from splitshield.defenses import CEM, GaussianNoise, Shredder
-    from splitshield.experiment import _fit_tail_only
     from splitshield.models import build_model
 
-    target = split(build_model("lenet"), "ReLU2", input_shape=(1, 28, 28))
+    point = "ReLU2" if model == "lenet" else "sigmoid"
+    target = split(build_model(model, in_channels=1), point, input_shape=(1, 28, 28))
     defense = Shredder(target.feature_shape(), init_scale=0.1) + GaussianNoise(0.5) + CEM(16, k=2)
     g = torch.Generator().manual_seed(0)
     data = ImageSet((torch.rand(64, 1, 28, 28, generator=g) * 255).to(torch.uint8), torch.arange(64) % 4,
@@ -279,11 +285,16 @@ def test_tail_only_epochs_leave_the_edge_head_and_its_defense_as_they_were():
     trainer.fit(data)
     edge = {k: v.clone() for k, v in [*target.head.state_dict().items(), *defense.state_dict().items()]}
     tail = {k: v.clone() for k, v in target.tail.state_dict().items()}
-    _fit_tail_only(trainer, data, 2)
+    trainer.fit_tail(data, 2)
     assert trainer.epoch == 3
+    # Every tensor of the head (batch norm statistics included) and of the defense is as it was.
     assert all(torch.equal(v, {**target.head.state_dict(), **defense.state_dict()}[k]) for k, v in edge.items())
     assert any(not torch.equal(v, target.tail.state_dict()[k]) for k, v in tail.items())
     assert all(p.requires_grad for p in [*target.head.parameters(), *defense.parameters()])  # unfrozen after
+    trainer.epochs += 1
+    trainer.fit(data)  # and training the whole model afterwards moves the head again
+    assert any(not torch.equal(v, target.head.state_dict()[k]) for k, v in edge.items() if k in
+               target.head.state_dict())
 
 
 def test_spec_options_of_the_retired_sweep(tmp_path):
@@ -340,37 +351,35 @@ def test_only_runs_the_matching_cells_and_says_when_none_match(tmp_path):
 
 
 def test_engine_measures_the_features_the_server_decodes(tmp_path):
-    """With ``wire``, the engine's sent features are the ones the cloud server decodes from the edge client's
-    frames, and accuracy is measured on them."""
+    """With ``wire``, the accuracy the engine stores is the one the deployed pair gives: the edge client's
+    frames, decoded by the cloud server, classified by its tail. The wire is a cell's setting: the target is
+    trained once for both specs."""
     import torch
 
-    from splitshield import load_checkpoint
-    from splitshield.measure import through_wire
+    from splitshield.data import load_dataset
     from splitshield.runtime.client import EdgeClient
     from splitshield.runtime.codec import WireFormat
     from splitshield.runtime.server import TailService
 
     wired = {**TINY, "attacks": [{"name": "inverse_network", "steps": 5, "batch_size": 16}],
-             "wire": {"dtype": "uint4", "compress": "zstd"}}
+             "train": {"epochs": 1, "train_n": 2000}, "wire": {"dtype": "uint4", "compress": "zstd"}}
     db = tmp_path / "results.db"
+    run_experiment(parse_spec({**wired, "wire": None}), db, progress=False)
     run_experiment(parse_spec(wired), db, progress=False)
-    run_experiment(parse_spec({**wired, "wire": None}), tmp_path / "float.db", progress=False)
     with ResultStore(db) as store:
-        (cell,) = store.cells()
-    with ResultStore(tmp_path / "float.db") as store:
-        (float_cell,) = store.cells()
+        plain, cell = store.cells()
     assert cell["config"]["wire"] == {"dtype": "uint4", "compress": "zstd", "batch_size": 1}
-    assert cell["metrics"]["mse"] != float_cell["metrics"]["mse"]  # the attack saw the 4-bit features
+    assert cell["target_hash"] == plain["target_hash"] and cell["target_cached"]
+    assert cell["metrics"]["mse"] != plain["metrics"]["mse"]  # the attack saw the 4-bit features
+    assert cell["metrics"]["accuracy"] != plain["metrics"]["accuracy"]  # 4 bits change some predictions
     checkpoint = cell["artifacts"]["checkpoint"]
-    target, defense, _ = load_checkpoint(checkpoint)
-    deployed = through_wire(defense, "uint4", "zstd")
-    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        engine = deployed.obfuscate(target.head(x), training=False)
+    x, y = load_dataset("mnist-5k").test.take(TINY["evaluation"]["test_n"]).tensors()
+    service = TailService(checkpoint)
     with EdgeClient(checkpoint, "http://127.0.0.1:9", codec=WireFormat("uint4", "zstd"), batch_size=1) as client:
         z = client.features(x)
-        server = torch.cat([TailService(checkpoint).decode(client.frame(row)) for row in z.split(1)])
-    assert torch.equal(engine, server)
+        with torch.no_grad():
+            logits = torch.cat([service.forward(service.decode(client.frame(row))) for row in z.split(1)])
+    assert cell["metrics"]["accuracy"] == int((logits.argmax(1) == y).sum()) / len(y)
 
 
 @pytest.mark.parametrize(("wire", "expected"), [
@@ -394,3 +403,63 @@ def test_spec_validation_reports_every_problem_before_any_work():
     lines = str(err.value).splitlines()
     assert len(lines) == 2 and lines[0].startswith("spec field defenses[0]") and "defenses[1]" in lines[1]
     assert all("gaussian_noise + cem" in line for line in lines)
+
+
+def test_a_target_killed_mid_training_continues_from_its_last_epoch(tmp_path):
+    """The engine checkpoints a target's training after every epoch: what a killed run left behind is resumed,
+    and the result equals an uninterrupted training."""
+    import torch
+
+    from splitshield import Trainer, split
+    from splitshield.defenses import build_defense
+    from splitshield.experiment import _get_target, _load_data, _target_path
+    from splitshield.models import build_model
+
+    spec = parse_spec({**TINY, "train": {"epochs": 2, "train_n": 200},
+                       "defenses": [{"name": "compose", "parts": [{"name": "gaussian_noise", "sigma": 0.1},
+                                                                  {"name": "cem", "lam": 16, "k": 2}]}]})
+    cell = plan(spec)[0]
+    data = _load_data("mnist-5k", None, 0)
+    whole, _, _, cached = _get_target(cell.config, cell.target_hash, data, tmp_path / "a", "cpu", False)
+    assert not cached
+    # What a run killed after its first epoch leaves: the training state of epoch 1.
+
+    def resume_from_epoch_one_of(seed: int, root: Path):
+        state = _target_path(root, cell.target_hash)
+        state = state.with_name(state.name + ".training")
+        target = split(build_model("lenet"), "ReLU2", input_shape=(1, 28, 28))
+        Trainer(target, build_defense(cell.config["defense"]), epochs=1, seed=seed, progress=False,
+                checkpoint_dir=state).fit(data.train.take(200))
+        resumed = _get_target(cell.config, cell.target_hash, data, root, "cpu", False)[0]
+        assert not state.exists()  # the training state goes once the target is saved
+        return [torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(),
+                                                  strict=True)]
+
+    assert all(resume_from_epoch_one_of(0, tmp_path / "b"))
+    # The state is really used: an epoch 1 of another run (seed 5) leads elsewhere.
+    assert not all(resume_from_epoch_one_of(5, tmp_path / "c"))
+
+
+def test_the_attackers_draws_are_not_the_devices():
+    """The noise the device put on the evaluated images and the noise on the attacker's own oracle queries are
+    independent streams (an adaptive attacker knows the defense, never its draws)."""
+    import torch
+
+    from splitshield import load_dataset, split
+    from splitshield.attacks.base import seeded
+    from splitshield.defenses import GaussianNoise
+    from splitshield.measure import attack_seed, fit_attack
+    from splitshield.models import build_model
+
+    target = split(build_model("lenet"), "ReLU2", input_shape=(1, 28, 28)).eval()
+    setting = {"name": "inverse_network", "threat": "black_box", "aux": "same_distribution", "aux_n": 64,
+               "adaptive": True, "params": {"steps": 1, "batch_size": 16}}
+    fitted = fit_attack(target, GaussianNoise(1.0), load_dataset("mnist-5k"), setting, images=20,
+                        seed=attack_seed(0, setting))
+    x = fitted.evaluated.tensors()[0]
+    with torch.no_grad():
+        clean = target.head(x)
+        observed = fitted.victim.observe(x) - clean
+        with seeded(fitted.attack.seed):  # the attacker queries its oracle from its own seed
+            queried = fitted.victim.view().query(x) - clean
+    assert abs(float(torch.corrcoef(torch.stack([observed.flatten(), queried.flatten()]))[0, 1])) < 0.05

@@ -268,3 +268,27 @@ def test_imported_rows_form_sections_of_their_own_and_are_never_audited(paired_d
     gains = {g.attack: g for g in paired_gains(imported)}
     assert gains["inverse_network"].gain_all == pytest.approx(0.03 / 0.02 - 1)
     assert gains["rmle"].gain_all == pytest.approx(0.0)
+
+
+def test_cells_of_different_protocols_are_never_averaged(tmp_path):
+    """Two trainings of the same defense (here 1 and 2 epochs) are two sections, titled by how they differ, and
+    a switch (adversarial's standardize) makes a privacy-utility curve of its own."""
+    from splitshield.experiment import defense_family
+
+    path = tmp_path / "protocols.db"
+    with ResultStore(path) as store:
+        run = store.start_run("protocols", {}, "local", 2)
+        for epochs, acc in ((1, 0.9), (2, 0.95)):
+            h = f"e{epochs}"
+            store.register_cells(run, [{
+                "hash": h, "target_hash": h, "dataset": "mnist", "model": "lenet", "split": "ReLU2",
+                "defense": {"name": "none"}, "defense_label": "none", "attack": {"name": "rmle"},
+                "attack_label": "rmle", "seed": 0,
+                "config": {"revision": RESULTS_REVISION, "train": {"epochs": epochs, "lr": 0.001}}}])
+            store.record(CellRecord(h, [("accuracy", -1, acc), ("mse", -1, 0.01)]))
+        sections = load_sections(store)
+    assert sorted((s.title, s.rows[0].accuracy) for s in sections) == [
+        ("mnist · lenet · split ReLU2 · train.epochs=1", 0.9), ("mnist · lenet · split ReLU2 · train.epochs=2", 0.95)]
+    assert defense_family({"name": "adversarial", "alpha": 1.0, "standardize": False}) == \
+        "adversarial(standardize=False)"
+    assert defense_family({"name": "adversarial", "alpha": 3.0}) == "adversarial"

@@ -13,7 +13,7 @@ from .attacks import (
     Victim,
     WhiteBoxInversion,
 )
-from .data import Dataset, ImageSet, conform, load_dataset
+from .data import Dataset, ImageSet, conform, list_datasets, load_dataset
 from .defenses import Compose, Defense, NoDefense
 from .errors import (
     CheckpointError,
@@ -24,7 +24,7 @@ from .errors import (
     SplitShieldError,
     ThreatModelError,
 )
-from .models import SplitModel, SplitPoint, build_model, check_split, split, split_points
+from .models import SplitModel, SplitPoint, build_model, check_split, list_models, split, split_points
 from .train import Trainer, evaluate, load_checkpoint, save_checkpoint
 
 
@@ -70,6 +70,8 @@ __all__ = [
     "conform",
     "defenses",
     "evaluate",
+    "list_datasets",
+    "list_models",
     "load_checkpoint",
     "load_dataset",
     "load_spec",

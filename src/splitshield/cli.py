@@ -13,7 +13,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .data import BUILTIN, get_dataset_info, list_datasets
 from .errors import ConfigError, SplitShieldError
+from .models import list_models
 
 app = typer.Typer(
     add_completion=False,
@@ -26,8 +28,11 @@ err_console = Console(stderr=True)
 
 Seed = Annotated[int, typer.Option(help="Seed of every random choice; same seed, same numbers on CPU.")]
 Device = Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1, mps.")]
+# Names come from the registries (imported with the package anyway; torchvision's names are not listed).
+ModelName = Annotated[str, typer.Argument(help=f"{', '.join(list_models())}, or a torchvision classifier name.")]
 DataDir = Annotated[Path | None, typer.Option(
-    "--data-dir", envvar="SPLITSHIELD_DATA", help="Folder or npz file of mnist / fashion-mnist / cifar10.")]
+    "--data-dir", envvar="SPLITSHIELD_DATA",
+    help=f"Folder or npz file of {' / '.join(n for n in list_datasets() if get_dataset_info(n).files)}.")]
 
 ValueRange = Annotated[str | None, typer.Option(
     help="LO,HI: the scale the stored pixels are on (e.g. 0,16 for scikit-learn's digits); mapped to 0..255.")]
@@ -123,7 +128,7 @@ def demo(
 @app.command("split-points")
 @friendly
 def split_points_cmd(
-    model: Annotated[str, typer.Argument(help="lenet, cifar-cnn, vgg11-bottleneck[-slim], or a torchvision name.")],
+    model: ModelName,
     input_shape: Annotated[str | None, typer.Option(
         help="C,H,W of one input image, e.g. 1,28,28 or 3,32,32 (default: the model's native shape; "
              "torchvision models take grey images too).")] = None,
@@ -151,11 +156,11 @@ def split_points_cmd(
 @app.command()
 @friendly
 def train(
-    model: Annotated[str, typer.Argument(help="lenet, cifar-cnn, vgg11-bottleneck[-slim], or a torchvision name.")],
+    model: ModelName,
     split_at: Annotated[str, typer.Option("--split", help="Split point (see `splitshield split-points`).")],
     out: Annotated[Path, typer.Option(help="Checkpoint path: writes OUT.safetensors and OUT.json.")],
-    dataset: Annotated[str, typer.Option(help="mnist-5k (built in), mnist, fashion-mnist, cifar10, npz:PATH.")
-                       ] = "mnist-5k",
+    dataset: Annotated[str, typer.Option(help=f"{', '.join(list_datasets())} ({BUILTIN} is built in).")
+                       ] = BUILTIN,
     data_dir: DataDir = None,
     value_range: ValueRange = None,
     image_shape: ImageShape = None,
@@ -193,11 +198,16 @@ def attack(
                                                "model_completion (or the old names white_box, black_box, query_free).")
                              ] = "inverse_network",
     dataset: Annotated[str, typer.Option(help="Dataset of the private images and the attacker's aux data.")
-                       ] = "mnist-5k",
+                       ] = BUILTIN,
     data_dir: DataDir = None,
     value_range: ValueRange = None,
     image_shape: ImageShape = None,
     aux: Annotated[str, typer.Option(help="same_set, same_distribution or noise.")] = "same_distribution",
+    aux_n: Annotated[int | None, typer.Option(help="Keep at most this many auxiliary images (default: all).")
+                     ] = None,
+    threat: Annotated[str | None, typer.Option(help="white_box, black_box or query_free (default: the attack's "
+                                                    "own: rmle white_box, shadow_head query_free, else black_box).")
+                      ] = None,
     n_images: Annotated[int, typer.Option(help="0: the first test image of each class; N: the first N test images.")
                         ] = 0,
     options: Annotated[str | None, typer.Option(help='Attack parameters as JSON, e.g. \'{"iters": 1000}\'.')] = None,
@@ -218,7 +228,7 @@ def attack(
     from safetensors.torch import save_file
 
     from .attacks import ATTACKS, attack_name
-    from .config import DEFAULT_THREAT
+    from .config import AUX_KINDS, DEFAULT_THREAT
     from .figures import reconstruction_grid
     from .measure import attack_seed, fit_attack, measure_attack
     from .train import load_checkpoint
@@ -235,13 +245,19 @@ def attack(
         raise ConfigError(f"--options for {name}: {str(exc).splitlines()[0]}") from None
     target, guard, _ = load_checkpoint(checkpoint, device=device)
     data = load_data(dataset, data_dir, seed, value_range, image_shape)
-    threat = DEFAULT_THREAT[name]
-    setting = {"name": name, "threat": threat, "aux": aux, "aux_n": None, "adaptive": not non_adaptive,
+    if aux not in AUX_KINDS:
+        raise ConfigError(f"--aux: {aux!r} unknown; use {', '.join(AUX_KINDS)}")
+    if aux_n is not None and aux_n < 1:
+        raise ConfigError(f"--aux-n: a positive number of auxiliary images, got {aux_n}")
+    threat = threat or DEFAULT_THREAT[name]
+    if threat not in ATTACKS[name].threats:
+        raise ConfigError(f"--threat: {name} runs under {' or '.join(ATTACKS[name].threats)}, not {threat!r}")
+    setting = {"name": name, "threat": threat, "aux": aux, "aux_n": aux_n, "adaptive": not non_adaptive,
                "params": kwargs}
     images = n_images or "first_per_class"
     cell_seed = attack_seed(seed, setting)
     if transcript is not None:
-        fitted = fit_attack(target, guard, data, setting, images=images, seed=cell_seed, device=device)
+        fitted = fit_attack(target, guard, data, setting, images=images, seed=cell_seed)
         attack_transcript(fitted.attack, transcript, target.feature_shape(),
                           out or Path("splitshield-transcript-attack"))
         return

@@ -19,6 +19,7 @@ accepted and read as the attack they meant.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import itertools
 import re
@@ -27,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, SplitShieldError
+from .errors import ConfigError, DataError, SplitShieldError
 
 AUX_KINDS = ("same_set", "same_distribution", "noise")
 #: The metrics a cell can record: the target's (accuracy with the defense, the conditional-entropy MSE floor, the
@@ -37,7 +38,6 @@ METRICS = ("accuracy", "mse", "psnr", "ssim", "completion_accuracy", "ce_floor",
            "train_seconds", "train_cpu_seconds")
 Metric = Literal["accuracy", "mse", "psnr", "ssim", "completion_accuracy", "ce_floor", "feature_std", "noise_std",
                  "train_seconds", "train_cpu_seconds"]
-DATASET_NAMES = ("mnist-5k", "mnist", "fashion-mnist", "cifar10")
 #: The threat model an attack runs under when the spec does not say.
 DEFAULT_THREAT = {"rmle": "white_box", "inverse_network": "black_box", "shadow_head": "query_free",
                   "model_completion": "black_box"}
@@ -205,6 +205,8 @@ class WireSpec(BaseModel):
             WireFormat(self.dtype, self.compress)
         except SplitShieldError as exc:
             raise ValueError(str(exc)) from None
+        if self.compress == "zstd" and importlib.util.find_spec("zstandard") is None:
+            raise ValueError("compress zstd needs the zstandard package: pip install 'splitshield[serve]'")
         return self
 
 
@@ -240,21 +242,25 @@ class ExperimentSpec(BaseModel):
     @field_validator("dataset")
     @classmethod
     def _datasets(cls, names: list[str]) -> list[str]:
+        from .data import get_dataset_info
+
         for name in names:
-            if name not in DATASET_NAMES and not re.match(r"^(npz|imagefolder):.+", name):
-                raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASET_NAMES)}, npz:PATH, "
-                                 "imagefolder:PATH")
+            try:
+                get_dataset_info(name)
+            except DataError as exc:
+                raise ValueError(str(exc)) from None
         return names
 
     @field_validator("model")
     @classmethod
     def _models(cls, names: list[str]) -> list[str]:
-        from .models.zoo import MODELS, _torchvision_names
+        from .models import get_model_info
 
-        zoo = tuple(MODELS)
         for name in names:
-            if name not in zoo and name not in _torchvision_names():
-                raise ValueError(f"unknown model {name!r}; allowed: {', '.join(zoo)} or a torchvision model name")
+            try:
+                get_model_info(name)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         return names
 
     @field_validator("value_range")

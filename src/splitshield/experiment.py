@@ -23,8 +23,8 @@ default), so the local and Ray executors give the same numbers bit for bit.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
+import shutil
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -39,7 +39,7 @@ import torch
 
 from .config import DEFAULT_THREAT, ExperimentSpec
 from .errors import CheckpointError, ConfigError, SplitShieldError
-from .measure import attack_seed, measure_attack, measure_target, through_wire
+from .measure import attack_seed, config_hash, measure_attack, measure_target, through_wire
 from .store import CellRecord, ResultStore
 
 #: Bumped whenever a change to splitshield changes the numbers an existing cell would give (training, an
@@ -52,17 +52,6 @@ from .store import CellRecord, ResultStore
 #: 4: one cell pipeline (``measure``): the attacker's seed depends on the attack setting only (common random
 #: numbers across defenses), the CE floor counts every Gaussian part, attacks are validated and renamed.
 RESULTS_REVISION = 4
-_KNOWN_SHAPES = {"mnist-5k": (1, 28, 28), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of ``config`` (sorted keys, no whitespace)."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def derived_seed(seed: int, key: str) -> int:
-    """A 31-bit seed from (spec seed, a configuration hash): the same on every machine."""
-    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
 def current_cells(store: ResultStore) -> tuple[list[dict[str, Any]], int]:
@@ -97,28 +86,34 @@ def defense_label(config: dict[str, Any]) -> str:
 
 
 def defense_family(config: dict[str, Any]) -> str:
-    """The defense without its parameters: what one privacy–utility curve is drawn for."""
+    """The defense without its strengths: what one privacy–utility curve is drawn for. Numeric parameters are
+    strengths (``gaussian_noise``); a switch or a choice makes a family of its own
+    (``adversarial(standardize=False)``, ``bound(kind=sigmoid)``)."""
     if config["name"] == "compose":
         return "+".join(defense_family(part) for part in config["parts"])
-    return config["name"]
+    kinds = {k: v for k, v in config.items() if k != "name" and isinstance(v, (bool, str))}
+    return f"{config['name']}({_param_text(kinds)})" if kinds else config["name"]
 
 
-def _attack_labels(settings: list[dict[str, Any]]) -> list[str]:
-    """Name each attack setting by what distinguishes it from the others of the same attack."""
+def attack_labels(settings: list[dict[str, Any]]) -> list[str]:
+    """Name each attack setting by what distinguishes it from the others of the same attack: its threat, aux
+    data and evaluated images where they are not the defaults or differ, and the parameters that differ."""
     labels = []
     for s in settings:
         same = [o for o in settings if o["name"] == s["name"]]
         varying = {k for o in same for k in {**o["params"], **s["params"]} if o["params"].get(k) != s["params"].get(k)}
-        label = s["name"]
         extras = []
         if s["threat"] != DEFAULT_THREAT.get(s["name"]):
             extras.append(f"threat={s['threat']}")
         if any(o["aux"] != s["aux"] for o in same) or s["aux"] != "same_distribution":
             extras.append(f"aux={s['aux']}")
+        for key in ("aux_n", "images"):
+            if any(o.get(key) != s.get(key) for o in same):
+                extras.append(f"{key}={s.get(key) or 'default'}")
         if any(o["adaptive"] != s["adaptive"] for o in same):
             extras.append("adaptive" if s["adaptive"] else "non-adaptive")
         extras += [f"{k}={s['params'][k]}" for k in sorted(varying) if k in s["params"]]
-        labels.append(f"{label}({', '.join(extras)})" if extras else label)
+        labels.append(f"{s['name']}({', '.join(extras)})" if extras else s["name"])
     return labels
 
 
@@ -155,7 +150,7 @@ def plan(spec: ExperimentSpec) -> list[Cell]:
     _check_splits(spec)
     defenses = spec.defense_settings()
     attacks = spec.attack_settings()
-    attack_labels = _attack_labels(attacks)
+    labels = attack_labels(attacks)
     train = spec.train.model_dump()
     evaluation = spec.evaluation.model_dump()
     loading = _loading(spec)
@@ -169,21 +164,23 @@ def plan(spec: ExperimentSpec) -> list[Cell]:
                                   "seed": seed, "train": train, "revision": RESULTS_REVISION}
                         if loading:  # only when set: a spec without them keeps its cells' hashes
                             target["loading"] = loading
-                        if spec.wire is not None:
-                            target["wire"] = spec.wire.model_dump()
                         target_hash = config_hash(target)
-                        for attack, label in zip(attacks, attack_labels, strict=True):
-                            config = {**target, "attack": attack, "evaluation": evaluation}
+                        # The wire changes what is measured, not what is trained: a cell's, not a target's.
+                        wire = {"wire": spec.wire.model_dump()} if spec.wire is not None else {}
+                        for attack, label in zip(attacks, labels, strict=True):
+                            config = {**target, **wire, "attack": attack, "evaluation": evaluation}
                             cells.append(Cell(config_hash(config), target_hash, config, defense_label(defense), label))
     return cells
 
 
 def _check_splits(spec: ExperimentSpec) -> None:
+    from .data import get_dataset_info
     from .models import build_model, split_points
 
     loading = _loading(spec)
     for dataset in spec.dataset:
-        shape = spec.image_shape or (None if loading else _KNOWN_SHAPES.get(dataset)) or _load_data(
+        # The registered image shape unless loading options change it; a pattern's (npz:PATH) needs loading.
+        shape = spec.image_shape or (None if loading else get_dataset_info(dataset).image_shape) or _load_data(
             dataset, spec.data_dir, 0, spec.download, loading).image_shape
         for model_name in spec.model:
             model = build_model(model_name, num_classes=10, input_shape=shape)
@@ -252,7 +249,8 @@ def _get_target(config: dict[str, Any], target_hash: str, data, root: Path, devi
     """Load the cached trained target, or train it and cache it.
 
     Returns (target, defense, training times, cached); the times (``train_seconds`` wall,
-    ``train_cpu_seconds`` process CPU) are the ones measured when the target was trained, also when cached.
+    ``train_cpu_seconds`` process CPU) are the ones measured when the target was trained, also when cached
+    (for a target whose training was resumed, those of the last process only).
     """
     from .defenses import build_defense
     from .models import build_model, split
@@ -271,31 +269,19 @@ def _get_target(config: dict[str, Any], target_hash: str, data, root: Path, devi
     target = split(model, config["split"], input_shape=data.image_shape)
     defense = build_defense(config["defense"], feature_shape=target.feature_shape())
     train_set = data.train if train["train_n"] is None else data.train.take(train["train_n"])
+    # Training state after every epoch: a run killed mid-training continues from its last epoch.
+    state = path.with_name(path.name + ".training")
     trainer = Trainer(target, defense, epochs=train["epochs"], batch_size=train["batch_size"], lr=train["lr"],
-                      lr_halve_every=train["lr_halve_every"], seed=config["seed"], device=device, progress=progress)
-    trainer.fit(train_set)
+                      lr_halve_every=train["lr_halve_every"], seed=config["seed"], device=device, progress=progress,
+                      checkpoint_dir=state)
+    trainer.fit(train_set, resume=True)
     if train.get("tail_epochs"):
-        _fit_tail_only(trainer, train_set, train["tail_epochs"])
+        trainer.fit_tail(train_set, train["tail_epochs"])
     times = {"train_seconds": time.perf_counter() - wall, "train_cpu_seconds": time.process_time() - cpu}
     save_checkpoint(path, target, defense, extra={"train_times": times, "target_config": {
         k: config[k] for k in ("dataset", "model", "split", "defense", "seed", "train")}})
+    shutil.rmtree(state, ignore_errors=True)
     return target.eval(), defense.eval(), times, False
-
-
-def _fit_tail_only(trainer, train_set, epochs: int) -> None:
-    """Train ``epochs`` more epochs with the edge head and the defense's parameters frozen: the attacks then
-    see the same head, and only the cloud tail catches up with it (``train.tail_epochs``)."""
-    tail = {id(p) for p in trainer.target.tail.parameters()}
-    edge = [p for group in trainer.optimizer.param_groups for p in group["params"]
-            if id(p) not in tail and p.requires_grad]
-    for p in edge:
-        p.requires_grad_(False)
-    trainer.epochs += epochs
-    try:
-        trainer.fit(train_set)
-    finally:
-        for p in edge:
-            p.requires_grad_(True)
 
 
 def run_unit(unit: dict[str, Any], root: str, progress: bool = False, threads: int = 1) -> Iterator[CellOutcome]:
@@ -306,8 +292,8 @@ def run_unit(unit: dict[str, Any], root: str, progress: bool = False, threads: i
     """
     root_path = Path(root)
     device = unit["device"]
-    target = defense = None
-    target_rows: list[tuple[str, int, float]] = []
+    target = trained_defense = None
+    target_rows: dict[str, list[tuple[str, int, float]]] = {}  # per wire setting
     train_times: dict[str, float] = {}
     cached = False
     with _torch_threads(threads):
@@ -319,13 +305,15 @@ def run_unit(unit: dict[str, Any], root: str, progress: bool = False, threads: i
                 first = target is None
                 evaluation = config["evaluation"]
                 if first:
-                    target, defense, train_times, cached = _get_target(config, unit["target_hash"], data,
-                                                                       root_path, device, progress)
-                    if "wire" in config:
-                        defense = through_wire(defense, **config["wire"])
-                    target_rows = measure_target(target, defense, data, test_n=evaluation["test_n"],
-                                                 metrics=evaluation["metrics"], device=device)
-                    target_rows += [(k, -1, v) for k, v in train_times.items() if k in evaluation["metrics"]]
+                    target, trained_defense, train_times, cached = _get_target(config, unit["target_hash"], data,
+                                                                               root_path, device, progress)
+                wire = config.get("wire")
+                defense = trained_defense if wire is None else through_wire(trained_defense, **wire)
+                if (key := json.dumps(wire, sort_keys=True)) not in target_rows:
+                    target_rows[key] = measure_target(target, defense, data, seed=config["seed"],
+                                                      test_n=evaluation["test_n"], metrics=evaluation["metrics"],
+                                                      device=device)
+                    target_rows[key] += [(k, -1, v) for k, v in train_times.items() if k in evaluation["metrics"]]
                 attack_start = time.perf_counter()
                 setting = config["attack"]
                 result = measure_attack(target, defense, data, setting, images=setting.get("images",
@@ -338,7 +326,7 @@ def run_unit(unit: dict[str, Any], root: str, progress: bool = False, threads: i
                 continue
             now = time.perf_counter()
             yield CellOutcome(
-                cell["hash"], metrics=target_rows + result.metrics,
+                cell["hash"], metrics=target_rows[key] + result.metrics,
                 # The training time is charged to the cell that trained the target; the others reuse it.
                 timings={"train_seconds": train_times.get("train_seconds", 0.0) if first and not cached else 0.0,
                          "attack_seconds": now - attack_start, "compute_seconds": now - start},

@@ -7,17 +7,21 @@ A cell is (trained target, defense, attack setting, evaluated images, seed). Two
 - :func:`measure_attack` — the attacker's view (threat model, auxiliary data, the traffic the cloud
   observed), the fitted attack, and its reconstructions of the evaluated images (or its label accuracy).
 
-**One seeding rule.** The attacker's randomness comes from :func:`attack_seed` (spec seed, attack setting)
-alone: the same attack setting and seed draw the same auxiliary sample, decoder initialisation and defense
-noise whichever defense it attacks (common random numbers, so paired comparisons of defenses compare
-defenses, not attacker luck), and whichever path (``splitshield run`` or ``splitshield attack``) runs it.
-Attacks and the victim draw from generators of their own: the caller's global RNG is left as it was.
+**One seeding rule.** Every draw of a cell comes from :func:`attack_seed` (spec seed, the attacker's side of
+its setting) alone, split by :func:`derived_seed` into independent streams for the auxiliary sample, the
+device's noise on what the cloud observes, and the attacker (its initialisation and its own queries): the
+same attack setting and seed draw the same whichever defense it attacks (common random numbers, so paired
+comparisons of defenses compare defenses, not attacker luck), and whichever path (``splitshield run`` or
+``splitshield attack``) runs it. The target's own numbers are seeded by the spec seed. The caller's global
+RNG is left as it was.
 """
 
 from __future__ import annotations
 
-import inspect
+import hashlib
+import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,14 +32,20 @@ from .attacks.base import seeded
 from .config import METRICS
 from .data import Dataset, ImageSet
 from .defenses.base import Compose, Defense
-from .errors import SplitShieldError
+from .errors import ConfigError, SplitShieldError
 from .models.split import SplitModel
 
 INVERSION_METRICS = ("mse", "psnr", "ssim")
-#: Training images the conditional-entropy floor and the feature's scale are measured on: each class's image
-#: covariance needs more samples than pixels, or its rank deficit drives the H(x) estimate, and so the floor,
-#: towards 0.
-FLOOR_IMAGES = 5000
+#: Training images per class and pixel the conditional-entropy floor and the feature's scale are measured on:
+#: each class's image covariance needs more samples than pixels, or its rank deficit drives the H(x) estimate,
+#: and so the floor, towards 0 (all the training images when there are fewer).
+FLOOR_IMAGES_PER_PIXEL = 2
+
+
+def floor_images(data: Dataset) -> int:
+    """How many training images :func:`measure_target` fits the floor on: :data:`FLOOR_IMAGES_PER_PIXEL` per class
+    and pixel (e.g. 15,680 for MNIST's 10 classes of 784 pixels), or all of them."""
+    return min(len(data.train), FLOOR_IMAGES_PER_PIXEL * data.num_classes * math.prod(data.image_shape))
 
 
 @dataclass
@@ -48,13 +58,23 @@ class AttackResult:
     reconstruction: np.ndarray | None = None
 
 
+def config_hash(config: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``config`` (sorted keys, no whitespace)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def derived_seed(seed: int, key: str) -> int:
+    """A 31-bit seed from (a seed, a key): the same on every machine, unrelated for different keys."""
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+#: The fields of an attack setting that decide the attacker (which images it is evaluated on do not).
+ATTACKER_FIELDS = ("name", "threat", "aux", "aux_n", "adaptive", "params")
+
+
 def attack_seed(seed: int, setting: dict[str, Any]) -> int:
-    """The attacker's 31-bit seed for an attack ``setting`` (the spec's concrete attack entry) under ``seed``."""
-    from .experiment import config_hash, derived_seed
-
-    return derived_seed(seed, config_hash({"attack": setting}))
-
-
+    """The 31-bit seed of an attack ``setting`` (the spec's concrete attack entry) under the spec's ``seed``."""
+    return derived_seed(seed, config_hash({"attack": {k: setting.get(k) for k in ATTACKER_FIELDS}}))
 
 
 def _test_images(data: Dataset, test_n: int | None) -> ImageSet:
@@ -68,12 +88,10 @@ class FittedAttack:
     attack: Any
     victim: Any
     evaluated: ImageSet
-    seed: int
 
 
 def fit_attack(target: SplitModel, defense: Defense | None, data: Dataset, setting: dict[str, Any], *,
-               images: str | int, seed: int, device: str | torch.device = "cpu",
-               progress: bool = False) -> FittedAttack:
+               images: str | int, seed: int, progress: bool = False) -> FittedAttack:
     """Build the attacker's view of ``target`` + ``defense`` and fit the attack ``setting`` on it.
 
     Parameters
@@ -86,22 +104,25 @@ def fit_attack(target: SplitModel, defense: Defense | None, data: Dataset, setti
         The evaluated test images: ``"first_per_class"`` or the first n. The cloud's traffic (features of
         other test images, for the query-free attacker) never includes them.
     seed:
-        The attacker's seed, from :func:`attack_seed`.
+        The cell's seed, from :func:`attack_seed`.
     """
     from .attacks import ATTACKS, Victim, attack_name
     from .attacks.base import TRAFFIC_IMAGES
     from .data import evaluation_split
 
-    aux = data.aux(setting["aux"], n=setting["aux_n"], seed=seed)
+    if isinstance(images, int) and images > len(data.test):
+        raise ConfigError(f"images: {images} test images asked for, but {data.name}'s test split has "
+                          f"{len(data.test)}; ask for at most {len(data.test)}")
+    aux = data.aux(setting["aux"], n=setting["aux_n"], seed=derived_seed(seed, "aux"))
     evaluated, traffic = evaluation_split(data.test, images, TRAFFIC_IMAGES)
-    victim = Victim(target, defense, threat=setting["threat"], aux=aux, adaptive=setting["adaptive"], seed=seed,
-                    traffic=traffic)
-    cls = ATTACKS[attack_name(setting["name"])]
-    accepted = inspect.signature(cls).parameters
-    kwargs = {**setting["params"], **{k: v for k, v in (("seed", seed), ("progress", progress)) if k in accepted}}
-    attack = cls(**kwargs)
-    attack.fit(victim)  # attacks draw from generators of their own, seeded by ``seed``
-    return FittedAttack(attack, victim, evaluated, seed)
+    # The device's noise on what the cloud observes and the attacker's own draws (including its queries to
+    # the oracle) are independent streams: an attacker knows the defense, never its draws.
+    victim = Victim(target, defense, threat=setting["threat"], aux=aux, adaptive=setting["adaptive"],
+                    seed=derived_seed(seed, "device"), traffic=traffic)
+    attack = ATTACKS[attack_name(setting["name"])](**setting["params"], seed=derived_seed(seed, "attacker"),
+                                                   progress=progress)
+    attack.fit(victim)
+    return FittedAttack(attack, victim, evaluated)
 
 
 def measure_attack(target: SplitModel, defense: Defense | None, data: Dataset, setting: dict[str, Any], *,
@@ -115,7 +136,7 @@ def measure_attack(target: SplitModel, defense: Defense | None, data: Dataset, s
     from . import metrics as M
     from .attacks import CompletionAttack
 
-    fitted = fit_attack(target, defense, data, setting, images=images, seed=seed, device=device, progress=progress)
+    fitted = fit_attack(target, defense, data, setting, images=images, seed=seed, progress=progress)
     attack, victim = fitted.attack, fitted.victim
     if isinstance(attack, CompletionAttack):
         if "completion_accuracy" not in metrics:
@@ -137,41 +158,47 @@ def measure_attack(target: SplitModel, defense: Defense | None, data: Dataset, s
 
 
 @torch.no_grad()
-def measure_target(target: SplitModel, defense: Defense | None, data: Dataset, *, test_n: int | None = None,
-                   metrics: tuple[str, ...] | list[str] = METRICS,
+def measure_target(target: SplitModel, defense: Defense | None, data: Dataset, *, seed: int,
+                   test_n: int | None = None, metrics: tuple[str, ...] | list[str] = METRICS,
                    device: str | torch.device = "cpu") -> list[tuple[str, int, float]]:
     """The trained target's own numbers, as ``(name, -1, value)`` rows for the wanted ``metrics``.
 
     ``accuracy``: on the first ``test_n`` test images with the defense as deployed. ``ce_floor``: the MSE floor
-    implied by the defense's Gaussian noise (:func:`ce_floor`, fitted on :data:`FLOOR_IMAGES` training
+    implied by the defense's Gaussian noise (:func:`ce_floor`, fitted on :func:`floor_images` training
     images), absent without such noise. ``feature_std``: the
     standard deviation of the clean sent feature (``defense.clean(head(x))``, every element of
-    :data:`FLOOR_IMAGES` training images); ``noise_std``: the standard deviation per element of all the
+    :func:`floor_images` training images); ``noise_std``: the standard deviation per element of all the
     additive noise the defense puts on it (fixed and learned), so that their ratio is the noise's relative
     strength.
     """
     from .defenses import NoDefense
-    from .train import evaluate
 
     defense = defense or NoDefense()
     target.eval()
     defense.eval()
+    # The defense's draws (noise on the test images, parts before the floor's noise) are the same whatever ran
+    # before: a target trained just now and one loaded from the cache give the same numbers.
+    with seeded(derived_seed(seed, "target")):
+        return _target_rows(target, defense, data, test_n, metrics, device)
+
+
+def _target_rows(target: SplitModel, defense: Defense, data: Dataset, test_n: int | None,
+                 metrics: tuple[str, ...] | list[str], device: str | torch.device) -> list[tuple[str, int, float]]:
+    from .train import evaluate
+
     rows: list[tuple[str, int, float]] = []
     if "accuracy" in metrics:
         rows.append(("accuracy", -1, evaluate(target, defense, _test_images(data, test_n), device=device)))
     if not {"ce_floor", "feature_std", "noise_std"} & set(metrics):
         return rows
-    x, labels = data.train.take(FLOOR_IMAGES).tensors(device)
-    z_clean = defense.clean(target.head(defense.perturb(x, training=False)))
+    x, labels = data.train.take(floor_images(data)).tensors(device)
+    z_clean = _batched(lambda chunk: defense.clean(target.head(defense.perturb(chunk, training=False))), x)
     if "feature_std" in metrics:
         rows.append(("feature_std", -1, float(z_clean.std())))
     if "noise_std" in metrics:
         rows.append(("noise_std", -1, additive_noise_std(defense, target.feature_shape())))
-    if "ce_floor" in metrics:
-        with seeded(0):  # parts before the noise that draw at inference draw the same every time
-            floor = ce_floor(x, labels, target, defense)
-        if floor is not None:
-            rows.append(("ce_floor", -1, floor))
+    if "ce_floor" in metrics and (floor := ce_floor(x, labels, target, defense)) is not None:
+        rows.append(("ce_floor", -1, floor))
     return rows
 
 
@@ -211,6 +238,12 @@ def through_wire(defense: Defense | None, dtype: str = "float32", compress: str 
     return Compose(*parts, WireStage(dtype, compress, batch_size))
 
 
+def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int = 1000) -> torch.Tensor:
+    """``fn(x)`` computed ``size`` images at a time: a head's activations on thousands of images at once can
+    take gigabytes."""
+    return torch.cat([fn(chunk) for chunk in x.split(size)])
+
+
 def _parts(defense: Defense) -> list[Defense]:
     return list(defense.parts) if isinstance(defense, Compose) else [defense]
 
@@ -237,22 +270,32 @@ def ce_floor(x: torch.Tensor, labels: torch.Tensor, target: SplitModel, defense:
     implies for any inversion of the sent feature; ``None`` without Gaussian noise on the feature.
 
     The floor is taken where the first Gaussian part adds its noise: the feature there is the head's output
-    through the parts before it (as deployed), and σ² sums the variances of that part and of the Gaussian
-    parts directly after it (independent noises add). Whatever follows can only destroy information, so the
-    floor holds for what is finally sent (data-processing inequality).
+    through the parts before it (as deployed; clipped first when that part is DP noise), and σ² sums the
+    variances of that part and of the Gaussian-noise parts directly after it. Whatever follows can only
+    destroy information, so the floor holds for what is finally sent (data-processing inequality).
     """
+    from .defenses import DPNoise, GaussianNoise
+    from .defenses.dp import clip_norm
     from .metrics import conditional_entropy_floor
 
     parts = _parts(defense)
     first = next((i for i, p in enumerate(parts) if _is_gaussian(p)), None)
     if first is None:
         return None
-    run = first
-    while run < len(parts) and _is_gaussian(parts[run]):
+    # Independent Gaussian noises added one after the other add in variance; a part that changes the feature in
+    # between (DP noise clips it first) ends the run, and what follows is post-processing.
+    run = first + 1
+    while run < len(parts) and isinstance(parts[run], GaussianNoise) and parts[run].on == "feature":
         run += 1
-    z = target.head(defense.perturb(x, training=False))
-    for part in parts[:first]:
-        z = part.obfuscate(z, training=False)
+    noise = parts[first]
+
+    def sent_to_the_noise(chunk: torch.Tensor) -> torch.Tensor:
+        z = target.head(defense.perturb(chunk, training=False))
+        for part in parts[:first]:
+            z = part.obfuscate(z, training=False)
+        return clip_norm(z, noise.clip, noise.norm) if isinstance(noise, DPNoise) else z
+
+    z = _batched(sent_to_the_noise, x)
     dim = math.prod(target.feature_shape())
     sigma = math.sqrt(sum(p.std_for(dim) ** 2 for p in parts[first:run]))
     try:

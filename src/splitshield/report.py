@@ -15,7 +15,9 @@ The HTML embeds every image as a data URI, so it opens offline as a single file.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
+import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -68,15 +70,21 @@ class Section:
     completion_attacks: list[str]
     #: Where imported cells came from (file and tool); ``None`` for cells splitshield measured.
     source: str | None = None
+    #: How this section's protocol differs from its siblings' (same dataset, model, split), e.g.
+    #: ``train.tail_epochs=1``; ``None`` without siblings.
+    setting: str | None = None
 
     @property
     def title(self) -> str:
         imported = f" · imported from {self.source}" if self.source else ""
-        return f"{self.dataset} · {self.model} · split {self.split}{imported}"
+        setting = f" · {self.setting}" if self.setting else ""
+        return f"{self.dataset} · {self.model} · split {self.split}{setting}{imported}"
 
     @property
     def slug(self) -> str:
         name = f"{self.dataset}-{self.model}-{self.split}" + (f"-{self.source.split()[0]}" if self.source else "")
+        if self.setting:
+            name += "-" + hashlib.sha256(self.setting.encode()).hexdigest()[:8]
         return "".join(ch if ch.isalnum() else "-" for ch in name)
 
 
@@ -95,16 +103,35 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return mean(present) if present else None
 
 
-def _family(config: dict[str, Any]) -> str:
-    from .experiment import defense_family
+#: The fields of a cell's config that are neither where it is (dataset, model, split), nor its defense, seed or
+#: attack: the protocol (training, loading, wire...). Cells of different protocols are never averaged together.
+_NOT_PROTOCOL = ("dataset", "model", "split", "defense", "seed", "attack", "evaluation", "revision", "imported")
 
-    return defense_family(config)
+
+def _protocol(cell: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cell["config"].items() if k not in _NOT_PROTOCOL}
+
+
+def _differences(protocols: list[dict[str, Any]]) -> list[str]:
+    """For each protocol, the fields in which it differs from the others: ``train.tail_epochs=1``."""
+
+    def flat(protocol: dict[str, Any]) -> dict[str, str]:
+        out = {}
+        for key, value in protocol.items():
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            out.update({f"{key}.{k}" if k else key: json.dumps(v, sort_keys=True) for k, v in items})
+        return out
+
+    flats = [flat(p) for p in protocols]
+    keys = sorted({k for f in flats for k in f})
+    varying = [k for k in keys if len({f.get(k) for f in flats}) > 1]
+    return [", ".join(f"{k}={f.get(k, 'unset')}" for k in varying) for f in flats]
 
 
 def load_sections(store: ResultStore) -> list[Section]:
     """Group the store's finished cells of this splitshield's results revision by (dataset, model, split) and
     defense setting; imported cells form sections of their own, per source file."""
-    from .experiment import current_cells, imported_cells
+    from .experiment import current_cells, defense_family, imported_cells
 
     cells, stale = current_cells(store)
     imported = imported_cells(store)
@@ -112,14 +139,23 @@ def load_sections(store: ResultStore) -> list[Section]:
         older = f" ({stale} were measured by another splitshield revision and would be measured again)" if stale else ""
         raise ConfigError(f"{store.path}: no finished cells to report{older}; "
                           f"run `splitshield run SPEC --db {store.path}`")
-    groups: dict[tuple[str, str, str, str | None], list[dict[str, Any]]] = defaultdict(list)
-    for cell in cells:
-        groups[(cell["dataset"], cell["model"], cell["split"], None)].append(cell)
-    for cell in imported:
-        source = cell["config"]["imported"]
-        groups[(cell["dataset"], cell["model"], cell["split"], f"{source['file']} ({source['by']})")].append(cell)
+    groups: dict[tuple[str, str, str, str | None, str], list[dict[str, Any]]] = defaultdict(list)
+    for cell in [*cells, *imported]:
+        imported_from = cell["config"].get("imported")
+        source = f"{imported_from['file']} ({imported_from['by']})" if imported_from else None
+        protocol = json.dumps(_protocol(cell), sort_keys=True)
+        groups[(cell["dataset"], cell["model"], cell["split"], source, protocol)].append(cell)
+    # Where one (dataset, model, split, source) was measured under several protocols, say how they differ.
+    siblings: dict[tuple, list[tuple]] = defaultdict(list)
+    for key in groups:
+        siblings[key[:4]].append(key)
+    setting: dict[tuple, str | None] = {}
+    for keys in siblings.values():
+        texts = _differences([json.loads(k[4]) for k in keys]) if len(keys) > 1 else [None]
+        setting.update(zip(keys, texts, strict=True))
     sections = []
-    for (dataset, model, split, source), group in groups.items():
+    for key, group in groups.items():
+        dataset, model, split, source, _ = key
         by_defense: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for cell in group:
             by_defense[cell["defense_label"]].append(cell)
@@ -136,11 +172,11 @@ def load_sections(store: ResultStore) -> list[Section]:
             per_target = {c["target_hash"]: c["metrics"] for c in dcells}
             attacks = {a: {m: _mean(c["metrics"].get(m) for c in cs)
                            for m in (*INVERSION, "completion_accuracy")} for a, cs in per_attack.items()}
-            rows.append(DefenseRow(label, _family(dcells[0]["defense"]), dcells[0]["defense"],
+            rows.append(DefenseRow(label, defense_family(dcells[0]["defense"]), dcells[0]["defense"],
                                    _mean(m.get("accuracy") for m in per_target.values()),
                                    _mean(m.get("ce_floor") for m in per_target.values()), attacks, dcells))
         sections.append(Section(dataset, model, split, sorted({c["seed"] for c in group}), rows, inversion,
-                                completion, source))
+                                completion, source, setting[key]))
     return sections
 
 
@@ -267,8 +303,6 @@ def _without_plugin(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
 
 
 def _key(config: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(config, sort_keys=True)
 
 

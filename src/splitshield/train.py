@@ -86,6 +86,7 @@ class Trainer:
         self.epoch = 0
         self.train_data: ImageSet | None = None
         self.history: list[dict[str, float]] = []
+        self._edge_frozen = False
 
     @property
     def current_lr(self) -> float:
@@ -107,6 +108,9 @@ class Trainer:
             self.defense.on_epoch_start(self)
             self.target.train()
             self.defense.train()
+            if self._edge_frozen:  # batch norm statistics are state of the head too: keep them as they are
+                self.target.head.eval()
+                self.defense.eval()
             total, correct, loss_sum = 0, 0, 0.0
             batches = train.batches(self.batch_size, shuffle=True, seed=self.seed * 1000 + self.epoch,
                                     device=self.device)
@@ -127,6 +131,26 @@ class Trainer:
             if self.checkpoint_dir is not None:
                 self.save(self.checkpoint_dir / "last", include_optimizer=True)
         return self.history
+
+    def fit_tail(self, train: ImageSet, epochs: int, test: ImageSet | None = None) -> list[dict[str, float]]:
+        """Train the cloud tail alone for ``epochs`` more epochs: the edge head and the defense keep their
+        parameters and statistics (their modules in eval mode), so the head the attacks see is the one
+        :meth:`fit` trained, and only the tail catches up with it. Returns the whole history."""
+        if not isinstance(epochs, int) or epochs < 0:
+            raise ConfigError(f"epochs must be an integer >= 0, got {epochs!r}")
+        tail = {id(p) for p in self.target.tail.parameters()}
+        edge = [p for group in self.optimizer.param_groups for p in group["params"]
+                if id(p) not in tail and p.requires_grad]
+        for p in edge:
+            p.requires_grad_(False)
+        self.epochs += epochs
+        self._edge_frozen = True
+        try:
+            return self.fit(train, test)
+        finally:
+            self._edge_frozen = False
+            for p in edge:
+                p.requires_grad_(True)
 
     def _set_lr(self) -> None:
         lr = self.lr

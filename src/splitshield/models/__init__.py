@@ -1,19 +1,32 @@
-"""Models: the papers' target networks, torchvision by name, and cutting any model in two."""
+"""Models: the papers' target networks, torchvision by name, their registry, and cutting any model in two."""
 
+from .registry import (
+    MODELS,
+    ModelInfo,
+    get_model_info,
+    list_models,
+    register_model,
+    unregister_model,
+)
 from .split import SplitModel, SplitPoint, check_split, split, split_points
-from .zoo import MODELS, Normalize, build_model, cifar_cnn, lenet, torchvision_model, vgg11_bottleneck
+from .zoo import Normalize, build_model, cifar_cnn, lenet, torchvision_model, vgg11_bottleneck
 
 __all__ = [
     "MODELS",
+    "ModelInfo",
     "Normalize",
     "SplitModel",
     "SplitPoint",
     "build_model",
     "check_split",
     "cifar_cnn",
+    "get_model_info",
     "lenet",
+    "list_models",
+    "register_model",
     "split",
     "split_points",
     "torchvision_model",
+    "unregister_model",
     "vgg11_bottleneck",
 ]

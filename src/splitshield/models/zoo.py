@@ -1,5 +1,8 @@
 """Target networks of the papers we measure against, plus any torchvision classifier by name.
 
+Each builder is registered once (:mod:`~splitshield.models.registry`) with its native input shape, the
+sizes it takes, its normalisation and the papers' split points; torchvision's classifiers are one family.
+
 Every zoo model takes images in [0, 1] and normalises them in its first layer (``normalize``), so the
 whole pipeline — attacks, metrics, the wire — speaks pixel space. Layer names are the papers' names,
 so the papers' split points (``conv1``, ``ReLU2``, ``conv11``, ``ReLU22``, ``ReLU32``) are legal points.
@@ -8,14 +11,16 @@ so the papers' split points (``conv1``, ``ReLU2``, ``conv11``, ``ReLU22``, ``ReL
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Sequence
+from functools import cache, partial
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .registry import FAMILIES, ModelInfo, get_model_info, register_model
+from .registry import MODELS as MODELS  # re-exported for models/split.py
 
 MNIST_MEAN, MNIST_STD = (0.5,), (0.5,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -34,6 +39,8 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+@register_model("lenet", input_shape=(1, 28, 28), sizes="any H, W ≥ 16; 1 or 3 channels",
+                normalization=(MNIST_MEAN, MNIST_STD), split_points=("conv1", "ReLU2"))
 def lenet(num_classes: int = 10, in_channels: int = 1, image_size: tuple[int, int] = (28, 28)) -> nn.Sequential:
     """He et al.'s MNIST LeNet (ALGORITHMS §A.1): input 1×28×28, ``ReLU2`` feature 16×8×8.
 
@@ -60,6 +67,8 @@ def lenet(num_classes: int = 10, in_channels: int = 1, image_size: tuple[int, in
     )
 
 
+@register_model("cifar-cnn", input_shape=(3, 32, 32), sizes="any H, W ≥ 8; 1 or 3 channels",
+                normalization=(IMAGENET_MEAN, IMAGENET_STD), split_points=("conv11", "ReLU22", "ReLU32"))
 def cifar_cnn(num_classes: int = 10, in_channels: int = 3, image_size: tuple[int, int] = (32, 32)) -> nn.Sequential:
     """He et al.'s CIFAR-10 "6 conv + 2 fc" network (``CIFAR10CNN``), ImageNet normalisation.
 
@@ -100,6 +109,11 @@ def _normalize(in_channels: int, mean: Sequence[float], std: Sequence[float]) ->
     raise ConfigError(f"model: in_channels must be 1 or {len(mean)}, got {in_channels}")
 
 
+_VGG11_BOTTLENECK: dict[str, Any] = {"input_shape": (3, 32, 32), "sizes": "any H, W ≥ 4; 1 or 3 channels",
+                     "normalization": (CIFAR_MEAN, CIFAR_STD), "split_points": ("sigmoid",)}
+
+
+@register_model("vgg11-bottleneck", **_VGG11_BOTTLENECK)
 def vgg11_bottleneck(num_classes: int = 10, in_channels: int = 3, bottleneck: int = 8,
                      cloud_width: float = 1.0, image_size: tuple[int, int] = (32, 32)) -> nn.Sequential:
     """CEM's ``vgg11_bn_sgm`` at ``cutlayer=4`` (ALGORITHMS §B.3): a sigmoid-bounded 8-channel bottleneck.
@@ -158,6 +172,20 @@ def vgg11_bottleneck(num_classes: int = 10, in_channels: int = 3, bottleneck: in
     return nn.Sequential(layers)
 
 
+register_model("vgg11-bottleneck-slim", **_VGG11_BOTTLENECK)(partial(vgg11_bottleneck, cloud_width=0.25))
+
+
+@cache
+def _torchvision_names() -> frozenset[str]:
+    import torchvision
+
+    return frozenset(torchvision.models.list_models(module=torchvision.models))
+
+
+@register_model("torchvision", input_shape=(3, 224, 224),
+                sizes="H, W ≥ 32 for most (Inception v3 ≥ 75; ViT: square, a multiple of its patch), "
+                      "any channels through in_channels",
+                members=_torchvision_names)
 def torchvision_model(name: str, num_classes: int = 10, in_channels: int = 3,
                       image_size: tuple[int, int] | None = None) -> nn.Module:
     """Any torchvision classifier by name, randomly initialised (weights are never downloaded here).
@@ -204,54 +232,26 @@ def _set_input_channels(model: nn.Module, in_channels: int) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
-def _torchvision_names() -> set[str]:
-    import torchvision
-
-    return set(torchvision.models.list_models(module=torchvision.models))
-
-
-@dataclass(frozen=True)
-class ZooEntry:
-    """A model of the zoo: its builder and the image shape it is made for.
-
-    ``builder(num_classes=, in_channels=, image_size=)`` returns the uncut model; ``input_shape`` (C, H, W)
-    is its native shape (what ``build_model`` uses when not told otherwise); ``sizes`` says which other
-    image sizes it takes.
-    """
-
-    builder: Callable[..., nn.Module]
-    input_shape: tuple[int, int, int]
-    sizes: str
-
-
-MODELS: dict[str, ZooEntry] = {
-    "lenet": ZooEntry(lenet, (1, 28, 28), "any H, W ≥ 16; 1 or 3 channels"),
-    "cifar-cnn": ZooEntry(cifar_cnn, (3, 32, 32), "any H, W ≥ 8; 1 or 3 channels"),
-    "vgg11-bottleneck": ZooEntry(vgg11_bottleneck, (3, 32, 32), "any H, W ≥ 4; 1 or 3 channels"),
-    "vgg11-bottleneck-slim": ZooEntry(partial(vgg11_bottleneck, cloud_width=0.25), (3, 32, 32),
-                                      "any H, W ≥ 4; 1 or 3 channels"),
-}
-TORCHVISION = ZooEntry(torchvision_model, (3, 224, 224),
-                       "H, W ≥ 32 for most (Inception v3 ≥ 75; ViT: square, a multiple of its patch), "
-                       "any channels through in_channels")
+# The names models/split.py's shape errors read (``MODELS.get(name, TORCHVISION).sizes``).
+TORCHVISION: ModelInfo = FAMILIES["torchvision"]
 
 
 def build_model(name: str, num_classes: int = 10, in_channels: int | None = None,
                 input_shape: tuple[int, int, int] | None = None, seed: int | None = 0) -> nn.Module:
-    """Build a zoo model (a name in :data:`MODELS`) or a torchvision classifier by name.
+    """Build a registered model (:func:`~splitshield.models.list_models`) or a torchvision classifier by name.
 
     Parameters
     ----------
     name:
-        ``lenet``, ``cifar-cnn``, ``vgg11-bottleneck``, ``vgg11-bottleneck-slim``, or any name of
-        ``torchvision.models.list_models()`` (``resnet18``, ``mobilenet_v2``, …).
+        A registered model (:func:`~splitshield.models.list_models`: ``lenet``, ``vgg11-bottleneck``, …)
+        or any name of ``torchvision.models.list_models()`` (``resnet18``, ``mobilenet_v2``, …).
     num_classes:
         Outputs of the classifier.
     in_channels:
         Channels of the images (1 for grey); default: ``input_shape[0]``, else the model's native count.
     input_shape:
         Shape (C, H, W) of the images the model will take; default the model's native shape
-        (``MODELS[name].input_shape``, 3×224×224 for torchvision). LeNet and the CIFAR net size their
+        (``get_model_info(name).input_shape``, 3×224×224 for torchvision). LeNet and the CIFAR net size their
         first linear layer for it.
     seed:
         Fixes the random initialisation (``None``: torch's global RNG).
@@ -259,25 +259,19 @@ def build_model(name: str, num_classes: int = 10, in_channels: int | None = None
     The model carries ``model_spec`` (these arguments), which :func:`~splitshield.split` passes on so a
     checkpoint can rebuild the architecture, and which shape errors quote.
     """
-    entry = MODELS.get(name, TORCHVISION)
-    if entry is TORCHVISION and name not in _torchvision_names():
-        raise ConfigError(
-            f"model: unknown model {name!r}; zoo models: {', '.join(MODELS)}, or any torchvision classifier name"
-        )
+    info = get_model_info(name)
     if input_shape is not None and (len(input_shape) != 3 or in_channels not in (None, input_shape[0])):
         raise ConfigError(f"model: input_shape must be (C, H, W) and agree with in_channels={in_channels}, "
                           f"got {tuple(input_shape)}")
     if in_channels is not None and (not isinstance(in_channels, int) or in_channels < 1):
         raise ConfigError(f"model: in_channels must be a positive integer, got {in_channels!r}")
-    channels = in_channels or (input_shape[0] if input_shape is not None else entry.input_shape[0])
-    shape = (channels, *(input_shape[1:] if input_shape is not None else entry.input_shape[1:]))
-    kwargs = {"image_size": tuple(shape[1:])} if input_shape is not None or entry is not TORCHVISION else {}
-    if entry is TORCHVISION:
-        kwargs["name"] = name
+    native = input_shape if input_shape is not None else info.input_shape
+    channels = in_channels or native[0]
+    shape = (channels, *native[1:])
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        model = entry.builder(num_classes=num_classes, in_channels=channels, **kwargs)
+        model = info.builder(num_classes=num_classes, in_channels=channels, image_size=tuple(shape[1:]))
     model.model_spec = {"name": name, "num_classes": num_classes, "in_channels": channels,
                         "input_shape": list(shape)}
     return model
