@@ -32,7 +32,7 @@ SPEC = {
     "dataset": "mnist-5k",
     "splits": ["conv1", "ReLU2"],
     "defenses": [{"name": "none"}, {"name": "gaussian_noise", "sigma": 0.5}],
-    "attacks": [{"name": "white_box", "iters": 100}, {"name": "black_box", "steps": 50, "batch_size": 32},
+    "attacks": [{"name": "rmle", "iters": 100}, {"name": "inverse_network", "steps": 50, "batch_size": 32},
                 {"name": "model_completion", "steps": 100}],
     "train": {"epochs": 1, "train_n": 1000},
     "evaluation": {"test_n": 500},

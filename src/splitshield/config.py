@@ -24,7 +24,7 @@ import inspect
 import itertools
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -34,10 +34,9 @@ AUX_KINDS = ("same_set", "same_distribution", "noise")
 #: The metrics a cell can record: the target's (accuracy with the defense, the conditional-entropy MSE floor, the
 #: clean feature's and the additive noise's standard deviation per element, training wall and CPU seconds) and
 #: the attack's (reconstruction MSE, PSNR, SSIM; a completion attack's label accuracy).
-METRICS = ("accuracy", "mse", "psnr", "ssim", "completion_accuracy", "ce_floor", "feature_std", "noise_std",
-           "train_seconds", "train_cpu_seconds")
 Metric = Literal["accuracy", "mse", "psnr", "ssim", "completion_accuracy", "ce_floor", "feature_std", "noise_std",
                  "train_seconds", "train_cpu_seconds"]
+METRICS: tuple[str, ...] = get_args(Metric)
 #: The threat model an attack runs under when the spec does not say.
 DEFAULT_THREAT = {"rmle": "white_box", "inverse_network": "black_box", "shadow_head": "query_free",
                   "model_completion": "black_box"}
@@ -65,6 +64,13 @@ def expand_grid(params: dict[str, Any]) -> list[dict[str, Any]]:
     keys = list(params)
     axes = [params[k] if isinstance(params[k], list) else [params[k]] for k in keys]
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*axes)]
+
+
+def _images(value: str | int | None) -> str | int | None:
+    """Check the ``images`` field of an attack or of the evaluation: "first_per_class" or a positive count."""
+    if isinstance(value, int) and value < 1:
+        raise ValueError("images must be 'first_per_class' or a positive number of test images")
+    return value
 
 
 class DefenseSpec(BaseModel):
@@ -118,9 +124,7 @@ class AttackSpec(BaseModel):
     @field_validator("images")
     @classmethod
     def _positive(cls, value: str | int | None) -> str | int | None:
-        if isinstance(value, int) and value < 1:
-            raise ValueError("images must be 'first_per_class' or a positive number of test images")
-        return value
+        return _images(value)
 
     @field_validator("name")
     @classmethod
@@ -180,10 +184,8 @@ class EvaluationSpec(BaseModel):
 
     @field_validator("images")
     @classmethod
-    def _positive(cls, value: str | int) -> str | int:
-        if isinstance(value, int) and value < 1:
-            raise ValueError("images must be 'first_per_class' or a positive number of test images")
-        return value
+    def _positive(cls, value: str | int | None) -> str | int | None:
+        return _images(value)
 
 
 class WireSpec(BaseModel):

@@ -25,8 +25,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import SplitError
-from .zoo import MODELS, TORCHVISION, Normalize
+from ..errors import ConfigError, SplitError
+from .registry import get_model_info
+from .zoo import Normalize
 
 
 @dataclass(frozen=True)
@@ -397,8 +398,13 @@ def _feature_shapes(model: nn.Module, traced: object, input_shape: tuple[int, ..
 def _shape_mismatch(model: nn.Module, input_shape: tuple[int, ...], exc: Exception) -> str:
     spec = getattr(model, "model_spec", None) or {}
     torch_says = "torch says: " + (str(exc).strip().splitlines() or [""])[0]
-    entry = MODELS.get(spec.get("name", ""), TORCHVISION)
-    built = f"built for {tuple(spec['input_shape'])}, takes {entry.sizes}; " if spec.get("input_shape") else ""
+    built = ""
+    if spec.get("input_shape"):
+        try:
+            takes = f", takes {get_model_info(spec.get('name', '')).sizes}"
+        except ConfigError:  # a model the registry does not know
+            takes = ""
+        built = f"built for {tuple(spec['input_shape'])}{takes}; "
     return (f"input_shape {input_shape} does not fit {spec.get('name', type(model).__name__)} ({built}{torch_says}); "
             "pass the shape of your images, or build the model for them (build_model(..., input_shape=))")
 

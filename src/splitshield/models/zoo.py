@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .registry import FAMILIES, ModelInfo, get_model_info, register_model
-from .registry import MODELS as MODELS  # re-exported for models/split.py
+from .registry import get_model_info, register_model
 
 MNIST_MEAN, MNIST_STD = (0.5,), (0.5,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -230,10 +229,6 @@ def _set_input_channels(model: nn.Module, in_channels: int) -> None:
             new.bias.copy_(conv.bias)
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, new)
-
-
-# The names models/split.py's shape errors read (``MODELS.get(name, TORCHVISION).sizes``).
-TORCHVISION: ModelInfo = FAMILIES["torchvision"]
 
 
 def build_model(name: str, num_classes: int = 10, in_channels: int | None = None,
