@@ -446,7 +446,7 @@ def test_the_attackers_draws_are_not_the_devices():
     import torch
 
     from splitshield import load_dataset, split
-    from splitshield.attacks.base import seeded
+    from splitshield._random import seeded
     from splitshield.defenses import GaussianNoise
     from splitshield.measure import attack_seed, fit_attack
     from splitshield.models import build_model

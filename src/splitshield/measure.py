@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .attacks.base import seeded
+from ._random import seeded
 from .config import METRICS
 from .data import Dataset, ImageSet
 from .defenses.base import Compose, Defense

@@ -21,14 +21,14 @@ given the undefended head (white-box), clean features (black-box) or no obfuscat
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .._random import seeded
 from ..data import ImageSet
 from ..defenses.base import Defense, NoDefense
 from ..errors import ConfigError, ThreatModelError
@@ -37,19 +37,6 @@ from ..models.split import SplitModel, fresh_copy
 THREATS = ("white_box", "black_box", "query_free")
 #: Test images whose features the evaluation hands the cloud as the traffic it has observed.
 TRAFFIC_IMAGES = 1000
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Run the block on a copy of the global RNG seeded with ``seed``; the caller's RNG state is left as it was.
-
-    For code that can only draw from the global RNG: ``nn.Module`` initialisation, a defense's noise.
-    """
-    # CUDA's generators too once CUDA is in use, without initialising it on a CPU-only run.
-    devices = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 def _frozen(module: nn.Module) -> nn.Module:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .._random import seeded
 from .base import load_optimizer_tensors, optimizer_tensors, substate
 
 
@@ -83,10 +84,8 @@ class OnlineAdversary:
 
     def _make(self, feature_shape: tuple[int, ...], image_shape: tuple[int, ...], device: torch.device) -> None:
         """Build the module (initialised from ``seed``; the global RNG is left as it was) and its optimiser."""
-        state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-        self.module = self._build(feature_shape, image_shape).to(device)
-        torch.random.set_rng_state(state)
+        with seeded(self.seed):
+            self.module = self._build(feature_shape, image_shape).to(device)
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr)
         self.shapes = (feature_shape, image_shape)
 

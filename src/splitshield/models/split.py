@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .._random import seeded
 from ..errors import ConfigError, SplitError
 from .registry import get_model_info
 from .zoo import Normalize
@@ -475,7 +476,6 @@ def check_split(model: nn.Module, target: SplitModel, x: torch.Tensor, seed: int
         ``{"eval": bool, "train": bool}``: ``torch.equal`` of the outputs in each mode.
     """
     model, target = copy.deepcopy((model, target))  # one deepcopy keeps the shared modules shared
-    devices = [x.device] if x.device.type != "cpu" else []
     result = {}
     # The cut has no auxiliary heads (see split): the model is compared without them too, so that they draw
     # no dropout masks of their own.
@@ -484,8 +484,7 @@ def check_split(model: nn.Module, target: SplitModel, x: torch.Tensor, seed: int
             outputs = []
             for net in (model, target):
                 net.train(mode == "train")
-                with torch.random.fork_rng(devices=devices):
-                    torch.manual_seed(seed)
+                with seeded(seed):
                     outputs.append(net(x))
             result[mode] = torch.equal(*outputs)
     return result

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._random import seeded
 from ..errors import ConfigError
 from .registry import get_model_info, register_model
 
@@ -263,9 +264,7 @@ def build_model(name: str, num_classes: int = 10, in_channels: int | None = None
     native = input_shape if input_shape is not None else info.input_shape
     channels = in_channels or native[0]
     shape = (channels, *native[1:])
-    with torch.random.fork_rng(devices=[], enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with seeded(seed):
         model = info.builder(num_classes=num_classes, in_channels=channels, image_size=tuple(shape[1:]))
     model.model_spec = {"name": name, "num_classes": num_classes, "in_channels": channels,
                         "input_shape": list(shape)}
