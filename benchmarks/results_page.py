@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     report = build_report(args.db, args.db.parent / "report", title="splitshield: measured results",
                           window=args.window / 100)
-    with ResultStore(args.db) as store:
+    with ResultStore.open_readonly(args.db) as store:
         runs = "\n".join(f"| {r['name']} | {r['executor']} | {r['cells_run'] or 0} of {r['cells_total']} |"
                          for r in store.runs())
     body = report.markdown.read_text()

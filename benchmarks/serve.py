@@ -31,6 +31,7 @@ import httpx
 import torch
 
 import splitshield as ss
+from splitshield.runtime.artifacts import export
 from splitshield.runtime.codec import encode
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -121,10 +122,13 @@ def main() -> None:
         for title, (name, point, shape) in MODELS.items():
             target = ss.split(ss.build_model(name, in_channels=shape[0]), point, input_shape=shape).eval()
             checkpoint = ss.save_checkpoint(Path(tmp) / name, target)
+            # What a deployment serves: the tail alone (the cloud never holds the head).
+            cloud = Path(tmp) / f"{name}-cloud.safetensors"
+            export(checkpoint, Path(tmp) / f"{name}-edge.safetensors", cloud)
             limit = bare_tail_rate(target, 3.0)
             with torch.no_grad():
                 frame = encode(target.head(torch.rand(1, *shape)))
-            proc, url = start_server(checkpoint, Path(tmp) / "token.txt", Path(tmp) / f"{name}.log")
+            proc, url = start_server(cloud, Path(tmp) / "token.txt", Path(tmp) / f"{name}.log")
             try:
                 print(f"\n## {title}: feature {target.feature_shape()}, frame {len(frame)} bytes (float32); "
                       f"bare tail limit {limit:.0f} req/s (1 thread, batch 1)")

@@ -45,3 +45,10 @@ def test_data_options_load_and_convert(dark_npz, tmp_path):
 def test_negative_image_count_is_refused_before_loading(tmp_path):
     out = CliRunner().invoke(app, ["attack", str(tmp_path / "missing.safetensors"), "--n-images", "-3"])
     assert out.exit_code == 2 and "--n-images: 0 (the first test image of each class) or a positive count" in out.output
+
+
+@pytest.mark.parametrize("key", ["progress", "seed", "decoder"])
+def test_attack_options_the_command_sets_are_one_line_errors(tmp_path, key):
+    result = CliRunner().invoke(app, ["attack", str(tmp_path / "none.safetensors"), "--options", f'{{"{key}": 1}}'])
+    assert result.exit_code == 2 and f"'{key}' is set by splitshield attack" in result.output
+    assert "Traceback" not in result.output

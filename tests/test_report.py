@@ -159,12 +159,16 @@ def test_cli_report_and_audit_exit_codes(db, tmp_path):
     spec.write_text("dataset: mnist-5k\nsplits: [ReLU2]\nattacks: [{name: model_completion, steps: 10}]\n"
                     "train: {epochs: 1, train_n: 200}\nevaluation: {test_n: 100}\n")
     gate_db = str(tmp_path / "gate.db")
-    passing = runner.invoke(app, ["audit", str(spec), "--db", gate_db, "--max-completion-accuracy", "1.0", "-q"])
+    weak = ["--allow-weak-attacks", "-q"]  # 10 steps keep the test fast, below the gate's minimum of 500
+    passing = runner.invoke(app, ["audit", str(spec), "--db", gate_db, "--max-completion-accuracy", "1.0", *weak])
     assert passing.exit_code == 0, passing.output
-    failing = runner.invoke(app, ["audit", str(spec), "--db", gate_db, "--max-completion-accuracy", "0.0", "-q"])
+    assert "model_completion: steps=10 (minimum 500)" in passing.output and "with weak attacks" in passing.output
+    failing = runner.invoke(app, ["audit", str(spec), "--db", gate_db, "--max-completion-accuracy", "0.0", *weak])
     assert failing.exit_code == 1 and "FAIL" in failing.output
     bad = runner.invoke(app, ["audit", str(spec), "--db", gate_db])
     assert bad.exit_code == 2
+    refused = runner.invoke(app, ["audit", str(spec), "--db", gate_db, "--max-completion-accuracy", "1.0"])
+    assert refused.exit_code == 2 and "steps (model_completion): 10 is below" in refused.output
 
 
 # --------------------------------------------------------------------------------------------------

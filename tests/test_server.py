@@ -99,10 +99,18 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+def cloud(checkpoint: Path) -> Path:
+    """The cloud artifact of ``checkpoint`` (tail only), as deployed; its edge artifact lies beside it."""
+    from splitshield.runtime.artifacts import export
+
+    return export(checkpoint, checkpoint.with_name("edge.safetensors"), checkpoint.with_name("cloud.safetensors")).cloud
+
+
+@pytest.fixture(scope="module")
+def server(cloud: Path, tmp_path_factory: pytest.TempPathFactory):
     token_file = tmp_path_factory.mktemp("tok") / "token.txt"
     token_file.write_text(TOKEN + "\n")  # the trailing newline an editor adds must be stripped
-    proc = ServerProcess(checkpoint, "--token-file", str(token_file), "--max-batch", str(MAX_BATCH))
+    proc = ServerProcess(cloud, "--token-file", str(token_file), "--max-batch", str(MAX_BATCH))
     yield proc
     proc.stop()
 
@@ -140,6 +148,7 @@ def test_model_document(http: httpx.Client) -> None:
     assert info["split"] == "ReLU2"
     assert info["input_shape"] == [1, 28, 28] and info["feature_shape"] == list(FEATURE)
     assert info["num_classes"] == 10 and info["max_batch"] == MAX_BATCH
+    assert len(info["fingerprint"]) == 64 and "defense" not in info  # the cloud does not know the defense
     assert set(info["codec"]["encodings"]) == {"float32", "float16", "uint8", "uint4"}
     assert set(info["codec"]["compressions"]) == {"none", "zstd"}
 
@@ -443,7 +452,7 @@ def test_requests_beyond_max_in_flight_are_refused_as_overloaded(checkpoint: Pat
 # -- the command line: serve --record, infer, attack --transcript ---------------------------------------------
 
 
-def test_cli_serve_infer_and_attack_the_transcript(checkpoint: Path, tmp_path: Path) -> None:
+def test_cli_serve_infer_and_attack_the_transcript(checkpoint: Path, cloud: Path, tmp_path: Path) -> None:
     from PIL import Image
     from safetensors.torch import load_file
     from typer.testing import CliRunner
@@ -458,11 +467,12 @@ def test_cli_serve_infer_and_attack_the_transcript(checkpoint: Path, tmp_path: P
     for i in range(3):
         pixels = torch.randint(0, 256, (28, 28), generator=g, dtype=torch.uint8).numpy()
         Image.fromarray(pixels, mode="L").save(images / f"img{i}.png")
-    proc = ServerProcess(checkpoint, "--token-file", str(tmp_path / "token.txt"), "--record", str(db),
+    proc = ServerProcess(cloud, "--token-file", str(tmp_path / "token.txt"), "--record", str(db),
                          command=("-m", "splitshield.cli", "serve"))
     runner = CliRunner()
+    edge = cloud.with_name("edge.safetensors")
     try:
-        result = runner.invoke(app, ["infer", str(checkpoint), str(images), "--server", proc.url, "--token-file",
+        result = runner.invoke(app, ["infer", str(edge), str(images), "--server", proc.url, "--token-file",
                                      str(tmp_path / "token.txt"), "--encoding", "uint8", "--compression", "zstd"])
         assert result.exit_code == 0, result.output
         assert all(f"img{i}.png" in result.output for i in range(3))

@@ -96,3 +96,31 @@ def test_not_a_database_is_a_config_error(tmp_path):
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(ConfigError, match="not a usable SQLite"):
         ResultStore(path)
+
+
+def test_a_database_of_another_program_is_refused_untouched(tmp_path):
+    import hashlib
+
+    from splitshield.errors import ConfigError
+
+    path = tmp_path / "mlflow.db"
+    with sqlite3.connect(path) as conn:  # MLflow's store has runs and metrics tables too
+        conn.execute("CREATE TABLE runs (run_uuid TEXT PRIMARY KEY)")
+        conn.execute("CREATE TABLE metrics (key TEXT, value REAL)")
+    conn.close()
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    for opener in (ResultStore, ResultStore.open_readonly):
+        with pytest.raises(ConfigError, match="not a splitshield results store: expected the tables runs, cells, "
+                                              "metrics, artifacts, its tables are metrics, runs"):
+            opener(path)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+def test_open_readonly_reads_beside_a_writer_and_cannot_write(store):
+    store.record(_record("a"))
+    with ResultStore.open_readonly(store.path) as ro:
+        assert ro.readonly and ro.status() == {"a": "done", "b": "pending"}
+        assert ro.cells()[0]["metrics"] == {"ssim": pytest.approx(0.55)}
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            ro.record_failure("b", "nope")
+    assert store.status()["b"] == "pending"

@@ -18,6 +18,7 @@ from test_server import TOKEN, ServerProcess, free_port, tiny_checkpoint
 
 import splitshield as ss
 from splitshield.errors import ConfigError, DataError
+from splitshield.runtime.artifacts import export
 from splitshield.runtime.codec import CodecOptions, decode, encode
 from splitshield.runtime.transcript import (
     TranscriptWriter,
@@ -82,7 +83,8 @@ def test_bad_transcripts_are_data_errors(tmp_path: Path) -> None:
 
 def test_every_answered_request_survives_sigkill(tmp_path: Path) -> None:
     """4 clients x 125 requests; SIGKILL after ~250 answers; restart on the same db; finish."""
-    checkpoint = tiny_checkpoint(tmp_path)
+    full = tiny_checkpoint(tmp_path)  # served as deployed: the tail alone
+    checkpoint = export(full, tmp_path / "edge.safetensors", tmp_path / "cloud.safetensors").cloud
     (tmp_path / "token.txt").write_text(TOKEN)
     db = tmp_path / "transcript.db"
     args = ("--token-file", str(tmp_path / "token.txt"), "--record", str(db))

@@ -41,7 +41,7 @@ METRICS: tuple[str, ...] = get_args(Metric)
 DEFAULT_THREAT = {"rmle": "white_box", "inverse_network": "black_box", "shadow_head": "query_free",
                   "model_completion": "black_box"}
 # Per-attack settings the experiment owns: the executor sets them, so a spec may not.
-_RESERVED_ATTACK_PARAMS = ("progress", "seed", "decoder")
+RESERVED_ATTACK_PARAMS = ("progress", "seed", "decoder")
 
 
 def _attack_registry() -> dict[str, type]:
@@ -144,7 +144,7 @@ class AttackSpec(BaseModel):
         allowed = _attack_registry()[self.name].threats
         if self.threat not in allowed:
             raise ValueError(f"attack {self.name!r} runs under threat {' or '.join(allowed)}, not {self.threat!r}")
-        for key in _RESERVED_ATTACK_PARAMS:
+        for key in RESERVED_ATTACK_PARAMS:
             if key in (self.model_extra or {}):
                 raise ValueError(f"attack parameter {key!r} is set by the experiment; remove it")
         return self
@@ -357,7 +357,7 @@ def _check_buildable(spec: ExperimentSpec) -> None:
     for i, entry in enumerate(spec.attacks):
         for setting in entry.settings():
             cls = attacks[setting["name"]]
-            allowed = [p for p in inspect.signature(cls).parameters if p not in (*_RESERVED_ATTACK_PARAMS, "self")]
+            allowed = [p for p in inspect.signature(cls).parameters if p not in (*RESERVED_ATTACK_PARAMS, "self")]
             unknown = [p for p in setting["params"] if p not in allowed]
             if unknown:
                 raise ConfigError(f"spec field attacks[{i}].{unknown[0]}: not a parameter of {setting['name']}; "

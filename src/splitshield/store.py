@@ -18,6 +18,7 @@ duplicating a row (the primary keys forbid it) and never losing a finished one.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -97,21 +98,46 @@ class CellRecord:
     target_cached: bool = False
 
 
-class ResultStore:
-    """A results database. Open it with the path of ``results.db`` (created when missing)."""
+#: The tables every splitshield results store has (those :data:`SCHEMA` creates).
+TABLES: tuple[str, ...] = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA))
 
-    def __init__(self, path: str | Path):
+
+class ResultStore:
+    """A results database. Open it with the path of ``results.db`` (created when missing), or read one
+    without writing anything with :meth:`open_readonly` (``readonly=True``). Either way, a file that is not
+    SQLite, or an SQLite database of another program (tables, but not a store's), is refused untouched."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False):
         self.path = Path(path)
+        self.readonly = readonly
+        if readonly:
+            self.conn = _connect_readonly(self.path)
+            self.conn.row_factory = sqlite3.Row
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.conn = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"{self.path}: cannot open it as a results database ({exc})") from None
+        try:
+            _check_tables(self.conn, self.path, new_ok=True)  # before WAL mode rewrites the file's header
             self.conn.execute("PRAGMA journal_mode=WAL")
         except sqlite3.DatabaseError as exc:
+            self.conn.close()
             raise ConfigError(f"{self.path} is not a usable SQLite results database: {exc}") from None
         self.conn.execute("PRAGMA synchronous=NORMAL")  # durable at each commit's WAL sync, safe with WAL
         self.conn.execute("PRAGMA foreign_keys=ON")
         self.conn.row_factory = sqlite3.Row
-        self.conn.executescript(SCHEMA)
+        self.conn.executescript(f"BEGIN IMMEDIATE;{SCHEMA}COMMIT;")  # all the tables or none
+
+    @classmethod
+    def open_readonly(cls, path: str | Path) -> ResultStore:
+        """Open an existing results store for reading only (SQLite ``mode=ro``): nothing is created or written.
+
+        A missing file, a file that is not SQLite, and an SQLite database without the store's tables
+        (:data:`TABLES`) are each refused with a one-line :class:`ConfigError`; the file is left as it was.
+        """
+        return cls(path, readonly=True)
 
     @property
     def root(self) -> Path:
@@ -213,6 +239,38 @@ class ResultStore:
 
     def runs(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.conn.execute("SELECT * FROM runs ORDER BY id")]
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection to the results store at ``path``, its tables checked; ``ConfigError`` otherwise."""
+    if not path.is_file():
+        raise ConfigError(f"results database {path} does not exist; run `splitshield run SPEC --db {path}` first")
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"{path}: cannot open it for reading ({exc})") from None
+    try:
+        _check_tables(conn, path, new_ok=False)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise ConfigError(f"{path} is not a splitshield results store: not an SQLite database ({exc}); "
+                          "expected the results.db written by `splitshield run`") from None
+    except ConfigError:
+        conn.close()
+        raise
+    return conn
+
+
+def _check_tables(conn: sqlite3.Connection, path: Path, new_ok: bool) -> None:
+    """``ConfigError`` unless the database holds every table of a store (:data:`TABLES`), or, with ``new_ok``,
+    no table at all (a new store). Reads only; ``sqlite3.DatabaseError`` when the file is not SQLite."""
+    found = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    missing = [t for t in TABLES if t not in found]
+    if missing and (found or not new_ok):
+        has = f"its tables are {', '.join(sorted(found))}" if found else "it has no tables"
+        conn.close()
+        raise ConfigError(f"{path} is not a splitshield results store: expected the tables {', '.join(TABLES)}, "
+                          f"{has}; it was left unchanged")
 
 
 class _Transaction:

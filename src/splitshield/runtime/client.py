@@ -1,10 +1,11 @@
 """The edge side of a deployed split model: head + defense on the device, features over HTTP.
 
->>> client = EdgeClient("model.safetensors", "http://127.0.0.1:8080", token="...")  # doctest: +SKIP
->>> logits = client.predict(images)                                                  # doctest: +SKIP
+>>> client = EdgeClient("edge.safetensors", "http://127.0.0.1:8080", token="...")  # doctest: +SKIP
+>>> logits = client.predict(images)                                                 # doctest: +SKIP
 
 Only the codec frame of ``defense.send(head, x)`` (``obfuscate(head(perturb(x)))``) leaves the device; the server
-(:mod:`splitshield.runtime.server`) runs the tail and answers with logits.
+(:mod:`splitshield.runtime.server`) runs the tail and answers with logits. Before its first request the
+client checks that the server's model has its fingerprint (:mod:`splitshield.runtime.artifacts`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, SplitShieldError
-from ..train import load_checkpoint
 from ..validate import check, validate
+from .artifacts import load_edge
 from .codec import CodecOptions, WireFormat, encode
 
 __all__ = ["EdgeClient", "ServerError", "load_images", "read_token"]
@@ -104,7 +105,8 @@ class EdgeClient:
     Parameters
     ----------
     checkpoint : str or Path
-        The same checkpoint the server hosts (``NAME.safetensors`` + ``NAME.json``).
+        The edge artifact (head + defense) exported with the cloud artifact the server hosts
+        (:func:`~splitshield.runtime.artifacts.export`), or that full checkpoint (its tail is dropped).
     server_url : str
         Base URL, e.g. ``http://127.0.0.1:8080``.
     token : str
@@ -130,14 +132,11 @@ class EdgeClient:
 
         if retries < 0 or batch_size < 1 or timeout <= 0:
             raise ConfigError("retries must be >= 0, batch_size >= 1 and timeout > 0")
-        target, defense, meta = load_checkpoint(checkpoint, device=device)
-        if target.input_shape is None:
-            raise ConfigError(f"checkpoint {checkpoint} has no input_shape; re-save it with split(..., input_shape=)")
-        check(validate(target.eval(), defense.eval()))  # every problem of the head and defense, before any request
-        self.head, self.defense = target.head.eval(), defense.eval()
-        self.point, self.input_shape = target.point, tuple(target.input_shape)
-        self.feature_shape = target.feature_shape()
-        del target  # the tail's weights stay in the checkpoint file; the device never runs them
+        edge = load_edge(checkpoint, device=device)  # the head and defense only; no tail in this process
+        check(validate(edge.target, edge.defense))  # every problem of the head and defense, before any request
+        self.head, self.defense = edge.target.head.eval(), edge.defense.eval()
+        self.point, self.input_shape, self.feature_shape = edge.point, edge.input_shape, edge.feature_shape
+        self.fingerprint = edge.fingerprint
         self.codec = codec.options if isinstance(codec, WireFormat) else codec or CodecOptions()
         self.retries, self.backoff, self.batch_size, self.device = retries, backoff, batch_size, device
         self._generator = torch.Generator(device=device).manual_seed(seed)
@@ -184,7 +183,7 @@ class EdgeClient:
         return body
 
     def model_info(self) -> dict[str, Any]:
-        """The server's ``GET /v1/model``: split point, shapes and accepted codec options."""
+        """The server's ``GET /v1/model``: split point, shapes, fingerprint and accepted codec options."""
         return self._request("GET", "/v1/model")
 
     def _check_server(self) -> None:
@@ -195,6 +194,12 @@ class EdgeClient:
             raise ConfigError(
                 f"server hosts split {info.get('split')!r} with feature shape {info.get('feature_shape')}, "
                 f"this device sends {self.point!r} {list(self.feature_shape)}: use the same checkpoint on both"
+            )
+        if info.get("fingerprint") != self.fingerprint:
+            raise ConfigError(
+                f"server's model has fingerprint {info.get('fingerprint') or '(none reported)'}, this device's "
+                f"{self.fingerprint}: the edge and cloud artifacts come from different checkpoints; export both "
+                "from one checkpoint (splitshield export CKPT --edge edge.safetensors --cloud cloud.safetensors)"
             )
         codec = info.get("codec", {})
         if self.codec.encoding not in codec.get("encodings", []) or self.codec.compression not in codec.get(

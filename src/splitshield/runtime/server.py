@@ -3,7 +3,8 @@
 Endpoints (JSON unless stated)::
 
     GET  /healthz     {"status": "ok"}; no auth, for load balancers and readiness probes
-    GET  /v1/model    split point, input/feature shapes, classes, accepted codec options, limits
+    GET  /v1/model    split point, input/feature shapes, classes, the model's fingerprint, accepted codec
+                      options, limits
     POST /v1/infer    body: one codec frame [B, *feature_shape] (application/octet-stream)
                       -> {"logits": [[...] * K] * B, "request_id": ...}
 
@@ -14,8 +15,12 @@ feature size, so a hostile client can neither crash the server nor make it alloc
 maximal batch; nothing is ever unpickled. With ``record=`` every accepted frame is committed to a
 :class:`~splitshield.runtime.transcript.TranscriptWriter` before the response is sent.
 
-Run it with ``splitshield serve CHECKPOINT --token-file secret.txt`` or
-``python -m splitshield.runtime.server CHECKPOINT --token-file secret.txt``.
+The server is given the *cloud artifact* of a checkpoint (:func:`~splitshield.runtime.artifacts.export`):
+the tail's tensors only, so the cloud never holds the head's weights nor the defense. :func:`serve`
+refuses a full checkpoint unless ``allow_head_weights`` (then it warns loudly).
+
+Run it with ``splitshield serve cloud.safetensors --token-file secret.txt`` or
+``python -m splitshield.runtime.server cloud.safetensors --token-file secret.txt``.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import CodecError, ConfigError, SplitShieldError
-from ..train import load_checkpoint
+from .artifacts import check_servable, load_cloud
 from .client import read_token
 from .codec import Encoding, decode, read_header
 from .transcript import TranscriptWriter
@@ -84,36 +89,40 @@ def _zstd_available() -> bool:
 
 
 class TailService:
-    """The tail of a checkpointed split model behind a hostile-input-safe ``frame -> logits`` call.
+    """The tail of a split model behind a hostile-input-safe ``frame -> logits`` call.
 
     Parameters
     ----------
     checkpoint : str or Path
-        ``NAME.safetensors`` (+ ``NAME.json``) from :func:`~splitshield.train.save_checkpoint`.
+        A cloud artifact from :func:`~splitshield.runtime.artifacts.export` (the tail's tensors only), or a
+        full checkpoint (``NAME.safetensors`` + ``NAME.json``) whose head is read and dropped.
     max_batch : int
         Largest batch (first frame dim) accepted per request; sets the decode limits.
     encodings : sequence of str, optional
         Codec encodings accepted (default: all).
     device : str
         Where the tail runs.
+    allow_head_weights : bool
+        Accept a full checkpoint (in-process use and tests; its head is dropped after loading). ``False``
+        refuses it, as :func:`serve` does by default.
+
+    Attributes
+    ----------
+    fingerprint : str
+        The split model's fingerprint (what it covers: :mod:`splitshield.runtime.artifacts`).
+    head_weights : bool
+        Loaded from a full checkpoint: this process has read the head's weights.
     """
 
     def __init__(self, checkpoint: str | Path, max_batch: int = 256, encodings: tuple[str, ...] | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", *, allow_head_weights: bool = True):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be a positive int, got {max_batch!r}")
-        target, _, meta = load_checkpoint(checkpoint, device=device)
-        if target.input_shape is None:
-            raise ConfigError(f"checkpoint {checkpoint} has no input_shape; re-save it with split(..., input_shape=)")
-        self.feature_shape = target.feature_shape()
-        self.point, self.input_shape, self.meta = target.point, tuple(target.input_shape), meta
-        # Keep only the tail: the head's weights are not needed (nor wanted) in the cloud.
-        self.tail = target.tail.eval()
-        for p in self.tail.parameters():
-            p.requires_grad_(False)
-        with torch.no_grad():
-            self.num_classes = int(self.tail(torch.zeros(1, *self.feature_shape, device=device)).shape[1])
-        del target
+        # Only the tail is kept: a cloud artifact has no head weights, and a checkpoint's head is dropped.
+        cloud = load_cloud(checkpoint, device=device, allow_head_weights=allow_head_weights)
+        self.tail, self.point, self.input_shape = cloud.tail, cloud.point, cloud.input_shape
+        self.feature_shape, self.num_classes, self.model_spec = cloud.feature_shape, cloud.num_classes, cloud.model_spec
+        self.fingerprint, self.head_weights = cloud.fingerprint, cloud.head_weights
         self.device, self.max_batch = device, max_batch
         known = get_args(Encoding)
         self.encodings = tuple(encodings or known)
@@ -132,8 +141,8 @@ class TailService:
             "input_shape": list(self.input_shape),
             "feature_shape": list(self.feature_shape),
             "num_classes": self.num_classes,
-            "model_spec": self.meta.get("model_spec"),
-            "defense": self.meta.get("defense"),
+            "model_spec": self.model_spec,
+            "fingerprint": self.fingerprint,
             "max_batch": self.max_batch,
             "max_body_bytes": self.max_body_bytes,
             "codec": {"version": 1, "encodings": list(self.encodings), "compressions": list(self.compressions)},
@@ -300,11 +309,20 @@ def create_app(service: TailService, token: str | None, record: str | Path | Non
 
 def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8080, token: str | None,
           record: str | Path | None = None, max_batch: int = 256, request_timeout: float = 30.0,
-          workers: int = 4, max_in_flight: int = 32, device: str = "cpu", log_level: str = "warning") -> None:
-    """Load ``checkpoint`` and serve its tail with uvicorn until interrupted (see :func:`create_app`)."""
+          workers: int = 4, max_in_flight: int = 32, device: str = "cpu", log_level: str = "warning",
+          allow_head_weights: bool = False) -> None:
+    """Load a cloud artifact and serve its tail with uvicorn until interrupted (see :func:`create_app`).
+
+    A full checkpoint (head weights included) is refused with a :class:`~splitshield.errors.CheckpointError`
+    unless ``allow_head_weights``; then a warning is printed to stderr.
+    """
     import uvicorn
 
-    service = TailService(checkpoint, max_batch=max_batch, device=device)
+    if check_servable(checkpoint, allow_head_weights) == "checkpoint":
+        print(f"WARNING: --allow-head-weights: serving the full checkpoint {checkpoint}; this cloud process reads "
+              "the head's weights, i.e. white-box access to invert every feature it receives. Deploy the cloud "
+              "artifact of `splitshield export` instead.", file=sys.stderr, flush=True)
+    service = TailService(checkpoint, max_batch=max_batch, device=device, allow_head_weights=allow_head_weights)
     app = create_app(service, token, record=record, request_timeout=request_timeout, workers=workers,
                      max_in_flight=max_in_flight)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)
@@ -312,7 +330,7 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8080, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m splitshield.runtime.server", description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoint", help="cloud artifact (splitshield export ... --cloud)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--token-file")
@@ -322,12 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     parser.add_argument("--workers", type=int, default=4, help="threads running the tail")
     parser.add_argument("--max-in-flight", type=int, default=32, help="concurrent requests before 'overloaded'")
+    parser.add_argument("--allow-head-weights", action="store_true",
+                        help="serve a full checkpoint (the cloud then holds the head's weights)")
     args = parser.parse_args(argv)
     try:
         token = resolve_token(args.token_file, args.no_auth)
         serve(args.checkpoint, host=args.host, port=args.port, token=token, record=args.record,
               max_batch=args.max_batch, request_timeout=args.timeout, workers=args.workers,
-              max_in_flight=args.max_in_flight)
+              max_in_flight=args.max_in_flight, allow_head_weights=args.allow_head_weights)
     except SplitShieldError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
