@@ -196,7 +196,9 @@ def summary_sentence(section: Section) -> str:
     """One plain-language finding for a section: the defense with the best privacy at ≤ 1 pt cost."""
     base = next((r for r in section.rows if r.family == "none"), None)
     defended = [r for r in section.rows if r.family != "none" and r.best("ssim") and r.accuracy is not None]
-    where = f"At split {section.split} ({section.model}, {section.dataset})"
+    context = [section.model, section.dataset, *([section.setting] if section.setting else []),
+               *([f"imported from {section.source.split()[0]}"] if section.source else [])]
+    where = f"At split {section.split} ({', '.join(context)})"
     if base is None or base.best("ssim") is None or base.accuracy is None:
         if not defended:
             return f"{where}, no inversion attack was measured."
@@ -507,7 +509,7 @@ h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
 .table-wrap { overflow-x: auto; margin: 1em 0; }
 table { border-collapse: collapse; font-size: 0.8em; }
 th, td { border: 1px solid #ccc; padding: .25em .45em; text-align: right; }
-td:first-child { max-width: 16em; overflow-wrap: anywhere; }
+td:first-child { min-width: 9em; max-width: 16em; overflow-wrap: anywhere; }
 th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; display: block; margin: .8em 0; border: 1px solid #eee; }
 .summary { background: #f6f8fa; border-left: 4px solid #2b6cb0; padding: .6em 1em; }
