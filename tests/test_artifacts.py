@@ -234,13 +234,17 @@ def test_serve_with_the_flag_warns_and_reports_the_same_fingerprint(pair: tuple[
 
     from splitshield.runtime import server
 
-    ran = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.append(app))
-    server.serve(pair[0], token=None, allow_head_weights=True)
+    ran = []  # the app each serve() would run: the server is built and bound, never started
+    def started(server: uvicorn.Server, sockets=None) -> None:
+        ran.append(server.config.app)
+        server.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", started)
+    server.serve(pair[0], token=None, port=0, allow_head_weights=True)
     assert "WARNING" in capsys.readouterr().err
     service = ran[0].state.splitshield.service
     assert service.head_weights and service.fingerprint == checkpoint_fingerprint(pair[0])
-    server.serve(pair[2], token=None)  # the cloud artifact: no warning
+    server.serve(pair[2], token=None, port=0)  # the cloud artifact: no warning
     assert "WARNING" not in capsys.readouterr().err and not ran[1].state.splitshield.service.head_weights
 
 

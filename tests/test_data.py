@@ -178,6 +178,9 @@ def test_bool_images_need_value_range(tmp_path):
     ({"y_test": np.array([0, 1, -1, 1])}, "y_test: labels must be 0..K-1, found -1; renumber the classes from 0"),
     ({"classes": np.array(["a", "b"]), "y_test": np.array([0, 1, 2, 1])},
      "y_test: largest label is 2 but the classes array names only 2 classes (labels 0..1)"),
+    ({"y_test": np.array([0, 1, 2, 1])}, "y_test: label 2 is not a class of the training split (its labels are 0..1)"),
+    ({"y_train": np.arange(8) % 2 + 1}, "y_train: labels go up to 2 but class 0 has no image"),
+    ({"y_train": np.array([0, 1] * 3 + [1, 10**12])}, "y_train: labels go up to 1000000000000 but class 2 has"),
 ])
 def test_bad_arrays_name_the_array_and_the_fix(tmp_path, arrays, expected):
     assert expected in _load_error(_npz(tmp_path, **arrays))

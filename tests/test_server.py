@@ -40,12 +40,18 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m splitshield.runtime.server`` (or ``command``) on 127.0.0.1, killed on :meth:`stop`."""
+    """``python -m splitshield.runtime.server`` (or ``command``) on 127.0.0.1, killed on :meth:`stop`.
+
+    With ``ca`` (the PEM authority of the ``--tls-cert`` passed in ``args``) it is reached over HTTPS.
+    """
 
     def __init__(self, checkpoint: Path, *args: str, port: int | None = None, ready_timeout: float = 60.0,
-                 command: tuple[str, ...] = ("-m", "splitshield.runtime.server")):
+                 command: tuple[str, ...] = ("-m", "splitshield.runtime.server"), ca: Path | None = None):
+        import ssl
+
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ca else 'http'}://127.0.0.1:{self.port}"
+        verify = ssl.create_default_context(cafile=str(ca)) if ca else True
         env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, *command, str(checkpoint), "--host", "127.0.0.1",
                "--port", str(self.port), *args]
@@ -57,7 +63,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                if httpx.get(f"{self.url}/healthz", timeout=1.0, verify=verify).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -510,3 +516,132 @@ def test_edge_client_applies_the_checkpoints_defense_on_the_device(server: Serve
         # What leaves the device is head(x) + N(0, 0.5^2): the residual's std is sigma.
         assert abs(float((sent - clean).std()) - 0.5) < 0.05
         assert not torch.equal(a.features(x), sent)  # a fresh draw per call
+
+
+# -- unauthenticated clients cannot starve authenticated ones -------------------------------------------------
+
+
+def half_open(port: int, data: bytes = b"POST /v1/infer HTTP/1.1\r\nHost: x\r\n") -> socket.socket:
+    """A connection that sends the start of a request's headers and never finishes them."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if data:
+        sock.sendall(data)
+    return sock
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    """Whether the server closes ``sock`` (EOF or reset) within ``within`` seconds."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_half_open_connections_are_closed_after_the_header_timeout(cloud: Path, tmp_path: Path) -> None:
+    (tmp_path / "token.txt").write_text(TOKEN)
+    proc = ServerProcess(cloud, "--token-file", str(tmp_path / "token.txt"), "--header-timeout", "0.5",
+                         "--max-header-bytes", "4096")
+    try:
+        huge = half_open(proc.port, b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 8192 + b"\r\n\r\n")
+        assert huge.recv(4096).startswith(b"HTTP/1.1 400")  # a head over --max-header-bytes
+        start = time.monotonic()
+        partial, silent = half_open(proc.port), half_open(proc.port, b"")
+        crowd = [half_open(proc.port) for _ in range(30)]  # 31 identical warnings: the log keeps 10
+        trickle = half_open(proc.port)
+        for _ in range(3):  # a byte every 0.2 s does not extend the deadline
+            time.sleep(0.2)
+            trickle.sendall(b"X")
+        with httpx.Client(base_url=proc.url, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            assert http.post("/v1/infer", content=GOOD).status_code == 200  # served meanwhile
+            kept_alive = http.get("/v1/model")  # after a response, a new partial request gets the same bound
+            assert kept_alive.status_code == 200
+        assert all(closed_by_server(s, 5.0) for s in (partial, silent, trickle, *crowd))
+        assert 0.4 < time.monotonic() - start < 5.0
+        after_response = socket.create_connection(("127.0.0.1", proc.port), timeout=10)
+        after_response.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert after_response.recv(4096).startswith(b"HTTP/1.1 200")
+        after_response.sendall(b"GET /healthz HTTP/1.1\r\n")  # the next request never completes
+        assert closed_by_server(after_response, 5.0)
+    finally:
+        log = proc.stop()
+    assert 1 <= log.count("no complete request headers") <= 10, log
+
+
+def test_connections_beyond_the_limit_evict_the_longest_waiting(cloud: Path, tmp_path: Path) -> None:
+    (tmp_path / "token.txt").write_text(TOKEN)
+    proc = ServerProcess(cloud, "--token-file", str(tmp_path / "token.txt"), "--max-connections", "4",
+                         "--header-timeout", "60")
+    try:
+        socks = [half_open(proc.port) for _ in range(4)]
+        # Every waiting connection is younger than the grace period (1 s here): the new one is closed.
+        assert closed_by_server(half_open(proc.port), 5.0)
+        time.sleep(1.2)
+        r = httpx.post(f"{proc.url}/v1/infer", content=GOOD, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+        assert r.status_code == 200  # the limit is reached, yet the authenticated request is served
+        assert closed_by_server(socks[0], 5.0)  # the longest waiting made room
+        assert not closed_by_server(socks[-1], 0.3)  # the newest is still open
+    finally:
+        log = proc.stop()
+    assert "--max-connections" in log
+
+
+def test_rate_limit_filter_bounds_one_repeated_message() -> None:
+    import logging
+
+    from splitshield.runtime.server import RateLimitFilter
+
+    now = [0.0]
+    limit = RateLimitFilter(max_repeats=3, interval=10.0, clock=lambda: now[0])
+
+    def record(msg: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, msg, args, None)
+
+    passed = [limit.filter(record("accept() failed: %s", "Too many open files")) for _ in range(1000)]
+    assert sum(passed) == 3 and passed[:3] == [True] * 3
+    assert limit.filter(record("another message"))  # counted apart
+    now[0] = 10.5
+    first = record("accept() failed: %s", "Too many open files")
+    assert limit.filter(first)
+    assert first.getMessage().splitlines() == ["(suppressed 997 identical messages in the last 10 s)",
+                                               "accept() failed: Too many open files"]
+    crowded = RateLimitFilter(max_repeats=1, max_keys=4, clock=lambda: now[0])
+    assert all(crowded.filter(record(f"message {i}")) for i in range(100))  # distinct messages, bounded memory
+    assert len(crowded._windows) <= 4
+
+
+def test_hardening_options_are_one_line_errors(cloud: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from splitshield.runtime.server import ConnectionLimits, check_options, main
+
+    (tmp_path / "token.txt").write_text(TOKEN)
+    base = [str(cloud), "--token-file", str(tmp_path / "token.txt")]
+    for args, expected in ((["--header-timeout", "0"], "--header-timeout"),
+                           (["--keep-alive-timeout", "nan"], "--keep-alive-timeout"),
+                           (["--max-connections", "0"], "--max-connections"),
+                           (["--max-header-bytes", "10"], "--max-header-bytes"),
+                           (["--record-max-mb", "5"], "--record PATH"),
+                           (["--record", str(tmp_path / "t.db"), "--record-max-mb", "-1"], "--record-max-mb"),
+                           (["--record", str(tmp_path / "t.db"), "--record-keep", "2"], "--record-keep")):
+        assert main([*base, *args]) == 2  # refused before anything is loaded, so this runs in-process
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
+    check_options(limits=ConnectionLimits(header_timeout=0.5, max_connections=10))
+
+
+def test_connection_budget_fits_the_open_file_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    resource = pytest.importorskip("resource")
+    from splitshield.runtime.server import DEFAULT_MAX_CONNECTIONS, _connection_budget
+
+    raised: list[tuple[int, int]] = []
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 2048))
+    monkeypatch.setattr(resource, "setrlimit", lambda _, limits: raised.append(limits))
+    assert _connection_budget(None) == 2048 - 256 < DEFAULT_MAX_CONNECTIONS  # the default shrinks to fit
+    assert raised == [(2048, 2048)]  # the soft limit is raised to the hard one
+    assert _connection_budget(500) == 500 and len(raised) == 1  # 500 + 256 fit the soft limit already
+    with pytest.raises(ConfigError, match="--max-connections 5000 needs 5256 open files.*ulimit"):
+        _connection_budget(5000)
+

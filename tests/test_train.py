@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -60,6 +61,38 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"format": "splitshield-checkpoint/1", "split": "ReLU2"}))
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         ss.load_checkpoint(tmp_path / "bad")
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda meta: [meta], "must hold a JSON object"),
+    (lambda meta: {k: v for k, v in meta.items() if k != "split"}, "field 'split' must name the split point"),
+    (lambda meta: {**meta, "input_shape": [1, 0, 28]}, "field 'input_shape' must be positive integers"),
+    (lambda meta: {**meta, "model_spec": ["lenet"]}, "field 'model_spec' must be an object"),
+    (lambda meta: {**meta, "model_spec": {}}, "has no model_spec"),
+    (lambda meta: {**meta, "model_spec": {"num_classes": 10}}, "field 'model_spec' lacks the model's 'name'"),
+    (lambda meta: {**meta, "model_spec": {"name": "lenet", "depth": 3}}, "unknown key 'depth'"),
+    (lambda meta: {**meta, "model_spec": {"name": "lenet", "num_classes": 0}}, "bad 'num_classes': 0"),
+    (lambda meta: {**meta, "model_spec": {"name": "nope"}}, "field 'model_spec' does not build a model: "),
+    (lambda meta: {**meta, "defense": "none"}, "field 'defense' must be a defense config"),
+])
+def test_malformed_checkpoint_json_names_the_field(tmp_path, change, expected):
+    target = ss.split(ss.build_model("lenet"), "ReLU2", input_shape=(1, 28, 28))
+    path = ss.save_checkpoint(tmp_path / "ckpt", target)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    path.with_suffix(".json").write_text(json.dumps(change(meta)))
+    with pytest.raises(CheckpointError, match=re.escape(expected)) as info:
+        ss.load_checkpoint(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_custom_model_spec_loads_with_the_model_given(tmp_path):
+    """Keys build_model does not take are refused only when the spec is what rebuilds the model."""
+    model = ss.build_model("lenet")
+    model.model_spec = {"name": "my-lenet", "width": 8}
+    path = ss.save_checkpoint(tmp_path / "ckpt", ss.split(model, "ReLU2", input_shape=(1, 28, 28)))
+    assert ss.load_checkpoint(path, model=ss.build_model("lenet"))[0].point == "ReLU2"
+    with pytest.raises(CheckpointError, match="unknown key 'width'"):
+        ss.load_checkpoint(path)
 
 
 def test_bad_hyperparameters():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -41,17 +43,53 @@ ImageShape = Annotated[str | None, typer.Option(
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a SplitShieldError into one line on stderr and exit code 2: users see no tracebacks."""
+    """Turn a SplitShieldError into one line on stderr and exit code 2: users see no tracebacks. The
+    ``--device`` of every command that has one is checked first, before any work."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            if "device" in kwargs:
+                check_device(kwargs["device"])
             return fn(*args, **kwargs)
         except SplitShieldError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def check_device(text: str) -> None:
+    """A --device this machine has (cpu, cuda[:N], mps), or a one-line ConfigError."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ConfigError(f"--device: {text!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {text}: no CUDA GPU is available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                          f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {text}: Apple's MPS is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {text}: splitshield runs on cpu, cuda or mps")
+
+
+def check_writable(path: Path, field: str) -> None:
+    """Create the folder ``path`` goes in and check a file can be written there, or a one-line ConfigError:
+    before a long run, not at its end."""
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        reason = "a file is in the way" if isinstance(exc, FileExistsError | NotADirectoryError) else exc.strerror
+        raise ConfigError(f"{field} {path}: cannot write into the folder {folder} ({reason}); "
+                          "choose a folder you can write to") from None
 
 
 def parse_shape(text: str, field: str = "--input-shape") -> tuple[int, ...]:
@@ -177,6 +215,7 @@ def train(
     from .models import build_model, split
     from .train import Trainer
 
+    check_writable(out, "--out")  # before training, so no trained model is lost
     data = load_data(dataset, data_dir, seed, value_range, image_shape)
     net = build_model(model, num_classes=data.num_classes, input_shape=data.image_shape)
     target = split(net, split_at, input_shape=data.image_shape)
@@ -216,6 +255,9 @@ def attack(
                    ] = None,
     transcript: Annotated[Path | None, typer.Option(
         help="Invert the features recorded by `splitshield serve --record` instead of test images.")] = None,
+    limit: Annotated[int | None, typer.Option(
+        help="With --transcript: invert at most this many recorded features (the earliest), read streaming.")
+                     ] = None,
     seed: Seed = 0,
     device: Device = "cpu",
 ) -> None:
@@ -247,6 +289,7 @@ def attack(
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"--options for {name}: {str(exc).splitlines()[0]}") from None
     target, guard, _ = load_checkpoint(checkpoint, device=device)
+    check_transcript_options(name, transcript, limit, target.feature_shape())  # before any fitting
     data = load_data(dataset, data_dir, seed, value_range, image_shape)
     if aux not in AUX_KINDS:
         raise ConfigError(f"--aux: {aux!r} unknown; use {', '.join(AUX_KINDS)}")
@@ -262,7 +305,7 @@ def attack(
     if transcript is not None:
         fitted = fit_attack(target, guard, data, setting, images=images, seed=cell_seed)
         attack_transcript(fitted.attack, transcript, target.feature_shape(),
-                          out or Path("splitshield-transcript-attack"))
+                          out or Path("splitshield-transcript-attack"), limit=limit)
         return
     result = measure_attack(target, guard, data, setting, images=images, seed=cell_seed, device=device)
     mean = {n: v for n, i, v in result.metrics if i == -1}
@@ -280,14 +323,33 @@ def attack(
         console.print(f"wrote {out / 'grid.png'} and {out / 'reconstructions.safetensors'}")
 
 
-def attack_transcript(instance: Any, transcript: Path, feature_shape: tuple[int, ...], out: Path) -> None:
-    """The ``attack --transcript`` branch: invert every recorded feature and save the reconstructions."""
+def check_transcript_options(name: str, transcript: Path | None, limit: int | None,
+                             feature_shape: tuple[int, ...]) -> None:
+    """``attack --transcript/--limit``: an inversion attack, a positive limit, a valid transcript of this model."""
+    from .attacks import ATTACKS
+    from .attacks.base import InversionAttack
+    from .runtime.transcript import check_transcript
+
+    if transcript is None:
+        if limit is not None:
+            raise ConfigError("--limit counts recorded features: it needs --transcript PATH")
+        return
+    if not issubclass(ATTACKS[name], InversionAttack):
+        raise ConfigError("--transcript: choose an inversion attack (rmle, inverse_network, shadow_head)")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit: a positive number of recorded features, got {limit}")
+    check_transcript(transcript, feature_shape)
+
+
+def attack_transcript(instance: Any, transcript: Path, feature_shape: tuple[int, ...], out: Path,
+                      limit: int | None = None) -> None:
+    """The ``attack --transcript`` branch: invert the recorded features (at most ``limit``) and save them."""
     from .attacks.base import InversionAttack
     from .runtime.transcript import invert_transcript, save_reconstructions
 
     if not isinstance(instance, InversionAttack):
         raise ConfigError("--transcript: choose an inversion attack (rmle, inverse_network, shadow_head)")
-    images, stamps = invert_transcript(instance, transcript, feature_shape)
+    images, stamps = invert_transcript(instance, transcript, feature_shape, limit=limit)
     tensors, png = save_reconstructions(images, stamps, out)
     console.print(f"reconstructed {len(images)} images from {transcript}; wrote {tensors} and {png}")
 
@@ -326,19 +388,38 @@ def serve(
     device: Device = "cpu",
     allow_head_weights: Annotated[bool, typer.Option(
         "--allow-head-weights", help="Serve a full checkpoint: the cloud then holds the head's weights.")] = False,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain: serve HTTPS (with --tls-key).")
+                        ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
+    header_timeout: Annotated[float, typer.Option(
+        help="Seconds a request's headers may take; then the connection is closed.")] = 10.0,
+    keep_alive_timeout: Annotated[float, typer.Option(help="Seconds an idle keep-alive connection is kept.")] = 5.0,
+    max_connections: Annotated[int | None, typer.Option(
+        help="Open connections at most (default 4096, or what the open-file limit holds); one more closes the "
+             "connection waiting longest without a request.")] = None,
+    max_header_bytes: Annotated[int, typer.Option(help="Largest request head (request line + headers).")] = 16384,
+    record_max_mb: Annotated[float | None, typer.Option(
+        help="Rotate the transcript past this size in MiB: transcript.db -> transcript.1.db -> ...")] = None,
+    record_keep: Annotated[int | None, typer.Option(
+        help="Rotated transcripts kept, newest first (default: all).")] = None,
 ) -> None:
-    """Serve the tail of a cloud artifact over HTTP: the cloud side of split inference."""
+    """Serve the tail of a cloud artifact over HTTP(S): the cloud side of split inference."""
     from .runtime.artifacts import check_servable
-    from .runtime.server import resolve_token
+    from .runtime.server import ConnectionLimits, check_options, resolve_token
     from .runtime.server import serve as run_server
 
     token = resolve_token(token_file, no_auth)
     check_servable(checkpoint, allow_head_weights)  # refused before anything is printed or loaded
-    console.print(f"serving the tail of {checkpoint} on http://{host}:{port}"
-                  + (f"; recording every received frame to {record}" if record else ""))
+    limits = ConnectionLimits(header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout,
+                              max_connections=max_connections, max_header_bytes=max_header_bytes)
+    check_options(tls_cert, tls_key, limits, record, record_max_mb, record_keep)
+    if record is not None:
+        check_writable(record, "--record")
+    # run_server prints the address once the port is bound (a client reading it can connect at once).
     run_server(checkpoint, host=host, port=port, token=token, record=record, max_batch=max_batch,
                request_timeout=timeout, workers=workers, max_in_flight=max_in_flight, device=device,
-               allow_head_weights=allow_head_weights)
+               allow_head_weights=allow_head_weights, tls_cert=tls_cert, tls_key=tls_key, limits=limits,
+               record_max_mb=record_max_mb, record_keep=record_keep)
 
 
 @app.command()
@@ -352,6 +433,9 @@ def infer(
     encoding: Annotated[str, typer.Option(help="float32, float16, uint8 or uint4.")] = "float32",
     compression: Annotated[str, typer.Option(help="none or zstd.")] = "none",
     batch_size: Annotated[int, typer.Option(help="Images per request.")] = 64,
+    ca: Annotated[Path | None, typer.Option(
+        help="PEM certificate of the authority that signed an https:// server's certificate (default: the "
+             "system's).")] = None,
     seed: Seed = 0,
     device: Device = "cpu",
 ) -> None:
@@ -360,8 +444,12 @@ def infer(
 
     token = read_token(token_file) if token_file is not None else ""
     with EdgeClient(checkpoint, server, token, codec=CodecOptions(encoding, compression), batch_size=batch_size,
-                    seed=seed, device=device) as client:
-        x, files = load_images(images, client.input_shape)
+                    seed=seed, device=device, ca=ca) as client:
+        with warnings.catch_warnings(record=True) as conversions:
+            warnings.simplefilter("always")
+            x, files = load_images(images, client.input_shape)
+        for w in conversions:  # one line per image converted or resized to fit the model
+            err_console.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
         probs = client.predict(x).softmax(1)
     files = [f.resolve() for f in files]
     root = Path(os.path.commonpath([f.parent for f in files]))

@@ -408,11 +408,23 @@ def _read_npz(source, label: str) -> dict[str, np.ndarray]:
 
 
 def _imageset(x: np.ndarray, y: np.ndarray, classes: np.ndarray | None, names: tuple[str, str],
-              value_range: tuple[float, float] | None = None) -> ImageSet:
-    """Check images ``x`` and labels ``y`` (called ``names`` in errors, e.g. x_train, y_train) and wrap them."""
+              value_range: tuple[float, float] | None = None, train: ImageSet | None = None) -> ImageSet:
+    """Check images ``x`` and labels ``y`` (called ``names`` in errors, e.g. x_train, y_train) and wrap them.
+
+    Without ``classes`` the classes are 0..max label of the training split: ``train`` is that split when
+    ``y`` are test labels, which must then be among its classes."""
     if classes is not None and len(classes) == 0:
         classes = None  # some files (foolbox_samples.npz) store an empty array for "no names"
     x, y = _checked(x, y, classes, *names, value_range)
+    if classes is None and train is not None and y.max() >= train.num_classes:
+        raise DataError(f"{names[1]}: label {y.max()} is not a class of the training split (its labels are "
+                        f"0..{train.num_classes - 1}); fix the labels, or name every class in a classes array")
+    if classes is None and train is None:
+        present = np.unique(y)  # not bincount: a label of 10**9 would allocate 8 GB
+        if len(present) <= y.max():
+            missing = int(np.flatnonzero(present != np.arange(len(present)))[0])
+            raise DataError(f"{names[1]}: labels go up to {y.max()} but class {missing} has no image; number the "
+                            "classes 0..K-1 without gaps, or name every class in a classes array")
     class_names = tuple(str(c) for c in (classes if classes is not None else range(int(y.max()) + 1)))
     return ImageSet(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), class_names)
 
@@ -492,8 +504,10 @@ def _from_npz(path: Path, value_range: tuple[float, float] | None = None) -> tup
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise DataError(f"{path} lacks arrays {missing}; it has {sorted(arrays)}")
-    train, test = (_imageset(arrays[f"x_{part}"], arrays[f"y_{part}"], arrays.get("classes"),
-                             (f"{path}: x_{part}", f"{path}: y_{part}"), value_range) for part in ("train", "test"))
+    train = _imageset(arrays["x_train"], arrays["y_train"], arrays.get("classes"),
+                      (f"{path}: x_train", f"{path}: y_train"), value_range)
+    test = _imageset(arrays["x_test"], arrays["y_test"], arrays.get("classes"),
+                     (f"{path}: x_test", f"{path}: y_test"), value_range, train=train)
     return train, test
 
 

@@ -271,13 +271,68 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         meta = json.loads(js.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{js} is not valid JSON: {exc}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{js}: format {meta.get('format')!r} is not {FORMAT!r}")
+    _check_meta(meta, js)
     try:
         tensors = load_file(str(st))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types on corrupt files
         raise CheckpointError(f"{st} is not a readable safetensors file: {exc}") from None
     return tensors, meta
+
+
+def _positive_int(value: Any) -> bool:
+    return type(value) is int and value >= 1
+
+
+def _shape(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_positive_int(v) for v in value)
+
+
+#: What each key of a checkpoint's ``model_spec`` (:func:`~splitshield.models.build_model`'s arguments) may hold.
+_SPEC_FIELDS: dict[str, Any] = {
+    "name": lambda v: isinstance(v, str) and bool(v),
+    "num_classes": _positive_int,
+    "in_channels": lambda v: v is None or _positive_int(v),
+    "input_shape": lambda v: v is None or _shape(v),
+    "seed": lambda v: v is None or type(v) is int,
+}
+
+
+def _check_meta(meta: Any, js: Path) -> None:
+    """The fields of a checkpoint's JSON that loading reads, or a one-line CheckpointError naming the field."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{js}: must hold a JSON object (as save_checkpoint writes), got a {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{js}: format {meta.get('format')!r} is not {FORMAT!r}")
+    fix = "; re-save the checkpoint (save_checkpoint or `splitshield train`)"
+    if not isinstance(meta.get("split"), str) or not meta["split"]:
+        raise CheckpointError(f"{js}: field 'split' must name the split point, got {meta.get('split')!r}{fix}")
+    if meta.get("input_shape") is not None and not _shape(meta["input_shape"]):
+        raise CheckpointError(f"{js}: field 'input_shape' must be positive integers [C, H, W] or null, "
+                              f"got {meta['input_shape']!r}{fix}")
+    if meta.get("model_spec") is not None and not isinstance(meta["model_spec"], dict):
+        raise CheckpointError(f"{js}: field 'model_spec' must be an object (build_model's arguments) or null, "
+                              f"got {meta['model_spec']!r}{fix}")
+    if meta.get("defense") is not None and not isinstance(meta["defense"], dict):
+        raise CheckpointError(f"{js}: field 'defense' must be a defense config object or null, "
+                              f"got {meta['defense']!r}{fix}")
+
+
+def _model_from_spec(spec: dict[str, Any], input_shape: tuple[int, ...] | None, js: Path) -> torch.nn.Module:
+    """Build the uncut model a checkpoint's ``model_spec`` describes, or a one-line CheckpointError."""
+    fix = "; re-save the checkpoint, or pass model=<the uncut nn.Module>"
+    if "name" not in spec:
+        raise CheckpointError(f"{js}: field 'model_spec' lacks the model's 'name'{fix}")
+    for key, value in spec.items():
+        if key not in _SPEC_FIELDS:
+            raise CheckpointError(f"{js}: field 'model_spec' has an unknown key {key!r} (it takes "
+                                  f"{', '.join(_SPEC_FIELDS)}){fix}")
+        if not _SPEC_FIELDS[key](value):
+            raise CheckpointError(f"{js}: field 'model_spec' has a bad {key!r}: {value!r}{fix}")
+    try:
+        return build_model(**{"input_shape": input_shape, **spec})  # older specs lack the input shape
+    except ConfigError as exc:  # an unknown model name, a shape the model does not take
+        raise CheckpointError(f"{js}: field 'model_spec' does not build a model: {str(exc).splitlines()[0]}{fix}"
+                              ) from None
 
 
 def _load_states(target: SplitModel, defense: Defense, tensors: dict[str, torch.Tensor]) -> None:
@@ -316,7 +371,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module | None = None,
         spec = meta.get("model_spec")
         if not spec:
             raise CheckpointError(f"{path}.json has no model_spec: pass model=<the uncut nn.Module>")
-        model = build_model(**{"input_shape": input_shape, **spec})  # older specs lack the input shape
+        model = _model_from_spec(spec, input_shape, _json_path(path))
     target = split(model, meta["split"], input_shape=input_shape)
     defense = build_defense(meta.get("defense") or {"name": "none"})
     _load_states(target, defense, tensors)

@@ -10,8 +10,10 @@ client checks that the server's model has its fingerprint (:mod:`splitshield.run
 
 from __future__ import annotations
 
+import ssl
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,10 @@ from ..validate import check, validate
 from .artifacts import load_edge
 from .codec import CodecOptions, WireFormat, encode
 
-__all__ = ["EdgeClient", "ServerError", "load_images", "read_token"]
+__all__ = ["EdgeClient", "ServerError", "load_images", "read_token", "tls_context"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_MODE_NAMES = {"L": "grey", "RGB": "RGB"}  # Pillow's image modes, as warnings name them (others as Pillow does)
 
 
 class ServerError(SplitShieldError):
@@ -61,7 +64,8 @@ def load_images(paths: list[str | Path], input_shape: tuple[int, int, int]) -> t
     """Read image files (or every image in given folders, sorted) as a float batch in [0, 1].
 
     Images are converted to grey or RGB to match ``input_shape`` (C, H, W) and resized to (H, W)
-    with bilinear filtering when their size differs.
+    with bilinear filtering when their size differs; each image converted or resized gives one
+    :class:`UserWarning` naming it and what was done.
 
     Returns
     -------
@@ -85,18 +89,60 @@ def load_images(paths: list[str | Path], input_shape: tuple[int, int, int]) -> t
     c, h, w = input_shape
     if c not in (1, 3):
         raise ConfigError(f"the model takes {c}-channel images; only grey (1) or RGB (3) files can be read")
+    mode = "L" if c == 1 else "RGB"
     batch = torch.empty(len(files), c, h, w)
     for i, f in enumerate(files):
         try:
             with Image.open(f) as im:
-                im = im.convert("L" if c == 1 else "RGB")
+                changes = [f"converted {_MODE_NAMES.get(im.mode, im.mode)} to {_MODE_NAMES[mode]}"
+                           ] if im.mode != mode else []
+                if im.size != (w, h):  # PIL sizes are (W, H)
+                    changes.append(f"resized {im.height}×{im.width} to {h}×{w} (H×W)")
+                im = im.convert(mode)
                 if im.size != (w, h):
                     im = im.resize((w, h), Image.BILINEAR)
                 data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
         except (UnidentifiedImageError, OSError) as exc:
             raise ConfigError(f"cannot read image {f}: {exc}") from None
+        if changes:
+            warnings.warn(f"image {f}: {' and '.join(changes)} for the model's {c}×{h}×{w} input",
+                          UserWarning, stacklevel=2)
         batch[i] = data.view(h, w, c).permute(2, 0, 1).float() / 255.0
     return batch, files
+
+
+def tls_context(server_url: str, ca: str | Path | None) -> ssl.SSLContext | bool:
+    """What the HTTP client verifies the server with: a context trusting ``ca`` (``--ca``), else the system's."""
+    if ca is None:
+        return True
+    if not server_url.lower().startswith("https://"):
+        raise ConfigError(f"--ca is for an https:// server, but the server URL is {server_url}: use https://")
+    if not Path(ca).is_file():
+        raise ConfigError(f"--ca {ca} does not exist: give the PEM certificate of the server's certificate authority")
+    try:
+        return ssl.create_default_context(cafile=str(ca))
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"--ca {ca}: not a PEM certificate ({exc})") from None
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """A one-line reason when a transport error comes from TLS and will recur (an unverifiable certificate, a
+    handshake the server does not speak); ``None`` for other errors, and for a connection closed mid-handshake
+    (worth a retry)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return (f"TLS: the server's certificate cannot be verified ({seen.verify_message}): pass --ca with the "
+                    "certificate of the authority that signed it (EdgeClient(ca=...))")
+        if isinstance(seen, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)):
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return f"TLS handshake failed ({seen.reason or seen}): does the server serve https (--tls-cert/--tls-key)?"
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text:  # when the chain of causes is lost on the way up
+        return f"TLS: the server's certificate cannot be verified ({text}): pass --ca with its authority's certificate"
+    return None
 
 
 class EdgeClient:
@@ -123,15 +169,21 @@ class EdgeClient:
         Images per request; lowered to the server's ``max_batch`` if larger.
     seed : int
         Seeds the defense's random draws (noise) on the device (CPU random stream).
+    ca : str or Path, optional
+        PEM file of the certificate authority (or the self-signed certificate) that signed an ``https://``
+        server's certificate; default: the system's trusted authorities. A server whose certificate it
+        cannot verify is refused at once (no retries).
     """
 
     def __init__(self, checkpoint: str | Path, server_url: str, token: str = "", *,
                  codec: CodecOptions | WireFormat | None = None, timeout: float = 30.0, retries: int = 3,
-                 backoff: float = 0.2, batch_size: int = 64, seed: int = 0, device: str = "cpu"):
+                 backoff: float = 0.2, batch_size: int = 64, seed: int = 0, device: str = "cpu",
+                 ca: str | Path | None = None):
         import httpx
 
         if retries < 0 or batch_size < 1 or timeout <= 0:
             raise ConfigError("retries must be >= 0, batch_size >= 1 and timeout > 0")
+        verify = tls_context(server_url, ca)
         edge = load_edge(checkpoint, device=device)  # the head and defense only; no tail in this process
         check(validate(edge.target, edge.defense))  # every problem of the head and defense, before any request
         self.head, self.defense = edge.target.head.eval(), edge.defense.eval()
@@ -141,7 +193,7 @@ class EdgeClient:
         self.retries, self.backoff, self.batch_size, self.device = retries, backoff, batch_size, device
         self._generator = torch.Generator(device=device).manual_seed(seed)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=server_url.rstrip("/"), headers=headers, timeout=timeout)
+        self._http = httpx.Client(base_url=server_url.rstrip("/"), headers=headers, timeout=timeout, verify=verify)
         self._checked = False
 
     def __enter__(self) -> EdgeClient:
@@ -161,6 +213,8 @@ class EdgeClient:
             try:
                 response = self._http.request(method, path, **kwargs)
             except httpx.TransportError as exc:  # connection refused/reset, timeouts
+                if (tls := _tls_failure(exc)) is not None:  # a certificate will not verify on a retry either
+                    raise ServerError(f"{method} {self._http.base_url}{path}: {tls}", code="tls") from None
                 if last:
                     raise ServerError(f"{method} {self._http.base_url}{path} failed after "
                                       f"{attempt + 1} attempts: {type(exc).__name__}: {exc}") from None
