@@ -6,7 +6,8 @@ threads, ``OMP_NUM_THREADS=1``) is started on 127.0.0.1, and 1, 4 and 16 client 
 ``httpx.Client`` each) send one-image float32 frames for a fixed time. Printed side by side:
 
 * limit req/s: ``tail(z)`` on one image, in this process, one thread, no HTTP and no codec;
-* served req/s, p50 and p99 latency (ms) per concurrency, and served / limit.
+* served req/s, p50 and p99 latency (ms) per concurrency, and served / limit, for each ``--max-delay-ms``
+  of the server's dynamic batcher (one server per value; 0: run what is queued, no waiting).
 
 Untrained weights: speed does not depend on them. The clients run on the same machine (2 cores here),
 so they compete with the server for CPU: the ratios are a floor for a server with its own cores.
@@ -56,11 +57,12 @@ def bare_tail_rate(target: ss.SplitModel, seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
-def start_server(checkpoint: Path, token_file: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: Path, token_file: Path, log: Path, max_delay_ms: float) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "splitshield.runtime.server", str(checkpoint), "--port", str(port),
-                             "--token-file", str(token_file)], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+                             "--token-file", str(token_file), "--max-delay-ms", str(max_delay_ms)],
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -113,6 +115,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="measurement time per concurrency level")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--max-delay-ms", type=float, nargs="+", default=[0.0, 2.0],
+                        help="the server's dynamic-batching delays to compare (one server each)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -128,17 +132,19 @@ def main() -> None:
             limit = bare_tail_rate(target, 3.0)
             with torch.no_grad():
                 frame = encode(target.head(torch.rand(1, *shape)))
-            proc, url = start_server(cloud, Path(tmp) / "token.txt", Path(tmp) / f"{name}.log")
-            try:
-                print(f"\n## {title}: feature {target.feature_shape()}, frame {len(frame)} bytes (float32); "
-                      f"bare tail limit {limit:.0f} req/s (1 thread, batch 1)")
-                print(f"{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'served/limit':>14}")
-                for clients in args.clients:
-                    rate, p50, p99 = load(url, token, frame, clients, args.seconds)
-                    print(f"{clients:>8}{rate:>9.0f}{p50:>9.2f}{p99:>9.2f}{rate / limit:>14.3f}", flush=True)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=10)
+            print(f"\n## {title}: feature {target.feature_shape()}, frame {len(frame)} bytes (float32); "
+                  f"bare tail limit {limit:.0f} req/s (1 thread, batch 1)")
+            print(f"{'delay ms':>9}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'served/limit':>14}")
+            for delay in args.max_delay_ms:
+                proc, url = start_server(cloud, Path(tmp) / "token.txt", Path(tmp) / f"{name}.log", delay)
+                try:
+                    for clients in args.clients:
+                        rate, p50, p99 = load(url, token, frame, clients, args.seconds)
+                        print(f"{delay:>9g}{clients:>8}{rate:>9.0f}{p50:>9.2f}{p99:>9.2f}{rate / limit:>14.3f}",
+                              flush=True)
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=10)
 
 
 if __name__ == "__main__":

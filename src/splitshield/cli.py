@@ -381,7 +381,10 @@ def serve(
                        ] = False,
     record: Annotated[Path | None, typer.Option(help="SQLite transcript: store every received feature frame.")
                       ] = None,
-    max_batch: Annotated[int, typer.Option(help="Largest batch per request.")] = 256,
+    max_batch: Annotated[int, typer.Option(help="Largest batch per request, and per dynamic batch of requests.")
+                         ] = 256,
+    max_delay_ms: Annotated[float, typer.Option(
+        help="Dynamic batching: ms a queued request may wait for others to fill a batch (0: no waiting).")] = 0.0,
     timeout: Annotated[float, typer.Option(help="Seconds allowed per request.")] = 30.0,
     workers: Annotated[int, typer.Option(help="Threads running the tail.")] = 4,
     max_in_flight: Annotated[int, typer.Option(help="Concurrent requests before answering 'overloaded'.")] = 32,
@@ -412,14 +415,14 @@ def serve(
     check_servable(checkpoint, allow_head_weights)  # refused before anything is printed or loaded
     limits = ConnectionLimits(header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout,
                               max_connections=max_connections, max_header_bytes=max_header_bytes)
-    check_options(tls_cert, tls_key, limits, record, record_max_mb, record_keep)
+    check_options(tls_cert, tls_key, limits, record, record_max_mb, record_keep, max_batch, max_delay_ms)
     if record is not None:
         check_writable(record, "--record")
     # run_server prints the address once the port is bound (a client reading it can connect at once).
     run_server(checkpoint, host=host, port=port, token=token, record=record, max_batch=max_batch,
                request_timeout=timeout, workers=workers, max_in_flight=max_in_flight, device=device,
                allow_head_weights=allow_head_weights, tls_cert=tls_cert, tls_key=tls_key, limits=limits,
-               record_max_mb=record_max_mb, record_keep=record_keep)
+               record_max_mb=record_max_mb, record_keep=record_keep, max_delay_ms=max_delay_ms)
 
 
 @app.command()
