@@ -15,7 +15,8 @@ from torch import nn
 from ..defenses._params import choice, non_negative, positive, positive_int
 from ..errors import ConfigError
 
-__all__ = ["choice", "flag", "module_or", "non_negative", "non_negative_int", "optional", "positive", "positive_int"]
+__all__ = ["choice", "flag", "module_or", "non_negative", "non_negative_int", "one_of", "optional", "positive",
+           "positive_int"]
 
 T = TypeVar("T")
 
@@ -37,6 +38,13 @@ def non_negative_int(field: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
         raise ConfigError(f"{field} must be an integer >= 0, got {value!r}")
     return int(value)
+
+
+def one_of(field: str, value: T, options: tuple[T, ...]) -> T:
+    """``value``, or ``ConfigError`` unless it is one of ``options`` (any values, ``None`` too)."""
+    if value not in options:
+        raise ConfigError(f"{field} must be one of {', '.join(repr(o) for o in options)}, got {value!r}")
+    return value
 
 
 def module_or(field: str, value: str | nn.Module | None, options: tuple[str | None, ...]) -> str | nn.Module | None:

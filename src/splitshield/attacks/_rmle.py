@@ -21,8 +21,8 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 
 
 def rmle(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input_shape: tuple[int, ...], *,
-         iters: int, lr: float, tv: float, l2: float, init: float = 0.5, eps: float = 1e-3,
-         progress: bool = False, desc: str = "rMLE") -> torch.Tensor:
+         iters: int, lr: float | torch.Tensor, tv: float | torch.Tensor, l2: float | torch.Tensor, init: float = 0.5,
+         eps: float = 1e-3, progress: bool = False, desc: str = "rMLE") -> torch.Tensor:
     """Find x in [0, 1] minimising ``mean((forward(x) - z)²) + tv·TV(x) + l2·mean((x - init)²)``.
 
     Parameters
@@ -38,6 +38,10 @@ def rmle(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input
     tv, l2:
         Weights of the total-variation prior and of the pull towards the grey start ``init``.
 
+    ``lr``, ``tv`` and ``l2`` are each a number or a tensor [B] of one value per image, so that one
+    batched run optimises several settings side by side (rows with one ``lr`` share an Adam parameter
+    group; Adam acts element-wise, so each row's optimisation is the one it would have alone).
+
     Images whose feature loss has no gradient at the grey start (a head whose ReLUs are all off there,
     as NoPeek can train) would never move: they restart from uniform noise (seeded, so runs repeat).
 
@@ -46,22 +50,48 @@ def rmle(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input
     Reconstructions [B, C, H, W] in [0, 1].
     """
     z = z.detach()
-    x = torch.full((z.shape[0], *input_shape), init, device=z.device, requires_grad=True)
-    _restart_dead_starts(forward, z, x)
-    opt = torch.optim.Adam([x], lr=lr, eps=eps, amsgrad=True)
+    rows = z.shape[0]
+    tv, l2 = _per_row(tv, rows, z), _per_row(l2, rows, z)
+    start = torch.full((rows, *input_shape), init, device=z.device, requires_grad=True)
+    _restart_dead_starts(forward, z, start)
+    if isinstance(lr, torch.Tensor):
+        rates, group = torch.unique(lr.detach().to("cpu", torch.float64), return_inverse=True)
+        indices = [(group == g).nonzero().flatten().to(z.device) for g in range(len(rates))]
+        parts = [start.detach()[i].clone().requires_grad_(True) for i in indices]
+        groups = [{"params": [part], "lr": float(rate)} for part, rate in zip(parts, rates, strict=True)]
+        order = torch.cat(indices).argsort()
+    else:
+        parts = [start]
+        groups = [{"params": parts, "lr": lr}]
+        order = None
+    opt = torch.optim.Adam(groups, eps=eps, amsgrad=True)
+
+    def assemble() -> torch.Tensor:
+        return parts[0] if order is None else torch.cat(parts)[order]
+
     for _ in tqdm(range(iters), desc=desc, disable=not progress, leave=False):
-        feature_loss = (forward(x) - z).pow(2).flatten(1).mean(1)
-        loss = feature_loss
-        if tv:
+        x = assemble()
+        loss = (forward(x) - z).pow(2).flatten(1).mean(1)
+        if tv is not None:
             loss = loss + tv * total_variation(x)
-        if l2:
+        if l2 is not None:
             loss = loss + l2 * (x - init).pow(2).flatten(1).mean(1)
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()
         with torch.no_grad():
-            x.clamp_(0.0, 1.0)
-    return x.detach()
+            for part in parts:
+                part.clamp_(0.0, 1.0)
+    return assemble().detach()
+
+
+def _per_row(weight: float | torch.Tensor, rows: int, like: torch.Tensor) -> float | torch.Tensor | None:
+    """A loss weight as a number or a tensor [rows]; ``None`` when it is zero for every row (term skipped)."""
+    if not isinstance(weight, torch.Tensor):
+        return weight or None
+    if weight.shape != (rows,):
+        raise ValueError(f"a per-image weight must have shape [{rows}], got {list(weight.shape)}")
+    return weight.to(like) if bool(weight.any()) else None
 
 
 def _restart_dead_starts(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, x: torch.Tensor) -> None:

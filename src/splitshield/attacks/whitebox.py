@@ -7,14 +7,21 @@ The attacker holds the head's weights f1 and an observed feature z0, and solves
 with Adam from a grey image. Against a defended model the attack is adaptive: f1 is followed by the
 defense's obfuscation, re-sampled at every step (an expectation-over-transformation estimate).
 Defaults follow the authors' code per split (ALGORITHMS §A.2), translated to pixel space.
+
+With ``search="auto"`` the attacker tunes the attack to the model it holds, never looking at the private
+images: λ_TV, a modelling choice, is the one that inverts the attacker's own auxiliary images best
+(their features computed through the same view), and the step size, an optimisation choice, is chosen per
+image as the run reaching the lowest objective. The feature residual alone cannot choose λ_TV: a smaller
+λ_TV always fits the features at least as well, which at a non-injective cut is the wrong image.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._params import flag, non_negative, non_negative_int, optional, positive, positive_int
-from ._rmle import rmle
+from .. import metrics
+from ._params import flag, non_negative, non_negative_int, one_of, optional, positive, positive_int
+from ._rmle import rmle, total_variation
 from .base import InversionAttack, WhiteBoxView, seeded
 
 #: He et al.'s per-split (iterations, lr, λ_TV, λ_l2) for their named split points.
@@ -28,6 +35,15 @@ HE2019_SETTINGS: dict[str, tuple[int, float, float, float]] = {
     "fc2": (500, 1e-1, 5e2, 1e2),
 }
 _FALLBACK = (3000, 1e-2, 1.0, 0.0)
+#: ``search="auto"``: the λ_TV values tried (with the table's), and the multiples of the table's lr.
+TV_GRID = (0.0, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4)
+LR_FACTORS = (0.1, 1.0, 10.0)
+SEARCHES = ("auto", None)
+#: Auxiliary images the auto search inverts to choose λ_TV, and noise draws averaging each objective.
+CALIBRATION_IMAGES = 16
+OBJECTIVE_DRAWS = 8
+#: PSNR cap (dB) when scoring λ_TV on the aux images: exact inversions (infinite PSNR) tie.
+_PSNR_CAP = 100.0
 
 
 def check_rmle_params(iters: int | None, lr: float | None, tv: float | None, l2: float | None,
@@ -45,6 +61,20 @@ def rmle_settings(point: str, iters: int | None, lr: float | None, tv: float | N
     return tuple(d if v is None else v for v, d in zip(given, defaults, strict=True))  # type: ignore[return-value]
 
 
+def search_grid(point: str, lr: float | None, tv: float | None,
+                l2: float | None) -> tuple[tuple[tuple[float, float], ...], tuple[float, ...]]:
+    """The priors ((λ_TV, λ_l2), ...) and the lr values ``search="auto"`` tries at ``point``.
+
+    λ_TV in ``TV_GRID`` and the table's, λ_l2 in {0, the table's}, lr in ``LR_FACTORS`` × the table's; a given
+    ``tv``, ``l2`` or ``lr`` is the only value of its kind.
+    """
+    _, lr0, tv0, l20 = HE2019_SETTINGS.get(point, _FALLBACK)
+    tvs = (tv,) if tv is not None else tuple(sorted({*TV_GRID, tv0}))
+    l2s = (l2,) if l2 is not None else tuple(sorted({0.0, l20}))
+    lrs = (lr,) if lr is not None else tuple(f * lr0 for f in LR_FACTORS)
+    return tuple((t, w) for t in tvs for w in l2s), lrs
+
+
 class WhiteBoxInversion(InversionAttack):
     """rMLE inversion with the head's weights.
 
@@ -52,7 +82,16 @@ class WhiteBoxInversion(InversionAttack):
     ----------
     iters, lr, tv, l2:
         Adam steps (> 0), step size (> 0), TV weight and L2 weight (>= 0); ``None`` takes He et al.'s value
-        for the split point's name when it is one of theirs, else (3000, 1e-2, 1.0, 0.0).
+        for the split point's name when it is one of theirs, else (3000, 1e-2, 1.0, 0.0), or with
+        ``search="auto"`` is searched for.
+    search:
+        ``"auto"``: tune the settings to the model by the attacker's own criteria (module docstring): the
+        priors (λ_TV, λ_l2) of :func:`search_grid` are chosen at ``fit`` by the mean PSNR of the inversions
+        of the first ``CALIBRATION_IMAGES`` aux images (the table's priors without aux data); lr, per image
+        by ``invert``, as the run whose objective (feature mean-squared error, averaged over
+        ``OBJECTIVE_DRAWS`` draws of the defense's noise, plus the priors) is lowest. All runs of one
+        search are one batched optimisation of ``iters`` steps each. A given ``tv``, ``l2`` or ``lr`` is
+        not searched. ``None`` (the default for now): the settings above, one run.
     seed:
         Seeds the defense's noise the adaptive attacker draws while it optimises.
     progress:
@@ -61,31 +100,92 @@ class WhiteBoxInversion(InversionAttack):
     Fitted attributes
     -----------------
     iters_, lr_, tv_, l2_:
-        The settings in use, ``None`` resolved for the victim's split point.
+        The settings in use, ``None`` resolved for the victim's split point; with ``search="auto"``,
+        ``tv_`` and ``l2_`` are the chosen priors and ``lr_`` the tuple of step sizes ``invert`` tries.
+    calibration_:
+        ``search="auto"`` with aux data: {(λ_TV, λ_l2): mean PSNR in dB (capped at 100) on the aux images},
+        else ``{}``.
     view_:
         The white-box view of the victim.
+    chosen_, residual_:
+        Set by each ``invert``: per image the (λ_TV, λ_l2, lr) of the kept run [B, 3], and its relative
+        feature residual ``‖send(x̂) − z‖² / ‖z‖²`` [B] (averaged over the noise draws).
     """
 
     threats = ("white_box",)
     name = "rmle"
 
     def __init__(self, iters: int | None = None, lr: float | None = None, tv: float | None = None,
-                 l2: float | None = None, seed: int = 0, progress: bool = True):
+                 l2: float | None = None, search: str | None = None, seed: int = 0, progress: bool = True):
         self.iters, self.lr, self.tv, self.l2 = check_rmle_params(iters, lr, tv, l2)
+        self.search = one_of("search", search, SEARCHES)
         self.seed = non_negative_int("seed", seed)
         self.progress = flag("progress", progress)
 
     def _fit(self, view: WhiteBoxView) -> WhiteBoxInversion:  # type: ignore[override]
         self.iters_, self.lr_, self.tv_, self.l2_ = rmle_settings(view.point, self.iters, self.lr, self.tv, self.l2)
         self.view_ = view
+        self.calibration_: dict[tuple[float, float], float] = {}
+        if self.search == "auto":
+            priors, self.lr_ = search_grid(view.point, self.lr, self.tv, self.l2)
+            if len(priors) > 1 and view.aux is not None and len(view.aux) > 0:
+                x, _ = view.aux.take(CALIBRATION_IMAGES).tensors()
+                with torch.no_grad():
+                    z = view.send(x)
+                x_hat, _, _ = self._search(z, priors, self.lr_)
+                truth = x.repeat(len(priors), 1, 1, 1).to(x_hat)
+                psnr = metrics.psnr(x_hat, truth, reduction="none").clamp(max=_PSNR_CAP).view(len(priors), -1)
+                self.calibration_ = dict(zip(priors, psnr.mean(1).tolist(), strict=True))
+                # The best mean PSNR; among ties, the weakest priors.
+                self.tv_, self.l2_ = max(priors, key=lambda prior: (self.calibration_[prior], -sum(prior)))
         return self
 
     def invert(self, z: torch.Tensor) -> torch.Tensor:
         """Reconstructions [B, C, H, W] in [0, 1] of the features ``z`` [B, ...] the device sent."""
         self._check_fitted()
+        lrs = self.lr_ if isinstance(self.lr_, tuple) else (self.lr_,)
+        x_hat, self.chosen_, self.residual_ = self._search(z, ((self.tv_, self.l2_),), lrs)
+        return x_hat
+
+    def _search(self, z: torch.Tensor, priors: tuple[tuple[float, float], ...],
+                lrs: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """rMLE of every (prior, lr) on every feature of ``z`` [B, ...], as one batched run.
+
+        Returns, per prior (λ_TV, λ_l2) and image, the reconstruction of the lr whose objective is lowest
+        [P·B, C, H, W] (prior-major), its (λ_TV, λ_l2, lr) [P·B, 3] and its relative residual [P·B].
+        """
+        grid = torch.tensor([(*prior, r) for prior in priors for r in lrs], dtype=torch.float64)  # [K, 3]
+        k, b = len(grid), z.shape[0]
+        zz = z.detach().repeat(k, *([1] * (z.dim() - 1)))
+        tv, l2, lr = (grid[:, i].repeat_interleave(b) for i in range(3))
         with seeded(self.seed):
-            return rmle(self.view_.send, z, self.view_.input_shape, iters=self.iters_, lr=self.lr_, tv=self.tv_,
-                        l2=self.l2_, progress=self.progress, desc="white-box rMLE")
+            x = rmle(self.view_.send, zz, self.view_.input_shape, iters=self.iters_,
+                     lr=lr if k > 1 else float(lr[0]), tv=tv.float() if k > 1 else float(tv[0]),
+                     l2=l2.float() if k > 1 else float(l2[0]), progress=self.progress, desc="white-box rMLE")
+        residual = self._residual(x, zz, b)
+        if k == 1:
+            return x, grid.expand(b, 3).clone(), residual
+        objective = (residual * zz.pow(2).flatten(1).mean(1) + tv.to(x) * total_variation(x)
+                     + l2.to(x) * (x - 0.5).pow(2).flatten(1).mean(1))
+        best = objective.view(len(priors), len(lrs), b).argmin(1)  # [P, B]: the lr kept per prior and image
+        rows = ((torch.arange(len(priors))[:, None] * len(lrs) + best) * b + torch.arange(b)).flatten()
+        return x[rows], grid.repeat_interleave(b, 0)[rows], residual[rows]
+
+    def _residual(self, x: torch.Tensor, z: torch.Tensor, block: int) -> torch.Tensor:
+        """Relative residual ``‖send(x) − z‖² / ‖z‖²`` per row [N], averaged over ``OBJECTIVE_DRAWS`` noise draws.
+
+        The rows come in blocks of ``block`` (one per setting); every block sees the same draws, so the
+        runs compared for one image are compared under the same noise.
+        """
+        total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        with torch.no_grad():
+            for start in range(0, x.shape[0], block):
+                rows = slice(start, start + block)
+                for draw in range(OBJECTIVE_DRAWS):
+                    with seeded(self.seed + 1 + draw):
+                        total[rows] += (self.view_.send(x[rows]) - z[rows]).pow(2).flatten(1).sum(1).double()
+        return (total / OBJECTIVE_DRAWS / z.pow(2).flatten(1).sum(1).double().clamp_min(1e-30)).float()
 
     def config(self) -> dict:
-        return {"name": self.name, "iters": self.iters, "lr": self.lr, "tv": self.tv, "l2": self.l2, "seed": self.seed}
+        return {"name": self.name, "iters": self.iters, "lr": self.lr, "tv": self.tv, "l2": self.l2,
+                "search": self.search, "seed": self.seed}
