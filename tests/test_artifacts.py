@@ -176,10 +176,12 @@ def test_edge_client_refuses_a_cloud_with_another_fingerprint(pair: tuple[Path, 
     done = export(other, tmp_path / "edge.safetensors", tmp_path / "cloud.safetensors")
     theirs = tensors_and_meta(pair[2])[1]["fingerprint"]
     for device_side in (done.edge, other):
-        with EdgeClient(device_side, server, TOKEN) as client, pytest.raises(ConfigError) as info:
-            client.predict(torch.rand(2, *SHAPE))
-        message = str(info.value)
-        assert theirs in message and done.fingerprint in message and "\n" not in message
+        # predict(), and send() of features computed by the caller: neither reaches a cloud of another model
+        for call in (lambda c: c.predict(torch.rand(2, *SHAPE)), lambda c: c.send(c.features(torch.rand(2, *SHAPE)))):
+            with EdgeClient(device_side, server, TOKEN) as client, pytest.raises(ConfigError) as info:
+                call(client)
+            message = str(info.value)
+            assert theirs in message and done.fingerprint in message and "\n" not in message
 
 
 def test_each_side_refuses_the_other_sides_file(pair: tuple[Path, Path, Path]) -> None:

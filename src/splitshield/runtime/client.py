@@ -284,7 +284,10 @@ class EdgeClient:
         return encode(z, self.codec)
 
     def send(self, z: torch.Tensor, request_id: str | None = None) -> torch.Tensor:
-        """Send one batch of features ``[B, *feature_shape]``; returns the tail's logits ``[B, K]``."""
+        """Send one batch of features ``[B, *feature_shape]``; returns the tail's logits ``[B, K]``.
+
+        The first call checks that the server hosts this device's model (split, shapes, fingerprint)."""
+        self._check_server()
         body = self._request(
             "POST", "/v1/infer", content=self.frame(z),
             headers={"Content-Type": "application/octet-stream", "X-Request-ID": request_id or uuid.uuid4().hex},
@@ -293,6 +296,5 @@ class EdgeClient:
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, K]`` for images ``[N, C, H, W]`` (float in [0, 1] or uint8), in batches."""
-        self._check_server()
         z = self.features(images)
         return torch.cat([self.send(z[i : i + self.batch_size]) for i in range(0, len(z), self.batch_size)])

@@ -189,7 +189,7 @@ def _open_readonly(path: str | Path) -> sqlite3.Connection:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"transcript {path} does not exist (record one with: splitshield serve ... --record {path})")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
     try:
         conn.execute("SELECT id, received_at, request_id, batch, frame FROM frames LIMIT 0")
     except sqlite3.DatabaseError as exc:
