@@ -168,7 +168,7 @@ def test_served_requests_are_batched_equal_alone_and_recorded_once_each(checkpoi
     from splitshield.runtime.server import TailService, create_app
     from splitshield.runtime.transcript import read_records
 
-    service = TailService(checkpoint, max_batch=16)
+    service = TailService(checkpoint, max_batch=16, allow_head_weights=True)
     forward, batches = service.forward, []
     service.forward = lambda z: (batches.append(z.shape[0]), forward(z))[1]  # count the tail's calls
     db = tmp_path / "transcript.db"
@@ -188,7 +188,7 @@ def test_served_requests_are_batched_equal_alone_and_recorded_once_each(checkpoi
 def test_a_failing_tail_is_an_internal_error_and_the_server_goes_on(checkpoint: Path) -> None:
     from splitshield.runtime.server import TailService, create_app
 
-    service = TailService(checkpoint, max_batch=4)
+    service = TailService(checkpoint, max_batch=4, allow_head_weights=True)
     forward = service.forward
     app = create_app(service, TOKEN, max_delay_ms=0)
     service.forward = lambda z: (_ for _ in ()).throw(RuntimeError("boom"))

@@ -374,7 +374,7 @@ def test_engine_measures_the_features_the_server_decodes(tmp_path):
     assert cell["metrics"]["accuracy"] != plain["metrics"]["accuracy"]  # 4 bits change some predictions
     checkpoint = cell["artifacts"]["checkpoint"]
     x, y = load_dataset("mnist-5k").test.take(TINY["evaluation"]["test_n"]).tensors()
-    service = TailService(checkpoint)
+    service = TailService(checkpoint, allow_head_weights=True)  # the engine's full checkpoint
     with EdgeClient(checkpoint, "http://127.0.0.1:9", codec=WireFormat("uint4", "zstd"), batch_size=1) as client:
         z = client.features(x)
         with torch.no_grad():

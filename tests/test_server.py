@@ -378,7 +378,7 @@ def test_no_auth_warns_and_serves_without_a_token(checkpoint: Path, capsys: pyte
     assert token is None and "warning: --no-auth" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="not both"):
         resolve_token("token.txt", no_auth=True)
-    r, = asgi_calls(create_app(TailService(checkpoint), token), ("POST", "/v1/infer", GOOD))
+    r, = asgi_calls(create_app(TailService(checkpoint, allow_head_weights=True), token), ("POST", "/v1/infer", GOOD))
     assert r.status_code == 200
 
 
@@ -423,7 +423,7 @@ def asgi_calls(app, *calls: tuple[str, str, bytes | None]) -> list[httpx.Respons
 def test_unsupported_encoding_and_timeout_in_process(checkpoint: Path) -> None:
     from splitshield.runtime.server import TailService, create_app
 
-    service = TailService(checkpoint, max_batch=4, encodings=("float32",))
+    service = TailService(checkpoint, max_batch=4, encodings=("float32",), allow_head_weights=True)
     app = create_app(service, TOKEN, request_timeout=0.5)
     info, = asgi_calls(app, ("GET", "/v1/model", None))
     assert info.json()["codec"]["encodings"] == ["float32"]
@@ -438,13 +438,13 @@ def test_create_app_refuses_empty_token(checkpoint: Path) -> None:
     from splitshield.runtime.server import TailService, create_app
 
     with pytest.raises(ConfigError, match="token is empty"):
-        create_app(TailService(checkpoint), "")
+        create_app(TailService(checkpoint, allow_head_weights=True), "")
 
 
 def test_requests_beyond_max_in_flight_are_refused_as_overloaded(checkpoint: Path) -> None:
     from splitshield.runtime.server import TailService, create_app
 
-    service = TailService(checkpoint, max_batch=4)
+    service = TailService(checkpoint, max_batch=4, allow_head_weights=True)
     forward = service.forward
     service.forward = lambda z: (time.sleep(0.5), forward(z))[1]
     frame = encode(torch.rand(1, *FEATURE))

@@ -82,7 +82,7 @@ def test_wire_roundtrip_equals_what_the_server_decodes(checkpoint: Path, dtype: 
     from splitshield.runtime.server import TailService
 
     wire = WireFormat(dtype, compress)
-    service = TailService(checkpoint, max_batch=8)
+    service = TailService(checkpoint, max_batch=8, allow_head_weights=True)
     x = torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     # The client never connects: frame() is the body send() posts, TailService.decode what /v1/infer runs.
     with EdgeClient(checkpoint, "http://127.0.0.1:9", codec=wire, batch_size=batch_size) as client:

@@ -156,7 +156,7 @@ class TailService:
     """
 
     def __init__(self, checkpoint: str | Path, max_batch: int = 256, encodings: tuple[str, ...] | None = None,
-                 device: str = "cpu", *, allow_head_weights: bool = True):
+                 device: str = "cpu", *, allow_head_weights: bool = False):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be a positive int, got {max_batch!r}")
         # Only the tail is kept: a cloud artifact has no head weights, and a checkpoint's head is dropped.
