@@ -211,6 +211,26 @@ def test_rotation_keeps_only_the_newest_files(tmp_path: Path) -> None:
     assert none_kept.rotations > 0 and rotated_transcripts(tmp_path / "u.db") == []
 
 
+def test_a_failed_rotation_keeps_recording_in_the_same_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A rotation that cannot move its file (disk full, permissions) is logged; no frame and no later request
+    is lost."""
+    from splitshield.runtime import transcript
+
+    def disk_full(source: Path, target: Path | None) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transcript, "_move", disk_full)
+    db = tmp_path / "transcript.db"
+    writer = TranscriptWriter(db, max_bytes=40 * 1024)
+    for i, frame in enumerate(frames_of(10)):
+        writer.append(frame, batch=1, request_id=f"r{i}")
+    writer.close()
+    assert writer.rotations == 0 and rotated_transcripts(db) == []
+    assert [rid for _, _, rid, _ in read_records(db)] == [f"r{i}" for i in range(10)]
+    assert "rotation failed" in caplog.text and "No space left" in caplog.text
+
+
 def test_server_rotates_its_transcript(tmp_path: Path) -> None:
     full = tiny_checkpoint(tmp_path)
     cloud = export(full, tmp_path / "edge.safetensors", tmp_path / "cloud.safetensors").cloud

@@ -28,6 +28,7 @@ Schema (table ``frames``)::
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -39,6 +40,8 @@ import torch
 
 from ..errors import CodecError, ConfigError, DataError
 from .codec import decode, read_header
+
+_log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ..attacks.base import InversionAttack
@@ -140,12 +143,18 @@ class TranscriptWriter:
         """Close the full file, shift the numbered ones (deleting those beyond ``keep``), start a new one."""
         self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._conn.close()
-        for number in sorted(_rotation_numbers(self.path), reverse=True):
-            keep_it = self.keep is None or number < self.keep
-            _move(rotated_path(self.path, number), rotated_path(self.path, number + 1) if keep_it else None)
-        _move(self.path, rotated_path(self.path, 1) if self.keep != 0 else None)
-        self._conn = self._open()
-        self.rotations += 1
+        try:
+            for number in sorted(_rotation_numbers(self.path), reverse=True):
+                keep_it = self.keep is None or number < self.keep
+                _move(rotated_path(self.path, number), rotated_path(self.path, number + 1) if keep_it else None)
+            _move(self.path, rotated_path(self.path, 1) if self.keep != 0 else None)
+            self.rotations += 1
+        except OSError as exc:
+            # The frame is committed already: recording goes on (in the current file) rather than every later
+            # request failing because a file could not be moved (disk full, permissions).
+            _log.warning("transcript %s: rotation failed (%s); recording continues in the same file", self.path, exc)
+        finally:
+            self._conn = self._open()
 
     def close(self) -> None:
         with self._lock:
