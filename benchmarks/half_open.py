@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from serve import start_server  # benchmarks/serve.py: the same server subprocess
 
 import splitshield as ss
 from splitshield.runtime.artifacts import export
@@ -50,12 +50,6 @@ from splitshield.runtime.server import ConnectionLimits
 SRC = Path(__file__).resolve().parents[1] / "src"
 TOKEN = "benchmark-token"
 PARTIAL = b"POST /v1/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def raise_fd_limit(needed: int) -> None:
@@ -158,24 +152,6 @@ class Holder:
 
 
 # -- the server and the measuring client --------------------------------------------------------------------
-
-
-def start_server(cloud: Path, token_file: Path, log: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "splitshield.runtime.server", str(cloud), "--port", str(port),
-                             "--token-file", str(token_file), *extra], env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"server did not start: {log.read_text()}")
 
 
 def measure(url: str, frame: bytes, seconds: float) -> tuple[dict[str, list[float]], dict[str, int]]:

@@ -57,11 +57,13 @@ def bare_tail_rate(target: ss.SplitModel, seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
-def start_server(checkpoint: Path, token_file: Path, log: Path, max_delay_ms: float) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: Path, token_file: Path, log: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """A server subprocess (``python -m splitshield.runtime.server`` with ``extra`` options) and its URL, once
+    it answers ``/healthz``."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "splitshield.runtime.server", str(checkpoint), "--port", str(port),
-                             "--token-file", str(token_file), "--max-delay-ms", str(max_delay_ms)],
+                             "--token-file", str(token_file), *extra],
                             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -136,7 +138,8 @@ def main() -> None:
                   f"bare tail limit {limit:.0f} req/s (1 thread, batch 1)")
             print(f"{'delay ms':>9}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'served/limit':>14}")
             for delay in args.max_delay_ms:
-                proc, url = start_server(cloud, Path(tmp) / "token.txt", Path(tmp) / f"{name}.log", delay)
+                proc, url = start_server(cloud, Path(tmp) / "token.txt", Path(tmp) / f"{name}.log",
+                                         ["--max-delay-ms", str(delay)])
                 try:
                     for clients in args.clients:
                         rate, p50, p99 = load(url, token, frame, clients, args.seconds)
