@@ -244,7 +244,8 @@ def test_query_free_shadow_matches_the_moments_of_the_traffic(trained_lenet, mni
     for seed in (0, 1):
         distance = {}
         for weight in (0.0, 3.0):
-            attack = ss.QueryFreeInversion(steps=200, match_traffic=weight, seed=seed, progress=False).fit(view)
+            attack = ss.QueryFreeInversion(steps=200, match_traffic=weight, search=None, seed=seed,
+                                           progress=False).fit(view)
             with torch.no_grad():
                 distance[weight] = _moment_distance(attack.shadow_head_(x), view.traffic).item()
         assert distance[3.0] < 0.5 * distance[0.0], (seed, distance)
@@ -274,7 +275,8 @@ def test_attacks_reject_a_bad_parameter_when_built(cls, field, value):
 
 
 def test_registry_names_say_what_the_attack_is_and_old_names_still_resolve():
-    assert set(ss.attacks.ATTACKS) == {"rmle", "inverse_network", "shadow_head", "model_completion"}
+    assert set(ss.attacks.ATTACKS) == {"rmle", "inverse_network", "shadow_head", "model_completion", "strongest",
+                                      "unsplit"}
     assert all(cls.name == name for name, cls in ss.attacks.ATTACKS.items())
     resolve = ss.attacks.attack_name
     assert [resolve(n) for n in ("white_box", "black_box", "query_free")] == ["rmle", "inverse_network", "shadow_head"]

@@ -14,7 +14,15 @@ from splitshield.cli import app
 from splitshield.config import load_spec, parse_spec
 from splitshield.errors import ConfigError
 from splitshield.experiment import RESULTS_REVISION, CellOutcome
-from splitshield.report import MIN_AUDIT_BUDGETS, attack_budgets, audit, budget_lines, build_report, weak_attacks
+from splitshield.report import (
+    MIN_AUDIT_BUDGETS,
+    attack_budgets,
+    audit,
+    bar_setters,
+    budget_lines,
+    build_report,
+    weak_attacks,
+)
 from splitshield.store import CellRecord, ResultStore
 
 NAN = float("nan")
@@ -50,6 +58,16 @@ def test_a_nan_or_missing_metric_fails_with_its_reason(store):
     assert found[("inverse_network", "psnr")].endswith("psnr missing: the attack produced no number")
     assert ("inverse_network", "ssim") not in found  # 0.1 is within the bar
     assert "mnist/lenet/ReLU2 defense=none attack=rmle seed=0" in found[("rmle", "ssim")]
+
+
+def test_the_audit_names_the_attack_closest_to_each_bar(store):
+    s, run = store
+    _add(s, run, "a", "rmle", {"ssim": 0.21, "psnr": 14.0})
+    _add(s, run, "b", "strongest", {"ssim": 0.35, "psnr": 13.0})
+    _add(s, run, "c", "inverse_network", {"ssim": NAN, "psnr": 15.5})
+    assert bar_setters(s, ["ssim", "psnr", "completion_accuracy"]) == [
+        "ssim 0.35: attack=strongest on mnist/lenet/ReLU2 defense=none seed=0",
+        "psnr 15.5: attack=inverse_network on mnist/lenet/ReLU2 defense=none seed=0"]
 
 
 def test_a_failed_pending_or_absent_cell_fails(store):
@@ -104,12 +122,25 @@ def test_budgets_resolve_defaults_and_flag_weak_settings():
 def test_defaults_are_never_weak_and_every_attack_has_minimums():
     from splitshield.attacks import ATTACKS
 
-    assert set(MIN_AUDIT_BUDGETS) == set(ATTACKS)
+    assert set(MIN_AUDIT_BUDGETS) | {"strongest"} == set(ATTACKS)  # the portfolio's budgets are its members'
     spec = parse_spec({**SPEC, "splits": ["fc2"], "attacks": [{"name": n} for n in ATTACKS]})
     budgets = attack_budgets(spec)
     assert weak_attacks(spec, budgets) == []
     rmle = next(b for b in budgets if b.name == "rmle")
     assert (rmle.value, rmle.source) == (500, "He et al.'s default at fc2")  # below 1000, but He et al.'s own
+
+
+def test_the_portfolio_is_held_to_each_members_budget():
+    spec = parse_spec({**SPEC, "attacks": [{"name": "strongest", "members": {"rmle": {"iters": 10},
+                                                                             "inverse_network": {}}}]})
+    budgets = attack_budgets(spec)
+    assert {(b.attack, b.field) for b in budgets} >= {("strongest/rmle", "iters"),
+                                                      ("strongest/inverse_network", "steps")}
+    assert weak_attacks(spec, budgets) == [
+        "spec field attacks[0].members.rmle.iters (rmle): 10 is below the audit's minimum 1000; raise it"]
+    default = parse_spec({**SPEC, "attacks": [{"name": "strongest"}]})  # every white-box attack, at its defaults
+    assert {b.name for b in attack_budgets(default)} >= {"rmle", "inverse_network"}
+    assert weak_attacks(default, attack_budgets(default)) == []
 
 
 @pytest.mark.parametrize(("attack", "words"), [
@@ -167,8 +198,12 @@ def test_a_bar_without_its_attack_is_refused_even_with_weak_attacks_allowed(tmp_
     result = CliRunner().invoke(app, ["audit", str(spec), "--db", str(tmp_path / "g.db"), "--max-psnr", "20",
                                       "--allow-weak-attacks"])
     assert result.exit_code == 2
-    assert ("error: --max-psnr: the spec's attacks do not measure psnr; add an inversion attack (rmle, "
-            "inverse_network or shadow_head) to its attacks (a gate with no attack cannot fail)") in result.output
+    from splitshield.attacks import ATTACKS, InversionAttack
+
+    names = [n for n, cls in ATTACKS.items() if issubclass(cls, InversionAttack)]
+    assert (f"error: --max-psnr: the spec's attacks do not measure psnr; add an inversion attack "
+            f"({', '.join(names[:-1])} or {names[-1]}) to its attacks (a gate with no attack cannot fail)"
+            ) in result.output.replace("\n", " ")
     assert not (tmp_path / "g.db").exists()
 
 

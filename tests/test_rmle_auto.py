@@ -107,12 +107,14 @@ def test_the_choice_sees_only_the_features_and_the_attackers_own_images(trained_
     x, _ = mnist5k.test.take(6).tensors()
     z = victim.observe(x)
     attack = ss.WhiteBoxInversion(iters=20, search="auto", progress=False).fit(victim)
-    # fit chose the priors from the aux images alone: nothing of the private images was given to it.
-    assert attack.calibration_ and (attack.tv_, attack.l2_) in attack.calibration_
+    # fit chose the setting from the aux images alone: nothing of the private images was given to it.
+    assert attack.calibration_ and (attack.tv_, attack.l2_, attack.lr_) in attack.calibration_
+    best = max(attack.calibration_.values())
+    assert attack.calibration_[(attack.tv_, attack.l2_, attack.lr_)] == best
     first = attack.invert(z)
     chosen, residual = attack.chosen_.clone(), attack.residual_.clone()
     assert chosen.shape == (6, 3) and residual.shape == (6,)
-    assert torch.all(chosen[:, 0] == attack.tv_) and set(chosen[:, 2].tolist()) <= set(attack.lr_)
+    assert torch.all(chosen == torch.tensor([attack.tv_, attack.l2_, attack.lr_], dtype=torch.float64))
     # invert(z) receives z only: the same z gives the same choice and the same images.
     assert torch.equal(attack.invert(z), first) and torch.equal(attack.chosen_, chosen)
     assert torch.all(residual >= 0) and torch.all(attack.residual_ == residual)
@@ -128,6 +130,8 @@ def test_explicit_settings_run_once_as_before(trained_lenet, mnist5k, one_thread
     assert torch.equal(table.chosen_, torch.tensor([[0.5, 0.0, 0.05]] * 3, dtype=torch.float64))
     no_aux = ss.WhiteBoxInversion(iters=10, search="auto", progress=False).fit(ss.Victim(target, threat="white_box"))
     assert no_aux.calibration_ == {} and (no_aux.tv_, no_aux.l2_) == (1.0, 0.0)  # the table's priors for ReLU2
+    no_aux.invert(z)  # without aux data, the lr is chosen per image among the searched ones
+    assert set(no_aux.chosen_[:, 2].tolist()) <= set(no_aux.lr_) and len(no_aux.lr_) == 3
     with pytest.raises(ConfigError, match=r"^search must be one of 'auto', None, got 'grid'$"):
         ss.WhiteBoxInversion(search="grid")
 
@@ -141,3 +145,18 @@ def test_auto_is_within_a_db_of_the_best_fixed_setting_at_full_size(name, traine
     for point in _cuts(model, test.image_shape):
         auto, best, setting = _auto_vs_best_fixed(model, point, test, aux, iters=300)
         assert auto >= best - 1.0, (name, point, auto, best, setting)
+
+
+def test_query_free_auto_tunes_rmle_on_the_shadow_with_the_attackers_images(trained_lenet, mnist5k, one_thread):
+    target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
+    victim = ss.Victim(target, threat="query_free", aux=mnist5k.holdout.take(64))
+    z = victim.observe(mnist5k.test.take(3).tensors()[0])
+    runs = [ss.QueryFreeInversion(steps=20, iters=10, search="auto", progress=False).fit(victim) for _ in range(2)]
+    attack = runs[0]
+    setting = (attack.tv_, attack.l2_, attack.rmle_lr_)
+    assert attack.calibration_[setting] == max(attack.calibration_.values())
+    priors, lrs = search_grid("ReLU2", None, None, None)
+    assert set(attack.calibration_) == {(t, w, r) for t, w in priors for r in lrs}
+    assert torch.equal(attack.invert(z), runs[1].invert(z))  # the same seed, the same choice and images
+    table = ss.QueryFreeInversion(steps=20, iters=10, search=None, progress=False).fit(victim)
+    assert table.calibration_ == {} and (table.tv_, table.l2_, table.rmle_lr_) == (1.0, 0.0, 1e-2)

@@ -6,10 +6,13 @@
 """
 
 from . import attacks, defenses, metrics, models
+from .advisor import Advice, advise
 from .attacks import (
     InverseNetwork,
     ModelCompletion,
     QueryFreeInversion,
+    StrongestAttack,
+    UnSplit,
     Victim,
     WhiteBoxInversion,
 )
@@ -41,6 +44,7 @@ def __getattr__(name: str):
 __version__ = "0.1.0"
 
 __all__ = [
+    "Advice",
     "CheckpointError",
     "CodecError",
     "Compose",
@@ -62,7 +66,10 @@ __all__ = [
     "ThreatModelError",
     "Trainer",
     "Victim",
+    "StrongestAttack",
+    "UnSplit",
     "WhiteBoxInversion",
+    "advise",
     "attacks",
     "build_model",
     "build_report",

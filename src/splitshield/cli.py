@@ -233,7 +233,7 @@ def train(
 @friendly
 def attack(
     checkpoint: Annotated[Path, typer.Argument(help="NAME.safetensors written by `splitshield train`.")],
-    attack_choice: Annotated[str, typer.Option("--attack", help="rmle, inverse_network, shadow_head, "
+    attack_choice: Annotated[str, typer.Option("--attack", help="rmle, inverse_network, shadow_head, unsplit, "
                                                "model_completion (or the old names white_box, black_box, query_free).")
                              ] = "inverse_network",
     dataset: Annotated[str, typer.Option(help="Dataset of the private images and the attacker's aux data.")
@@ -244,8 +244,9 @@ def attack(
     aux: Annotated[str, typer.Option(help="same_set, same_distribution or noise.")] = "same_distribution",
     aux_n: Annotated[int | None, typer.Option(help="Keep at most this many auxiliary images (default: all).")
                      ] = None,
-    threat: Annotated[str | None, typer.Option(help="white_box, black_box or query_free (default: the attack's "
-                                                    "own: rmle white_box, shadow_head query_free, else black_box).")
+    threat: Annotated[str | None, typer.Option(help="white_box, black_box, query_free or architecture_only (default: "
+                                                    "the attack's own: rmle white_box, shadow_head query_free, "
+                                                    "unsplit architecture_only, else black_box).")
                       ] = None,
     n_images: Annotated[int, typer.Option(help="0: the first test image of each class; N: the first N test images.")
                         ] = 0,
@@ -323,6 +324,122 @@ def attack(
         console.print(f"wrote {out / 'grid.png'} and {out / 'reconstructions.safetensors'}")
 
 
+@app.command("advise")
+@friendly
+def advise_cmd(
+    model: ModelName,
+    data: Annotated[str | None, typer.Option(
+        help=f"Images to measure bytes, accuracy and leakage on: {', '.join(list_datasets())} (default: none, costs "
+             "from shapes only).")] = None,
+    data_dir: DataDir = None,
+    input_shape: Annotated[str | None, typer.Option(
+        help="C,H,W of one image (default: the checkpoint's, else the data's, else the model's native shape); the "
+             "data are converted to it.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="NAME.safetensors of the trained model (`splitshield train`); without it, costs only.")] = None,
+    points: Annotated[str | None, typer.Option(
+        help="Comma-separated split points to score (default: every legal one; `splitshield split-points`).")] = None,
+    max_edge_ms: Annotated[float | None, typer.Option(
+        help="Budget: head milliseconds per image (batch 1) on this machine.")] = None,
+    max_kbytes: Annotated[float | None, typer.Option(
+        help="Budget: kB per image on the wire, 8-bit + zstd coded (float32 without --data).")] = None,
+    no_attack: Annotated[bool, typer.Option("--no-attack", help="Costs and statistics only: no fast attack.")] = False,
+    images: Annotated[int, typer.Option(
+        help="Test images (balanced over the classes) bytes, accuracy and statistics are measured on.")] = 1000,
+    noise: Annotated[float, typer.Option(
+        help="The CE floor's Gaussian noise, in units of the feature's standard deviation.")] = 0.5,
+    rank_by: Annotated[str | None, typer.Option(
+        help="Leakage measure cuts are ranked by: ssim, psnr, ce_floor or gpz (default ssim; gpz, the GPZ "
+             "statistic R̄²/V, with --no-attack).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for advice.md, advice.html and figures/.")
+                   ] = None,
+    seed: Seed = 0,
+    device: Device = "cpu",
+) -> None:
+    """Where should I cut? Score every split point for edge cost, bytes and leakage, and recommend one."""
+    from .advisor import RANKINGS, advise
+    from .advisor.table import TABLE_GROUPS
+
+    for field, value in (("--max-edge-ms", max_edge_ms), ("--max-kbytes", max_kbytes), ("--noise", noise),
+                         ("--images", images)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{field}: a positive number, got {value:g}")
+    if rank_by is not None and rank_by not in RANKINGS:
+        raise ConfigError(f"--rank-by: {rank_by!r} unknown; use {', '.join(RANKINGS)}")
+    wanted = [p.strip() for p in points.split(",") if p.strip()] if points is not None else None
+    if wanted == []:
+        raise ConfigError("--points: name at least one split point, e.g. --points conv1,ReLU2")
+    if out is not None:
+        check_writable(out / "advice.html", "--out")
+    shape = parse_shape(input_shape) if input_shape else None
+    net, notes = checkpoint_model(model, checkpoint, shape) if checkpoint is not None else (None, [])
+    shape = tuple(net.model_spec["input_shape"]) if net is not None else shape
+    loaded = None
+    if data is not None:
+        from .data import load_dataset
+
+        loaded = load_dataset(data, data_dir=data_dir, seed=seed, image_shape=shape)
+    if net is None:
+        from .models import build_model
+
+        net = build_model(model, num_classes=loaded.num_classes if loaded else 10,
+                          input_shape=shape or (loaded.image_shape if loaded else None))
+    elif loaded is not None and loaded.num_classes != net.model_spec["num_classes"]:
+        raise ConfigError(f"--data: {data} has {loaded.num_classes} classes but the checkpoint's model "
+                          f"{net.model_spec['num_classes']}; pass the data it was trained on")
+    advice = advise(net, loaded, points=wanted, trained=checkpoint is not None, attack=not no_attack, noise=noise,
+                    rank_by=rank_by, max_edge_ms=max_edge_ms, max_kbytes=max_kbytes, images=images, device=device,
+                    seed=seed)
+    size = "×".join(map(str, advice.meta["input_shape"]))
+    # One table where the terminal is wide enough, else one per column group.
+    for groups in [TABLE_GROUPS] if console.width >= 180 else [[group] for group in TABLE_GROUPS]:
+        header, body = advice.table(groups)
+        if len(header) == 1:
+            continue  # nothing of this group was measured
+        table = Table(title=f"{advice.meta['model']} ({size}): {', '.join(groups)}")
+        for i, name in enumerate(header):
+            widest = max(len(row[i]) for row in body)  # names and marks are never cut short
+            table.add_column(name, justify="left" if i == 0 or name == "advice" else "right",
+                             min_width=widest if i == 0 or name == "advice" else None)
+        for row in body:
+            table.add_row(*row)
+        console.print(table)
+    console.print(advice.sentence(), highlight=False, soft_wrap=True)
+    for line in advice.ruled_out_lines():
+        console.print(f"  {line}", highlight=False, soft_wrap=True)
+    for note in [*notes, *advice.notes]:
+        console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    console.print("time: " + ", ".join(f"{stage} {s:.1f} s" for stage, s in advice.timings.items()), highlight=False)
+    if out is not None:
+        written = advice.write_report(out)
+        console.print(f"wrote {written[1]} and {written[0]} ({len(written) - 2} figures)", highlight=False)
+    if not advice.budgets_met:
+        raise typer.Exit(1)
+
+
+def checkpoint_model(name: str, checkpoint: Path, shape: tuple[int, ...] | None) -> tuple[Any, list[str]]:
+    """The uncut model ``name`` with a checkpoint's weights, and notes for the user; a one-line error when the
+    checkpoint holds another model or was built for another ``shape`` (C, H, W)."""
+    from .models import build_model
+    from .train import load_checkpoint
+
+    target, _, meta = load_checkpoint(checkpoint)
+    spec = target.model_spec
+    if spec["name"] != name:
+        raise ConfigError(f"--checkpoint {checkpoint} holds a {spec['name']}, not a {name}: pass {spec['name']}, or "
+                          f"the checkpoint of a {name}")
+    built = tuple(spec["input_shape"])
+    if shape is not None and shape != built:
+        raise ConfigError(f"--input-shape {','.join(map(str, shape))}: the checkpoint's model takes "
+                          f"{','.join(map(str, built))}; leave --input-shape out")
+    net = build_model(**spec)
+    load_checkpoint(checkpoint, model=net)  # the halves share net's modules: this loads the uncut model
+    defense = (meta.get("defense") or {}).get("name", "none")
+    notes = [] if defense == "none" else [f"the checkpoint's defense ({defense}) is not applied: every cut is "
+                                          "scored undefended"]
+    return net, notes
+
+
 def check_transcript_options(name: str, transcript: Path | None, limit: int | None,
                              feature_shape: tuple[int, ...]) -> None:
     """``attack --transcript/--limit``: an inversion attack, a positive limit, a valid transcript of this model."""
@@ -335,7 +452,7 @@ def check_transcript_options(name: str, transcript: Path | None, limit: int | No
             raise ConfigError("--limit counts recorded features: it needs --transcript PATH")
         return
     if not issubclass(ATTACKS[name], InversionAttack):
-        raise ConfigError("--transcript: choose an inversion attack (rmle, inverse_network, shadow_head)")
+        raise ConfigError("--transcript: choose an inversion attack (rmle, inverse_network, shadow_head, unsplit)")
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit: a positive number of recorded features, got {limit}")
     check_transcript(transcript, feature_shape)
@@ -348,7 +465,7 @@ def attack_transcript(instance: Any, transcript: Path, feature_shape: tuple[int,
     from .runtime.transcript import invert_transcript, save_reconstructions
 
     if not isinstance(instance, InversionAttack):
-        raise ConfigError("--transcript: choose an inversion attack (rmle, inverse_network, shadow_head)")
+        raise ConfigError("--transcript: choose an inversion attack (rmle, inverse_network, shadow_head, unsplit)")
     images, stamps = invert_transcript(instance, transcript, feature_shape, limit=limit)
     tensors, png = save_reconstructions(images, stamps, out)
     console.print(f"reconstructed {len(images)} images from {transcript}; wrote {tensors} and {png}")
@@ -548,15 +665,19 @@ def audit(
     from .config import load_spec
     from .experiment import plan
     from .report import audit as find_violations
+    from .report import bar_setters
     from .store import ResultStore
 
     if max_ssim is None and max_psnr is None and max_completion_accuracy is None:
         raise ConfigError("audit needs at least one bar: --max-ssim, --max-psnr or --max-completion-accuracy")
     weak = _audit_preflight(load_spec(spec), max_ssim, max_psnr, max_completion_accuracy, allow_weak_attacks)
     loaded, _ = _run_spec(spec, db, executor, address, jobs, quiet)
+    hashes = [c.hash for c in plan(loaded)]
+    bars = {"ssim": max_ssim, "psnr": max_psnr, "completion_accuracy": max_completion_accuracy}
     with ResultStore.open_readonly(db) as store:
-        violations = find_violations(store, max_ssim, max_psnr, max_completion_accuracy,
-                                     hashes=[c.hash for c in plan(loaded)])
+        violations = find_violations(store, max_ssim, max_psnr, max_completion_accuracy, hashes=hashes)
+        for line in bar_setters(store, [m for m, v in bars.items() if v is not None], hashes=hashes):
+            console.print(f"closest to the bar: {line}", highlight=False, soft_wrap=True)
     if violations:
         for v in violations:
             console.print(f"[bold red]FAIL[/] {v}", highlight=False, soft_wrap=True)

@@ -11,9 +11,9 @@ names the field, the value and what is allowed.
 >>> spec.attacks[0].threat
 'black_box'
 
-Attacks are named by what they are (``rmle``, ``inverse_network``, ``shadow_head``, ``model_completion``);
-the names of earlier specs, which were threat names (``white_box``, ``black_box``, ``query_free``), are still
-accepted and read as the attack they meant.
+Attacks are named by what they are (``rmle``, ``inverse_network``, ``shadow_head``, ``model_completion``,
+``unsplit``); the names of earlier specs, which were threat names (``white_box``, ``black_box``,
+``query_free``), are still accepted and read as the attack they meant.
 """
 
 from __future__ import annotations
@@ -26,20 +26,21 @@ import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from .errors import ConfigError, DataError, SplitShieldError
 
 AUX_KINDS = ("same_set", "same_distribution", "noise")
-#: The metrics a cell can record: the target's (accuracy with the defense, the conditional-entropy MSE floor, the
-#: clean feature's and the additive noise's standard deviation per element, training wall and CPU seconds) and
-#: the attack's (reconstruction MSE, PSNR, SSIM; a completion attack's label accuracy).
-Metric = Literal["accuracy", "mse", "psnr", "ssim", "completion_accuracy", "ce_floor", "feature_std", "noise_std",
-                 "train_seconds", "train_cpu_seconds"]
+#: The metrics a cell can record: the target's (accuracy with the defense, the conditional-entropy MSE floor (an
+#: estimate), the Gaussian-channel bound on I(x; z) in nats per image (certified), the clean feature's and the
+#: additive noise's standard deviation per element, training wall and CPU seconds) and the attack's
+#: (reconstruction MSE, PSNR, SSIM; a completion attack's label accuracy).
+Metric = Literal["accuracy", "mse", "psnr", "ssim", "completion_accuracy", "ce_floor", "mi_bound", "feature_std",
+                 "noise_std", "train_seconds", "train_cpu_seconds"]
 METRICS: tuple[str, ...] = get_args(Metric)
 #: The threat model an attack runs under when the spec does not say.
 DEFAULT_THREAT = {"rmle": "white_box", "inverse_network": "black_box", "shadow_head": "query_free",
-                  "model_completion": "black_box"}
+                  "model_completion": "black_box", "strongest": "white_box", "unsplit": "architecture_only"}
 # Per-attack settings the experiment owns: the executor sets them, so a spec may not.
 RESERVED_ATTACK_PARAMS = ("progress", "seed", "decoder")
 
@@ -114,7 +115,7 @@ class AttackSpec(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     name: str
-    threat: Literal["white_box", "black_box", "query_free"] | None = None
+    threat: Literal["white_box", "black_box", "query_free", "architecture_only"] | None = None
     aux: Literal["same_set", "same_distribution", "noise"] = "same_distribution"
     aux_n: int | None = Field(default=None, gt=0)
     adaptive: bool = True
@@ -157,17 +158,46 @@ class AttackSpec(BaseModel):
 
 
 class TrainSpec(BaseModel):
-    """How each target (model + defense) is trained."""
+    """How each target (model + defense) is trained (:class:`~splitshield.train.Trainer`).
+
+    ``protocol: cem_official`` is CEM's official protocol compressed to ``epochs`` (SGD with momentum 0.9 and
+    weight decay 5e-4, warm-up, learning rate × 0.2 after 1/4, 1/2, 3/4 and 7/8 of the steps, the model of the
+    best epoch within the last sixth on images held out of the training set); ``lr`` is then its peak learning
+    rate, 0.05 unless set. A spec of the default protocol keeps the cell hashes it had before protocols existed.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     epochs: int = Field(default=2, ge=1)
     batch_size: int = Field(default=64, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=1e-3, gt=0, description="the (peak) learning rate; 0.05 with cem_official unless set")
     lr_halve_every: int | None = Field(default=None, ge=1)
+    protocol: Literal["default", "cem_official"] = Field(
+        default="default", description="default: Adam, the last epoch's model; cem_official: CEM's official SGD "
+        "schedule compressed to epochs, the best late epoch on held-out training images")
     tail_epochs: int = Field(default=0, ge=0, description="then train the cloud tail alone for this many epochs, "
                              "the edge head and the defense frozen")
     train_n: int | None = Field(default=None, gt=0, description="use only the first n training images")
+
+    @model_validator(mode="after")
+    def _protocol(self) -> TrainSpec:
+        if self.protocol == "cem_official":
+            if self.lr_halve_every is not None:
+                raise ValueError("lr_halve_every is the default protocol's schedule; remove it with protocol "
+                                 "cem_official")
+            if "lr" not in self.model_fields_set:
+                from .train import CEM_LR
+
+                object.__setattr__(self, "lr", CEM_LR)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        # Without the default protocol's name, a spec dumps (and so hashes its cells) as it did before protocols.
+        data = handler(self)
+        if self.protocol == "default":
+            data.pop("protocol", None)
+        return data
 
 
 class EvaluationSpec(BaseModel):
@@ -229,7 +259,8 @@ class ExperimentSpec(BaseModel):
     model: list[str] = ["lenet"]
     splits: list[str] = Field(min_length=1)
     defenses: list[DefenseSpec] = [DefenseSpec(name="none")]
-    attacks: list[AttackSpec] = Field(min_length=1)
+    attacks: list[AttackSpec] = Field(default_factory=lambda: [AttackSpec(name="strongest")], min_length=1,
+                                      description="default: the portfolio of every white-box-allowed attack")
     seeds: list[int] = [0]
     train: TrainSpec = TrainSpec()
     evaluation: EvaluationSpec = EvaluationSpec()

@@ -51,7 +51,8 @@ from .store import CellRecord, ResultStore
 #: default decoder is sized to the auxiliary set, and the query-free shadow matches the moments of the traffic.
 #: 4: one cell pipeline (``measure``): the attacker's seed depends on the attack setting only (common random
 #: numbers across defenses), the CE floor counts every Gaussian part, attacks are validated and renamed.
-RESULTS_REVISION = 4
+#: 5: white-box rMLE tunes (λ_TV, λ_l2, lr) on the attacker's auxiliary images by default (``search="auto"``).
+RESULTS_REVISION = 5
 
 
 def current_cells(store: ResultStore) -> tuple[list[dict[str, Any]], int]:
@@ -272,8 +273,8 @@ def _get_target(config: dict[str, Any], target_hash: str, data, root: Path, devi
     # Training state after every epoch: a run killed mid-training continues from its last epoch.
     state = path.with_name(path.name + ".training")
     trainer = Trainer(target, defense, epochs=train["epochs"], batch_size=train["batch_size"], lr=train["lr"],
-                      lr_halve_every=train["lr_halve_every"], seed=config["seed"], device=device, progress=progress,
-                      checkpoint_dir=state)
+                      lr_halve_every=train["lr_halve_every"], protocol=train.get("protocol", "default"),
+                      seed=config["seed"], device=device, progress=progress, checkpoint_dir=state)
     trainer.fit(train_set, resume=True)
     if train.get("tail_epochs"):
         trainer.fit_tail(train_set, train["tail_epochs"])

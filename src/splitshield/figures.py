@@ -53,3 +53,54 @@ def reconstruction_grid(originals: torch.Tensor, rows: Sequence[tuple[str, torch
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def pareto_plot(costs: Sequence[float], leakage: Sequence[float], labels: Sequence[str], front: Sequence[int],
+                path: str | Path, xlabel: str, ylabel: str, title: str | None = None,
+                highlight: int | None = None) -> Path:
+    """Save a scatter of leakage against a cost, one labelled dot per point, the Pareto front joined by a line.
+
+    Parameters
+    ----------
+    costs, leakage, labels:
+        One entry per point: its cost (x), its leakage (y) and its name.
+    front:
+        Indices of the Pareto-optimal points, drawn larger and joined in order of cost.
+    path:
+        Output PNG path (parent folders are created).
+    xlabel, ylabel, title:
+        Axis labels (with units) and an optional title. A cost axis spanning more than 100× is logarithmic.
+    highlight:
+        Index of a point drawn as a star (the recommended one).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.scatter(costs, leakage, s=18, color="#999999", zorder=2)
+    on_front = sorted(front, key=lambda i: costs[i])
+    ax.plot([costs[i] for i in on_front], [leakage[i] for i in on_front], "-o", color="#2b6cb0", markersize=6,
+            label="Pareto front", zorder=3)
+    if highlight is not None:
+        ax.scatter([costs[highlight]], [leakage[highlight]], marker="*", s=260, color="#d69e2e", edgecolor="k",
+                   label="recommended", zorder=4)
+    for i, label in enumerate(labels):
+        ax.annotate(label, (costs[i], leakage[i]), fontsize=6, xytext=(3, 3), textcoords="offset points",
+                    color="#222222" if i in front else "#888888")
+    positive = [c for c in costs if c > 0]
+    if positive and max(positive) > 100 * min(positive):
+        ax.set_xscale("symlog", linthresh=min(positive))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

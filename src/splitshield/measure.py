@@ -3,7 +3,8 @@
 A cell is (trained target, defense, attack setting, evaluated images, seed). Two functions measure it:
 
 - :func:`measure_target` — what belongs to the trained target whatever the attack: task accuracy with the
-  defense as deployed, the conditional-entropy MSE floor, the clean feature's and the noise's scale;
+  defense as deployed, the conditional-entropy MSE floor (an estimate) and the Gaussian-channel bound on
+  I(x; z) (certified), the clean feature's and the noise's scale;
 - :func:`measure_attack` — the attacker's view (threat model, auxiliary data, the traffic the cloud
   observed), the fitted attack, and its reconstructions of the evaluated images (or its label accuracy).
 
@@ -33,6 +34,7 @@ from .config import METRICS
 from .data import Dataset, ImageSet
 from .defenses.base import Compose, Defense
 from .errors import ConfigError, SplitShieldError
+from .metrics import conditional_entropy_floor, gaussian_channel_bound
 from .models.split import SplitModel
 
 INVERSION_METRICS = ("mse", "psnr", "ssim")
@@ -163,9 +165,10 @@ def measure_target(target: SplitModel, defense: Defense | None, data: Dataset, *
                    device: str | torch.device = "cpu") -> list[tuple[str, int, float]]:
     """The trained target's own numbers, as ``(name, -1, value)`` rows for the wanted ``metrics``.
 
-    ``accuracy``: on the first ``test_n`` test images with the defense as deployed. ``ce_floor``: the MSE floor
-    implied by the defense's Gaussian noise (:func:`ce_floor`, fitted on :func:`floor_images` training
-    images), absent without such noise. ``feature_std``: the
+    ``accuracy``: on the first ``test_n`` test images with the defense as deployed. ``ce_floor``: the estimated MSE
+    floor the defense's Gaussian noise implies (:func:`ce_floor`), and ``mi_bound``: the certified bound, in nats
+    per image, on what the sent feature carries about the image (:func:`mi_bound`), both fitted on
+    :func:`floor_images` training images and absent without such noise. ``feature_std``: the
     standard deviation of the clean sent feature (``defense.clean(head(x))``, every element of
     :func:`floor_images` training images); ``noise_std``: the standard deviation per element of all the
     additive noise the defense puts on it (fixed and learned), so that their ratio is the noise's relative
@@ -189,7 +192,7 @@ def _target_rows(target: SplitModel, defense: Defense, data: Dataset, test_n: in
     rows: list[tuple[str, int, float]] = []
     if "accuracy" in metrics:
         rows.append(("accuracy", -1, evaluate(target, defense, _test_images(data, test_n), device=device)))
-    if not {"ce_floor", "feature_std", "noise_std"} & set(metrics):
+    if not {"ce_floor", "mi_bound", "feature_std", "noise_std"} & set(metrics):
         return rows
     x, labels = data.train.take(floor_images(data)).tensors(device)
     z_clean = _batched(lambda chunk: defense.clean(target.head(defense.perturb(chunk, training=False))), x)
@@ -197,8 +200,13 @@ def _target_rows(target: SplitModel, defense: Defense, data: Dataset, test_n: in
         rows.append(("feature_std", -1, float(z_clean.std())))
     if "noise_std" in metrics:
         rows.append(("noise_std", -1, additive_noise_std(defense, target.feature_shape())))
-    if "ce_floor" in metrics and (floor := ce_floor(x, labels, target, defense)) is not None:
-        rows.append(("ce_floor", -1, floor))
+    noised = noise_input(x, target, defense) if {"ce_floor", "mi_bound"} & set(metrics) else None
+    if noised is not None:
+        z, sigma = noised
+        if "ce_floor" in metrics and (floor := _floor(x, labels, z, sigma)) is not None:
+            rows.append(("ce_floor", -1, floor))
+        if "mi_bound" in metrics and sigma > 0:
+            rows.append(("mi_bound", -1, gaussian_channel_bound(z, sigma)))
     return rows
 
 
@@ -265,18 +273,17 @@ def additive_noise_std(defense: Defense, feature_shape: tuple[int, ...]) -> floa
 
 
 @torch.no_grad()
-def ce_floor(x: torch.Tensor, labels: torch.Tensor, target: SplitModel, defense: Defense) -> float | None:
-    """The MSE floor (:func:`~splitshield.metrics.conditional_entropy_floor`) that the defense's Gaussian noise
-    implies for any inversion of the sent feature; ``None`` without Gaussian noise on the feature.
+def noise_input(x: torch.Tensor, target: SplitModel, defense: Defense) -> tuple[torch.Tensor, float] | None:
+    """Where the defense adds its Gaussian noise: the feature there for the images ``x`` ([N, ...], on the CPU)
+    and the noise's standard deviation σ; ``None`` without Gaussian noise on the feature.
 
-    The floor is taken where the first Gaussian part adds its noise: the feature there is the head's output
-    through the parts before it (as deployed; clipped first when that part is DP noise), and σ² sums the
-    variances of that part and of the Gaussian-noise parts directly after it. Whatever follows can only
-    destroy information, so the floor holds for what is finally sent (data-processing inequality).
+    That is where the first Gaussian part adds its noise: the feature is the head's output through the parts
+    before it (as deployed; clipped first when that part is DP noise), and σ² sums the variances of that part and
+    of the Gaussian-noise parts directly after it. Whatever follows can only destroy information, so what holds
+    for the feature sent through that noise holds for what is finally sent (data-processing inequality).
     """
     from .defenses import DPNoise, GaussianNoise
     from .defenses.dp import clip_norm
-    from .metrics import conditional_entropy_floor
 
     parts = _parts(defense)
     first = next((i for i, p in enumerate(parts) if _is_gaussian(p)), None)
@@ -295,10 +302,31 @@ def ce_floor(x: torch.Tensor, labels: torch.Tensor, target: SplitModel, defense:
             z = part.obfuscate(z, training=False)
         return clip_norm(z, noise.clip, noise.norm) if isinstance(noise, DPNoise) else z
 
-    z = _batched(sent_to_the_noise, x)
     dim = math.prod(target.feature_shape())
     sigma = math.sqrt(sum(p.std_for(dim) ** 2 for p in parts[first:run]))
+    return _batched(sent_to_the_noise, x).cpu(), sigma
+
+
+@torch.no_grad()
+def ce_floor(x: torch.Tensor, labels: torch.Tensor, target: SplitModel, defense: Defense) -> float | None:
+    """The estimated MSE floor (:func:`~splitshield.metrics.conditional_entropy_floor`: an estimate, not a
+    certified bound) that the defense's Gaussian noise implies for any inversion of the sent feature, taken at
+    :func:`noise_input`; ``None`` without Gaussian noise on the feature."""
+    noised = noise_input(x, target, defense)
+    return None if noised is None else _floor(x, labels, *noised)
+
+
+@torch.no_grad()
+def mi_bound(x: torch.Tensor, target: SplitModel, defense: Defense) -> float | None:
+    """The certified upper bound, in nats per image, on the information the sent feature carries about the image
+    (:func:`~splitshield.metrics.gaussian_channel_bound`, with the variances of the feature at
+    :func:`noise_input` over the images ``x``); ``None`` without Gaussian noise on the feature, or with σ = 0."""
+    noised = noise_input(x, target, defense)
+    return None if noised is None or noised[1] == 0 else gaussian_channel_bound(*noised)
+
+
+def _floor(x: torch.Tensor, labels: torch.Tensor, z: torch.Tensor, sigma: float) -> float | None:
     try:
-        return float(conditional_entropy_floor(x.cpu(), z.cpu(), sigma, labels=labels.cpu())["mse_floor"])
+        return float(conditional_entropy_floor(x.cpu(), z, sigma, labels=labels.cpu())["mse_floor"])
     except (SplitShieldError, ValueError, RuntimeError):
         return None

@@ -1,4 +1,5 @@
-"""Reconstruction and utility metrics: MSE, PSNR, SSIM and top-1 accuracy.
+"""Reconstruction and utility metrics: MSE, PSNR, SSIM and top-1 accuracy; the conditional-entropy MSE floor
+(an estimate) and the Gaussian-channel bound on what a noised feature carries (certified).
 
 All image metrics take a reconstruction ``x_hat`` and the original ``x``, both float tensors of
 shape ``[N, C, H, W]`` holding intensities in ``[0, data_range]`` (``[0, 1]`` by convention). Each
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from splitshield.errors import ConfigError
 
-__all__ = ["accuracy", "conditional_entropy_floor", "mse", "psnr", "ssim"]
+__all__ = ["accuracy", "conditional_entropy_floor", "gaussian_channel_bound", "mse", "psnr", "ssim"]
 
 Reduction = Literal["mean", "none"]
 Window = Literal["uniform", "gaussian"]
@@ -318,18 +319,33 @@ def conditional_entropy_floor(
     labels: torch.Tensor | None = None,
     pixel_variance: float = 1.0 / (12 * 255**2),
 ) -> dict[str, float]:
-    """Gaussian-mixture estimate of H(x|z) and the MSE floor it implies for any inversion (CEM, ALGORITHMS §B.1).
+    """An **estimate** (not a certified bound) of the smallest per-pixel MSE any inversion of the sent feature can
+    reach, from CEM's conditional-entropy argument (ALGORITHMS §B.1) with Gaussian models of the images.
 
-    For features sent as z = ẑ + N(0, σ²I) with ẑ = f(x), every reconstruction x̂(z) satisfies
-    E‖x − x̂‖²/d >= exp(2·H(x|z)/d) / (2πe) (the estimation-entropy bound; d = dim x). Since x → ẑ → z,
-    H(x|z) >= H(x) − I(ẑ; z), and with ẑ modelled as a mixture of Gaussians (weights π_j, covariances Σ_j)
-    I(ẑ; z) <= H(π) + Σ_j π_j·½·log det(I + Σ_j/σ²). H(x) is estimated from below by Σ_j π_j·H(N(·, Σ^x_j))
-    (a mixture's entropy is at least its components' average), with x's covariance eigenvalues floored at
-    ``pixel_variance`` (the variance of 8-bit dequantisation noise, 1/(12·255²), so that constant pixels
-    do not give −∞). The mixture components are the classes of ``labels`` (one Gaussian without labels).
+    The feature is sent as z = ẑ + N(0, σ²I), ẑ = f(x); d = dim x. The chain, each step marked:
 
-    This is an **estimate**, not a certified bound: H(x) and the covariances are fitted on a sample, and
-    the images' true density need not be a Gaussian mixture. It is loose (the H(x) estimate is crude).
+    1. *Dequantisation (exact).* Stored images are 8-bit, so x has no density. Let x' = x + u, with u uniform on
+       each pixel's quantisation step and independent of everything, of variance ``pixel_variance`` per pixel
+       (1/(12·255²) for 8-bit levels). For every reconstruction x̂(z), E‖x − x̂‖²/d = E‖x' − x̂‖²/d − pixel_variance
+       (u has mean 0 and is independent of x and z), and Cov(x') = Cov(x) + pixel_variance·I. This holds for any
+       ``pixel_variance`` > 0; the 8-bit value makes x' the density of the stored pixel levels.
+    2. *Estimation-entropy bound (exact):* E‖x' − x̂‖²/d >= exp(2·h(x'|z)/d) / (2πe).
+    3. *Data processing (exact):* h(x'|z) = h(x') − I(x'; z) >= h(x') − I(ẑ; z), since x' → x → ẑ → z.
+    4. *Channel bound (exact for the true covariances; here they are sampled):* with the classes of ``labels``
+       as mixture components (weights π_c, feature covariances Σ_c), I(ẑ; z) <= H(π) + Σ_c π_c·½·log det(I + Σ_c/σ²)
+       (a Gaussian input carries the most information through a Gaussian channel for its covariance).
+    5. *The estimate:* h(x') is replaced by ĥ = Σ_c π_c·½·log det(2πe·(Σ^x_c + pixel_variance·I)), the class
+       average of the entropies of Gaussians with each class's image covariance. A Gaussian has the *most*
+       entropy for its covariance, so ĥ is an upper bound on h(x'|class), and h(x'|class) <= h(x') <=
+       h(x'|class) + H(π): ĥ can exceed h(x') by however far the classes are from Gaussian, and the floor, which
+       grows with ĥ, can then err high. Nothing bounds that error.
+
+    Result: ``mse_floor`` = max(0, exp(2·(ĥ − Î)/d) / (2πe) − pixel_variance). It is also loose by construction:
+    for Gaussian images and a Gaussian feature it is the geometric mean of the eigenvalues of the posterior
+    covariance, where the least possible MSE is their arithmetic mean, so directions of almost no variance
+    (constant border pixels, left with only the dequantisation's variance) pull it far below any attack's
+    MSE, and it moves with ``pixel_variance``. The certified part alone is step 4 (and, per dimension,
+    :func:`gaussian_channel_bound`): how much z can carry about x, whatever the images are.
 
     Parameters
     ----------
@@ -340,15 +356,17 @@ def conditional_entropy_floor(
     sigma : float
         Standard deviation of the Gaussian noise added to ẑ (0: no noise, the floor is 0).
     labels : torch.Tensor, optional
-        Class labels [N] defining the mixture components; each needs at least 2 samples.
+        Class labels [N] defining the mixture components; each needs at least 2 samples (and, for a
+        full-rank covariance, more samples than pixels).
     pixel_variance : float
-        Lower bound applied to the eigenvalues of each component's image covariance.
+        Variance per pixel of the dequantisation noise u (squared intensity units; 1/(12·255²): 8-bit images).
 
     Returns
     -------
     dict
-        ``h_x`` (nats), ``mi_upper`` (nats, bound on I(ẑ; z)), ``h_x_given_z`` (nats), ``mse_floor``
-        (per-pixel squared error, comparable to :func:`mse`), ``sigma``, ``components``.
+        ``h_x`` (nats, the estimate ĥ of h(x')), ``mi_upper`` (nats, the bound Î on I(ẑ; z)), ``h_x_given_z``
+        (nats, ĥ − Î), ``mse_floor`` (per-pixel squared error, comparable to :func:`mse`), ``sigma``,
+        ``components``.
     """
     if x.dim() != 4 or z_clean.shape[0] != x.shape[0]:
         raise ConfigError(f"x must be [N, C, H, W] and z_clean [N, ...] with the same N, got "
@@ -370,7 +388,7 @@ def conditional_entropy_floor(
             raise ConfigError(f"class {int(g)} has {count} sample(s); each mixture component needs at least 2")
         weight = count / n
         components += 1
-        lam_x = _covariance_eigenvalues(xs[member], d).clamp_min(pixel_variance)
+        lam_x = _covariance_eigenvalues(xs[member], d).clamp_min(0) + pixel_variance
         h_x += weight * 0.5 * torch.log(2 * math.pi * math.e * lam_x).sum().item()
         if sigma > 0:
             lam_z = _covariance_eigenvalues(zs[member], zs.shape[1]).clamp_min(0)
@@ -379,9 +397,46 @@ def conditional_entropy_floor(
         return {"h_x": h_x, "mi_upper": math.inf, "h_x_given_z": -math.inf, "mse_floor": 0.0, "sigma": 0.0,
                 "components": components}
     h_cond = h_x - mi
-    floor = math.exp(2 * h_cond / d) / (2 * math.pi * math.e)
+    floor = max(0.0, math.exp(2 * h_cond / d) / (2 * math.pi * math.e) - pixel_variance)
     return {"h_x": h_x, "mi_upper": mi, "h_x_given_z": h_cond, "mse_floor": floor, "sigma": float(sigma),
             "components": components}
+
+
+def gaussian_channel_bound(z_clean: torch.Tensor, sigma: float) -> float:
+    """A certified upper bound, in nats per image, on the information I(x; z) the sent feature carries about the
+    image x, when z = ẑ + N(0, σ²I) with ẑ the clean feature of x.
+
+    With D = dim ẑ and v_i the variance of ẑ's i-th element over the images,
+
+        I(x; z) <= I(ẑ; z) = h(z) − h(noise) <= ½·log det(I + Cov(ẑ)/σ²) <= Σ_i ½·log(1 + v_i/σ²)
+
+    by, in turn, data processing (x → ẑ → z), a Gaussian having the most entropy for its covariance
+    (Cov(z) = Cov(ẑ) + σ²I), and Hadamard's inequality. Assumptions: the noise is Gaussian with variance σ² in
+    every dimension and independent of x and ẑ (ẑ may itself be random, e.g. dropout before the noise), and each
+    v_i is finite. Nothing is assumed about the images or the shape of ẑ's distribution. The bound is reached
+    when ẑ is Gaussian with uncorrelated elements.
+
+    The one statistical step is the v_i, estimated as the (unbiased) sample variances of ``z_clean`` over its
+    images: the bound holds for the distribution the images were drawn from, up to that estimate's error.
+
+    Parameters
+    ----------
+    z_clean : torch.Tensor
+        Noise-free features ẑ [N, ...] of N >= 2 images.
+    sigma : float
+        Standard deviation of the Gaussian noise (> 0: without noise I(x; z) is not bounded).
+
+    Returns
+    -------
+    float
+        The bound Σ_i ½·log(1 + v_i/σ²), in nats per image (divide by log 2 for bits).
+    """
+    if z_clean.dim() < 2 or z_clean.shape[0] < 2:
+        raise ConfigError(f"z_clean must be [N, ...] with N >= 2 images, got shape {tuple(z_clean.shape)}")
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        raise ConfigError(f"sigma must be > 0 (without noise I(x; z) is not bounded), got {sigma!r}")
+    variances = z_clean.detach().cpu().flatten(1).double().var(0)
+    return 0.5 * torch.log1p(variances / sigma**2).sum().item()
 
 
 def _covariance_eigenvalues(samples: torch.Tensor, dim: int) -> torch.Tensor:

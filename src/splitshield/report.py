@@ -4,8 +4,8 @@ For every (dataset, model, split) the report gives
 
 - a table of task accuracy and each attack's metrics per defense setting (means over seeds);
 - a privacy–utility plot: accuracy against the best attack's SSIM and against its MSE, one curve per
-  defense family (its settings are the points), the conditional-entropy MSE floor as a dashed line
-  where it was computed;
+  defense family (its settings are the points), the conditional-entropy MSE floor estimate as a dashed line
+  where it was computed (the table adds the certified bound on I(x; z), and a note on what each can show);
 - reconstruction grids: the private images, then each attack's reconstruction per defense strength;
 - a plain-language summary of the best trade-off.
 
@@ -45,9 +45,10 @@ class DefenseRow:
     family: str
     config: dict[str, Any]
     accuracy: float | None
-    ce_floor: float | None
+    ce_floor: float | None  # the conditional-entropy MSE floor estimate (stored as ``ce_floor``)
     attacks: dict[str, dict[str, float]]  # attack label -> {metric -> mean over seeds}
     cells: list[dict[str, Any]]
+    mi_bound: float | None = None  # the certified bound on I(x; z), nats per image
 
     def best(self, metric: str) -> tuple[str, float] | None:
         """The strongest inversion attack by ``metric`` (highest SSIM/PSNR, lowest MSE): (label, value)."""
@@ -174,7 +175,8 @@ def load_sections(store: ResultStore) -> list[Section]:
                            for m in (*INVERSION, "completion_accuracy")} for a, cs in per_attack.items()}
             rows.append(DefenseRow(label, defense_family(dcells[0]["defense"]), dcells[0]["defense"],
                                    _mean(m.get("accuracy") for m in per_target.values()),
-                                   _mean(m.get("ce_floor") for m in per_target.values()), attacks, dcells))
+                                   _mean(m.get("ce_floor") for m in per_target.values()), attacks, dcells,
+                                   mi_bound=_mean(m.get("mi_bound") for m in per_target.values())))
         sections.append(Section(dataset, model, split, sorted({c["seed"] for c in group}), rows, inversion,
                                 completion, source, setting[key]))
     return sections
@@ -224,13 +226,29 @@ def summary_sentence(section: Section) -> str:
             f"{base_ssim:.2f} to {ssim:.2f} ({attack}).")
 
 
+#: What the CE floor column can and cannot show, printed under a table that has it.
+FLOOR_EXPLANATION = (
+    "CE floor estimate: the least MSE any inversion could reach if each class's images were Gaussian (CEM's "
+    "conditional-entropy argument). It is an estimate, not a guarantee: real images have less entropy than a "
+    "Gaussian of the same covariance, so it can err high, while near-constant pixels make it far lower than the "
+    "MSE attacks reach. It cannot certify a defense, and attacks landing above it say nothing either way.")
+#: What the I(x;z) bound column shows, printed under a table that has it.
+BOUND_EXPLANATION = (
+    "I(x;z) bound: a certified upper bound, in nats per image, on what the sent feature reveals about the image "
+    "to any attacker, from the Gaussian noise and the clean feature's variance alone (no assumption on the "
+    "images; the variances are measured on training images). Lower is more private, 0 would be nothing; it "
+    "bounds information, not an attack's MSE.")
+
+
 def _table(section: Section) -> tuple[list[str], list[list[str]]]:
     header = ["defense", "accuracy"]
     for a in section.inversion_attacks:
         header += [f"{a} SSIM", f"{a} PSNR (dB)", f"{a} MSE"]
     header += [f"{a} accuracy" for a in section.completion_attacks]
-    if any(r.ce_floor is not None for r in section.rows):
-        header.append("CE floor (MSE)")
+    noise_columns = [(name, key) for name, key in (("CE floor estimate (MSE)", "ce_floor"),
+                                                   ("I(x;z) bound (nats)", "mi_bound"))
+                     if any(getattr(r, key) is not None for r in section.rows)]
+    header += [name for name, _ in noise_columns]
     body = []
     for r in section.rows:
         line = [r.label, _pct(r.accuracy)]
@@ -238,8 +256,7 @@ def _table(section: Section) -> tuple[list[str], list[list[str]]]:
             m = r.attacks.get(a, {})
             line += [_num(m.get("ssim")), _num(m.get("psnr"), 2), _num(m.get("mse"), 4)]
         line += [_pct(r.attacks.get(a, {}).get("completion_accuracy")) for a in section.completion_attacks]
-        if header[-1] == "CE floor (MSE)":
-            line.append("–" if r.ce_floor is None else f"{r.ce_floor:.3g}")
+        line += ["–" if getattr(r, key) is None else f"{getattr(r, key):.3g}" for _, key in noise_columns]
         body.append(line)
     return header, body
 
@@ -432,7 +449,7 @@ def privacy_utility_plot(section: Section, path: Path) -> Path | None:
         floors = sorted((r.ce_floor, 100 * r.accuracy) for r in members if r.ce_floor is not None)
         if floors:
             xs, ys = zip(*floors, strict=True)
-            axes[1].plot(xs, ys, linestyle="--", marker="|", color=colour, label=f"CE floor ({family})")
+            axes[1].plot(xs, ys, linestyle="--", marker="|", color=colour, label=f"CE floor estimate ({family})")
     axes[0].set_xlabel("best attack SSIM (higher = more leakage)")
     axes[1].set_xlabel("best attack MSE (lower = more leakage)")
     for ax in axes:
@@ -567,6 +584,11 @@ def build_report(db: str | Path, out_dir: str | Path, title: str | None = None,
         md += ["", f"## {section.title}", "", f"Seeds: {seeds}.", "", sentence, "", _markdown_table(header, rows)]
         body += [f"<h2>{html.escape(section.title)}</h2>", f"<p class='meta'>Seeds: {html.escape(seeds)}.</p>",
                  f"<p>{html.escape(sentence)}</p>", _html_table(header, rows)]
+        notes = [note for key, note in (("ce_floor", FLOOR_EXPLANATION), ("mi_bound", BOUND_EXPLANATION))
+                 if any(getattr(r, key) is not None for r in section.rows)]
+        if notes:
+            md += ["", " ".join(notes)]
+            body.append(f"<p class='meta'>{html.escape(' '.join(notes))}</p>")
         gains = paired_gains(section, window)
         if gains:
             explanation = PAIRED_EXPLANATION.format(window=f"{100 * window:g}")
@@ -583,12 +605,19 @@ def build_report(db: str | Path, out_dir: str | Path, title: str | None = None,
             rel = fig.relative_to(out).as_posix()
             md += ["", f"![{caption}]({rel})"]
             body.append(f"<img alt='{html.escape(caption)}' src='{_data_uri(fig)}'>")
-    md_path, html_path = out / "report.md", out / "report.html"
+    md_path, html_path = write_pages(out / "report", md, body, f"{name} — splitshield report")
+    return ReportFiles(md_path, html_path, figures, sections)
+
+
+def write_pages(stem: Path, md: list[str], body: list[str], title: str) -> tuple[Path, Path]:
+    """Write ``stem.md`` (the Markdown lines ``md``) and a self-contained ``stem.html`` (the HTML fragments
+    ``body``, titled ``title``); returns both paths."""
+    md_path, html_path = stem.with_suffix(".md"), stem.with_suffix(".html")
     md_path.write_text("\n".join(md) + "\n")
     html_path.write_text("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-                         f"<title>{html.escape(name)} — splitshield report</title><style>{_CSS}</style></head>"
+                         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
                          f"<body>{''.join(body)}</body></html>\n")
-    return ReportFiles(md_path, html_path, figures, sections)
+    return md_path, html_path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -709,6 +738,22 @@ def audit(store: ResultStore, max_ssim: float | None = None, max_psnr: float | N
     return out + _unmeasured_bars(cells, limits)
 
 
+def bar_setters(store: ResultStore, metrics: Iterable[str], hashes: Iterable[str] | None = None) -> list[str]:
+    """Per metric, the audited cell whose attack came closest to (or beyond) the bar: the attack that set it.
+
+    One line each: ``ssim 0.412: attack=strongest on mnist-5k/lenet/ReLU2 defense=none seed=0``.
+    """
+    cells, _ = _audited_cells(store, hashes)
+    lines = []
+    for metric in metrics:
+        measured = [c for c in cells if c["status"] == "done" and not _missing(c["metrics"].get(metric))]
+        if measured:
+            top = max(measured, key=lambda c: c["metrics"][metric])
+            lines.append(f"{metric} {top['metrics'][metric]:.4g}: attack={top['attack_label']} on {top['dataset']}/"
+                         f"{top['model']}/{top['split']} defense={top['defense_label']} seed={top['seed']}")
+    return lines
+
+
 # --------------------------------------------------------------------------------------------------
 # the audit gate's attack budgets
 
@@ -724,7 +769,9 @@ def audit(store: ResultStore, max_ssim: float | None = None, max_psnr: float | N
 #: (where the inverse network warns that it overfits), makes a decoder that under-reports leakage. Model
 #: completion's default is its minimum, 500 full-batch steps on 40 labels (InfoScissors' count): its accuracy
 #: is not monotone in the steps (76 % at 50, 69-71 % at 100-300, 77 % at 500, 68 % at 2000: 40 labels
-#: overfit), so the gate asks for the setting it was designed with. A parameter left at its default is never
+#: overfit), so the gate asks for the setting it was designed with. UnSplit's defaults are its minimums too
+#: (4 restarts of 50 rounds; where it stops improving is not measured yet): with fewer restarts its result
+#: turns on the luck of the clone's initialisation. A parameter left at its default is never
 #: weak: the defaults are the attacks' own settings (rMLE's are He et al.'s per split point, 500 iterations
 #: at a learning rate of 0.1 at ``fc2``).
 MIN_AUDIT_BUDGETS: dict[str, dict[str, int]] = {
@@ -732,6 +779,7 @@ MIN_AUDIT_BUDGETS: dict[str, dict[str, int]] = {
     "inverse_network": {"steps": 1000, "batch_size": 32, "aux_n": 256},
     "shadow_head": {"steps": 1000, "batch_size": 32, "iters": 1000, "aux_n": 256},
     "model_completion": {"steps": 500, "n_labels": 40},
+    "unsplit": {"rounds": 50, "restarts": 4},
 }
 
 
@@ -782,17 +830,24 @@ def _default(name: str, field: str, splits: list[str]) -> tuple[int | None, str]
 def attack_budgets(spec: Any) -> list[AttackBudget]:
     """The budgets of every attack setting of an :class:`~splitshield.config.ExperimentSpec`, in spec order,
     each against :data:`MIN_AUDIT_BUDGETS`."""
+    from .attacks.portfolio import allowed_members, member_specs
     from .experiment import attack_labels
 
     settings = [(i, s) for i, entry in enumerate(spec.attacks) for s in entry.settings()]
     labels = attack_labels([s for _, s in settings])
     out = []
     for (i, setting), label in zip(settings, labels, strict=True):
-        name = setting["name"]
-        for field, minimum in MIN_AUDIT_BUDGETS.get(name, {}).items():
-            given = setting.get(field) if field == "aux_n" else setting["params"].get(field)
-            value, source = (given, "set") if given is not None else _default(name, field, list(spec.splits))
-            out.append(AttackBudget(i, label, name, field, value, minimum, source))
+        members = [(setting["name"], setting["params"])]
+        if setting["name"] == "strongest":  # the portfolio is as strong as each of its members
+            given = member_specs(setting["params"].get("members"))
+            members = ([(m["name"], m) for m in given] if given
+                       else [(m, {}) for m in allowed_members(setting["threat"])])
+        for name, params in members:
+            for field, minimum in MIN_AUDIT_BUDGETS.get(name, {}).items():
+                given = setting.get(field) if field == "aux_n" else params.get(field)
+                value, source = (given, "set") if given is not None else _default(name, field, list(spec.splits))
+                shown = label if name == setting["name"] else f"{label}/{name}"
+                out.append(AttackBudget(i, shown, name, field, value, minimum, source))
     return out
 
 
@@ -809,8 +864,8 @@ def weak_attacks(spec: Any, budgets: list[AttackBudget]) -> list[str]:
     minimum, a non-adaptive attacker, noise as the attacker's data (each says the fix)."""
     problems = []
     for i, entry in enumerate(spec.attacks):
-        problems += [f"spec field attacks[{i}].{b.field} ({b.name}): {b.value} is below the audit's minimum "
-                     f"{b.minimum}; raise it" for b in budgets if b.entry == i and b.weak]
+        problems += [f"spec field attacks[{i}].{_budget_field(b)} ({b.name}): {b.value} is below the audit's "
+                     f"minimum {b.minimum}; raise it" for b in budgets if b.entry == i and b.weak]
         if not entry.adaptive:
             problems.append(f"spec field attacks[{i}].adaptive ({entry.name}): a non-adaptive attacker ignores the "
                             "defense and under-reports leakage; remove `adaptive: false`")
@@ -820,14 +875,23 @@ def weak_attacks(spec: Any, budgets: list[AttackBudget]) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
+def _budget_field(budget: AttackBudget) -> str:
+    """Where the spec sets ``budget``: ``iters``, or ``members.rmle.iters`` for a portfolio's member."""
+    member = "/" in budget.attack and budget.field != "aux_n"
+    return f"members.{budget.name}.{budget.field}" if member else budget.field
+
+
 def unmeasured_bars(spec: Any, max_ssim: float | None = None, max_psnr: float | None = None,
                     max_completion_accuracy: float | None = None) -> list[str]:
     """One line per bar that no attack of the spec measures (an SSIM bar without an inversion attack...)."""
     measured = {m for s in spec.attack_settings() for m in _measures(s)}
     bars = {"ssim": ("--max-ssim", max_ssim), "psnr": ("--max-psnr", max_psnr),
             "completion_accuracy": ("--max-completion-accuracy", max_completion_accuracy)}
-    kind = {"ssim": "an inversion attack (rmle, inverse_network or shadow_head)",
-            "psnr": "an inversion attack (rmle, inverse_network or shadow_head)",
+    from .attacks import ATTACKS, InversionAttack
+
+    names = [name for name, cls in ATTACKS.items() if issubclass(cls, InversionAttack)]
+    inversion = f"an inversion attack ({', '.join(names[:-1])} or {names[-1]})"
+    kind = {"ssim": inversion, "psnr": inversion,
             "completion_accuracy": "a model_completion attack"}
     return [f"{option}: the spec's attacks do not measure {metric}; add {kind[metric]} to its attacks "
             "(a gate with no attack cannot fail)" for metric, (option, limit) in bars.items()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,32 @@ from .validate import check, validate
 
 FORMAT = "splitshield-checkpoint/1"
 
+#: The optimisation protocols :class:`Trainer` offers.
+PROTOCOLS = ("default", "cem_official")
+
+# CEM's official protocol (xiasong0501/CEM: run_exp.sh and model_training_paral_pruning.py), in the epochs of
+# its 240-epoch run; the Trainer compresses it to its own number of epochs.
+CEM_EPOCHS = 240
+CEM_LR = 0.05
+CEM_MOMENTUM = 0.9
+CEM_WEIGHT_DECAY = 5e-4
+CEM_WARMUP = 1  # epochs
+CEM_MILESTONES = (60, 120, 180, 210)  # lr × CEM_GAMMA at each; the code's fifth, 260, lies past the end
+CEM_GAMMA = 0.2
+CEM_SELECT_AFTER = 200  # the model kept is the best on validation among the epochs after this one
+
+
+@dataclass
+class BestCheckpoint:
+    """The best epoch so far of a run that selects its model on validation accuracy.
+
+    ``tensors`` are the split model's (``model.*``) and the defense's (``defense.*``) state after that epoch.
+    """
+
+    epoch: int
+    val_accuracy: float
+    tensors: dict[str, torch.Tensor]
+
 
 def seed_everything(seed: int) -> None:
     """Seed torch's global RNG (defense noise, dropout, initialisation) for reproducible CPU runs."""
@@ -40,8 +67,35 @@ class Trainer:
 
     Each step computes ``z = head(defense.perturb(x))``, ``z_sent = defense.obfuscate(z, training=True)``,
     ``logits = tail(z_sent)`` and minimises ``CE(logits, y) + defense.regularizer(...)``.
-    The optimiser is He et al.'s: Adam(lr, amsgrad, eps=1e-3), with the learning rate halved every
-    ``lr_halve_every`` epochs.
+
+    **Protocols.** ``protocol="default"`` is He et al.'s: Adam(lr, amsgrad, eps=1e-3), lr 1e-3 unless given,
+    halved every ``lr_halve_every`` epochs (constant when ``None``); the model is the last epoch's.
+
+    ``protocol="cem_official"`` is the protocol of CEM's official code (ALGORITHMS §B.3), its 240 epochs
+    compressed proportionally to ``epochs``, as the code's own 120-epoch variant compresses its milestones: what
+    the official run does after e of its 240 epochs happens here after the fraction e/240 of all training steps
+    (``epochs`` × batches per epoch), so the learning rate may change between two batches of an epoch.
+
+    - SGD with momentum 0.9 and weight decay 5e-4 (unless ``weight_decay`` is given), peak ``lr`` 0.05 unless
+      given;
+    - warm-up: the learning rate rises linearly, batch by batch, to ``lr`` over the first 1/240 of the steps,
+      at most one epoch (the official run's first epoch);
+    - steps: ``lr`` × 0.2 after 60, 120, 180 and 210 of the 240 epochs, ending at ``lr`` × 0.2⁴ (8e-5 from 0.05);
+    - CEM's factor (:meth:`~splitshield.defenses.CEM.schedule_factor`: 0.001/lr, or 1 below lr 4.1e-4) reads this
+      learning rate at every step, so with lr 0.05 CEM's pull is 0.02, 0.1, 0.5, then 1 over the last two
+      stages. The warm-up ends within the first epoch, before CEM's first clustering, so it never reads a
+      warm-up rate;
+    - model selection: a share ``val_fraction`` of ``train`` (drawn with ``seed``) is held out and never
+      trained on. After each epoch beyond 200/240 of ``epochs`` the model is evaluated on it with the defense
+      as deployed, and at the end of :meth:`fit` the split model and the defense (parameters and buffers)
+      return to the epoch of highest validation accuracy, the first of equals (:attr:`selected_epoch`). The
+      optimiser and the defense's training state (e.g. CEM's clusters) stay the last epoch's; only a later
+      :meth:`fit_tail` sees them. Its epochs run at the final rate.
+
+    Where the official code differs: its epochs count from 1, so each of its steps comes one epoch (1/240 of
+    the run) earlier; it steps its per-batch warm-up scheduler once per epoch, so its first epoch runs at
+    learning rate 0; it selects the checkpoint on the test set, not on images held out of the training set.
+    The batch size stays the caller's (the official run's is 128).
 
     Parameters
     ----------
@@ -49,43 +103,76 @@ class Trainer:
         The split model to train, in place.
     defense:
         Applied between head and tail in training and in :meth:`evaluate`; ``None`` for no defense.
-    epochs, batch_size, lr, weight_decay, lr_halve_every:
-        Optimisation settings.
+    epochs, batch_size:
+        Optimisation settings; ``epochs`` is also the length the protocol's schedule spans.
+    lr, weight_decay:
+        Peak learning rate and L2 weight decay; ``None`` for the protocol's (1e-3 and 0, or 0.05 and 5e-4).
+    lr_halve_every:
+        The default protocol's schedule, in epochs.
+    protocol:
+        ``"default"`` or ``"cem_official"`` (above).
+    val_fraction:
+        The share of the training images ``cem_official`` holds out to select the model on.
     seed:
-        Fixes the initial shuffles and every random draw; the same seed gives the same model on CPU.
+        Fixes the initial shuffles, the held-out images and every random draw; the same seed gives the same
+        model on CPU.
     device:
         ``"cpu"`` or e.g. ``"cuda"``.
     checkpoint_dir:
         When given, ``last.safetensors``/``last.json`` are written there after every epoch (with the
-        optimiser's and the defense's training state) and :meth:`fit` with ``resume=True`` continues from
-        them, drawing what an uninterrupted run would.
+        optimiser's and the defense's training state, and the best epoch so far of a run that selects its
+        model) and :meth:`fit` with ``resume=True`` continues from them, drawing what an uninterrupted run
+        would: the resumed run ends with the same model.
     progress:
         Show a progress bar.
     """
 
     def __init__(self, target: SplitModel, defense: Defense | None = None, *, epochs: int = 5,
-                 batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.0,
-                 lr_halve_every: int | None = None, seed: int = 0, device: str | torch.device = "cpu",
-                 checkpoint_dir: str | Path | None = None, progress: bool = True):
+                 batch_size: int = 64, lr: float | None = None, weight_decay: float | None = None,
+                 lr_halve_every: int | None = None, protocol: str = "default", val_fraction: float = 0.1,
+                 seed: int = 0, device: str | torch.device = "cpu", checkpoint_dir: str | Path | None = None,
+                 progress: bool = True):
         for field, value in (("epochs", epochs), ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        official = protocol == "cem_official"
+        lr = (CEM_LR if official else 1e-3) if lr is None else lr
+        weight_decay = (CEM_WEIGHT_DECAY if official else 0.0) if weight_decay is None else weight_decay
         if not lr > 0:
             raise ConfigError(f"lr must be > 0, got {lr!r}")
+        if official and lr_halve_every is not None:
+            raise ConfigError("lr_halve_every is the default protocol's schedule; "
+                              "remove it with protocol='cem_official'")
+        if official and not 0 < val_fraction < 1:
+            raise ConfigError(f"val_fraction must be a share of the training set in (0, 1), e.g. 0.1; "
+                              f"got {val_fraction!r}")
         self.device = torch.device(device)
         self.target = target.to(self.device)
         self.defense = (defense or NoDefense()).to(self.device)
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.lr_halve_every = lr_halve_every
+        self.protocol, self.val_fraction = protocol, val_fraction
+        #: The epochs the learning-rate schedule and the model selection span (:meth:`fit_tail` adds epochs after).
+        self.schedule_epochs = epochs
         self.seed = seed
         self.progress = progress
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         seed_everything(seed)
         params = list(self.target.parameters()) + [p for p in self.defense.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=lr, eps=1e-3, amsgrad=True, weight_decay=weight_decay)
+        if official:
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=CEM_MOMENTUM,
+                                                                    weight_decay=weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=lr, eps=1e-3, amsgrad=True, weight_decay=weight_decay)
         self.epoch = 0
         self.train_data: ImageSet | None = None
+        self.val_data: ImageSet | None = None
         self.history: list[dict[str, float]] = []
+        self.best: BestCheckpoint | None = None
+        #: The epoch whose model :meth:`fit` kept, when the protocol selects it; ``None`` before or otherwise.
+        self.selected_epoch: int | None = None
         self._edge_frozen = False
 
     @property
@@ -93,8 +180,10 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def fit(self, train: ImageSet, test: ImageSet | None = None, resume: bool = False) -> list[dict[str, float]]:
-        """Train for the configured epochs; returns one dict per epoch (loss, train/test accuracy)."""
-        self.train_data = train
+        """Train for the configured epochs; returns one dict per epoch (loss, train accuracy, test accuracy with
+        ``test``, and validation accuracy in the epochs the protocol selects the model among)."""
+        self.train_data, self.val_data = self._hold_out(train)
+        train = self.train_data
         resuming = resume and self.checkpoint_dir is not None and (self.checkpoint_dir / "last.json").is_file()
         # Every problem of the model and defense at once, before an epoch is spent finding the first.
         check(validate(self.target, self.defense, for_training=True, resume=resuming))
@@ -104,7 +193,6 @@ class Trainer:
         while self.epoch < self.epochs:
             # Per-epoch seeds make a resumed run draw exactly what an uninterrupted one draws.
             seed_everything(self.seed * 100_003 + self.epoch)
-            self._set_lr()
             self.defense.on_epoch_start(self)
             self.target.train()
             self.defense.train()
@@ -116,7 +204,8 @@ class Trainer:
                                     device=self.device)
             bar = tqdm(batches, total=steps, desc=f"train epoch {self.epoch + 1}/{self.epochs}",
                        disable=not self.progress, leave=False)
-            for x, y in bar:
+            for i, (x, y) in enumerate(bar):
+                self._set_lr(self.epoch * steps + i, steps)
                 loss, logits = self._step(x, y)
                 total += len(y)
                 correct += int((logits.argmax(1) == y).sum())
@@ -125,11 +214,16 @@ class Trainer:
             self.epoch += 1
             self.defense.on_epoch_end(self)
             row = {"epoch": self.epoch, "loss": loss_sum / total, "train_accuracy": correct / total}
+            if self._selecting():
+                row["val_accuracy"] = self._keep_if_best()
             if test is not None:
                 row["test_accuracy"] = self.evaluate(test)
             self.history.append(row)
             if self.checkpoint_dir is not None:
                 self.save(self.checkpoint_dir / "last", include_optimizer=True)
+        if self.best is not None and self.epoch == self.schedule_epochs:
+            _load_states(self.target, self.defense, self.best.tensors)
+            self.selected_epoch, self.best = self.best.epoch, None
         return self.history
 
     def fit_tail(self, train: ImageSet, epochs: int, test: ImageSet | None = None) -> list[dict[str, float]]:
@@ -152,12 +246,48 @@ class Trainer:
             for p in edge:
                 p.requires_grad_(True)
 
-    def _set_lr(self) -> None:
-        lr = self.lr
-        if self.lr_halve_every:
-            lr = self.lr * 0.5 ** (self.epoch // self.lr_halve_every)
+    def _hold_out(self, train: ImageSet) -> tuple[ImageSet, ImageSet | None]:
+        """(the images to train on, the validation images): all of ``train`` and none, unless the protocol
+        selects the model; then a random share ``val_fraction`` (drawn with ``seed``) is held out."""
+        if self.protocol != "cem_official":
+            return train, None
+        n_val = round(self.val_fraction * len(train))
+        if not 0 < n_val < len(train):
+            raise ConfigError(f"val_fraction={self.val_fraction} of {len(train)} training images holds out "
+                              f"{n_val}; train on more images or change val_fraction")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))
+        return train.subset(order[n_val:].sort().values), train.subset(order[:n_val].sort().values)
+
+    def _set_lr(self, step: int, steps: int) -> None:
+        """Set the learning rate of the run's ``step``-th batch (from 0; ``steps`` batches per epoch)."""
+        if self.protocol == "default":
+            lr = self.lr * 0.5 ** (step // steps // self.lr_halve_every) if self.lr_halve_every else self.lr
+        else:
+            total = self.schedule_epochs * steps
+            warmup = min(math.ceil(total * CEM_WARMUP / CEM_EPOCHS), steps)
+            if step < warmup:
+                lr = self.lr * (step + 1) / warmup
+            else:  # a milestone m is passed once step / total >= m / CEM_EPOCHS (in integers, exactly)
+                lr = self.lr * CEM_GAMMA ** sum(step * CEM_EPOCHS >= m * total for m in CEM_MILESTONES)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+
+    def _selecting(self) -> bool:
+        """Whether the epoch just finished is one the model is selected among: later than 200/240 of the run."""
+        end = self.schedule_epochs
+        return self.val_data is not None and CEM_SELECT_AFTER * end < CEM_EPOCHS * self.epoch <= CEM_EPOCHS * end
+
+    def _keep_if_best(self) -> float:
+        """The validation accuracy of the epoch just finished; its model is kept if no earlier epoch's beat it.
+
+        Evaluated right after the epoch (before any test set), so the epoch's seed fixes its noise draws too."""
+        accuracy = self.evaluate(self.val_data)
+        if self.best is None or accuracy > self.best.val_accuracy:
+            states = (("model.", self.target.state_dict()), ("defense.", self.defense.state_dict()))
+            tensors = {prefix + key: value.detach().cpu().clone()
+                       for prefix, state in states for key, value in state.items()}
+            self.best = BestCheckpoint(self.epoch, accuracy, tensors)
+        return accuracy
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.target.head(self.defense.perturb(x, training=True))
@@ -181,22 +311,37 @@ class Trainer:
     def save(self, path: str | Path, metrics: dict[str, Any] | None = None, include_optimizer: bool = False) -> Path:
         """Write ``path.safetensors`` and ``path.json``; returns the safetensors path.
 
-        ``include_optimizer`` adds what resuming training needs: the optimiser's and the defense's training state.
+        ``include_optimizer`` adds what resuming training needs: the optimiser's and the defense's training state,
+        and the best epoch so far (``best.*`` tensors) of a run that selects its model.
         """
-        meta = {"epoch": self.epoch, "seed": self.seed, "history": self.history,
-                "train": {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
-                          "lr_halve_every": self.lr_halve_every}}
+        meta: dict[str, Any] = {"epoch": self.epoch, "seed": self.seed, "history": self.history,
+                                "train": {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+                                          "lr_halve_every": self.lr_halve_every, "protocol": self.protocol}}
+        if self.selected_epoch is not None:
+            meta["selected_epoch"] = self.selected_epoch
+        best = self.best if include_optimizer else None
+        if best is not None:
+            meta["best"] = {"epoch": best.epoch, "val_accuracy": best.val_accuracy}
         return save_checkpoint(path, self.target, self.defense, metrics=metrics, extra=meta,
-                               optimizer=self.optimizer if include_optimizer else None)
+                               optimizer=self.optimizer if include_optimizer else None,
+                               extra_tensors={"best." + k: v for k, v in best.tensors.items()} if best else None)
 
     def _resume(self, path: Path) -> None:
         # fit's validation has refused a defense that cannot resume (resumable = False) before this point.
         tensors, meta = _read(path)
+        protocol = meta.get("train", {}).get("protocol", "default")
+        if protocol != self.protocol:
+            raise CheckpointError(f"{path}.json was trained with protocol {protocol!r}, not {self.protocol!r}; "
+                                  f"resume with protocol={protocol!r} or delete {path.parent} to start afresh")
         _load_states(self.target, self.defense, tensors)
         load_optimizer_tensors(self.optimizer, substate(tensors, "optim."))
         self.defense.load_training_state({k: v.to(self.device) for k, v in substate(tensors, "train_state.").items()})
         self.epoch = int(meta.get("epoch", 0))
         self.history = list(meta.get("history", []))
+        self.selected_epoch = meta.get("selected_epoch")
+        if "best" in meta:
+            self.best = BestCheckpoint(int(meta["best"]["epoch"]), float(meta["best"]["val_accuracy"]),
+                                       substate(tensors, "best."))
 
 
 @torch.no_grad()
@@ -226,13 +371,15 @@ def _st_path(path: Path) -> Path:
 
 def save_checkpoint(path: str | Path, target: SplitModel, defense: Defense | None = None, *,
                     metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
-                    optimizer: torch.optim.Optimizer | None = None) -> Path:
+                    optimizer: torch.optim.Optimizer | None = None,
+                    extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Save a split model and its defense as ``path.safetensors`` + ``path.json``.
 
     The JSON sidecar records how to rebuild the model (``model_spec``, set for zoo/torchvision
     models built with :func:`~splitshield.models.build_model`), the split point, the input shape,
     the defense config and ``metrics``. With ``optimizer`` the checkpoint can resume training: it also
     holds the optimiser's per-parameter state (``optim.*``) and the defense's training state (``train_state.*``).
+    ``extra_tensors`` are stored under their own keys (e.g. ``best.model.*``, a run's best epoch so far).
     """
     path = Path(path)
     if path.suffix in (".safetensors", ".json"):
@@ -242,6 +389,7 @@ def save_checkpoint(path: str | Path, target: SplitModel, defense: Defense | Non
     parts = [("model.", target.state_dict()), ("defense.", defense.state_dict())]
     if optimizer is not None:
         parts += [("optim.", optimizer_tensors(optimizer)), ("train_state.", defense.training_state())]
+    parts.append(("", extra_tensors or {}))
     # Cloning makes every entry own its storage: safetensors refuses tensors that share memory.
     tensors = {prefix + key: value.detach().cpu().clone().contiguous()
                for prefix, state in parts for key, value in state.items()}

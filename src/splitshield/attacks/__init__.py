@@ -1,4 +1,4 @@
-"""Attacks on split inference: model inversion (rMLE, inverse network, shadow head) and model completion.
+"""Attacks on split inference: model inversion (rMLE, inverse network, shadow head, UnSplit) and model completion.
 
 Each attack receives only what its threat model allows: see :class:`Victim`. The registry names say what
 an attack does; the threat model it runs under is a separate setting (each class's ``threats``).
@@ -6,6 +6,7 @@ an attack does; the threat model it runs under is a separate setting (each class
 
 from .base import (
     THREATS,
+    ArchitectureOnlyView,
     Attack,
     BlackBoxView,
     CompletionAttack,
@@ -18,12 +19,15 @@ from .base import (
 from .decoders import build_decoder, he2019_decoder
 from .inverse_network import InverseNetwork
 from .model_completion import ModelCompletion
+from .portfolio import StrongestAttack
 from .query_free import QueryFreeInversion, different_head
+from .unsplit import UnSplit
 from .whitebox import HE2019_SETTINGS, WhiteBoxInversion
 
 #: Every attack by its name (its class's ``name``).
 ATTACKS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (WhiteBoxInversion, InverseNetwork, QueryFreeInversion, ModelCompletion)
+    cls.name: cls for cls in (WhiteBoxInversion, InverseNetwork, QueryFreeInversion, ModelCompletion,
+                               StrongestAttack, UnSplit)
 }
 #: Names of earlier versions, which named the attacks after the threat model each was first written for.
 ATTACK_ALIASES = {"white_box": "rmle", "black_box": "inverse_network", "query_free": "shadow_head"}
@@ -39,6 +43,7 @@ __all__ = [
     "ATTACK_ALIASES",
     "HE2019_SETTINGS",
     "THREATS",
+    "ArchitectureOnlyView",
     "Attack",
     "BlackBoxView",
     "CompletionAttack",
@@ -47,6 +52,8 @@ __all__ = [
     "ModelCompletion",
     "QueryFreeInversion",
     "QueryFreeView",
+    "StrongestAttack",
+    "UnSplit",
     "Victim",
     "VictimView",
     "WhiteBoxInversion",

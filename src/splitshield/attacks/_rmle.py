@@ -1,8 +1,9 @@
 """Regularised maximum-likelihood inversion (He et al. 2019, Algorithm 1), batched.
 
-Shared by the white-box attack (against the real head) and the query-free attack (against a shadow
-head). Each image's loss is summed over the batch, never averaged: with Adam's large ``eps`` a batch
-mean would shrink every gradient by the batch size and silently weaken the attack (ALGORITHMS §F.4).
+Shared by the white-box attack (against the real head), the query-free attack (against a shadow
+head) and UnSplit (against a clone of the head it fits in turn, warm-started). Each image's loss is summed
+over the batch, never averaged: with Adam's large ``eps`` a batch mean would shrink every gradient by the
+batch size and silently weaken the attack (ALGORITHMS §F.4).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 
 def rmle(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input_shape: tuple[int, ...], *,
          iters: int, lr: float | torch.Tensor, tv: float | torch.Tensor, l2: float | torch.Tensor, init: float = 0.5,
-         eps: float = 1e-3, progress: bool = False, desc: str = "rMLE") -> torch.Tensor:
+         start: torch.Tensor | None = None, eps: float = 1e-3, progress: bool = False,
+         desc: str = "rMLE") -> torch.Tensor:
     """Find x in [0, 1] minimising ``mean((forward(x) - z)²) + tv·TV(x) + l2·mean((x - init)²)``.
 
     Parameters
@@ -36,7 +38,10 @@ def rmle(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input
     iters, lr, eps:
         Adam (amsgrad) steps, step size and epsilon. x is projected onto [0, 1] after every step.
     tv, l2:
-        Weights of the total-variation prior and of the pull towards the grey start ``init``.
+        Weights of the total-variation prior and of the pull towards the grey level ``init``.
+    init, start:
+        The optimisation starts from the grey image ``init``, or from the images ``start`` [B, C, H, W] in
+        [0, 1] when given (a warm start, used as given: no restart below).
 
     ``lr``, ``tv`` and ``l2`` are each a number or a tensor [B] of one value per image, so that one
     batched run optimises several settings side by side (rows with one ``lr`` share an Adam parameter
@@ -52,8 +57,11 @@ def rmle(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input
     z = z.detach()
     rows = z.shape[0]
     tv, l2 = _per_row(tv, rows, z), _per_row(l2, rows, z)
-    start = torch.full((rows, *input_shape), init, device=z.device, requires_grad=True)
-    _restart_dead_starts(forward, z, start)
+    if start is None:
+        start = torch.full((rows, *input_shape), init, device=z.device, requires_grad=True)
+        _restart_dead_starts(forward, z, start)
+    else:
+        start = start.detach().clone().requires_grad_(True)
     if isinstance(lr, torch.Tensor):
         rates, group = torch.unique(lr.detach().to("cpu", torch.float64), return_inverse=True)
         indices = [(group == g).nonzero().flatten().to(z.device) for g in range(len(rates))]

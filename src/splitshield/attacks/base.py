@@ -4,19 +4,22 @@ The owner of a split model builds a :class:`Victim` (model, defense, threat mode
 An attack never touches the victim's model: ``attack.fit(victim)`` receives only the *view* its threat
 model allows, an object that physically lacks everything else:
 
-=============  ==============================================================================
-threat         what the attacker holds
-=============  ==============================================================================
-white_box      the head's weights (a frozen copy), the defense's mechanism, query access, aux data
-black_box      a query oracle ``x -> z'`` (the defended feature of any chosen input) and aux data
-query_free     the tail's weights (a frozen copy), the defense's mechanism, labelled aux data;
-               no queries
-=============  ==============================================================================
+=================  ==========================================================================
+threat             what the attacker holds
+=================  ==========================================================================
+white_box          the head's weights (a frozen copy), the defense's mechanism, query access, aux data
+black_box          a query oracle ``x -> z'`` (the defended feature of any chosen input) and aux data
+query_free         the tail's weights (a frozen copy), the defense's mechanism, labelled aux data;
+                   no queries
+architecture_only  the head's architecture (untrained) and the defense's mechanism; no weights, no
+                   queries, no data
+=================  ==========================================================================
 
 *Adaptive* (default): the attacker knows the defense and its parameters, not its random draws, so the
-oracle returns defended features and the white-box/query-free attackers optimise through the
-defense's obfuscation. *Non-adaptive* (``adaptive=False``): the attacker ignores the defense: it is
-given the undefended head (white-box), clean features (black-box) or no obfuscation (query-free).
+oracle returns defended features and the white-box/query-free/architecture-only attackers optimise through
+the defense's obfuscation. *Non-adaptive* (``adaptive=False``): the attacker ignores the defense: it is
+given the undefended head (white-box), clean features (black-box) or no obfuscation (query-free,
+architecture-only).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from ..defenses.base import Defense, NoDefense
 from ..errors import ConfigError, ThreatModelError
 from ..models.split import SplitModel, fresh_copy
 
-THREATS = ("white_box", "black_box", "query_free")
+THREATS = ("white_box", "black_box", "query_free", "architecture_only")
 #: Test images whose features the evaluation hands the cloud as the traffic it has observed.
 TRAFFIC_IMAGES = 1000
 
@@ -116,6 +119,18 @@ class QueryFreeView(VictimView):
     traffic: FeatureMoments | None
 
 
+@dataclass(frozen=True)
+class ArchitectureOnlyView(VictimView):
+    """The head's architecture and the defense mechanism: no weights, no query oracle, no data (``aux`` is ``None``).
+
+    ``head_architecture()`` returns a new head, its weights initialised from the global RNG (the caller seeds it).
+    """
+
+    perturb: Callable[[torch.Tensor], torch.Tensor]
+    obfuscate: Callable[[torch.Tensor], torch.Tensor]
+    head_architecture: Callable[[], nn.Module]
+
+
 class Victim:
     """A split model, its defense, and what an attacker may learn of it.
 
@@ -126,7 +141,7 @@ class Victim:
     defense:
         The defense deployed on the device (``None``: none).
     threat:
-        ``white_box``, ``black_box`` or ``query_free``.
+        ``white_box``, ``black_box``, ``query_free`` or ``architecture_only``.
     aux:
         The attacker's auxiliary images (see :meth:`splitshield.data.Dataset.aux`).
     adaptive:
@@ -165,7 +180,6 @@ class Victim:
         common = dict(threat=self.threat, input_shape=tuple(self.target.input_shape),
                       feature_shape=self.target.feature_shape(), aux=self.aux, adaptive=self.adaptive,
                       point=self.target.point)
-        head = _frozen(self.target.head)
         defense = _frozen(self.defense) if self.adaptive else NoDefense()
 
         def perturb(x: torch.Tensor) -> torch.Tensor:
@@ -175,8 +189,10 @@ class Victim:
             return defense.obfuscate(z, training=False)
 
         if self.threat == "white_box":
-            return WhiteBoxView(**common, head=head, perturb=perturb, obfuscate=obfuscate)
+            return WhiteBoxView(**common, head=_frozen(self.target.head), perturb=perturb, obfuscate=obfuscate)
         if self.threat == "black_box":
+            head = _frozen(self.target.head)
+
             # The oracle is the deployed device: defended features unless the evaluation is non-adaptive.
             def query(x: torch.Tensor) -> torch.Tensor:
                 _check_images(x, self.target.input_shape)
@@ -184,14 +200,21 @@ class Victim:
                     return obfuscate(head(perturb(x.to(self.device))))
 
             return BlackBoxView(**common, query=query)
+        if self.threat == "architecture_only":
+            return ArchitectureOnlyView(**{**common, "aux": None}, perturb=perturb, obfuscate=obfuscate,
+                                        head_architecture=self._head_architecture())
         last = list(self.target.head.modules())[-1]
         final = type(last) if isinstance(last, (nn.ReLU, nn.Sigmoid, nn.Tanh)) else None
+        return QueryFreeView(**common, tail=_frozen(self.target.tail), perturb=perturb, obfuscate=obfuscate,
+                             head_architecture=self._head_architecture(), head_final_activation=final,
+                             traffic=self._traffic_moments())
+
+    def _head_architecture(self) -> Callable[[], nn.Module]:
+        """Builds new heads of the head's architecture, each initialised from the global RNG."""
         # Re-initialised now, so the view holds no reference to the trained head's weights.
         with seeded(self._generator_seed):
             template = fresh_copy(self.target.head)
-        return QueryFreeView(**common, tail=_frozen(self.target.tail), perturb=perturb, obfuscate=obfuscate,
-                             head_architecture=lambda: fresh_copy(template), head_final_activation=final,
-                             traffic=self._traffic_moments())
+        return lambda: fresh_copy(template)
 
     @torch.no_grad()
     def _traffic_moments(self) -> FeatureMoments | None:

@@ -5,7 +5,9 @@ trains a shadow head f1' so that the frozen tail classifies its output correctly
 
     f1' = argmin_g (1/m) Σ CE(f2(g(xᵢ)), yᵢ),
 
-then runs rMLE against f1' with the observed feature as the target.
+then runs rMLE against f1' with the observed feature as the target. By default (``search="auto"``) the rMLE
+setting is tuned as the white-box attack tunes its own, on the attacker's auxiliary images, whose features it
+can only compute through its shadow.
 
 Many heads satisfy the tail, and rMLE through a shadow whose features differ from the device's inverts
 the wrong map. The cloud also sees what the device sends to it for other users (its traffic), so when the
@@ -31,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._params import flag, module_or, non_negative, non_negative_int, positive, positive_int
+from ._params import flag, module_or, non_negative, non_negative_int, one_of, positive, positive_int
 from ._rmle import rmle
 from .base import FeatureMoments, InversionAttack, QueryFreeView, seeded
-from .whitebox import check_rmle_params, rmle_settings
+from .whitebox import CALIBRATION_IMAGES, SEARCHES, calibrate, check_rmle_params, rmle_settings, search_grid
 
 
 def different_head(input_shape: tuple[int, int, int], feature_shape: tuple[int, ...],
@@ -71,8 +73,13 @@ class QueryFreeInversion(InversionAttack):
         Weight β >= 0 of the moment-matching term (see the module docstring); used when the victim's view
         holds traffic.
     iters, rmle_lr, tv, l2:
-        The rMLE stage (iters, rmle_lr > 0; tv, l2 >= 0); ``None`` takes the white-box defaults for the
-        split point.
+        The rMLE stage (iters, rmle_lr > 0; tv, l2 >= 0); ``None`` takes the white-box table's value for the
+        split point, or with ``search="auto"`` is searched for.
+    search:
+        ``"auto"`` (default): at ``fit``, the rMLE setting (λ_TV, λ_l2, lr) of the white-box search grid
+        (:func:`~splitshield.attacks.whitebox.search_grid`) that inverts the first ``CALIBRATION_IMAGES``
+        aux images best through the shadow head (:func:`~splitshield.attacks.whitebox.calibrate`); ``None``:
+        the table's setting.
     seed:
         Seeds the shadow's initialisation, the batch order and the defense's noise the attacker draws.
     progress:
@@ -85,7 +92,10 @@ class QueryFreeInversion(InversionAttack):
     shadow_accuracy_:
         The frozen tail's accuracy on the shadow's features over the last 100 training batches.
     iters_, rmle_lr_, tv_, l2_:
-        The rMLE settings in use, ``None`` resolved for the victim's split point.
+        The rMLE settings in use, ``None`` resolved for the victim's split point (or searched).
+    calibration_:
+        ``search="auto"``: {(λ_TV, λ_l2, lr): mean PSNR in dB (capped at 100) on the aux images through the
+        shadow}, else ``{}``.
     view_:
         The query-free view of the victim (its defense mechanism and shapes).
     """
@@ -95,24 +105,30 @@ class QueryFreeInversion(InversionAttack):
 
     def __init__(self, shadow: str | nn.Module = "same", steps: int = 3000, batch_size: int = 64,
                  lr: float = 1e-3, match_traffic: float = 3.0, iters: int | None = None,
-                 rmle_lr: float | None = None, tv: float | None = None, l2: float | None = None, seed: int = 0,
-                 progress: bool = True):
+                 rmle_lr: float | None = None, tv: float | None = None, l2: float | None = None,
+                 search: str | None = "auto", seed: int = 0, progress: bool = True):
         self.shadow = module_or("shadow", shadow, ("same", "different"))
         self.steps, self.batch_size = positive_int("steps", steps), positive_int("batch_size", batch_size)
         self.lr = positive("lr", lr)
         self.match_traffic = non_negative("match_traffic", match_traffic)
         self.iters, self.rmle_lr, self.tv, self.l2 = check_rmle_params(iters, rmle_lr, tv, l2, lr_field="rmle_lr")
+        self.search = one_of("search", search, SEARCHES)
         self.seed = non_negative_int("seed", seed)
         self.progress = flag("progress", progress)
 
     def _fit(self, view: QueryFreeView) -> QueryFreeInversion:  # type: ignore[override]
+        from ..measure import derived_seed
+
         aux = view.require_aux(type(self).__name__)
-        if self.shadow == "same":
-            head = view.head_architecture()
-        elif self.shadow == "different":
-            head = different_head(view.input_shape, view.feature_shape, view.head_final_activation)
-        else:
-            head = copy.deepcopy(self.shadow)
+        # Not the attack's seed itself: with seed 0 a fresh head would start from the weights build_model(seed=0)
+        # gave the victim, a head start no attacker has.
+        with seeded(derived_seed(self.seed, "shadow head")):
+            if self.shadow == "same":
+                head = view.head_architecture()
+            elif self.shadow == "different":
+                head = different_head(view.input_shape, view.feature_shape, view.head_final_activation)
+            else:
+                head = copy.deepcopy(self.shadow)
         opt = torch.optim.Adam(head.parameters(), lr=self.lr, eps=1e-3, amsgrad=True)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.steps, eta_min=self.lr * 0.01)
         x_all, y_all = aux.tensors()
@@ -142,21 +158,32 @@ class QueryFreeInversion(InversionAttack):
             view.point, self.iters, self.rmle_lr, self.tv, self.l2
         )
         self.view_ = view
+        self.calibration_: dict[tuple[float, float, float], float] = {}
+        priors, lrs = search_grid(view.point, self.rmle_lr, self.tv, self.l2)
+        if self.search == "auto" and len(priors) * len(lrs) > 1:
+            x, _ = aux.take(CALIBRATION_IMAGES).tensors()
+            settings = [(t, w, r) for t, w in priors for r in lrs]
+            (self.tv_, self.l2_, self.rmle_lr_), self.calibration_ = calibrate(
+                self._shadow_features, x, settings, iters=self.iters_, seed=self.seed, progress=self.progress)
         return self
+
+    def _shadow_features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the shadow head would send for images ``x`` [B, C, H, W], through the defense's mechanism."""
+        view = self.view_
+        return view.obfuscate(self.shadow_head_(view.perturb(x)))
 
     def invert(self, z: torch.Tensor) -> torch.Tensor:
         """Reconstructions [B, C, H, W] in [0, 1] of the features ``z`` [B, ...] the device sent."""
         self._check_fitted()
-        head, view = self.shadow_head_, self.view_
         with seeded(self.seed):
-            return rmle(lambda x: view.obfuscate(head(view.perturb(x))), z, view.input_shape, iters=self.iters_,
+            return rmle(self._shadow_features, z, self.view_.input_shape, iters=self.iters_,
                         lr=self.rmle_lr_, tv=self.tv_, l2=self.l2_, progress=self.progress, desc="query-free rMLE")
 
     def config(self) -> dict:
         shadow = self.shadow if isinstance(self.shadow, str) else type(self.shadow).__name__
         return {"name": self.name, "shadow": shadow, "steps": self.steps, "batch_size": self.batch_size,
                 "lr": self.lr, "match_traffic": self.match_traffic, "iters": self.iters, "rmle_lr": self.rmle_lr,
-                "tv": self.tv, "l2": self.l2, "seed": self.seed}
+                "tv": self.tv, "l2": self.l2, "search": self.search, "seed": self.seed}
 
 
 def _moment_distance(features: torch.Tensor, moments: FeatureMoments) -> torch.Tensor:

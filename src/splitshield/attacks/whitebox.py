@@ -8,14 +8,17 @@ with Adam from a grey image. Against a defended model the attack is adaptive: f1
 defense's obfuscation, re-sampled at every step (an expectation-over-transformation estimate).
 Defaults follow the authors' code per split (ALGORITHMS §A.2), translated to pixel space.
 
-With ``search="auto"`` the attacker tunes the attack to the model it holds, never looking at the private
-images: λ_TV, a modelling choice, is the one that inverts the attacker's own auxiliary images best
-(their features computed through the same view), and the step size, an optimisation choice, is chosen per
-image as the run reaching the lowest objective. The feature residual alone cannot choose λ_TV: a smaller
-λ_TV always fits the features at least as well, which at a non-injective cut is the wrong image.
+By default (``search="auto"``) the attacker tunes the attack to the model it holds, never looking at the
+private images: the setting (λ_TV, λ_l2, lr) is the one that inverts the attacker's own auxiliary images
+best (their features computed through the same view), then one run inverts the observed features. The
+feature residual alone cannot choose λ_TV: a smaller λ_TV always fits the features at least as well,
+which at a non-injective cut is the wrong image. Without auxiliary data the priors are the table's and the
+step size is chosen per image, as the run reaching the lowest objective.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -40,7 +43,7 @@ TV_GRID = (0.0, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4)
 LR_FACTORS = (0.1, 1.0, 10.0)
 SEARCHES = ("auto", None)
 #: Auxiliary images the auto search inverts to choose λ_TV, and noise draws averaging each objective.
-CALIBRATION_IMAGES = 16
+CALIBRATION_IMAGES = 8
 OBJECTIVE_DRAWS = 8
 #: PSNR cap (dB) when scoring λ_TV on the aux images: exact inversions (infinite PSNR) tie.
 _PSNR_CAP = 100.0
@@ -75,6 +78,40 @@ def search_grid(point: str, lr: float | None, tv: float | None,
     return tuple((t, w) for t in tvs for w in l2s), lrs
 
 
+def run_settings(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input_shape: tuple[int, ...],
+                 settings: Sequence[tuple[float, float, float]], *, iters: int, seed: int, progress: bool = False,
+                 desc: str = "rMLE") -> torch.Tensor:
+    """rMLE through ``forward`` of every setting (λ_TV, λ_l2, lr) on every feature of ``z`` [B, ...], as one
+    batched run: reconstructions [K·B, C, H, W] in [0, 1], setting-major."""
+    grid = torch.tensor(settings, dtype=torch.float64)  # [K, 3]
+    k = len(grid)
+    zz = z.detach().repeat(k, *([1] * (z.dim() - 1)))
+    tv, l2, lr = (grid[:, i].repeat_interleave(z.shape[0]) for i in range(3))
+    with seeded(seed):
+        return rmle(forward, zz, input_shape, iters=iters, lr=lr if k > 1 else float(lr[0]),
+                    tv=tv.float() if k > 1 else float(tv[0]), l2=l2.float() if k > 1 else float(l2[0]),
+                    progress=progress, desc=desc)
+
+
+def calibrate(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+              settings: Sequence[tuple[float, float, float]], *, iters: int, seed: int,
+              progress: bool = False) -> tuple[tuple[float, float, float], dict[tuple[float, float, float], float]]:
+    """The setting (λ_TV, λ_l2, lr) that inverts the attacker's own images ``x`` [B, C, H, W] best through
+    ``forward``, and every setting's mean PSNR in dB (capped at 100) on them. Among ties, the weakest priors.
+
+    Every setting is tried: step size and priors interact (at few iterations a small TV weight helps a
+    small step and hurts a large one), so choosing one after the other can miss the best pair.
+    """
+    with torch.no_grad(), seeded(seed + 1):  # the features of x under the noise draws of a fixed seed
+        z = forward(x)
+    x_hat = run_settings(forward, z, tuple(x.shape[1:]), settings, iters=iters, seed=seed, progress=progress,
+                         desc="rMLE calibration")
+    truth = x.repeat(len(settings), 1, 1, 1).to(x_hat)
+    psnr = metrics.psnr(x_hat, truth, reduction="none").clamp(max=_PSNR_CAP).view(len(settings), -1)
+    scores = dict(zip(settings, psnr.mean(1).tolist(), strict=True))
+    return max(settings, key=lambda st: (scores[st], -st[0] - st[1])), scores
+
+
 class WhiteBoxInversion(InversionAttack):
     """rMLE inversion with the head's weights.
 
@@ -85,13 +122,14 @@ class WhiteBoxInversion(InversionAttack):
         for the split point's name when it is one of theirs, else (3000, 1e-2, 1.0, 0.0), or with
         ``search="auto"`` is searched for.
     search:
-        ``"auto"``: tune the settings to the model by the attacker's own criteria (module docstring): the
-        priors (λ_TV, λ_l2) of :func:`search_grid` are chosen at ``fit`` by the mean PSNR of the inversions
-        of the first ``CALIBRATION_IMAGES`` aux images (the table's priors without aux data); lr, per image
-        by ``invert``, as the run whose objective (feature mean-squared error, averaged over
-        ``OBJECTIVE_DRAWS`` draws of the defense's noise, plus the priors) is lowest. All runs of one
-        search are one batched optimisation of ``iters`` steps each. A given ``tv``, ``l2`` or ``lr`` is
-        not searched. ``None`` (the default for now): the settings above, one run.
+        ``"auto"`` (default): tune the settings to the model by the attacker's own criteria (module
+        docstring): at ``fit``, the settings of :func:`search_grid` invert the first ``CALIBRATION_IMAGES``
+        aux images (:func:`calibrate`) and the one with the best mean PSNR on them is kept; ``invert`` then
+        runs it alone.
+        Without aux data, the table's priors, and per image the lr whose run reaches the lowest objective
+        (feature mean-squared error, averaged over ``OBJECTIVE_DRAWS`` draws of the defense's noise, plus
+        the priors), all lrs in one batched run. A given ``tv``, ``l2`` or ``lr`` is not searched.
+        ``None``: the table's settings above, one run.
     seed:
         Seeds the defense's noise the adaptive attacker draws while it optimises.
     progress:
@@ -100,11 +138,11 @@ class WhiteBoxInversion(InversionAttack):
     Fitted attributes
     -----------------
     iters_, lr_, tv_, l2_:
-        The settings in use, ``None`` resolved for the victim's split point; with ``search="auto"``,
-        ``tv_`` and ``l2_`` are the chosen priors and ``lr_`` the tuple of step sizes ``invert`` tries.
+        The settings in use, ``None`` resolved for the victim's split point; with ``search="auto"`` and
+        no aux data, ``lr_`` is the tuple of step sizes ``invert`` tries per image.
     calibration_:
-        ``search="auto"`` with aux data: {(λ_TV, λ_l2): mean PSNR in dB (capped at 100) on the aux images},
-        else ``{}``.
+        ``search="auto"`` with aux data: {(λ_TV, λ_l2, lr): mean PSNR in dB (capped at 100) on the aux
+        images} of every setting tried, else ``{}``.
     view_:
         The white-box view of the victim.
     chosen_, residual_:
@@ -116,7 +154,7 @@ class WhiteBoxInversion(InversionAttack):
     name = "rmle"
 
     def __init__(self, iters: int | None = None, lr: float | None = None, tv: float | None = None,
-                 l2: float | None = None, search: str | None = None, seed: int = 0, progress: bool = True):
+                 l2: float | None = None, search: str | None = "auto", seed: int = 0, progress: bool = True):
         self.iters, self.lr, self.tv, self.l2 = check_rmle_params(iters, lr, tv, l2)
         self.search = one_of("search", search, SEARCHES)
         self.seed = non_negative_int("seed", seed)
@@ -125,51 +163,35 @@ class WhiteBoxInversion(InversionAttack):
     def _fit(self, view: WhiteBoxView) -> WhiteBoxInversion:  # type: ignore[override]
         self.iters_, self.lr_, self.tv_, self.l2_ = rmle_settings(view.point, self.iters, self.lr, self.tv, self.l2)
         self.view_ = view
-        self.calibration_: dict[tuple[float, float], float] = {}
+        self.calibration_: dict[tuple[float, float, float], float] = {}
         if self.search == "auto":
-            priors, self.lr_ = search_grid(view.point, self.lr, self.tv, self.l2)
-            if len(priors) > 1 and view.aux is not None and len(view.aux) > 0:
+            priors, lrs = search_grid(view.point, self.lr, self.tv, self.l2)
+            if len(priors) * len(lrs) > 1 and view.aux is not None and len(view.aux) > 0:
                 x, _ = view.aux.take(CALIBRATION_IMAGES).tensors()
-                with torch.no_grad():
-                    z = view.send(x)
-                x_hat, _, _ = self._search(z, priors, self.lr_)
-                truth = x.repeat(len(priors), 1, 1, 1).to(x_hat)
-                psnr = metrics.psnr(x_hat, truth, reduction="none").clamp(max=_PSNR_CAP).view(len(priors), -1)
-                self.calibration_ = dict(zip(priors, psnr.mean(1).tolist(), strict=True))
-                # The best mean PSNR; among ties, the weakest priors.
-                self.tv_, self.l2_ = max(priors, key=lambda prior: (self.calibration_[prior], -sum(prior)))
+                settings = [(t, w, r) for t, w in priors for r in lrs]
+                (self.tv_, self.l2_, self.lr_), self.calibration_ = calibrate(
+                    view.send, x, settings, iters=self.iters_, seed=self.seed, progress=self.progress)
+            else:  # no aux data to choose the priors on: the table's, and the lr per image
+                self.lr_ = lrs if len(lrs) > 1 else lrs[0]
         return self
 
     def invert(self, z: torch.Tensor) -> torch.Tensor:
         """Reconstructions [B, C, H, W] in [0, 1] of the features ``z`` [B, ...] the device sent."""
         self._check_fitted()
         lrs = self.lr_ if isinstance(self.lr_, tuple) else (self.lr_,)
-        x_hat, self.chosen_, self.residual_ = self._search(z, ((self.tv_, self.l2_),), lrs)
-        return x_hat
-
-    def _search(self, z: torch.Tensor, priors: tuple[tuple[float, float], ...],
-                lrs: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """rMLE of every (prior, lr) on every feature of ``z`` [B, ...], as one batched run.
-
-        Returns, per prior (λ_TV, λ_l2) and image, the reconstruction of the lr whose objective is lowest
-        [P·B, C, H, W] (prior-major), its (λ_TV, λ_l2, lr) [P·B, 3] and its relative residual [P·B].
-        """
-        grid = torch.tensor([(*prior, r) for prior in priors for r in lrs], dtype=torch.float64)  # [K, 3]
-        k, b = len(grid), z.shape[0]
-        zz = z.detach().repeat(k, *([1] * (z.dim() - 1)))
-        tv, l2, lr = (grid[:, i].repeat_interleave(b) for i in range(3))
-        with seeded(self.seed):
-            x = rmle(self.view_.send, zz, self.view_.input_shape, iters=self.iters_,
-                     lr=lr if k > 1 else float(lr[0]), tv=tv.float() if k > 1 else float(tv[0]),
-                     l2=l2.float() if k > 1 else float(l2[0]), progress=self.progress, desc="white-box rMLE")
-        residual = self._residual(x, zz, b)
-        if k == 1:
-            return x, grid.expand(b, 3).clone(), residual
-        objective = (residual * zz.pow(2).flatten(1).mean(1) + tv.to(x) * total_variation(x)
-                     + l2.to(x) * (x - 0.5).pow(2).flatten(1).mean(1))
-        best = objective.view(len(priors), len(lrs), b).argmin(1)  # [P, B]: the lr kept per prior and image
-        rows = ((torch.arange(len(priors))[:, None] * len(lrs) + best) * b + torch.arange(b)).flatten()
-        return x[rows], grid.repeat_interleave(b, 0)[rows], residual[rows]
+        settings = tuple((self.tv_, self.l2_, r) for r in lrs)
+        x = run_settings(self.view_.send, z, self.view_.input_shape, settings, iters=self.iters_,
+                         seed=self.seed, progress=self.progress, desc="white-box rMLE")
+        b = z.shape[0]
+        residual = self._residual(x, z.detach().repeat(len(settings), *([1] * (z.dim() - 1))), b)
+        grid = torch.tensor(settings, dtype=torch.float64).repeat_interleave(b, 0)  # [K·B, 3]
+        if len(settings) > 1:  # per image, the lr whose run reaches the lowest objective
+            objective = (residual * z.detach().pow(2).flatten(1).mean(1).repeat(len(settings))
+                         + self.tv_ * total_variation(x) + self.l2_ * (x - 0.5).pow(2).flatten(1).mean(1))
+            rows = objective.view(len(settings), b).argmin(0) * b + torch.arange(b)
+            x, grid, residual = x[rows], grid[rows], residual[rows]
+        self.chosen_, self.residual_ = grid, residual
+        return x
 
     def _residual(self, x: torch.Tensor, z: torch.Tensor, block: int) -> torch.Tensor:
         """Relative residual ``‖send(x) − z‖² / ‖z‖²`` per row [N], averaged over ``OBJECTIVE_DRAWS`` noise draws.

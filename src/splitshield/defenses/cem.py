@@ -27,9 +27,12 @@ MSE. As the authors' code:
    diagonal rather than isotropic surrogate of log det(I + Σⱼ/σ²), so that a few high-variance
    dimensions cannot hide behind a small mean;
 3. the loss added is λ·s·L_C with s = 1 when the learning rate is < 4.1e-4, else 0.001/lr (the code's
-   schedule). L_C depends only on the clean feature, so its gradient reaches the edge head (and edge-side
-   defense parameters) only, never the cloud tail: the code's "inject into the encoder's gradient".
-   With plain gradients, adding λ·s·L_C to the loss is the same as the code's ``g += λ·s·∇L_C``.
+   schedule), read from the optimiser at every step. Under the Trainer's default protocol (Adam at a constant
+   1e-3) s = 1 throughout; under ``protocol="cem_official"`` (the official SGD schedule from lr 0.05) s is
+   0.02, 0.1, 0.5, then 1, as in the official run. L_C depends only on the clean feature, so its gradient
+   reaches the edge head (and edge-side defense parameters) only, never the cloud tail: the code's "inject
+   into the encoder's gradient". With plain gradients (SGD's weight decay is added after either), adding
+   λ·s·L_C to the loss is the same as the code's ``g += λ·s·∇L_C``.
 
 σ is taken from the noise defenses composed before CEM (their variances add) unless given; for a base
 without noise, pass ``sigma`` explicitly (it then only sets the hinge τσ²).
@@ -235,7 +238,8 @@ class CEM(Defense):
     # ---- per batch: the loss --------------------------------------------------------------------
 
     def schedule_factor(self) -> float:
-        """s = 1 when the learning rate is < 4.1e-4, else 0.001/lr (the CEM code's schedule)."""
+        """s = 1 when the optimiser's current learning rate is < 4.1e-4, else 0.001/lr (the CEM code's schedule;
+        1 before a trainer has started an epoch)."""
         optimizer = self._optimizer_ref() if self._optimizer_ref is not None else None
         if optimizer is None:
             return 1.0

@@ -1,0 +1,207 @@
+"""Is the advisor's fast leakage ranking of split points the full-budget attacks' ranking?
+
+For every chosen split point of a trained model, ``ss.advise`` gives its fast estimates (a small-budget inverse
+network's SSIM, the CE floor, the GPZ statistic R̄²/V); then three full-budget attacks run at the same point,
+each through the one measurement pipeline (``measure_attack``): white-box rMLE, the inverse network and the
+query-free shadow head, on He et al.'s protocol (the first test image of each class). A point's leakage is the
+best of the three (the highest mean SSIM). The script prints every number per point and the Spearman rank
+correlation ρ of each fast measure with the full-budget leakage (the CE floor enters negated: a higher floor means
+less leakage; the issue asks for ρ ≥ 0.9).
+
+    python benchmarks/advisor_validity.py --model lenet                   # LeNet / MNIST, all 13 points
+    python benchmarks/advisor_validity.py --model cifar-cnn               # He et al.'s CIFAR-10 net, all points
+    python benchmarks/advisor_validity.py --model resnet18 --points 8     # ResNet-18 / CIFAR-10, 8 spaced points
+
+The model is trained once and cached (``--cache``); data come from ``--data-dir`` (``../shared/data``: MNIST, and
+CIFAR-10 as JPEG quality 75, about 30 dB from the original pixels: say so with CIFAR numbers). ``--scale`` scales
+every full-budget attack's steps (0.3: a quicker run, labelled as such in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import splitshield as ss
+from splitshield.measure import attack_seed, measure_attack
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_args  # noqa: E402
+
+#: (dataset, epochs) per model.
+MODELS = {"lenet": ("mnist", 3), "cifar-cnn": ("cifar10", 20), "resnet18": ("cifar10", 15)}
+#: The full budgets: the attacks' own defaults (rMLE iterations None: He et al.'s per point, else 3000).
+FULL = {"rmle_iters": 3000, "decoder_steps": 3000, "shadow_steps": 3000}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's ρ: the Pearson correlation of the ranks (ties get their average rank)."""
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in order[i : j + 1]:
+                out[k] = (i + j) / 2
+            i = j + 1
+        return out
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / var if var else float("nan")
+
+
+def trained_model(name: str, data: ss.Dataset, epochs: int, seed: int, cache: Path) -> tuple[torch.nn.Module, float]:
+    """The model trained on ``data.train`` (cached as a checkpoint), and its test accuracy."""
+    net = ss.build_model(name, num_classes=data.num_classes, input_shape=data.image_shape, seed=seed)
+    path = cache / f"{name}-{data.name}-e{epochs}-seed{seed}"
+    if path.with_suffix(".safetensors").is_file():
+        target, _, meta = ss.load_checkpoint(path, model=net)
+        return net, meta["metrics"]["test_accuracy"]
+    target = ss.split(net, ss.split_points(net, data.image_shape)[-1].name, input_shape=data.image_shape)
+    start = time.perf_counter()
+    trainer = ss.Trainer(target, epochs=epochs, seed=seed, progress=False)
+    trainer.fit(data.train)
+    accuracy = trainer.evaluate(data.test)
+    trainer.save(path, metrics={"test_accuracy": accuracy})
+    print(f"trained {name} {epochs} epochs in {time.perf_counter() - start:.0f} s: test accuracy {accuracy:.2%}",
+          flush=True)
+    return net, accuracy
+
+
+def full_attacks(args: argparse.Namespace) -> dict[str, dict]:
+    """The three full-budget attack settings, steps scaled by ``args.scale``."""
+    def steps(key: str) -> int:
+        return max(1, round(FULL[key] * args.scale))
+
+    iters = None if args.scale == 1 else steps("rmle_iters")
+    common = {"aux": "same_distribution", "aux_n": None, "adaptive": True}
+    return {
+        "white-box rMLE": {"name": "rmle", "threat": "white_box", **common, "params": {"iters": iters}},
+        "inverse network": {"name": "inverse_network", "threat": "black_box", **common,
+                            "params": {"steps": steps("decoder_steps")}},
+        "query-free": {"name": "shadow_head", "threat": "query_free", **common,
+                       "params": {"steps": steps("shadow_steps"), "iters": iters}},
+    }
+
+
+def spaced(points: list[str], k: int) -> list[str]:
+    """``k`` points spread evenly over ``points``, first and last included (all of them when there are fewer)."""
+    if k >= len(points):
+        return points
+    return [points[round(i * (len(points) - 1) / (k - 1))] for i in range(k)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--model", choices=sorted(MODELS), default="lenet")
+    parser.add_argument("--points", type=int, default=0, help="score this many evenly spaced points (0: all)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default per model)")
+    parser.add_argument("--scale", type=float, default=1.0, help="scale the full-budget attacks' steps")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "splitshield" / "advisor-validity")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write every number to this JSON file after each point; a rerun with the same settings "
+                             "keeps the points it already holds (resume a long run)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dataset, epochs = MODELS[args.model]
+    epochs = args.epochs or epochs
+    print("command:", " ".join(sys.argv), "| settings:", {k: str(v) for k, v in vars(args).items()}, flush=True)
+    data = ss.load_dataset(dataset, data_dir=args.data_dir, seed=args.seed)
+    net, accuracy = trained_model(args.model, data, epochs, args.seed, args.cache)
+    legal = [p.name for p in ss.split_points(net, data.image_shape)]
+    points = spaced(legal, args.points) if args.points else legal
+
+    start = time.perf_counter()
+    advice = ss.advise(net, data, points=points, seed=args.seed, progress=False)
+    print(f"advisor: {len(points)} points in {time.perf_counter() - start:.0f} s "
+          f"({', '.join(f'{k} {v:.0f} s' for k, v in advice.timings.items())})", flush=True)
+
+    settings = full_attacks(args)
+    done = previous_rows(args.json, args, accuracy, settings)
+    label = "full budget" if args.scale == 1 else f"budget × {args.scale:g} (NOT the full budget)"
+    lossy = " on JPEG-lossy CIFAR-10" if dataset == "cifar10" else ""
+    print(f"\n{args.model} on {dataset} (test accuracy {accuracy:.2%}); attacks at {label}, "
+          f"first test image of each class; SSIM (7×7 uniform window){lossy}")
+    header = f"{'point':14} {'fast SSIM':>9} {'CE floor':>9} {'R̄²/V':>6} | " + " ".join(
+        f"{k:>15}" for k in settings) + f" | {'best':>6} {'s':>5}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    net.eval()
+    for point in points:
+        target = ss.split(net, point, input_shape=data.image_shape)
+        clock = time.perf_counter()
+        ssim: dict[str, float | None] = done.get(point, {})
+        for name, setting in settings.items():
+            if name in ssim:
+                continue
+            if setting["name"] == "shadow_head" and not any(True for _ in target.head.parameters()):
+                ssim[name] = None  # a head without weights (input normalisation) has no shadow to train
+                continue
+            result = measure_attack(target, None, data, setting, images="first_per_class",
+                                    seed=attack_seed(args.seed, setting), metrics=("ssim", "psnr"))
+            ssim[name] = next(v for metric, i, v in result.metrics if metric == "ssim" and i == -1)
+        row = advice.row(point)
+        rows.append({"point": point, "fast_ssim": row.ssim, "ce_floor": row.ce_floor, "gpz_r2_norm": row.gpz_r2_norm,
+                     "gpz_r2": row.gpz_r2, "attacks": ssim, "best": max(v for v in ssim.values() if v is not None),
+                     "seconds": time.perf_counter() - clock})
+        if args.json:
+            write(args.json, args, accuracy, settings, label, rows, {}, advice)
+        cells = " ".join(f"{v:15.3f}" if v is not None else f"{'–':>15}" for v in ssim.values())
+        print(f"{point:14} {row.ssim:9.3f} {row.ce_floor or float('nan'):9.3g} {row.gpz_r2_norm:6.3f} | {cells} | "
+              f"{rows[-1]['best']:6.3f} {rows[-1]['seconds']:5.0f}", flush=True)
+
+    best = [r["best"] for r in rows]
+    measures = {"fast inverse network SSIM": [r["fast_ssim"] for r in rows],
+                "GPZ R̄²/V": [r["gpz_r2_norm"] for r in rows],
+                "GPZ R̄² (raw)": [r["gpz_r2"] for r in rows],
+                "CE floor (negated)": [-(r["ce_floor"] if r["ce_floor"] is not None else float("nan")) for r in rows]}
+    print(f"\nSpearman ρ with the full-budget best SSIM over {len(rows)} points ({label}):")
+    correlations = {}
+    for name, values in measures.items():
+        rho = spearman(values, best)
+        correlations[name] = rho
+        verdict = "meets ρ ≥ 0.9" if rho >= 0.9 else "does NOT meet ρ ≥ 0.9"
+        print(f"  {name:28} ρ = {rho:+.3f}  {verdict}")
+    for name in settings:
+        alone = [(r["attacks"][name], r["best"]) for r in rows if r["attacks"][name] is not None]
+        rho = spearman([a for a, _ in alone], [b for _, b in alone])
+        print(f"  (full-budget {name} alone vs the best, {len(alone)} points: ρ = {rho:+.3f})")
+    if args.json:
+        write(args.json, args, accuracy, settings, label, rows, correlations, advice)
+
+
+def write(path: Path, args: argparse.Namespace, accuracy: float, settings: dict, label: str, rows: list[dict],
+          correlations: dict[str, float], advice: ss.Advice) -> None:
+    path.write_text(json.dumps({"model": args.model, "seed": args.seed, "accuracy": accuracy, "settings": settings,
+                                "budget": label, "rows": rows, "spearman": correlations,
+                                "advisor_timings": advice.timings}, indent=2))
+
+
+def previous_rows(path: Path | None, args: argparse.Namespace, accuracy: float,
+                  settings: dict) -> dict[str, dict[str, float | None]]:
+    """The full-budget SSIMs per point of an earlier run of the same model, seed, accuracy and attack settings."""
+    if path is None or not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    if (old.get("model"), old.get("seed"), old.get("accuracy"), old.get("settings")) != (
+            args.model, args.seed, accuracy, json.loads(json.dumps(settings))):
+        return {}
+    print(f"resuming: {len(old['rows'])} points from {path}", flush=True)
+    return {row["point"]: row["attacks"] for row in old["rows"]}
+
+
+if __name__ == "__main__":
+    main()

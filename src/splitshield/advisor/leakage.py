@@ -1,0 +1,149 @@
+"""How much a cut leaks: a fast black-box attack, the conditional-entropy floor and the GPZ statistic.
+
+- **Fast inverse network**: the black-box attack of ``splitshield attack --attack inverse_network``, fitted by the
+  one measurement pipeline (:func:`~splitshield.measure.fit_attack`) with a small fixed budget
+  (:class:`FastAttack`); PSNR/SSIM of its reconstructions of held-out test images.
+- **CE floor**: the conditional-entropy MSE floor (:func:`~splitshield.metrics.conditional_entropy_floor`) for
+  Gaussian noise of ``noise`` times the feature's standard deviation, so that one setting is the same
+  signal-to-noise ratio at every point. Fitted on a small sample, it is an estimate for comparing points.
+- **GPZ statistic** (Liu et al., arXiv 2506.15412; ALGORITHMS §G.6): the mean intra-class radius
+  R̄² = mean_c mean_{i∈c} ‖z_i − μ_c‖² of the flattened features under the model's predicted labels, raw and
+  divided by the total variance V = mean_i ‖z_i − μ‖², and its relative drop between neighbouring points.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..data import Dataset, ImageSet
+from ..errors import ConfigError
+from ..metrics import conditional_entropy_floor, psnr, ssim
+from ..models.split import SplitModel
+
+
+@dataclass(frozen=True)
+class FastAttack:
+    """The fixed budget of the fast inverse-network estimate.
+
+    Attributes
+    ----------
+    aux_images:
+        The attacker's auxiliary images: the first of the dataset's holdout (same distribution, never trained on).
+    steps, batch_size:
+        The decoder's optimiser steps and batch size.
+    images:
+        Test images reconstructed and scored (:func:`held_out_index`: balanced over the classes).
+    """
+
+    aux_images: int = 512
+    steps: int = 300
+    batch_size: int = 32
+    images: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("aux_images", "steps", "batch_size", "images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"FastAttack.{name} must be a positive integer, got {value!r}")
+
+    def setting(self) -> dict[str, Any]:
+        """The attack setting (as an experiment spec states it) that :func:`~splitshield.measure.fit_attack` fits."""
+        return {"name": "inverse_network", "threat": "black_box", "aux": "same_distribution",
+                "aux_n": self.aux_images, "adaptive": True,
+                "params": {"steps": self.steps, "batch_size": self.batch_size}}
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """The fast attack's result: mean PSNR (dB) and SSIM (7×7 uniform window) over the scored images, the
+    images [N, C, H, W] and their reconstructions [N, C, H, W], both in [0, 1]."""
+
+    psnr: float
+    ssim: float
+    originals: torch.Tensor
+    reconstructions: torch.Tensor
+
+
+def held_out_index(test: ImageSet, n: int) -> list[int]:
+    """Positions of ``n`` test images taken one class after the other (the first image of each class, then the
+    second of each, ...): balanced over the classes, whatever order the split is stored in."""
+    per_class = [(test.labels == c).nonzero().flatten().tolist() for c in range(test.num_classes)]
+    order = [i for turn in itertools.zip_longest(*per_class) for i in turn if i is not None]
+    return order[:n]
+
+
+def fast_inversion(target: SplitModel, data: Dataset, attack: FastAttack, seed: int,
+                   device: str | torch.device = "cpu") -> Inversion:
+    """Fit the fast inverse network on ``target`` (no defense) through the measurement pipeline, seeded as
+    ``splitshield attack`` seeds it, and score it on :func:`held_out_index`'s test images."""
+    from ..measure import attack_seed, fit_attack  # the experiment layer (pydantic) on first use only
+
+    setting = attack.setting()
+    fitted = fit_attack(target, None, data, setting, images=1, seed=attack_seed(seed, setting))
+    x, _ = data.test.subset(held_out_index(data.test, attack.images)).tensors(device)
+    x_hat = fitted.attack.invert(fitted.victim.observe(x)).detach().cpu()
+    x = x.cpu()
+    return Inversion(float(psnr(x_hat, x)), float(ssim(x_hat, x)), x, x_hat)
+
+
+@torch.no_grad()
+def gpz_radius(z: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """The GPZ statistic of one batch of features.
+
+    Parameters
+    ----------
+    z:
+        Features [N, ...] (flattened to [N, D]).
+    labels:
+        Class of each feature [N] (the model's predictions).
+
+    Returns
+    -------
+    r2, variance:
+        R̄², the mean over the classes present of mean_{i∈c} ‖z_i − μ_c‖², and the total variance
+        V = mean_i ‖z_i − μ‖², both in squared feature units.
+    """
+    flat = z.flatten(1)
+    labels = labels.to(flat.device)
+    counts, means, radii = [], [], []
+    for c in labels.unique():
+        members = flat[labels == c].double()  # one class at a time: a float64 copy of all features can be large
+        counts.append(len(members))
+        means.append(members.mean(0))
+        radii.append(float((members - means[-1]).pow(2).sum(1).mean()))
+    weights = [k / len(flat) for k in counts]
+    mean = sum(w * m for w, m in zip(weights, means, strict=True))
+    # The law of total variance: the spread within the classes plus the spread of the class means.
+    variance = sum(w * (r + float((m - mean).pow(2).sum())) for w, r, m in zip(weights, radii, means, strict=True))
+    return sum(radii) / len(radii), variance
+
+
+def relative_drops(values: Sequence[float | None]) -> list[float | None]:
+    """Δ_ℓ = (v_{ℓ−1} − v_ℓ) / v_{ℓ−1} for each point after the first (``None`` for the first, or where a value is
+    missing or the previous one is 0)."""
+    drops: list[float | None] = [None]
+    for prev, cur in zip(values[:-1], values[1:], strict=True):
+        drops.append(None if prev is None or cur is None or prev == 0 else (prev - cur) / prev)
+    return drops
+
+
+@torch.no_grad()
+def ce_floor(x: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, noise: float) -> float | None:
+    """The conditional-entropy MSE floor of features ``z`` [N, ...] of images ``x`` [N, C, H, W] in [0, 1] sent with
+    Gaussian noise of standard deviation ``noise`` × std(z), one mixture component per class of ``labels`` [N].
+
+    Returns the floor in squared pixel units (comparable to :func:`~splitshield.metrics.mse`), or ``None`` for a
+    constant feature or a class with fewer than 2 images.
+    """
+    sigma = noise * float(z.float().std())
+    if sigma <= 0:
+        return None
+    try:
+        return float(conditional_entropy_floor(x.cpu(), z.cpu(), sigma, labels=labels.cpu())["mse_floor"])
+    except ConfigError:
+        return None

@@ -1,0 +1,75 @@
+"""From a table of cuts to a recommendation: leakage scores, Pareto fronts, budgets and the best cut.
+
+Pure functions of numbers: no model, no data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """A leakage measure cuts are ranked by.
+
+    Attributes
+    ----------
+    column:
+        The :class:`~splitshield.advisor.PointAdvice` field holding it.
+    higher_leaks:
+        Whether a higher value means more leakage (SSIM) or less (the MSE floor).
+    label:
+        How sentences and plots name it.
+    """
+
+    column: str
+    higher_leaks: bool
+    label: str
+
+    def leak(self, value: float | None) -> float | None:
+        """``value`` oriented so that higher always means more leakage (``None`` stays ``None``)."""
+        return None if value is None else value if self.higher_leaks else -value
+
+
+RANKINGS: dict[str, Ranking] = {
+    "ssim": Ranking("ssim", True, "fast-attack SSIM"),
+    "psnr": Ranking("psnr", True, "fast-attack PSNR (dB)"),
+    "ce_floor": Ranking("ce_floor", False, "CE floor (MSE)"),
+    "gpz": Ranking("gpz_r2_norm", True, "GPZ R̄²/V"),
+}
+
+
+def pareto_front(costs: Sequence[float], leaks: Sequence[float | None]) -> list[int]:
+    """Indices of the cuts no other cut beats on both cost and leakage (lower is better for both).
+
+    Cut j dominates cut i when ``costs[j] <= costs[i]`` and ``leaks[j] <= leaks[i]`` with one of them strict; cuts
+    with no leakage value take no part. Equal cuts do not dominate each other, so both stay on the front.
+    """
+    known = [i for i, leak in enumerate(leaks) if leak is not None]
+
+    def dominated(i: int) -> bool:
+        return any(costs[j] <= costs[i] and leaks[j] <= leaks[i] and (costs[j] < costs[i] or leaks[j] < leaks[i])
+                   for j in known)
+
+    return [i for i in known if not dominated(i)]
+
+
+def budget_reasons(head_ms: float, kbytes: float, max_edge_ms: float | None,
+                   max_kbytes: float | None) -> list[str]:
+    """Which budgets a cut breaks, in words (empty when it meets them all)."""
+    reasons = []
+    if max_edge_ms is not None and head_ms > max_edge_ms:
+        reasons.append(f"head {head_ms:.3g} ms > {max_edge_ms:g} ms")
+    if max_kbytes is not None and kbytes > max_kbytes:
+        reasons.append(f"{kbytes:.3g} kB > {max_kbytes:g} kB")
+    return reasons
+
+
+def best_cut(leaks: Sequence[float | None], feasible: Sequence[bool], tiebreak: Sequence[tuple]) -> int | None:
+    """The feasible cut that leaks least; among equals, the one with the smallest ``tiebreak`` (e.g. fewer head
+    multiply-adds, fewer bytes). ``None`` when no feasible cut has a leakage value."""
+    candidates = [i for i, leak in enumerate(leaks) if leak is not None and feasible[i]]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda i: (leaks[i], *tiebreak[i], i))

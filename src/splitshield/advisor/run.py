@@ -1,0 +1,236 @@
+"""``advise``: score every legal cut of a model for edge cost, wire bytes and leakage, and recommend one."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import Dataset, load_dataset
+from ..errors import ConfigError, DataError, SplitError
+from ..models.split import SplitPoint, _modes_kept, split, split_points
+from .costs import LATENCY_BATCHES, compute_cost
+from .leakage import FastAttack, ce_floor, fast_inversion, gpz_radius, held_out_index, relative_drops
+from .recommend import RANKINGS
+from .table import Advice, PointAdvice
+from .wire import CHUNK, eight_bit_options, wire_cost
+
+#: Held-out images shown per cut in the reconstruction strips.
+STRIP_IMAGES = 8
+
+
+def select_points(legal: Sequence[SplitPoint], wanted: Sequence[str] | None, model_name: str) -> list[SplitPoint]:
+    """The cuts of ``legal`` named in ``wanted`` (names or aliases), in the model's order; all when ``None``.
+
+    Raises :class:`SplitError` naming every unknown name and listing the legal ones.
+    """
+    if wanted is None:
+        return list(legal)
+    if not wanted:
+        raise ConfigError("points: name at least one split point, or pass None for all of them")
+    by_name = {name: p for p in legal for name in (p.name, *p.aliases)}
+    unknown = [w for w in wanted if w not in by_name]
+    if unknown:
+        raise SplitError(f"unknown split point(s) {', '.join(map(repr, unknown))} of {model_name}; legal points: "
+                         f"{', '.join(p.name for p in legal)}")
+    keep = {by_name[w].name for w in wanted}
+    return [p for p in legal if p.name in keep]
+
+
+def _check_positive(name: str, value: float | None) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def _input_shape(model: nn.Module, data: Dataset | None, input_shape: Sequence[int] | None) -> tuple[int, ...]:
+    spec = getattr(model, "model_spec", None) or {}
+    shape = tuple(input_shape) if input_shape is not None else (
+        data.image_shape if data is not None else tuple(spec.get("input_shape") or ()))
+    if not shape:
+        raise ConfigError("advise needs the shape of one input image: pass input_shape=(C, H, W) or data")
+    if data is not None and tuple(data.image_shape) != shape:
+        raise DataError(f"{data.name}'s images are {tuple(data.image_shape)} but the model takes {shape}: load the "
+                        f"data converted (load_dataset(..., image_shape={shape}) or --input-shape)")
+    return shape
+
+
+def _ranking(rank_by: str | None, attacked: bool, measured: bool) -> str | None:
+    if rank_by is None:
+        return "ssim" if attacked else "gpz" if measured else None
+    if rank_by not in RANKINGS:
+        raise ConfigError(f"rank_by must be one of {', '.join(RANKINGS)}, got {rank_by!r}")
+    if rank_by in ("ssim", "psnr") and not attacked and measured:
+        raise ConfigError(f"rank_by={rank_by!r} needs the fast attack: rank by ce_floor or gpz with attack=False")
+    return rank_by if measured else None
+
+
+class _Stopwatch:
+    """Seconds per stage: each :meth:`lap` adds the time since the previous lap to its stage."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.totals[stage] += now - self.last
+        self.last = now
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """What every cut is measured on: 32 images to time heads on (``cost``, [32, C, H, W]); test images, their labels
+    and the model's predictions (``test``: [N, C, H, W], [N], [N]) for bytes, accuracy and statistics."""
+
+    cost: torch.Tensor
+    test: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+
+
+@torch.no_grad()
+def _inputs(model: nn.Module, data: Dataset | None, shape: tuple[int, ...], images: int, seed: int,
+            device: str | torch.device) -> _Inputs:
+    size = LATENCY_BATCHES[-1]
+    if data is None:
+        cost = torch.rand(size, *shape, generator=torch.Generator().manual_seed(seed)).to(device)
+        return _Inputs(cost, None)
+    x, y = data.test.subset(held_out_index(data.test, images)).tensors(device)  # balanced, whatever the order
+    predicted = torch.cat([model(c).argmax(1) for c in x.split(CHUNK)])
+    return _Inputs(x.repeat(math.ceil(size / len(x)), 1, 1, 1)[:size], (x, y, predicted))
+
+
+def _statistics(x: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor,
+                noise: float) -> dict[str, float | None]:
+    r2, variance = gpz_radius(z, predicted)
+    return {"gpz_r2": r2, "gpz_r2_norm": r2 / variance if variance > 0 else None,
+            "ce_floor": ce_floor(x, z, labels, noise)}
+
+
+def _notes(data: Dataset | None, trained: bool, inputs: _Inputs, meta: dict) -> list[str]:
+    if not trained:
+        return ["Untrained model (no checkpoint): costs only. Leakage and accuracy need a trained model."]
+    if data is None:
+        return ["No data: costs only. Leakage, accuracy and 8-bit bytes need images (pass data)."]
+    _, y, predicted = inputs.test
+    meta["accuracy"] = float(predicted.eq(y).double().mean())
+    if meta["accuracy"] < 2 / data.num_classes:
+        return [f"Test accuracy {meta['accuracy']:.1%} is near chance (1/{data.num_classes}): the model looks "
+                "untrained, and the leakage of an untrained model says little about a trained one."]
+    return []
+
+
+def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: Sequence[int] | None = None,
+           points: Sequence[str] | None = None, trained: bool = True, attack: bool = True, noise: float = 0.5,
+           rank_by: str | None = None, max_edge_ms: float | None = None, max_kbytes: float | None = None,
+           fast: FastAttack | None = None, images: int = 1000, device: str | torch.device = "cpu", seed: int = 0,
+           progress: bool = True) -> Advice:
+    """Score every legal cut of ``model`` (or ``points``) for edge cost, wire bytes and leakage; recommend one.
+
+    Per cut: head and tail multiply-adds, head parameters, MB and latency (batch 1 and 32, measured here); bytes
+    per image as float32, float16 and 8-bit + zstd frames, and the accuracy on decoded 8-bit features; leakage as
+    the fast inverse network's PSNR/SSIM on held-out test images, the CE floor at ``noise`` and the GPZ
+    statistic (:mod:`~splitshield.advisor.leakage`). The recommended cut is the one within budgets that leaks
+    least.
+
+    Parameters
+    ----------
+    model:
+        The uncut model, trained (its weights are used as they are; it is moved to ``device`` and its modules'
+        train/eval flags are restored afterwards). Any model :func:`~splitshield.split_points` can cut.
+    data:
+        A :class:`~splitshield.Dataset` or a name for :func:`~splitshield.load_dataset`; its images must have the
+        model's input shape. ``None``: costs only, from shapes (no 8-bit bytes, no leakage).
+    input_shape:
+        (C, H, W) of one image; default ``data``'s, else the model's ``model_spec``.
+    points:
+        Names (or aliases) of the cuts to score, default all legal ones.
+    trained:
+        ``False`` for a model that was never trained: costs (and 8-bit bytes) only, since the leakage and accuracy of
+        random weights say nothing about a trained model.
+    attack:
+        Run the fast inverse network (the slow part); ``False``: costs and statistics only.
+    noise:
+        The CE floor's Gaussian noise, in units of the feature's standard deviation (> 0).
+    rank_by:
+        What cuts are ranked by: ``ssim`` or ``psnr`` (the fast attack), ``ce_floor``, ``gpz`` (R̄²/V); default
+        ``ssim`` with the attack, else ``gpz``, which ranked LeNet's cuts closer to the full attacks than the CE
+        floor did (``benchmarks/advisor_validity.py``).
+    max_edge_ms, max_kbytes:
+        Budgets: head milliseconds per image at batch 1, and kB (10³ bytes) per image on the wire (8-bit coded).
+    fast:
+        The fast attack's budget (default :class:`FastAttack`'s).
+    images:
+        Test images the bytes, the 8-bit accuracy, the CE floor and the GPZ statistic are measured on (balanced over
+        the classes: :func:`~splitshield.advisor.leakage.held_out_index`); the first 32 also time the heads.
+    device, seed:
+        Torch device; the seed of every random draw (the same seed gives the same numbers, latencies aside).
+    progress:
+        Show a progress bar over the cuts.
+
+    Raises
+    ------
+    SplitError
+        An unknown point (the message lists the legal ones), or an input shape the model does not take.
+    ConfigError, DataError
+        A bad parameter, or data whose images do not fit the model.
+    """
+    for name, value in (("noise", noise), ("max_edge_ms", max_edge_ms), ("max_kbytes", max_kbytes)):
+        _check_positive(name, value)
+    if isinstance(images, bool) or not isinstance(images, int) or images < 2:
+        raise ConfigError(f"images must be an integer of at least 2 test images, got {images!r}")
+    fast = fast or FastAttack()
+    data = load_dataset(data) if isinstance(data, str) else data
+    shape = _input_shape(model, data, input_shape)
+    model_name = (getattr(model, "model_spec", None) or {}).get("name", type(model).__name__)
+    chosen = select_points(split_points(model, shape), points, model_name)
+    measured = trained and data is not None
+    ranking = _ranking(rank_by, measured and attack, measured)
+    options, wire_label = eight_bit_options()
+    meta = {"model": model_name, "input_shape": shape, "data": data.name if data is not None else None,
+            "device": str(device), "threads": torch.get_num_threads(), "seed": seed, "wire_8bit": wire_label,
+            "noise": noise, "fast_attack": dataclasses.asdict(fast) if measured and attack else None}
+    watch = _Stopwatch()
+    rows, originals, strips = [], None, {}
+    with _modes_kept(model):
+        model.to(device).eval()
+        inputs = _inputs(model, data, shape, images, seed, device)
+        notes = _notes(data, trained, inputs, meta)
+        lap = watch.lap
+        lap("inputs")
+        for p in tqdm(chosen, desc="advise", unit="cut", disable=not progress):
+            target = split(model, p.name, input_shape=shape).eval()
+            lap("split")
+            compute = compute_cost(target, inputs.cost)
+            lap("compute")
+            leak: dict[str, float | None] = {}
+            if inputs.test is None:
+                wire = wire_cost(p.feature_shape)
+            else:
+                x, y, predicted = inputs.test
+                with torch.no_grad():
+                    z = torch.cat([target.head(c) for c in x.split(CHUNK)])
+                lap("features")
+                wire = wire_cost(p.feature_shape, z, target.tail if measured else None, y, options)
+                lap("wire")
+                if measured:
+                    leak = _statistics(x, z, y, predicted, noise)
+                    lap("statistics")
+                del z
+            if measured and attack:
+                inversion = fast_inversion(target, data, fast, seed, device)
+                leak |= {"psnr": inversion.psnr, "ssim": inversion.ssim}
+                originals = inversion.originals[:STRIP_IMAGES]
+                strips[p.name] = inversion.reconstructions[:STRIP_IMAGES]
+                lap("attack")
+            rows.append(PointAdvice(p.name, tuple(p.feature_shape), **dataclasses.asdict(compute),
+                                    **dataclasses.asdict(wire), **leak))
+    drops = relative_drops([r.gpz_r2 for r in rows])
+    drops_norm = relative_drops([r.gpz_r2_norm for r in rows])
+    rows = [dataclasses.replace(r, gpz_drop=d, gpz_drop_norm=dn)
+            for r, d, dn in zip(rows, drops, drops_norm, strict=True)]
+    return Advice(rows, ranking, max_edge_ms, max_kbytes, meta, notes, dict(watch.totals), originals, strips)

@@ -1,0 +1,303 @@
+"""The split-point advisor: its costs, bytes and statistics against hand-computed truth, its recommendation on
+hand-made tables, and ``advise`` end to end (API and CLI) on the built-in digits, npz and image-folder data."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+import splitshield as ss
+from splitshield.advisor import FastAttack, PointAdvice, gpz_radius, pareto_front
+from splitshield.advisor.costs import multiply_adds, parameter_count, weight_megabytes
+from splitshield.advisor.leakage import ce_floor, held_out_index, relative_drops
+from splitshield.advisor.recommend import best_cut
+from splitshield.advisor.wire import wire_cost
+from splitshield.cli import app
+from splitshield.errors import SplitError
+from splitshield.runtime.codec import CodecOptions, WireFormat, encode, wire_roundtrip
+
+#: A budget small enough for tests: numbers are not meaningful, only their plumbing.
+TINY = FastAttack(aux_images=256, steps=15, batch_size=32, images=10)
+SMALL = dict(fast=TINY, images=300, progress=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# costs and bytes against hand-computed truth
+
+
+def test_multiply_adds_of_a_linear_and_a_conv_by_hand():
+    assert multiply_adds(nn.Linear(7, 5), torch.zeros(3, 7)) == 3 * 7 * 5  # bias adds are not multiply-adds
+    conv = nn.Conv2d(2, 4, 3)  # 10×10 -> 8×8, each output a 2·3·3 dot product
+    assert multiply_adds(conv, torch.zeros(1, 2, 10, 10)) == 4 * 8 * 8 * 2 * 3 * 3
+    assert multiply_adds(nn.ReLU(), torch.zeros(1, 100)) == 0  # element-wise work is not counted
+
+
+def test_parameters_and_megabytes_count_shared_weights_once():
+    layer = nn.Linear(7, 5)  # 35 weights + 5 biases, float32
+    twice = nn.Sequential(layer, nn.ReLU(), layer)
+    assert parameter_count(layer) == parameter_count(twice) == 40
+    assert weight_megabytes(twice) == pytest.approx(40 * 4 / 1e6)
+    assert weight_megabytes(nn.BatchNorm1d(3)) == pytest.approx((3 + 3 + 3 + 3) * 4 / 1e6 + 8 / 1e6)  # int64 counter
+
+
+def test_wire_bytes_of_known_tensors_and_accuracy_on_decoded_features():
+    # Features that are the logits themselves: one-hot vectors [N, 4], one [1, 4] feature per frame.
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    z = nn.functional.one_hot(labels, 4).float()
+    header = 20 + 4 * 2  # magic..ndim, then two u32 dims
+    cost = wire_cost((4,), z, nn.Identity(), labels, CodecOptions("uint8"))
+    assert cost.bytes_float32 == header + 4 * 4 and cost.bytes_float16 == header + 2 * 4
+    assert cost.bytes_8bit == header + 8 + 4  # + scale and offset, one byte per value
+    assert cost.accuracy_8bit == 1.0  # 0 and 1 survive 8-bit coding exactly
+    assert wire_cost((4,), z, nn.Identity(), (labels + 1) % 4).accuracy_8bit == 0.0
+    assert wire_cost((4,), 1e5 * z).bytes_float16 is None  # 1e5 > float16's largest, 65504
+    shapes_only = wire_cost((4,))
+    assert (shapes_only.bytes_float32, shapes_only.bytes_8bit, shapes_only.accuracy_8bit) == (header + 16, None, None)
+
+
+def test_accuracy_is_measured_on_what_the_codec_decodes(trained_lenet, mnist5k):
+    # The shortcut wire_cost takes (quantise without encoding every frame) against the real wire, frame by frame.
+    x, labels = mnist5k.test.take(40).tensors()
+    target = ss.split(copy.deepcopy(trained_lenet), "pool2", input_shape=(1, 28, 28)).eval()
+    with torch.no_grad():
+        z = target.head(x)
+        wire = wire_roundtrip(z, WireFormat("uint8", "zstd"), batch_size=1)
+        expected = float((target.tail(wire).argmax(1) == labels).double().mean())
+    cost = wire_cost((16, 4, 4), z, target.tail, labels)
+    assert cost.accuracy_8bit == expected
+    assert cost.bytes_8bit == sum(len(encode(z[i : i + 1], CodecOptions("uint8", "zstd"))) for i in range(40)) / 40
+
+
+# --------------------------------------------------------------------------------------------------
+# statistics against constructed cases
+
+
+def test_gpz_radius_on_known_radii():
+    # Class 0: two points at distance 1 from their centre (0, 0); class 1: two at distance 3 from (4, 0).
+    z = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [4.0, 3.0], [4.0, -3.0]])
+    r2, variance = gpz_radius(z, torch.tensor([0, 0, 1, 1]))
+    assert r2 == pytest.approx((1**2 + 3**2) / 2)
+    # Around the overall mean (2, 0): squared distances 1, 9, 13, 13.
+    assert variance == pytest.approx((1 + 9 + 13 + 13) / 4)
+    assert gpz_radius(z.view(4, 1, 2), torch.tensor([0, 0, 1, 1]))[0] == pytest.approx(5.0)  # features are flattened
+
+
+def test_relative_drops():
+    assert relative_drops([10.0, 5.0, 5.0, 0.0, 2.0, None, 1.0]) == [None, 0.5, 0.0, 1.0, None, None, None]
+
+
+def test_ce_floor_is_relative_to_the_feature_scale(mnist5k):
+    x, labels = mnist5k.train.take(200).tensors()
+    z = nn.functional.avg_pool2d(x, 4).flatten(1)
+    floor = ce_floor(x, z, labels, 0.5)
+    assert floor is not None and floor > 0
+    assert ce_floor(x, 100 * z, labels, 0.5) == pytest.approx(floor, rel=1e-4)  # the same signal-to-noise ratio
+    assert ce_floor(x, z, labels, 2.0) > floor  # more noise, a higher floor
+    assert ce_floor(x, torch.ones_like(z), labels, 0.5) is None  # a constant feature: no noise scale
+
+
+def test_held_out_images_are_balanced_whatever_the_order():
+    test = ss.ImageSet(torch.zeros(6, 1, 2, 2, dtype=torch.uint8), torch.tensor([1, 1, 1, 0, 0, 2]), ("a", "b", "c"))
+    assert held_out_index(test, 5) == [3, 0, 5, 4, 1]
+
+
+# --------------------------------------------------------------------------------------------------
+# the recommendation on hand-made tables
+
+
+def _row(point: str, macs: int, ms: float, nbytes: float, ssim: float | None) -> PointAdvice:
+    return PointAdvice(point, (1,), macs, 0, 0, 0.0, ms, ms, 0, None, nbytes, ssim=ssim)
+
+
+def test_pareto_front_on_a_hand_made_table():
+    costs = [1, 2, 3, 4, 2, 0.5]
+    leaks = [0.9, 0.5, 0.6, 0.1, 0.5, None]
+    # 2 is beaten by 1 (cheaper, leaks less); 1 and 4 are equal, neither dominates; 5 has no leakage value.
+    assert pareto_front(costs, leaks) == [0, 1, 3, 4]
+
+
+def test_best_cut_prefers_less_leakage_then_the_tiebreak():
+    assert best_cut([0.5, 0.2, 0.2, None], [True, True, True, True], [(3,), (2,), (1,), (0,)]) == 2
+    assert best_cut([0.5, 0.2, 0.2], [True, False, False], [(0,), (0,), (0,)]) == 0
+    assert best_cut([None, 0.1], [True, False], [(0,), (0,)]) is None
+
+
+def test_advice_recommends_within_budgets_and_says_why_cuts_are_ruled_out():
+    rows = [_row("a", 0, 0.1, 3000, 0.9), _row("b", 10, 0.5, 1000, 0.6), _row("c", 20, 2.0, 100, 0.2)]
+    advice = ss.Advice(rows, "ssim", max_edge_ms=1.0, meta={"device": "cpu", "wire_8bit": "8-bit + zstd"})
+    assert advice.recommended == "b" and advice.ruled_out == {"c": "head 2 ms > 1 ms"}
+    assert advice.pareto_latency == ["a", "b", "c"] and advice.pareto_bytes == ["c"]  # c: fewest bytes, least leakage
+    sentence = advice.sentence()
+    assert sentence.startswith("Cut at b: 0.5 ms per image on this CPU, 1 kB per image after 8-bit + zstd")
+    assert "fast-attack SSIM 0.6" in sentence and "every cheaper cut (fewer head multiply-adds) has" in sentence
+    assert "≥ 0.9" in sentence
+    strict = ss.Advice(rows, "ssim", max_edge_ms=0.05, max_kbytes=0.5)
+    assert not strict.budgets_met and strict.recommended is None
+    assert strict.ruled_out == {"a": "head 0.1 ms > 0.05 ms and 3 kB > 0.5 kB",
+                                "b": "head 0.5 ms > 0.05 ms and 1 kB > 0.5 kB", "c": "head 2 ms > 0.05 ms"}
+    assert strict.sentence().startswith("No cut meets the budgets (head ≤ 0.05 ms per image, ≤ 0.5 kB per image)")
+    floor = ss.Advice([dataclasses.replace(r, ce_floor=f) for r, f in zip(rows, (1e-3, 2e-3, 5e-3), strict=True)],
+                      "ce_floor")
+    assert floor.recommended == "c"  # a higher floor leaks less
+
+
+def test_advice_is_dataframe_like():
+    advice = ss.Advice([_row("a", 0, 0.1, 3000, 0.9), _row("b", 10, 0.5, 1000, 0.6)], "ssim")
+    assert len(advice) == 2 and [r.point for r in advice] == ["a", "b"] and advice["ssim"] == [0.9, 0.6]
+    assert advice.records()[1]["recommended"] and advice.records()[1]["wire_kbytes"] == 1.0
+    with pytest.raises(KeyError, match="no column 'nope'"):
+        advice["nope"]
+
+
+# --------------------------------------------------------------------------------------------------
+# advise end to end
+
+
+def test_unknown_points_are_named_with_the_legal_ones():
+    with pytest.raises(SplitError, match=r"unknown split point\(s\) 'nope', 'fc9' of lenet; legal points: normalize, "
+                                         r"conv1, ReLU1"):
+        ss.advise(ss.build_model("lenet"), points=["conv1", "nope", "fc9"], trained=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def lenet_advice(trained_lenet, mnist5k):
+    modes = [m.training for m in trained_lenet.modules()]
+    advice = ss.advise(trained_lenet, mnist5k, points=["fc3", "conv1", "pool2"], max_kbytes=1.0, **SMALL)
+    assert [m.training for m in trained_lenet.modules()] == modes  # the model's modes are left as they were
+    return advice
+
+
+def test_advise_on_a_trained_lenet(lenet_advice):
+    advice = lenet_advice
+    assert advice.points == ["conv1", "pool2", "fc3"]  # the model's order, whatever the order asked
+    conv1, pool2, fc3 = advice.rows
+    assert conv1.head_macs == 8 * 24 * 24 * 5 * 5  # LeNet's first convolution, counted by hand
+    conv2, fcs = 16 * 8 * 8 * 8 * 5 * 5, 256 * 120 + 120 * 84 + 84 * 10
+    assert fc3.tail_macs == 0 and fc3.head_macs == conv1.head_macs + conv2 + fcs
+    assert conv1.head_params == 8 * 25 + 8 and conv1.bytes_float32 == 20 + 4 * 4 + 4 * 8 * 24 * 24
+    assert conv1.ssim > fc3.ssim and conv1.psnr > fc3.psnr  # the first convolution leaks more than the logits
+    assert conv1.gpz_r2_norm > fc3.gpz_r2_norm and conv1.gpz_drop is None and pool2.gpz_drop is not None
+    assert abs(fc3.accuracy_8bit - advice.meta["accuracy"]) < 0.02  # 8-bit logits classify as the float ones
+    assert advice.ranking == "ssim" and advice.ruled_out == {"conv1": f"{conv1.wire_kbytes:.3g} kB > 1 kB"}
+    assert advice.recommended == min(["pool2", "fc3"], key=lambda p: advice.row(p).ssim)
+    assert advice.originals.shape == (8, 1, 28, 28) and advice.reconstructions["pool2"].shape == (8, 1, 28, 28)
+    assert set(advice.timings) == {"inputs", "split", "compute", "features", "wire", "statistics", "attack"}
+
+
+def test_advise_is_deterministic_with_the_seed(lenet_advice, trained_lenet, mnist5k):
+    again = ss.advise(trained_lenet, mnist5k, points=["conv1", "pool2", "fc3"], max_kbytes=1.0, **SMALL)
+    timed = {"head_ms", "head_ms_b32", "pareto_ms"}
+    strip = [{k: v for k, v in r.items() if k not in timed} for r in lenet_advice.records()]
+    assert strip == [{k: v for k, v in r.items() if k not in timed} for r in again.records()]
+    assert torch.equal(again.reconstructions["fc3"], lenet_advice.reconstructions["fc3"])
+
+
+def test_report_is_self_contained(lenet_advice, tmp_path):
+    written = lenet_advice.write_report(tmp_path / "advice")
+    names = sorted(p.name for p in written)
+    assert names == ["advice.html", "advice.md", "pareto-bytes.png", "pareto-latency.png", "reconstructions.png"]
+    page = (tmp_path / "advice" / "advice.html").read_text()
+    assert page.count("src='data:image/png;base64,") == 3 and not re.search(r"src='(?!data:)", page)
+    markdown = (tmp_path / "advice" / "advice.md").read_text()
+    assert lenet_advice.sentence() in markdown and "| conv1 |" in markdown
+    assert f"Ruled out by the budgets: conv1 ({lenet_advice.ruled_out['conv1']})." in markdown
+
+
+def test_untrained_model_gives_costs_only(mnist5k):
+    advice = ss.advise(ss.build_model("lenet"), mnist5k, points=["conv1", "fc3"], trained=False, progress=False,
+                       images=50)
+    assert advice.ranking is None and advice.recommended is None and advice.pareto_bytes == []
+    assert all(r.ssim is None and r.ce_floor is None and r.accuracy_8bit is None for r in advice)
+    assert all(r.bytes_8bit is not None for r in advice)  # bytes are still measured on real features
+    assert "Untrained model" in advice.notes[0] and advice.sentence().startswith("Costs only")
+    assert "PSNR" not in advice.table()[0] and "kB 8-bit + zstd" in advice.table()[0]
+
+
+class _Gate(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.sum() > 0 else -x
+
+
+def test_a_model_that_only_splits_as_sequential():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), _Gate(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    advice = ss.advise(net, input_shape=(1, 28, 28), trained=False, progress=False)
+    assert advice.points == ["0", "1", "2", "3"]
+    conv = 4 * 26 * 26 * 9
+    assert advice["head_macs"] == [conv, conv, conv, conv + 4 * 26 * 26 * 10]
+    assert advice["tail_macs"] == [4 * 26 * 26 * 10] * 3 + [0]
+    assert advice["bytes_8bit"] == [None] * 4
+
+
+def test_npz_data_with_statistics_only(trained_lenet, mnist5k, tmp_path):
+    path = tmp_path / "digits.npz"
+    np.savez(path, x_train=mnist5k.train.images[:400, 0].numpy(), y_train=mnist5k.train.labels[:400].numpy(),
+             x_test=mnist5k.test.images[:100, 0].numpy(), y_test=mnist5k.test.labels[:100].numpy())
+    advice = ss.advise(trained_lenet, f"npz:{path}", points=["ReLU2", "fc3"], attack=False, **SMALL)
+    assert advice.ranking == "gpz" and advice.meta["data"] == f"npz:{path}"
+    assert all(r.ce_floor is not None and r.gpz_r2 is not None and r.ssim is None for r in advice)
+    assert advice.recommended in ("ReLU2", "fc3") and "SSIM" not in advice.table()[0]
+
+
+def test_imagefolder_data(mnist5k, tmp_path):
+    for part, images in (("train", mnist5k.train), ("test", mnist5k.test)):
+        for i in range(12):
+            folder = tmp_path / part / str(int(images.labels[i]))
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images.images[i, 0].numpy()).save(folder / f"{i}.png")
+    data = ss.load_dataset(f"imagefolder:{tmp_path}")
+    advice = ss.advise(ss.build_model("lenet", num_classes=data.num_classes), data, points=["pool2"], trained=False,
+                       progress=False)
+    assert advice.rows[0].bytes_8bit is not None and advice.meta["data"] == f"imagefolder:{tmp_path}"
+
+
+# --------------------------------------------------------------------------------------------------
+# the command line
+
+
+def run(*args: str | Path):
+    return CliRunner().invoke(app, ["advise", *map(str, args)])
+
+
+def one_line_error(result, *names: str) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert lines[0].startswith("error: ") and all(name in lines[0] for name in names), lines[0]
+    return lines[0]
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    one_line_error(run("lenet", "--points", "conv1,nope"), "'nope'", "legal points: normalize")
+    one_line_error(run("lenet", "--max-edge-ms", "-1"), "--max-edge-ms")
+    one_line_error(run("lenet", "--rank-by", "vibes"), "--rank-by", "ssim")
+    one_line_error(run("lenet", "--device", "bogus"), "--device")
+    one_line_error(run("resnet99"), "unknown model 'resnet99'")
+    checkpoint = ss.save_checkpoint(tmp_path / "lenet", ss.split(ss.build_model("lenet"), "ReLU2", (1, 28, 28)))
+    one_line_error(run("cifar-cnn", "--checkpoint", checkpoint), "holds a lenet, not a cifar-cnn")
+
+
+def test_cli_budgets_no_cut_meets(tmp_path):
+    result = run("lenet", "--max-kbytes", "0.01", "--points", "conv1,fc3")
+    assert result.exit_code == 1, result.output
+    assert "No cut meets the budgets (≤ 0.01 kB per image)" in result.output
+    assert "conv1: 18.5 kB > 0.01 kB" in result.output and "fc3: 0.068 kB > 0.01 kB" in result.output
+
+
+def test_cli_with_a_checkpoint_writes_the_report(trained_lenet, tmp_path):
+    checkpoint = ss.save_checkpoint(tmp_path / "lenet", ss.split(trained_lenet, "ReLU2", (1, 28, 28)))
+    result = run("lenet", "--checkpoint", checkpoint, "--data", "mnist-5k", "--points", "pool1,fc3", "--no-attack",
+                 "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "Cut at " in result.output and "GPZ R̄²/V" in result.output and "CE floor" in result.output
+    assert (tmp_path / "out" / "advice.html").is_file()
+    assert (tmp_path / "out" / "figures" / "pareto-bytes.png").is_file()

@@ -1,0 +1,101 @@
+"""The attack portfolio (``strongest``): per image the member the attacker predicts best, never by the truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import splitshield as ss
+from splitshield import metrics
+from splitshield.attacks.portfolio import _fit_line, allowed_members
+from splitshield.config import parse_spec
+from splitshield.errors import ConfigError, ThreatModelError
+
+
+def _psnr(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return metrics.psnr(x_hat, x, reduction="none").clamp(max=100)
+
+
+@pytest.fixture(scope="module")
+def relu2(trained_lenet, mnist5k):
+    target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
+    victim = ss.Victim(target, threat="white_box", aux=mnist5k.holdout.take(64))
+    x, _ = mnist5k.test.take(12).tensors()
+    return victim, x, victim.observe(x)
+
+
+def test_the_portfolio_keeps_per_image_the_member_it_predicts_best(relu2, one_thread):
+    victim, x, z = relu2
+    # A useless member (one step from grey) and a real one: the attacker must tell them apart by itself.
+    members = [{"name": "rmle", "iters": 1, "search": None}, {"name": "rmle", "iters": 150}]
+    attack = ss.StrongestAttack(members=members, holdout=8, progress=False).fit(victim)
+    x_hat = attack.invert(z)
+    weak, strong = (_psnr(m.invert(z), x) for m in attack.members_)
+    assert strong.mean() > weak.mean() + 3  # the members really differ
+    chosen = attack.chosen_
+    assert chosen.shape == (12,) and set(chosen.tolist()) <= {0, 1}
+    # Each image is the chosen member's own reconstruction.
+    for i, k in enumerate(chosen.tolist()):
+        assert torch.equal(x_hat[i], attack.members_[k].invert(z)[i])
+    assert _psnr(x_hat, x).mean() >= strong.mean() - 0.5
+    assert attack.calibration_["1:rmle"][2] > attack.calibration_["0:rmle"][2]
+
+
+def test_the_same_seed_gives_the_same_reconstructions(relu2, one_thread):
+    victim, _, z = relu2
+    members = [{"name": "inverse_network", "steps": 30}, {"name": "rmle", "iters": 20}]
+    runs = [ss.StrongestAttack(members=members, holdout=8, progress=False).fit(victim) for _ in range(2)]
+    assert torch.equal(runs[0].invert(z), runs[1].invert(z))
+    assert torch.equal(runs[0].chosen_, runs[1].chosen_)
+
+
+def test_default_members_are_every_inversion_attack_the_threat_allows():
+    assert allowed_members("black_box") == ["inverse_network"]  # rMLE needs the head; the shadow, no queries
+    assert set(allowed_members("white_box")) >= {"rmle", "inverse_network"}
+    assert "strongest" not in allowed_members("white_box") and "model_completion" not in allowed_members("white_box")
+
+
+def test_threats_without_an_oracle_are_refused_in_one_line(trained_lenet, mnist5k):
+    target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
+    victim = ss.Victim(target, threat="query_free", aux=mnist5k.holdout.take(64))
+    with pytest.raises(ThreatModelError, match="needs black_box or white_box access; the victim gives query_free"):
+        ss.StrongestAttack().fit(victim)
+    with pytest.raises(ConfigError):
+        parse_spec({"dataset": "mnist-5k", "splits": ["ReLU2"],
+                    "attacks": [{"name": "strongest", "threat": "query_free"}]})
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"holdout": 2}, "holdout must be >= 4"),
+    ({"members": []}, "members must name at least one attack"),
+    ({"members": [3]}, "members: each entry is an attack name"),
+    ({"members": [{"name": "rmle", "seed": 1}]}, "members: seed and progress are set by the portfolio"),
+])
+def test_bad_parameters_are_one_line_errors(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        ss.StrongestAttack(**bad)
+
+
+def test_a_member_that_is_not_an_inversion_attack_is_refused(relu2):
+    victim, _, _ = relu2
+    with pytest.raises(ConfigError, match="'model_completion' is not an inversion attack"):
+        ss.StrongestAttack(members=["model_completion"], holdout=8).fit(victim)
+
+
+def test_the_prediction_line_is_least_squares_with_a_non_positive_slope():
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=50)
+    v = 3.0 - 2.0 * u + rng.normal(scale=0.1, size=50)
+    a, b = _fit_line(torch.tensor(u), torch.tensor(v))
+    slope, intercept = np.polyfit(u, v, 1)
+    assert (a, b) == pytest.approx((intercept, slope), rel=1e-9)
+    a, b = _fit_line(torch.tensor(u), torch.tensor(5.0 + 2.0 * u))  # a rising line is not believed
+    assert b == 0.0 and a == pytest.approx(5.0 + 2.0 * u.mean())
+
+
+def test_a_spec_runs_the_portfolio_white_box_by_default():
+    spec = parse_spec({"dataset": "mnist-5k", "splits": ["ReLU2"],
+                       "attacks": [{"name": "strongest"}]})
+    (setting,) = spec.attack_settings()
+    assert setting["name"] == "strongest" and setting["threat"] == "white_box"
