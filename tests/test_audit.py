@@ -138,6 +138,9 @@ def test_the_portfolio_is_held_to_each_members_budget():
                                                       ("strongest/inverse_network", "steps")}
     assert weak_attacks(spec, budgets) == [
         "spec field attacks[0].members.rmle.iters (rmle): 10 is below the audit's minimum 1000; raise it"]
+    held_back = parse_spec({**SPEC, "attacks": [{"name": "strongest", "aux_n": 256}]})  # 16 calibrate the choice
+    (aux,) = [b for b in attack_budgets(held_back) if b.name == "inverse_network" and b.field == "aux_n"]
+    assert (aux.value, aux.weak) == (240, True)
     default = parse_spec({**SPEC, "attacks": [{"name": "strongest"}]})  # every white-box attack, at its defaults
     assert {b.name for b in attack_budgets(default)} >= {"rmle", "inverse_network"}
     assert weak_attacks(default, attack_budgets(default)) == []

@@ -39,7 +39,7 @@ def test_the_portfolio_keeps_per_image_the_member_it_predicts_best(relu2, one_th
     for i, k in enumerate(chosen.tolist()):
         assert torch.equal(x_hat[i], attack.members_[k].invert(z)[i])
     assert _psnr(x_hat, x).mean() >= strong.mean() - 0.5
-    assert attack.calibration_["1:rmle"][2] > attack.calibration_["0:rmle"][2]
+    assert attack.calibration_["1:rmle"][4] > attack.calibration_["0:rmle"][4]  # mean held-out PSNR
 
 
 def test_the_same_seed_gives_the_same_reconstructions(relu2, one_thread):
@@ -61,7 +61,7 @@ def test_threats_without_an_oracle_are_refused_in_one_line(trained_lenet, mnist5
     victim = ss.Victim(target, threat="query_free", aux=mnist5k.holdout.take(64))
     with pytest.raises(ThreatModelError, match="needs black_box or white_box access; the victim gives query_free"):
         ss.StrongestAttack().fit(victim)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="attack 'strongest' runs under threat black_box or white_box"):
         parse_spec({"dataset": "mnist-5k", "splits": ["ReLU2"],
                     "attacks": [{"name": "strongest", "threat": "query_free"}]})
 
@@ -69,8 +69,14 @@ def test_threats_without_an_oracle_are_refused_in_one_line(trained_lenet, mnist5
 @pytest.mark.parametrize("bad, message", [
     ({"holdout": 2}, "holdout must be >= 4"),
     ({"members": []}, "members must name at least one attack"),
-    ({"members": [3]}, "members: each entry is an attack name"),
+    ({"members": [3]}, "members: each entry is an attack name .*a list there is a grid"),
     ({"members": [{"name": "rmle", "seed": 1}]}, "members: seed and progress are set by the portfolio"),
+    ({"members": ["rmlee"]}, "members: 'rmlee' is not an inversion attack a portfolio can run; known: rmle"),
+    ({"members": ["strongest"]}, "members: 'strongest' is not an inversion attack"),
+    ({"members": {"rmle": {"iterz": 5}}}, "members.rmle.iterz: rmle has no such parameter; it takes iters"),
+    ({"members": {"rmle": {"iters": [5, 10]}}}, "members.rmle.iters: one value, not a list"),
+    ({"members": {"rmle": {"name": "inverse_network"}}}, "members.rmle: remove 'name'"),
+    ({"members": {"rmle": {"iters": 0}}}, "iters must be a positive integer, got 0"),
 ])
 def test_bad_parameters_are_one_line_errors(bad, message):
     with pytest.raises(ConfigError, match=message):
@@ -99,3 +105,34 @@ def test_a_spec_runs_the_portfolio_white_box_by_default():
                        "attacks": [{"name": "strongest"}]})
     (setting,) = spec.attack_settings()
     assert setting["name"] == "strongest" and setting["threat"] == "white_box"
+
+
+def test_aliases_resolve_and_a_mapping_may_leave_parameters_out():
+    attack = ss.StrongestAttack(members={"white_box": None, "inverse_network": {"steps": 10}})
+    assert attack.members == [{"name": "rmle"}, {"name": "inverse_network", "steps": 10}]
+
+
+def test_one_member_is_that_member_alone_on_all_the_aux_data(relu2, one_thread):
+    victim, _, z = relu2
+    portfolio = ss.StrongestAttack(members=[{"name": "rmle", "iters": 20}], progress=False).fit(victim)
+    alone = ss.WhiteBoxInversion(iters=20, seed=0, progress=False).fit(victim)
+    assert portfolio.fallback_ == 0 and portfolio.calibration_ == {}
+    assert torch.equal(portfolio.invert(z), alone.invert(z))
+
+
+def test_a_member_that_gives_no_number_is_never_chosen(relu2, one_thread, monkeypatch):
+    from splitshield import attacks
+
+    class Broken(ss.WhiteBoxInversion):
+        name = "broken"
+
+        def invert(self, z):
+            return torch.full((z.shape[0], 1, 28, 28), float("nan"))
+
+    monkeypatch.setitem(attacks.ATTACKS, "broken", Broken)
+    victim, x, z = relu2
+    members = [{"name": "broken", "iters": 1, "search": None}, {"name": "rmle", "iters": 40}]
+    attack = ss.StrongestAttack(members=members, holdout=8, progress=False).fit(victim)
+    x_hat = attack.invert(z)
+    assert torch.all(attack.chosen_ == 1) and torch.isfinite(x_hat).all()
+    assert attack.calibration_["0:broken"][0] == float("-inf")

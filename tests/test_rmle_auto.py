@@ -101,7 +101,8 @@ def test_auto_against_a_noisy_defense_is_within_a_db_of_the_best_fixed(trained_l
         assert auto >= best - 1.0, (point, auto, best, setting)
 
 
-def test_the_choice_sees_only_the_features_and_the_attackers_own_images(trained_lenet, mnist5k, one_thread):
+def test_the_setting_is_chosen_at_fit_on_the_aux_images_and_kept_for_every_invert(trained_lenet, mnist5k,
+                                                                                   one_thread):
     target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
     victim = ss.Victim(target, ss.defenses.GaussianNoise(sigma=0.5), threat="white_box", aux=mnist5k.holdout)
     x, _ = mnist5k.test.take(6).tensors()
@@ -115,9 +116,11 @@ def test_the_choice_sees_only_the_features_and_the_attackers_own_images(trained_
     chosen, residual = attack.chosen_.clone(), attack.residual_.clone()
     assert chosen.shape == (6, 3) and residual.shape == (6,)
     assert torch.all(chosen == torch.tensor([attack.tv_, attack.l2_, attack.lr_], dtype=torch.float64))
-    # invert(z) receives z only: the same z gives the same choice and the same images.
+    # invert(z) receives z only: the same z gives the same choice and the same images; other images, the same setting.
     assert torch.equal(attack.invert(z), first) and torch.equal(attack.chosen_, chosen)
     assert torch.all(residual >= 0) and torch.all(attack.residual_ == residual)
+    attack.invert(victim.observe(mnist5k.test.subset(list(range(6, 9))).tensors()[0]))
+    assert torch.equal(attack.chosen_[0], chosen[0])
 
 
 def test_explicit_settings_run_once_as_before(trained_lenet, mnist5k, one_thread):
@@ -158,5 +161,5 @@ def test_query_free_auto_tunes_rmle_on_the_shadow_with_the_attackers_images(trai
     priors, lrs = search_grid("ReLU2", None, None, None)
     assert set(attack.calibration_) == {(t, w, r) for t, w in priors for r in lrs}
     assert torch.equal(attack.invert(z), runs[1].invert(z))  # the same seed, the same choice and images
-    table = ss.QueryFreeInversion(steps=20, iters=10, search=None, progress=False).fit(victim)
+    table = ss.QueryFreeInversion(steps=20, iters=10, progress=False).fit(victim)  # the default: the table
     assert table.calibration_ == {} and (table.tv_, table.l2_, table.rmle_lr_) == (1.0, 0.0, 1e-2)

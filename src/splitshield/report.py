@@ -842,9 +842,13 @@ def attack_budgets(spec: Any) -> list[AttackBudget]:
             given = member_specs(setting["params"].get("members"))
             members = ([(m["name"], m) for m in given] if given
                        else [(m, {}) for m in allowed_members(setting["threat"])])
+        # A portfolio of several members holds back `holdout` aux images from them to calibrate its choice.
+        held = setting["params"].get("holdout", 16) if setting["name"] == "strongest" and len(members) > 1 else 0
         for name, params in members:
             for field, minimum in MIN_AUDIT_BUDGETS.get(name, {}).items():
                 given = setting.get(field) if field == "aux_n" else params.get(field)
+                if field == "aux_n" and given is not None:
+                    given -= held
                 value, source = (given, "set") if given is not None else _default(name, field, list(spec.splits))
                 shown = label if name == setting["name"] else f"{label}/{name}"
                 out.append(AttackBudget(i, shown, name, field, value, minimum, source))

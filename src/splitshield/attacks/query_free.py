@@ -5,9 +5,11 @@ trains a shadow head f1' so that the frozen tail classifies its output correctly
 
     f1' = argmin_g (1/m) Σ CE(f2(g(xᵢ)), yᵢ),
 
-then runs rMLE against f1' with the observed feature as the target. By default (``search="auto"``) the rMLE
-setting is tuned as the white-box attack tunes its own, on the attacker's auxiliary images, whose features it
-can only compute through its shadow.
+then runs rMLE against f1' with the observed feature as the target. With ``search="auto"`` the rMLE setting is
+tuned as the white-box attack tunes its own, on the attacker's auxiliary images; but their features it can
+only compute through its shadow, which rMLE inverts more easily than the device's head, so the search leans
+to weak priors and large steps. That helps where the shadow is close to the head and hurts where it is not,
+so the table's setting stays the default.
 
 Many heads satisfy the tail, and rMLE through a shadow whose features differ from the device's inverts
 the wrong map. The cloud also sees what the device sends to it for other users (its traffic), so when the
@@ -76,10 +78,10 @@ class QueryFreeInversion(InversionAttack):
         The rMLE stage (iters, rmle_lr > 0; tv, l2 >= 0); ``None`` takes the white-box table's value for the
         split point, or with ``search="auto"`` is searched for.
     search:
-        ``"auto"`` (default): at ``fit``, the rMLE setting (λ_TV, λ_l2, lr) of the white-box search grid
+        ``"auto"``: at ``fit``, the rMLE setting (λ_TV, λ_l2, lr) of the white-box search grid
         (:func:`~splitshield.attacks.whitebox.search_grid`) that inverts the first ``CALIBRATION_IMAGES``
-        aux images best through the shadow head (:func:`~splitshield.attacks.whitebox.calibrate`); ``None``:
-        the table's setting.
+        aux images best through the shadow head (:func:`~splitshield.attacks.whitebox.calibrate`); ``None``
+        (default): the table's setting.
     seed:
         Seeds the shadow's initialisation, the batch order and the defense's noise the attacker draws.
     progress:
@@ -106,7 +108,7 @@ class QueryFreeInversion(InversionAttack):
     def __init__(self, shadow: str | nn.Module = "same", steps: int = 3000, batch_size: int = 64,
                  lr: float = 1e-3, match_traffic: float = 3.0, iters: int | None = None,
                  rmle_lr: float | None = None, tv: float | None = None, l2: float | None = None,
-                 search: str | None = "auto", seed: int = 0, progress: bool = True):
+                 search: str | None = None, seed: int = 0, progress: bool = True):
         self.shadow = module_or("shadow", shadow, ("same", "different"))
         self.steps, self.batch_size = positive_int("steps", steps), positive_int("batch_size", batch_size)
         self.lr = positive("lr", lr)

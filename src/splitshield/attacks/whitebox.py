@@ -18,6 +18,7 @@ step size is chosen per image, as the run reaching the lowest objective.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -109,7 +110,10 @@ def calibrate(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     truth = x.repeat(len(settings), 1, 1, 1).to(x_hat)
     psnr = metrics.psnr(x_hat, truth, reduction="none").clamp(max=_PSNR_CAP).view(len(settings), -1)
     scores = dict(zip(settings, psnr.mean(1).tolist(), strict=True))
-    return max(settings, key=lambda st: (scores[st], -st[0] - st[1])), scores
+    def rank(st: tuple[float, float, float]) -> tuple[float, float]:  # a setting that gave NaN never wins
+        return (scores[st] if math.isfinite(scores[st]) else -math.inf, -st[0] - st[1])
+
+    return max(settings, key=rank), scores
 
 
 class WhiteBoxInversion(InversionAttack):
@@ -188,8 +192,8 @@ class WhiteBoxInversion(InversionAttack):
         if len(settings) > 1:  # per image, the lr whose run reaches the lowest objective
             objective = (residual * z.detach().pow(2).flatten(1).mean(1).repeat(len(settings))
                          + self.tv_ * total_variation(x) + self.l2_ * (x - 0.5).pow(2).flatten(1).mean(1))
-            rows = objective.view(len(settings), b).argmin(0) * b + torch.arange(b)
-            x, grid, residual = x[rows], grid[rows], residual[rows]
+            rows = (objective.view(len(settings), b).argmin(0).cpu() * b + torch.arange(b)).to(x.device)
+            x, grid, residual = x[rows], grid[rows.cpu()], residual[rows]
         self.chosen_, self.residual_ = grid, residual
         return x
 
