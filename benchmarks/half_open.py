@@ -40,15 +40,13 @@ from pathlib import Path
 
 import httpx
 import torch
-from serve import start_server  # benchmarks/serve.py: the same server subprocess
+from serve import SRC, TOKEN, start  # benchmarks/serve.py: the same server subprocess
 
 import splitshield as ss
 from splitshield.runtime.artifacts import export
 from splitshield.runtime.codec import encode
 from splitshield.runtime.server import ConnectionLimits
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-TOKEN = "benchmark-token"
 PARTIAL = b"POST /v1/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 
 
@@ -225,7 +223,9 @@ def main() -> None:
         (directory / "token.txt").write_text(TOKEN)
         cloud, frame = tiny_cloud(directory)
         log = directory / "server.log"
-        proc, url = start_server(cloud, directory / "token.txt", log, extra)
+        proc, port = start(["-m", "splitshield.runtime.server", str(cloud), "--token-file",
+                            str(directory / "token.txt"), *extra], SRC, log)
+        url = f"http://127.0.0.1:{port}"
         holder = None
         try:
             print(f"server {url} {' '.join(extra) or '(default limits)'}; {args.connections} half-open connections; "

@@ -244,10 +244,10 @@ def test_serve_with_the_flag_warns_and_reports_the_same_fingerprint(pair: tuple[
     monkeypatch.setattr(uvicorn.Server, "run", started)
     server.serve(pair[0], token=None, port=0, allow_head_weights=True)
     assert "WARNING" in capsys.readouterr().err
-    service = ran[0].state.splitshield.service
+    service = ran[0].state.service
     assert service.head_weights and service.fingerprint == checkpoint_fingerprint(pair[0])
     server.serve(pair[2], token=None, port=0)  # the cloud artifact: no warning
-    assert "WARNING" not in capsys.readouterr().err and not ran[1].state.splitshield.service.head_weights
+    assert "WARNING" not in capsys.readouterr().err and not ran[1].state.service.head_weights
 
 
 # -- the export command --------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ last bits of float32 results; it does not change any row by more than rounding.
 from __future__ import annotations
 
 import asyncio
-import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -27,14 +27,15 @@ FEATURE = (16, 8, 8)  # LeNet ReLU2
 class FakeTail:
     """A linear tail ``[N, 4] -> [N, 3]`` that records the batches it is called with.
 
-    ``gate``: the first call waits until it is set (so requests can queue up behind a running batch).
-    ``poison``: a batch holding a row whose first value is this raises.
+    ``during_first``: called inside the first call, while the batch runs (the event loop is busy with it),
+    e.g. to submit requests that then arrive behind it. ``poison``: a batch holding a row whose first value
+    is this raises.
     """
 
-    def __init__(self, gate: threading.Event | None = None, poison: float | None = None):
+    def __init__(self, during_first: Callable[[], None] | None = None, poison: float | None = None):
         torch.manual_seed(0)
         self.weight = torch.randn(4, 3)
-        self.gate, self.poison = gate, poison
+        self.during_first, self.poison = during_first, poison
         self.batches: list[tuple[int, ...]] = []
 
     def alone(self, z: torch.Tensor) -> torch.Tensor:
@@ -42,8 +43,8 @@ class FakeTail:
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         self.batches.append(tuple(z.shape))
-        if self.gate is not None and len(self.batches) == 1:
-            assert self.gate.wait(10)
+        if self.during_first is not None and len(self.batches) == 1:
+            self.during_first()
         if self.poison is not None and bool((z[:, 0] == self.poison).any()):
             raise RuntimeError("poisoned batch")
         return z @ self.weight
@@ -67,40 +68,37 @@ def test_concurrent_requests_are_batched_and_answered_in_order() -> None:
     assert sum(rows for rows, _ in tail.batches) == 50
 
 
-def test_no_delay_runs_what_is_queued_and_batches_behind_a_running_batch() -> None:
-    gate = threading.Event()
-    tail = FakeTail(gate=gate)
-    batcher = DynamicBatcher(tail, max_batch=64, max_delay_ms=0)
-
-    async def run() -> list[torch.Tensor | BaseException]:
+def test_no_delay_runs_one_request_at_once_and_batches_those_that_arrive_together() -> None:
+    async def run(tail: FakeTail, batcher: DynamicBatcher, rest: list) -> list[torch.Tensor | BaseException]:
         first = asyncio.ensure_future(batcher.submit(torch.ones(1, 4)))
-        while not tail.batches:  # the first request runs alone at once: no waiting with delay 0
-            await asyncio.sleep(0.001)
-        rest = [asyncio.ensure_future(batcher.submit(torch.full((2, 4), float(i)))) for i in range(5)]
-        await asyncio.sleep(0.05)  # they queue while the only slot is busy
-        gate.set()
-        return await asyncio.gather(first, *rest)
+        result = await first  # alone: run at once, no clock to wait on
+        return [result, *await asyncio.gather(*rest)]
 
-    results = asyncio.run(run())
-    assert tail.batches == [(1, 4), (10, 4)]
+    rest: list[asyncio.Future] = []
+    loop_batcher: list[DynamicBatcher] = []
+
+    def arrive() -> None:  # five requests arrive while the first batch runs
+        rest.extend(asyncio.ensure_future(loop_batcher[0].submit(torch.full((2, 4), float(i)))) for i in range(5))
+
+    tail = FakeTail(during_first=arrive)
+    loop_batcher.append(DynamicBatcher(tail, max_batch=64, max_delay_ms=0))
+    results = asyncio.run(run(tail, loop_batcher[0], rest))
+    assert tail.batches == [(1, 4), (10, 4)]  # the five that arrived together ran as one batch
     for i, logits in enumerate(results[1:]):
         assert torch.allclose(logits, tail.alone(torch.full((2, 4), float(i))), atol=1e-5)
 
 
 def test_a_failing_tail_call_fails_only_its_batch() -> None:
-    gate = threading.Event()
-    tail = FakeTail(gate=gate, poison=-1.0)
-    batcher = DynamicBatcher(tail, max_batch=2, max_delay_ms=0)
     inputs = [torch.ones(1, 4), torch.ones(1, 4), torch.full((1, 4), -1.0), torch.ones(1, 4), torch.ones(1, 4)]
+    rest: list[asyncio.Future] = []
+    holder: list[DynamicBatcher] = []
+    tail = FakeTail(during_first=lambda: rest.extend(asyncio.ensure_future(holder[0].submit(z)) for z in inputs[1:]),
+                    poison=-1.0)
+    holder.append(DynamicBatcher(tail, max_batch=2, max_delay_ms=0))
 
     async def run() -> list[torch.Tensor | BaseException]:
-        first = asyncio.ensure_future(batcher.submit(inputs[0]))
-        while not tail.batches:
-            await asyncio.sleep(0.001)
-        rest = [asyncio.ensure_future(batcher.submit(z)) for z in inputs[1:]]
-        await asyncio.sleep(0.02)
-        gate.set()
-        return await asyncio.gather(first, *rest, return_exceptions=True)
+        first = await asyncio.gather(holder[0].submit(inputs[0]), return_exceptions=True)
+        return [*first, *await asyncio.gather(*rest, return_exceptions=True)]
 
     results = asyncio.run(run())
     assert tail.batches == [(1, 4), (2, 4), (2, 4)]  # [A], [B, poison], [D, E]
@@ -172,7 +170,7 @@ def test_served_requests_are_batched_equal_alone_and_recorded_once_each(checkpoi
     forward, batches = service.forward, []
     service.forward = lambda z: (batches.append(z.shape[0]), forward(z))[1]  # count the tail's calls
     db = tmp_path / "transcript.db"
-    app = create_app(service, TOKEN, record=db, workers=1, max_delay_ms=50)
+    app = create_app(service, TOKEN, record=db, threads=1, max_delay_ms=50)
     gen = torch.Generator().manual_seed(2)
     inputs = [torch.rand(1 + i % 3, *FEATURE, generator=gen) for i in range(12)]  # 24 rows
     responses = _post_all(app, [encode(z) for z in inputs])

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -308,6 +309,42 @@ def test_edge_client_matches_local_model(server: ServerProcess, checkpoint: Path
         assert torch.allclose(remote, local, atol=atol)
 
 
+def test_stream_gives_the_tails_logits_in_order(server: ServerProcess, checkpoint: Path) -> None:
+    target, _, _ = ss.load_checkpoint(checkpoint)
+    x = torch.rand(20, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    with EdgeClient(checkpoint, server.url, TOKEN, batch_size=3) as client:  # 7 frames, 4 sent ahead
+        logits = client.predict_stream(x, window=4)
+    with torch.no_grad():
+        assert torch.allclose(logits, target(x), atol=1e-5)
+    with EdgeClient(checkpoint, server.url, TOKEN) as client:
+        with pytest.raises(ConfigError, match="window"):
+            client.predict_stream(x, window=0)
+
+
+def test_stream_answers_bad_frames_in_place_and_goes_on(server: ServerProcess) -> None:
+    import json
+
+    from websockets.sync.client import connect
+
+    url = server.url.replace("http", "ws", 1) + "/v1/stream"
+    with connect(url, additional_headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
+        for message in ("a text message", b"garbage", GOOD, encode(torch.rand(1, 3, 3))):
+            ws.send(message)
+        answers = [json.loads(ws.recv(timeout=10)) for _ in range(4)]
+    assert [a["seq"] for a in answers] == [0, 1, 2, 3]
+    assert [a.get("error", {}).get("code") for a in answers] == ["malformed_frame", "malformed_frame", None,
+                                                                  "wrong_shape"]
+    assert len(answers[2]["logits"]) == 2  # GOOD holds two feature rows
+
+
+def test_stream_needs_the_token(server: ServerProcess, checkpoint: Path) -> None:
+    with EdgeClient(checkpoint, server.url, TOKEN) as client:
+        client._headers = {"Authorization": "Bearer nope"}  # checked the model with the right token first
+        with pytest.raises(ServerError) as info:
+            client.predict_stream(torch.rand(2, 1, 28, 28))
+    assert info.value.code == "unauthorized" and info.value.status == 403
+
+
 def test_edge_client_bad_token_raises_server_error(server: ServerProcess, checkpoint: Path) -> None:
     with EdgeClient(checkpoint, server.url, "nope") as c, pytest.raises(ServerError) as info:
         c.predict(torch.rand(2, 1, 28, 28))
@@ -429,9 +466,19 @@ def test_unsupported_encoding_and_timeout_in_process(checkpoint: Path) -> None:
     assert info.json()["codec"]["encodings"] == ["float32"]
     r, = asgi_calls(app, ("POST", "/v1/infer", encode(torch.rand(2, *FEATURE), CodecOptions("uint8"))))
     assert_error(r, 415, "unsupported_encoding")
-    service.forward = lambda z: time.sleep(2.0)  # a tail slower than the deadline
-    r, = asgi_calls(app, ("POST", "/v1/infer", encode(torch.rand(2, *FEATURE))))
+    frame = encode(torch.rand(2, *FEATURE))
+
+    async def slow_body():  # a client that stops sending half-way: its request times out, the server goes on
+        import asyncio
+
+        yield frame[:100]
+        await asyncio.sleep(2.0)
+        yield frame[100:]
+
+    r, = asgi_calls(app, ("POST", "/v1/infer", slow_body()))
     assert_error(r, 503, "timeout")
+    r, = asgi_calls(app, ("POST", "/v1/infer", frame))
+    assert r.status_code == 200
 
 
 def test_create_app_refuses_empty_token(checkpoint: Path) -> None:
@@ -464,7 +511,7 @@ def test_cli_serve_infer_and_attack_the_transcript(checkpoint: Path, cloud: Path
     from typer.testing import CliRunner
 
     from splitshield.cli import app
-    from splitshield.runtime.transcript import read_features
+    from splitshield.runtime.transcript import read_features, read_records
 
     (tmp_path / "token.txt").write_text(TOKEN + "\n")
     db, images = tmp_path / "transcript.db", tmp_path / "images"
@@ -482,23 +529,29 @@ def test_cli_serve_infer_and_attack_the_transcript(checkpoint: Path, cloud: Path
                                      str(tmp_path / "token.txt"), "--encoding", "uint8", "--compression", "zstd"])
         assert result.exit_code == 0, result.output
         assert all(f"img{i}.png" in result.output for i in range(3))
+        streamed = runner.invoke(app, ["infer", str(edge), str(images), "--server", proc.url, "--token-file",
+                                       str(tmp_path / "token.txt"), "--stream", "2", "--batch-size", "1"])
+        assert streamed.exit_code == 0, streamed.output
+        assert all(f"img{i}.png" in streamed.output for i in range(3))
         bad = runner.invoke(app, ["infer", str(checkpoint), str(images), "--server", proc.url])
         assert bad.exit_code == 2 and "unauthorized" in bad.output
     finally:
         proc.stop()
-    # Exactly the uint8-quantized features of the three images crossed the network, nothing else.
+    # Exactly the uint8-quantized features of the three images crossed the network, then each image's float32
+    # features over the stream, nothing else.
     target, _, _ = ss.load_checkpoint(checkpoint)
     x, _ = load_images([images], (1, 28, 28))
     with torch.no_grad():
-        sent = decode(encode(target.head(x), CodecOptions("uint8", "zstd")))
+        sent = torch.cat([decode(encode(target.head(x), CodecOptions("uint8", "zstd"))), target.head(x)])
     features, _ = read_features(db)
     assert torch.equal(features, sent)
+    assert [r[2] for r in read_records(db)][1:] == ["stream:0", "stream:1", "stream:2"]
 
     result = runner.invoke(app, ["attack", str(checkpoint), "--attack", "white_box", "--options", '{"iters": 20}',
                                  "--transcript", str(db), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     saved = load_file(str(tmp_path / "out" / "reconstructions.safetensors"))
-    assert saved["x_hat"].shape == (3, 1, 28, 28) and saved["received_at"].shape == (3,)
+    assert saved["x_hat"].shape == (6, 1, 28, 28) and saved["received_at"].shape == (6,)
 
 
 def test_edge_client_applies_the_checkpoints_defense_on_the_device(server: ServerProcess, tmp_path: Path) -> None:
@@ -572,6 +625,28 @@ def test_half_open_connections_are_closed_after_the_header_timeout(cloud: Path, 
     assert 1 <= log.count("no complete request headers") <= 10, log
 
 
+def test_an_endless_header_is_cut_at_the_size_limit_even_behind_a_pending_request(cloud: Path,
+                                                                                   tmp_path: Path) -> None:
+    (tmp_path / "token.txt").write_text(TOKEN)
+    proc = ServerProcess(cloud, "--token-file", str(tmp_path / "token.txt"), "--max-header-bytes", "4096")
+    try:
+        for first in (b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"):  # alone; behind a pipelined request
+            sock = half_open(proc.port, first + b"GET /healthz HTTP/1.1\r\nX-Big: ")
+            sent = 0
+            try:
+                while sent < 1 << 20:  # a header value that never ends, in 1 KiB pieces
+                    sock.sendall(b"a" * 1024)
+                    sent += 1024
+                    time.sleep(0.001)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            assert sent < 64 * 1024, sent  # cut near 4096 bytes, far from the 10 s header timeout's worth
+            assert closed_by_server(sock, 5.0)
+    finally:
+        log = proc.stop()
+    assert "--max-header-bytes" in log
+
+
 def test_connections_beyond_the_limit_evict_the_longest_waiting(cloud: Path, tmp_path: Path) -> None:
     (tmp_path / "token.txt").write_text(TOKEN)
     proc = ServerProcess(cloud, "--token-file", str(tmp_path / "token.txt"), "--max-connections", "4",
@@ -588,6 +663,55 @@ def test_connections_beyond_the_limit_evict_the_longest_waiting(cloud: Path, tmp
     finally:
         log = proc.stop()
     assert "--max-connections" in log
+
+
+def test_workers_serve_from_several_processes_into_one_transcript(cloud: Path, checkpoint: Path,
+                                                                  tmp_path: Path) -> None:
+    from splitshield.runtime.transcript import read_records
+
+    (tmp_path / "token.txt").write_text(TOKEN)
+    proc = ServerProcess(cloud, "--token-file", str(tmp_path / "token.txt"), "--workers", "2",
+                         "--record", str(tmp_path / "t.db"), ready_timeout=120)
+    try:
+        children = subprocess.run(["pgrep", "-P", str(proc.proc.pid)], capture_output=True, text=True).stdout.split()
+        target, _, _ = ss.load_checkpoint(checkpoint)
+        x = torch.rand(24, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+
+        clients = [EdgeClient(checkpoint, proc.url, TOKEN) for _ in range(6)]  # a connection each: spread over
+        try:                                                                    # the workers by the kernel
+            with ThreadPoolExecutor(6) as pool:
+                parts = list(pool.map(lambda i: clients[i].predict(x[4 * i:4 * i + 4]), range(6)))
+        finally:
+            for client in clients:
+                client.close()
+    finally:
+        proc.stop()
+    assert len(children) >= 2, children  # the supervisor's worker processes (multiprocessing may add one)
+    with torch.no_grad():
+        assert torch.allclose(torch.cat(parts), target(x), atol=1e-5)
+    assert sum(batch for _, _, _, batch in _batches(read_records(tmp_path / "t.db"))) == 24
+
+
+def _batches(records: list) -> list:
+    """(id, time, request id, rows) of each transcript record."""
+    from splitshield.runtime.codec import read_header
+
+    return [(i, t, r, read_header(frame).shape[0]) for i, t, r, frame in records]
+
+
+def test_workers_and_transcript_rotation_are_refused_together(cloud: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from splitshield.runtime.server import main
+
+    (tmp_path / "token.txt").write_text(TOKEN)
+    base = [str(cloud), "--token-file", str(tmp_path / "token.txt")]
+    assert main([*base, "--workers", "2", "--record", str(tmp_path / "t.db"), "--record-max-mb", "1"]) == 2
+    assert main([*base, "--workers", "0"]) == 2
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert main([*base, "--record", str(blocked / "t.db")]) == 2  # module entry: checked before loading too
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "--record-max-mb" in err[0] and "--workers" in err[1] and "--record" in err[2], err
 
 
 def test_rate_limit_filter_bounds_one_repeated_message() -> None:
@@ -634,7 +758,7 @@ def test_hardening_options_are_one_line_errors(cloud: Path, tmp_path: Path, caps
 
 def test_connection_budget_fits_the_open_file_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     resource = pytest.importorskip("resource")
-    from splitshield.runtime.server import DEFAULT_MAX_CONNECTIONS, _connection_budget
+    from splitshield.runtime.hardening import DEFAULT_MAX_CONNECTIONS, _connection_budget
 
     raised: list[tuple[int, int]] = []
     monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 2048))

@@ -127,8 +127,10 @@ def test_https_round_trip_through_a_server_subprocess(https_server: ServerProces
     x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with EdgeClient(edge, https_server.url, TOKEN, ca=tls[0]) as client:
         logits = client.predict(x)
+        streamed = client.predict_stream(x)  # wss://, verified with the same authority
     with torch.no_grad():
         assert torch.allclose(logits, target(x), atol=1e-5)
+        assert torch.allclose(streamed, target(x), atol=1e-5)
     # Plain HTTP to the TLS port gets no answer: nothing is served in clear.
     with pytest.raises(httpx.TransportError):
         httpx.get(https_server.url.replace("https://", "http://") + "/healthz", timeout=5)
@@ -216,3 +218,27 @@ def test_https_to_a_plain_http_server_is_one_line(artifacts: tuple[Path, Path, P
         listener.close()
     assert info.value.code == "tls" and "does the server serve https" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_tls_handshake_that_never_finishes_is_closed_after_the_header_timeout(
+        tls: tuple[Path, Path, Path], artifacts: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    import socket
+    import time
+
+    from test_server import closed_by_server
+
+    ca, cert, key = tls
+    (tmp_path / "token.txt").write_text(TOKEN)
+    proc = ServerProcess(artifacts[2], "--token-file", str(tmp_path / "token.txt"), "--tls-cert", str(cert),
+                         "--tls-key", str(key), "--header-timeout", "1", ca=ca)
+    try:
+        start = time.monotonic()
+        silent = socket.create_connection(("127.0.0.1", proc.port), timeout=10)  # no ClientHello at all
+        partial = socket.create_connection(("127.0.0.1", proc.port), timeout=10)
+        partial.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # the start of a ClientHello
+        assert closed_by_server(silent, 10.0) and closed_by_server(partial, 10.0)
+        assert time.monotonic() - start < 5.0  # asyncio's own handshake timeout is 60 s
+        with httpx.Client(verify=__import__("ssl").create_default_context(cafile=str(ca))) as http:
+            assert http.get(f"{proc.url}/healthz").status_code == 200  # a real client is served meanwhile
+    finally:
+        proc.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ._fs import check_writable
 from .data import BUILTIN, get_dataset_info, list_datasets
 from .errors import ConfigError, SplitShieldError
 from .models import list_models
@@ -76,20 +76,6 @@ def check_device(text: str) -> None:
         raise ConfigError(f"--device {text}: Apple's MPS is not available on this machine; use --device cpu")
     if device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"--device {text}: splitshield runs on cpu, cuda or mps")
-
-
-def check_writable(path: Path, field: str) -> None:
-    """Create the folder ``path`` goes in and check a file can be written there, or a one-line ConfigError:
-    before a long run, not at its end."""
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        reason = "a file is in the way" if isinstance(exc, FileExistsError | NotADirectoryError) else exc.strerror
-        raise ConfigError(f"{field} {path}: cannot write into the folder {folder} ({reason}); "
-                          "choose a folder you can write to") from None
 
 
 def parse_shape(text: str, field: str = "--input-shape") -> tuple[int, ...]:
@@ -232,7 +218,9 @@ def train(
 @app.command()
 @friendly
 def attack(
-    checkpoint: Annotated[Path, typer.Argument(help="NAME.safetensors written by `splitshield train`.")],
+    checkpoint: Annotated[Path, typer.Argument(
+        help="NAME.safetensors written by `splitshield train`, or an artifact of `splitshield export`: the edge's "
+             "(head + defense), or the cloud's (tail only: what a curious cloud holds; needs --transcript).")],
     attack_choice: Annotated[str, typer.Option("--attack", help="rmle, inverse_network, shadow_head, unsplit, "
                                                "model_completion (or the old names white_box, black_box, query_free).")
                              ] = "inverse_network",
@@ -265,7 +253,9 @@ def attack(
     """Attack a trained checkpoint and print PSNR / SSIM / MSE (or completion accuracy).
 
     It measures exactly as `splitshield run` does (one pipeline, one seeding rule): the same checkpoint, attack
-    settings and seed give the same numbers as the spec cell with those settings.
+    settings and seed give the same numbers as the spec cell with those settings. Given a cloud artifact, the
+    attacker holds only what the cloud holds (the tail's weights, the head's architecture, no defense) and
+    inverts the features of a --transcript under query_free (shadow_head) or architecture_only (unsplit).
     """
     import torch
     from safetensors.torch import save_file
@@ -274,6 +264,7 @@ def attack(
     from .config import AUX_KINDS, DEFAULT_THREAT, RESERVED_ATTACK_PARAMS
     from .figures import reconstruction_grid
     from .measure import attack_seed, fit_attack, measure_attack
+    from .runtime.artifacts import artifact_kind, load_edge
     from .train import load_checkpoint
 
     if n_images < 0:
@@ -289,9 +280,6 @@ def attack(
         ATTACKS[name](**kwargs)  # its parameters are checked before any data is loaded
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"--options for {name}: {str(exc).splitlines()[0]}") from None
-    target, guard, _ = load_checkpoint(checkpoint, device=device)
-    check_transcript_options(name, transcript, limit, target.feature_shape())  # before any fitting
-    data = load_data(dataset, data_dir, seed, value_range, image_shape)
     if aux not in AUX_KINDS:
         raise ConfigError(f"--aux: {aux!r} unknown; use {', '.join(AUX_KINDS)}")
     if aux_n is not None and aux_n < 1:
@@ -299,6 +287,24 @@ def attack(
     threat = threat or DEFAULT_THREAT[name]
     if threat not in ATTACKS[name].threats:
         raise ConfigError(f"--threat: {name} runs under {' or '.join(ATTACKS[name].threats)}, not {threat!r}")
+    if out is not None or transcript is not None:  # before any fitting: a long attack is not lost at its end
+        check_writable((out or Path("splitshield-transcript-attack")) / "reconstructions.safetensors", "--out")
+    kind = artifact_kind(checkpoint)  # a missing or foreign file is a one-line error here
+    if kind == "cloud":
+        setting = {"name": name, "threat": threat, "aux": aux, "aux_n": aux_n, "adaptive": False, "params": kwargs}
+        attack_cloud(checkpoint, setting, transcript, limit, out, seed=seed, device=device,
+                     data=lambda: load_data(dataset, data_dir, seed, value_range, image_shape))
+        return
+    if kind == "edge" and threat == "query_free":
+        raise ConfigError(f"{name} runs under query_free: {checkpoint} is an edge artifact, without the tail the "
+                          "shadow head is trained through; give the full checkpoint or the cloud artifact")
+    if kind == "edge":
+        edge = load_edge(checkpoint, device=device)
+        target, guard = edge.target, edge.defense
+    else:
+        target, guard, _ = load_checkpoint(checkpoint, device=device)
+    check_transcript_options(name, transcript, limit, target.feature_shape())  # before any fitting
+    data = load_data(dataset, data_dir, seed, value_range, image_shape)
     setting = {"name": name, "threat": threat, "aux": aux, "aux_n": aux_n, "adaptive": not non_adaptive,
                "params": kwargs}
     images = n_images or "first_per_class"
@@ -471,6 +477,45 @@ def attack_transcript(instance: Any, transcript: Path, feature_shape: tuple[int,
     console.print(f"reconstructed {len(images)} images from {transcript}; wrote {tensors} and {png}")
 
 
+def attack_cloud(cloud_path: Path, setting: dict[str, Any], transcript: Path | None, limit: int | None,
+                 out: Path | None, *, seed: int, device: str, data: Callable[[], Any]) -> None:
+    """``attack CLOUD``: what a curious cloud holding only the cloud artifact learns from its transcript.
+
+    The attacker gets the tail's weights, an untrained head of the head's architecture, the moments of the
+    recorded features (its traffic) and, query-free, the auxiliary data of ``data()``: never a head weight.
+    """
+    from .attacks.base import TRAFFIC_IMAGES
+    from .measure import attack_seed, check_cloud_threat, feature_moments, fit_cloud_attack
+    from .runtime.artifacts import load_cloud
+    from .runtime.transcript import iter_features
+
+    check_cloud_threat(setting["threat"], setting["name"])
+    if transcript is None:
+        raise ConfigError(f"{cloud_path} is a cloud artifact: test images cannot be attacked without the head that "
+                          "makes their features; pass --transcript PATH (features the cloud recorded), or give the "
+                          "full checkpoint to measure on test images")
+    cloud = load_cloud(cloud_path, device=device, architecture=True)
+    check_transcript_options(setting["name"], transcript, limit, cloud.feature_shape)  # before any fitting
+    dataset, traffic = None, None
+    if setting["threat"] == "query_free":
+        dataset = data()
+        if tuple(dataset.image_shape) != tuple(cloud.input_shape):
+            raise ConfigError(f"--dataset {dataset.name}: images of shape {','.join(map(str, dataset.image_shape))}, "
+                              f"the model takes {','.join(map(str, cloud.input_shape))}; pass --image-shape "
+                              f"{','.join(map(str, cloud.input_shape))} or the model's own dataset")
+        if dataset.num_classes > cloud.num_classes:
+            raise ConfigError(f"--dataset {dataset.name}: {dataset.num_classes} classes, the tail scores "
+                              f"{cloud.num_classes}; give the model's own dataset as the attacker's aux data")
+        # The features the cloud received are its own to use: their moments guide the shadow head.
+        recorded = iter_features(transcript, limit=TRAFFIC_IMAGES, feature_shape=cloud.feature_shape)
+        traffic = feature_moments((z for z, _ in recorded), cloud.feature_shape)
+    console.print("the cloud artifact holds no defense: the attacker is non-adaptive to any defense on the edge",
+                  highlight=False, soft_wrap=True)
+    fitted = fit_cloud_attack(cloud, dataset, setting, seed=attack_seed(seed, setting), traffic=traffic)
+    attack_transcript(fitted, transcript, cloud.feature_shape, out or Path("splitshield-transcript-attack"),
+                      limit=limit)
+
+
 @app.command()
 @friendly
 def export(
@@ -503,7 +548,9 @@ def serve(
     max_delay_ms: Annotated[float, typer.Option(
         help="Dynamic batching: ms a queued request may wait for others to fill a batch (0: no waiting).")] = 0.0,
     timeout: Annotated[float, typer.Option(help="Seconds allowed per request.")] = 30.0,
-    workers: Annotated[int, typer.Option(help="Threads running the tail.")] = 4,
+    threads: Annotated[int, typer.Option(help="Threads per process decoding large frames and recording."
+                                             )] = 4,
+    workers: Annotated[int, typer.Option(help="Server processes on the one port (each loads the tail).")] = 1,
     max_in_flight: Annotated[int, typer.Option(help="Concurrent requests before answering 'overloaded'.")] = 32,
     device: Device = "cpu",
     allow_head_weights: Annotated[bool, typer.Option(
@@ -532,12 +579,10 @@ def serve(
     check_servable(checkpoint, allow_head_weights)  # refused before anything is printed or loaded
     limits = ConnectionLimits(header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout,
                               max_connections=max_connections, max_header_bytes=max_header_bytes)
-    check_options(tls_cert, tls_key, limits, record, record_max_mb, record_keep, max_batch, max_delay_ms)
-    if record is not None:
-        check_writable(record, "--record")
+    check_options(tls_cert, tls_key, limits, record, record_max_mb, record_keep, max_batch, max_delay_ms, workers)
     # run_server prints the address once the port is bound (a client reading it can connect at once).
     run_server(checkpoint, host=host, port=port, token=token, record=record, max_batch=max_batch,
-               request_timeout=timeout, workers=workers, max_in_flight=max_in_flight, device=device,
+               request_timeout=timeout, threads=threads, workers=workers, max_in_flight=max_in_flight, device=device,
                allow_head_weights=allow_head_weights, tls_cert=tls_cert, tls_key=tls_key, limits=limits,
                record_max_mb=record_max_mb, record_keep=record_keep, max_delay_ms=max_delay_ms)
 
@@ -552,10 +597,13 @@ def infer(
     token_file: Annotated[Path | None, typer.Option(help="File holding the bearer token.")] = None,
     encoding: Annotated[str, typer.Option(help="float32, float16, uint8 or uint4.")] = "float32",
     compression: Annotated[str, typer.Option(help="none or zstd.")] = "none",
-    batch_size: Annotated[int, typer.Option(help="Images per request.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Images per request (per frame with --stream).")] = 64,
     ca: Annotated[Path | None, typer.Option(
         help="PEM certificate of the authority that signed an https:// server's certificate (default: the "
              "system's).")] = None,
+    stream: Annotated[int | None, typer.Option(
+        help="Send the frames over the server's /v1/stream WebSocket, this many ahead of their answers, instead "
+             "of one HTTP request each.")] = None,
     seed: Seed = 0,
     device: Device = "cpu",
 ) -> None:
@@ -570,7 +618,7 @@ def infer(
             x, files = load_images(images, client.input_shape)
         for w in conversions:  # one line per image converted or resized to fit the model
             err_console.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
-        probs = client.predict(x).softmax(1)
+        probs = (client.predict(x) if stream is None else client.predict_stream(x, window=stream)).softmax(1)
     files = [f.resolve() for f in files]
     root = Path(os.path.commonpath([f.parent for f in files]))
     table = Table(title=f"{len(files)} images in {root} via {server}")

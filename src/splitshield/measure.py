@@ -22,9 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,6 +36,11 @@ from .defenses.base import Compose, Defense
 from .errors import ConfigError, SplitShieldError
 from .metrics import conditional_entropy_floor, gaussian_channel_bound
 from .models.split import SplitModel
+
+if TYPE_CHECKING:
+    from .attacks import InversionAttack
+    from .attacks.base import FeatureMoments
+    from .runtime.artifacts import CloudTail
 
 INVERSION_METRICS = ("mse", "psnr", "ssim")
 #: Training images per class and pixel the conditional-entropy floor and the feature's scale are measured on:
@@ -125,6 +130,107 @@ def fit_attack(target: SplitModel, defense: Defense | None, data: Dataset, setti
                                                    progress=progress)
     attack.fit(victim)
     return FittedAttack(attack, victim, evaluated)
+
+
+#: The threats a cloud holding only its artifact (the tail's weights, the head's architecture) can mount.
+CLOUD_THREATS = ("query_free", "architecture_only")
+_BEYOND_THE_CLOUD = {
+    "white_box": "it needs the head's weights, which the cloud artifact does not hold",
+    "black_box": "it needs queries to the edge's head (features of images of the attacker's choosing), which the "
+                 "cloud cannot make",
+}
+
+
+def check_cloud_threat(threat: str, attack: str | None = None) -> None:
+    """A one-line ConfigError unless a curious cloud, holding only its artifact, can mount ``threat`` (the
+    threat of the attack named ``attack``)."""
+    if threat not in CLOUD_THREATS:
+        why = _BEYOND_THE_CLOUD.get(threat, "")
+        raise ConfigError(f"{f'{attack} runs under' if attack else 'threat'} {threat}, which a cloud artifact cannot "
+                          f"mount{': ' + why if why else ''}; give the full checkpoint or the edge artifact to measure "
+                          f"{threat} (the cloud artifact can mount query_free with shadow_head and architecture_only "
+                          "with unsplit)")
+
+
+@torch.no_grad()
+def feature_moments(batches: Iterable[torch.Tensor], feature_shape: tuple[int, ...]) -> FeatureMoments | None:
+    """The :class:`~splitshield.attacks.base.FeatureMoments` of features ``[B, *feature_shape]`` given in batches
+    (per channel for feature maps, per value otherwise, as a query-free view holds its traffic's); ``None`` for
+    fewer than two features."""
+    from .attacks.base import FeatureMoments
+
+    dims = (0, 2, 3) if len(feature_shape) == 3 else (0,)
+    total = square = count = images = 0
+    for z in batches:
+        z = z.double()
+        total, square = total + z.sum(dims), square + z.pow(2).sum(dims)
+        count += z.numel() // total.numel()
+        images += len(z)
+    if images < 2:
+        return None
+    mean = total / count
+    std = (square / count - mean.pow(2)).clamp_min(0).sqrt()
+    return FeatureMoments(mean.float(), std.float(), images, dims)
+
+
+def fit_cloud_attack(cloud: CloudTail, data: Dataset | None, setting: dict[str, Any], *, seed: int,
+                     traffic: FeatureMoments | None = None, progress: bool = False) -> InversionAttack:
+    """Fit the attack ``setting`` on what a curious cloud holds, and nothing else; returns the fitted attack.
+
+    Parameters
+    ----------
+    cloud:
+        A :class:`~splitshield.runtime.artifacts.CloudTail` loaded with ``architecture=True``: the tail's
+        weights and an untrained head of the head's architecture. No head weight, no query oracle and no
+        defense exist here, so the attacker is non-adaptive (it optimises through no defense) whatever
+        ``setting["adaptive"]`` says.
+    data:
+        The attacker's auxiliary data comes from it (query-free only; ``None`` for architecture-only).
+    setting:
+        As for :func:`fit_attack`; its threat must be one of :data:`CLOUD_THREATS`.
+    seed:
+        The cell's seed (:func:`attack_seed`), split as :func:`fit_attack` splits it.
+    traffic:
+        The :class:`~splitshield.attacks.base.FeatureMoments` of the features the cloud received
+        (:func:`feature_moments` of its transcript), for the query-free view; ``None``: none.
+    """
+    from .attacks import ATTACKS, ArchitectureOnlyView, QueryFreeView, attack_name
+    from .defenses import NoDefense
+    from .models.split import fresh_copy
+
+    check_cloud_threat(setting["threat"])
+    if cloud.head_architecture is None:
+        raise ConfigError("fit_cloud_attack needs the head's architecture: load_cloud(path, architecture=True)")
+    none = NoDefense().eval()
+
+    def identity_perturb(x: torch.Tensor) -> torch.Tensor:
+        return none.perturb(x, training=False)
+
+    def identity_obfuscate(z: torch.Tensor) -> torch.Tensor:
+        return none.obfuscate(z, training=False)
+
+    # As a Victim builds it: a template re-initialised from the device's stream, fresh copies of it on demand.
+    with seeded(derived_seed(seed, "device")):
+        template = fresh_copy(cloud.head_architecture)
+
+    def head_architecture() -> torch.nn.Module:
+        return fresh_copy(template)
+
+    common = dict(threat=setting["threat"], input_shape=tuple(cloud.input_shape),
+                  feature_shape=tuple(cloud.feature_shape), adaptive=False, point=cloud.point,
+                  perturb=identity_perturb, obfuscate=identity_obfuscate, head_architecture=head_architecture)
+    if setting["threat"] == "architecture_only":
+        view = ArchitectureOnlyView(**common, aux=None)
+    else:
+        if data is None:
+            raise ConfigError("a query-free attack needs auxiliary data: pass data=<Dataset>")
+        aux = data.aux(setting["aux"], n=setting["aux_n"], seed=derived_seed(seed, "aux"))
+        last = list(template.modules())[-1]
+        final = type(last) if isinstance(last, (torch.nn.ReLU, torch.nn.Sigmoid, torch.nn.Tanh)) else None
+        view = QueryFreeView(**common, aux=aux, tail=cloud.tail, head_final_activation=final, traffic=traffic)
+    attack = ATTACKS[attack_name(setting["name"])](**setting["params"], seed=derived_seed(seed, "attacker"),
+                                                   progress=progress)
+    return attack.fit(view)
 
 
 def measure_attack(target: SplitModel, defense: Defense | None, data: Dataset, setting: dict[str, Any], *,

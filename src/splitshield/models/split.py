@@ -491,9 +491,20 @@ def check_split(model: nn.Module, target: SplitModel, x: torch.Tensor, seed: int
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` with every parameter re-initialised: the architecture, not the weights."""
+    """A deep copy of ``module`` with every parameter re-initialised: the architecture, not the weights.
+
+    A submodule's own initialisation (``reset_parameters``, or ``_reset_parameters`` as in
+    ``nn.MultiheadAttention``) is used where it has one; parameters held by modules without one (a ViT's
+    position embedding, a Swin block's relative position bias, a ConvNeXt layer scale) are drawn from
+    N(0, 0.02²), so no value of ``module``'s weights survives in the copy.
+    """
     clone = copy.deepcopy(module)
     for m in clone.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
+        reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
+        if callable(reset):
+            reset()
+            continue
+        with torch.no_grad():
+            for p in m.parameters(recurse=False):
+                nn.init.normal_(p, std=0.02)
     return clone

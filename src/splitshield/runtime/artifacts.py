@@ -56,10 +56,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .._random import seeded
 from ..defenses import build_defense
 from ..defenses.base import Defense, substate
 from ..errors import CheckpointError, ConfigError
-from ..models.split import SplitModel, split
+from ..models.split import SplitModel, fresh_copy, split
 from ..models.zoo import build_model
 from ..train import _read, load_checkpoint
 
@@ -82,6 +83,9 @@ FINGERPRINT_FORMAT = "splitshield-fingerprint/1"
 META_KEY = "splitshield"  # the safetensors metadata entry holding an artifact's JSON
 
 Kind = Literal["edge", "cloud", "checkpoint"]
+
+#: Seeds the re-initialisation of the head :func:`load_cloud` keeps with ``architecture=True``.
+_ARCHITECTURE_SEED = 0x5EC0DE
 
 _EXPORT_HINT = "splitshield export CKPT --edge edge.safetensors --cloud cloud.safetensors"
 
@@ -406,7 +410,9 @@ class CloudTail:
 
     ``tail`` maps features ``[B, *feature_shape]`` to logits ``[B, num_classes]``; it is in eval mode and
     its parameters do not require gradients. ``head_weights`` is true when it was loaded from a full
-    checkpoint (whose head the process read, then dropped).
+    checkpoint (whose head the process read, then dropped). ``head_architecture`` (only with
+    ``load_cloud(..., architecture=True)``) is an untrained head of the spec's architecture, every parameter
+    re-initialised: what an attacker holding the cloud artifact knows of the head, none of its weights.
     """
 
     tail: nn.Module
@@ -417,23 +423,29 @@ class CloudTail:
     model_spec: dict[str, Any] | None
     fingerprint: str
     head_weights: bool
+    head_architecture: nn.Module | None = None
 
 
 def load_cloud(path: str | Path, *, model: nn.Module | None = None, device: str = "cpu",
-               allow_head_weights: bool = False) -> CloudTail:
+               allow_head_weights: bool = False, architecture: bool = False) -> CloudTail:
     """Load the tail from a cloud artifact (or, with ``allow_head_weights``, from a full checkpoint).
 
     The tail is rebuilt from the artifact's ``model_spec`` with random initialisation, cut at its split
-    point, and given the ``tail.*`` tensors; the freshly initialised head is dropped before this returns.
-    The artifact's own digest and fingerprint are checked first.
+    point, and given the ``tail.*`` tensors; the freshly initialised head is dropped before this returns,
+    unless ``architecture`` (a cloud artifact only: what a curious cloud attacks with) keeps it, every
+    parameter re-initialised, as ``head_architecture``. The artifact's own digest and fingerprint are checked
+    first.
 
     Raises
     ------
     CheckpointError
-        For an edge artifact, a full checkpoint without ``allow_head_weights``, a file whose tensors do not
-        match its recorded digest, or tensors that do not fit the tail.
+        For an edge artifact, a full checkpoint without ``allow_head_weights`` (or with ``architecture``), a
+        file whose tensors do not match its recorded digest, or tensors that do not fit the tail.
     """
     kind = check_servable(path, allow_head_weights)
+    if architecture and kind != "cloud":
+        raise CheckpointError(f"{path} is a full checkpoint: its head holds the edge's weights; give the cloud "
+                              "artifact for the head's architecture alone")
     if kind == "checkpoint":
         target, _, _ = load_checkpoint(path, model=model, device=device)
         if target.input_shape is None:
@@ -455,6 +467,11 @@ def load_cloud(path: str | Path, *, model: nn.Module | None = None, device: str 
         target.to(device)
         fingerprint, point, input_shape = meta["fingerprint"], meta["split"], tuple(meta["input_shape"])
         spec, feature_shape, head_weights = meta.get("model_spec"), tuple(meta["feature_shape"]), False
+    head = None
+    if architecture:  # built from the spec, never given a weight of the edge; re-initialised away from the
+        # spec's own initialisation, which is where the edge's head started training (its weights, untrained)
+        with seeded(_ARCHITECTURE_SEED):
+            head = fresh_copy(target.head).eval()
     tail = target.tail.eval()
     del target  # the head (fresh, or read from the checkpoint) goes with it
     gc.collect()
@@ -462,7 +479,8 @@ def load_cloud(path: str | Path, *, model: nn.Module | None = None, device: str 
         p.requires_grad_(False)
     with torch.no_grad():
         num_classes = int(tail(torch.zeros(1, *feature_shape, device=device)).shape[1])
-    return CloudTail(tail, point, input_shape, tuple(feature_shape), num_classes, spec, fingerprint, head_weights)
+    return CloudTail(tail, point, input_shape, tuple(feature_shape), num_classes, spec, fingerprint, head_weights,
+                     head)
 
 
 @dataclass

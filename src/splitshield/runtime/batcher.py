@@ -2,13 +2,18 @@
 
 Concurrent requests are queued; one consumer task takes queued requests, oldest first, until
 ``max_batch`` feature rows are gathered or ``max_delay_ms`` has passed since the oldest one arrived,
-concatenates their features (a request may carry several rows), runs the tail *once* on the batch in a
-worker thread, splits the logits back and answers each request with its own rows, in order.
+concatenates their features (a request may carry several rows), runs the tail *once* on the batch,
+splits the logits back and answers each request with its own rows, in order.
 
-* ``max_delay_ms = 0`` never waits: whatever is queued when a slot is free is run at once. Requests still
-  batch under load, because they queue up while every slot is busy.
-* ``instances`` batches may run at once (Triton's model instance count; the server uses its ``workers``):
-  with more than one core a second batch runs while the first does.
+* ``max_delay_ms = 0`` never waits on a clock: the consumer first lets every request that is already
+  ready (its body received, e.g. several that arrived while the last batch ran) reach the queue -- it
+  yields to the event loop until a yield queues nothing more -- then runs what is queued. One request
+  alone runs at once; requests that arrive together run together.
+* The tail runs on the event loop's thread, one batch at a time, and the loop runs between two batches. In
+  a worker thread the tail would have to take the GIL back between every operator while the loop thread
+  is busy parsing requests, waiting up to the interpreter's switch interval each time. A tail call is not
+  interrupted: a request whose deadline passes while its batch runs is answered when the batch ends. More
+  cores: more server processes (``serve --workers``) and the tail's own intra-op threads.
 * A batch holds requests of one feature shape and dtype (the server's decode already enforces the tail's
   fixed shape; a different one simply starts the next batch, it is never mixed in).
 * An exception from the tail fails exactly the requests of that batch (each gets the exception); a request
@@ -21,7 +26,6 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import torch
@@ -61,28 +65,21 @@ class DynamicBatcher:
     Parameters
     ----------
     forward : callable
-        ``[N, *feature] -> [N, K]`` (run in ``executor``; the server's :meth:`TailService.forward`, which
-        runs under ``torch.no_grad``). Looked up at each call, so it may be replaced (tests).
+        ``[N, *feature] -> [N, K]``, called on the event loop's thread (the server's
+        :meth:`TailService.forward`, which runs under ``torch.no_grad``). Looked up at each call, so it may
+        be replaced (tests).
     max_batch : int
         Feature rows per batch at most; a single request of more rows than this is run alone.
     max_delay_ms : float
-        How long the oldest queued request may wait for others to fill the batch; 0: no waiting.
-    executor : Executor, optional
-        Where ``forward`` runs (default: the event loop's default executor).
-    instances : int
-        Batches that may run at once.
+        How long the oldest queued request may wait for others to fill the batch; 0: no waiting on a clock.
 
     The batcher binds to the event loop of its first :meth:`submit`; a later submit from another loop (a
     new ``asyncio.run``) starts afresh there.
     """
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], max_batch: int, max_delay_ms: float = 0.0,
-                 executor: Executor | None = None, instances: int = 1):
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], max_batch: int, max_delay_ms: float = 0.0):
         check_batching(max_batch, max_delay_ms)
-        if not isinstance(instances, int) or instances < 1:
-            raise ConfigError(f"instances: a positive count of concurrent batches, got {instances!r}")
         self.forward, self.max_batch, self.max_delay = forward, max_batch, max_delay_ms / 1000
-        self.executor, self.instances = executor, instances
         self.calls = 0  # tail calls made (batches run)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -102,32 +99,28 @@ class DynamicBatcher:
         self._pending: deque[_Pending] = deque()
         self._queued_rows = 0
         self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(self.instances)
-        self._running: set[asyncio.Task[None]] = set()
         self._consumer = loop.create_task(self._consume(), name="splitshield-batcher")
 
     async def _consume(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._slots.acquire()  # a batch is formed only when it can run at once
-            try:
-                await self._wait_for_batch(loop)
-                batch = self._take()
-            except BaseException:
-                self._slots.release()
-                raise
-            if not batch:  # every queued request had been cancelled
-                self._slots.release()
-                continue
-            task = loop.create_task(self._run(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            await self._wait_for_batch(loop)
+            batch = self._take()
+            if batch:  # else every queued request had been cancelled
+                self._run(batch)
+                await asyncio.sleep(0)  # the loop reads, answers and times out between batches run back to back
 
     async def _wait_for_batch(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Return once a request is queued and either ``max_batch`` rows are or the oldest has waited enough."""
+        """Return once a request is queued, the ready ones have joined it, and either ``max_batch`` rows are
+        queued or the oldest has waited ``max_delay``."""
         while not self._pending:
             self._wakeup.clear()
             await self._wakeup.wait()
+        while self._queued_rows < self.max_batch:  # gather what is ready: yield while that queues more
+            queued = len(self._pending)
+            await asyncio.sleep(0)
+            if len(self._pending) == queued:
+                break
         while self._queued_rows < self.max_batch:
             remaining = self._pending[0].arrived + self.max_delay - loop.time()
             if remaining <= 0:
@@ -135,7 +128,7 @@ class DynamicBatcher:
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 return
 
     def _take(self) -> list[_Pending]:
@@ -156,12 +149,12 @@ class DynamicBatcher:
             rows += item.rows
         return batch
 
-    async def _run(self, batch: list[_Pending]) -> None:
-        """Run one batch in the executor and answer its requests; its failure is theirs alone."""
+    def _run(self, batch: list[_Pending]) -> None:
+        """Run one batch and answer its requests; its failure is theirs alone."""
         try:
             z = batch[0].z if len(batch) == 1 else torch.cat([item.z for item in batch])
             self.calls += 1
-            logits = await asyncio.get_running_loop().run_in_executor(self.executor, self.forward, z)
+            logits = self.forward(z)
             if not isinstance(logits, torch.Tensor) or logits.ndim < 1 or logits.shape[0] != z.shape[0]:
                 raise RuntimeError(f"the tail returned {getattr(logits, 'shape', type(logits).__name__)} "
                                    f"for a batch of {z.shape[0]} rows")
@@ -172,5 +165,3 @@ class DynamicBatcher:
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(exc)
-        finally:
-            self._slots.release()

@@ -194,6 +194,7 @@ class EdgeClient:
         self._generator = torch.Generator(device=device).manual_seed(seed)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=server_url.rstrip("/"), headers=headers, timeout=timeout, verify=verify)
+        self._verify, self._headers, self._timeout = verify, headers, timeout
         self._checked = False
 
     def __enter__(self) -> EdgeClient:
@@ -298,3 +299,44 @@ class EdgeClient:
         """Logits ``[N, K]`` for images ``[N, C, H, W]`` (float in [0, 1] or uint8), in batches."""
         z = self.features(images)
         return torch.cat([self.send(z[i : i + self.batch_size]) for i in range(0, len(z), self.batch_size)])
+
+    def predict_stream(self, images: torch.Tensor, window: int = 16) -> torch.Tensor:
+        """As :meth:`predict`, over the server's ``/v1/stream`` WebSocket: one connection, one frame per
+        ``batch_size`` images, up to ``window`` frames sent ahead of their answers (no HTTP request per frame).
+
+        Raises :class:`ServerError` with the server's code if a frame is refused (no retry: a stream is not
+        resumed)."""
+        import json
+
+        from websockets.exceptions import InvalidStatus, WebSocketException
+        from websockets.sync.client import connect
+
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ConfigError(f"window: a positive number of frames sent ahead, got {window!r}")
+        self._check_server()
+        z = self.features(images)
+        frames = [self.frame(z[i : i + self.batch_size]) for i in range(0, len(z), self.batch_size)]
+        url = str(self._http.base_url).replace("http", "ws", 1) + "/v1/stream"
+        tls = self._verify if isinstance(self._verify, ssl.SSLContext) else None
+        logits: list[torch.Tensor] = []
+        try:
+            with connect(url, additional_headers=self._headers, ssl=tls, open_timeout=self._timeout,
+                         max_size=None) as ws:
+                sent = 0
+                while len(logits) < len(frames):
+                    while sent < len(frames) and sent - len(logits) < window:
+                        ws.send(frames[sent])
+                        sent += 1
+                    answer = json.loads(ws.recv(timeout=self._timeout))
+                    if "error" in answer:
+                        raise ServerError(f"frame {answer.get('seq')}: {answer['error']['code']}: "
+                                          f"{answer['error']['message']}", code=answer["error"]["code"])
+                    logits.append(torch.tensor(answer["logits"], dtype=torch.float32))
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            raise ServerError(f"{url}: the server refused the stream with HTTP {status}"
+                              + (" (missing or wrong bearer token)" if status == 403 else ""),
+                              code="unauthorized" if status == 403 else "http_error", status=status) from None
+        except (OSError, TimeoutError, WebSocketException) as exc:
+            raise ServerError(f"{url}: {type(exc).__name__}: {exc}") from None
+        return torch.cat(logits)

@@ -75,6 +75,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Literal
@@ -495,6 +496,7 @@ def decode(
     *,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    accept: Callable[[FrameHeader], None] | None = None,
 ) -> torch.Tensor:
     """Validate and deserialize one frame produced by :func:`encode`.
 
@@ -514,6 +516,9 @@ def decode(
         Largest accepted product of dims.
     max_bytes : int
         Largest accepted frame, uncompressed payload, and decoded tensor, in bytes.
+    accept : callable, optional
+        Called with the parsed :class:`FrameHeader` before anything is allocated; it raises to refuse the
+        frame (a server checks the encoding and shape it serves, without parsing the header twice).
 
     Returns
     -------
@@ -535,6 +540,8 @@ def decode(
     if len(view) > max_bytes:
         raise CodecError(f"frame is {len(view)} bytes, over the max_bytes limit of {max_bytes}")
     header = read_header(view)
+    if accept is not None:
+        accept(header)
     numel = header.numel
     if numel > max_elements:
         raise CodecError(

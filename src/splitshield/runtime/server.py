@@ -22,26 +22,35 @@ refuses a full checkpoint unless ``allow_head_weights`` (then it warns loudly).
 Run it with ``splitshield serve cloud.safetensors --token-file secret.txt`` or
 ``python -m splitshield.runtime.server cloud.safetensors --token-file secret.txt``.
 
-Hardening (:func:`serve`)
--------------------------
+Hardening (:func:`serve`, details in :mod:`.hardening`)
+--------------------------------------------------------
 * **TLS**: ``tls_cert``/``tls_key`` (PEM) are handed to uvicorn (``ssl_certfile``/``ssl_keyfile``); without
   them the bearer token and the features travel in clear.
-* **Connections that never send a request** cannot starve the others (:class:`ConnectionLimits`): a
-  request's headers must be complete within ``header_timeout`` seconds of the connection opening (or of
-  its first byte after the previous response), idle keep-alive connections close after
-  ``keep_alive_timeout``, headers are capped at ``max_header_bytes`` (h11's incomplete-event limit), and
-  at most ``max_connections`` connections are open: beyond it the one that has waited longest without
-  a request in progress is closed (if it has waited at least ``min(1 s, header_timeout / 2)``, else the
-  new one is, so a client always has that long to send its headers). The file-descriptor limit is raised
-  to fit. uvicorn has no header timeout nor such an eviction, so :class:`GuardedH11Protocol` adds them to
-  its h11 protocol; uvicorn's ``limit_concurrency`` is not used: it answers 503 to *every* request once
-  that many connections are open, half-open ones included, which is the denial of service it should
-  prevent.
-* **Bounded logs**: every log handler gets a :class:`RateLimitFilter` (at most ``log_repeats`` identical
-  messages per ``log_interval`` seconds), so one error repeated (``Too many open files``, invalid
-  requests) cannot grow the log without bound.
-* **Bounded transcript**: ``record_max_mb`` rotates the transcript into numbered files
-  (:class:`~splitshield.runtime.transcript.TranscriptWriter`).
+* **Connections that never send a request** cannot starve the others (:class:`ConnectionLimits`): header
+  timeout (TLS handshake included), header size limit, keep-alive timeout, and eviction of the longest-idle
+  connection beyond ``max_connections``.
+* **Bounded logs** (:class:`RateLimitFilter`) and a **bounded transcript** (``record_max_mb`` rotates it,
+  :class:`~splitshield.runtime.transcript.TranscriptWriter`).
+
+Speed
+-----
+``POST /v1/infer`` is answered by a plain ASGI handler in front of the FastAPI app (which serves the other
+routes): FastAPI's request and response machinery costs more per request than the transport itself. An
+uncompressed frame up to :data:`INLINE_DECODE_BYTES` is decoded on the event loop (a thread hop costs more
+than decoding it); larger or compressed frames, and every frame when recording, go to a worker thread.
+``workers`` > 1 runs that many server processes on one port (uvicorn's supervisor), each with its own
+tail, batcher and connection limits; they append to one transcript (SQLite serialises the writers).
+
+Streaming
+---------
+``/v1/stream`` is a WebSocket (same bearer token, in the upgrade request's ``Authorization`` header; refused
+with 403 without it) for clients that send many frames: each binary message is one codec frame, answered by
+one text message ``{"logits": [[...] * K] * B, "seq": n}`` (or ``{"error": {"code", "message"}, "seq": n}``;
+the stream goes on), in the order sent, ``n`` counting the stream's frames from 0. A client may send up to
+:data:`STREAM_WINDOW` frames before reading an answer; frames of every stream and request join the same
+dynamic batches. It spares each frame an HTTP request's parsing and response (``benchmarks/serve.py``
+compares the two). Frames count toward ``max_in_flight``, each has ``request_timeout``, messages are capped
+at the largest legal frame, and each is recorded as ``/v1/infer`` frames are (request id ``stream:n``).
 
 Dynamic batching
 ----------------
@@ -49,26 +58,22 @@ Concurrent ``/v1/infer`` requests are run through the tail together (:class:`~.b
 as Triton's dynamic batcher): each request is decoded and recorded on its own (one transcript row per
 request, as without batching), then queued; a batch takes queued requests until ``max_batch`` feature
 rows or until the oldest has waited ``max_delay_ms`` (0: run what is queued at once), runs the tail once,
-and each request gets its own rows of logits. Up to ``workers`` batches run at once. A failing tail call
-fails only the requests of its batch (``internal_error``). The default delay is 0: requests queue up
-anyway while every batch slot is busy, and on the benchmark (``benchmarks/serve.py``) a 2 ms delay halved
-one client's throughput without raising 16 clients'.
+and each request gets its own rows of logits. One batch runs at a time, on the event loop's thread. A failing
+tail call fails only the requests of its batch (``internal_error``). The default delay is 0: the requests
+that are ready (e.g. those that arrived while the last batch ran) still run together, and a lone request
+does not wait for company that is not coming.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import hmac
-import logging
+import json
 import math
 import socket
-import ssl
 import sys
-import threading
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -76,20 +81,32 @@ from pathlib import Path
 from typing import Any, get_args
 
 import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.websockets import WebSocket
+from uvicorn.supervisors import Multiprocess
 
+from .._fs import check_writable
 from ..errors import CodecError, ConfigError, SplitShieldError
 from .artifacts import check_servable, load_cloud
 from .batcher import DynamicBatcher, check_batching
 from .client import read_token
-from .codec import Encoding, decode, read_header
+from .codec import Encoding, FrameHeader, decode, read_header
+from .hardening import (
+    DEFAULT_MAX_CONNECTIONS,
+    ConnectionLimits,
+    GuardedConfig,
+    RateLimitFilter,
+    check_tls,
+    log_config,
+)
 from .transcript import TranscriptWriter
 
-__all__ = ["ERROR_CODES", "ConnectionLimits", "RateLimitFilter", "TailService", "check_options", "create_app",
-           "serve"]
+__all__ = ["ERROR_CODES", "ConnectionLimits", "RateLimitFilter", "TailApp", "TailService", "check_options",
+           "create_app", "serve"]
 
 #: HTTP status of each error code the server can answer with. Codes are part of the API: never rename.
 ERROR_CODES: dict[str, int] = {
@@ -192,9 +209,12 @@ class TailService:
     def decode(self, frame: bytes) -> torch.Tensor:
         """Validate a frame and return its features ``[B, *feature_shape]``; raises :class:`ApiError`."""
         try:
-            header = read_header(frame)
+            return decode(frame, max_elements=self.max_elements, max_bytes=self.max_body_bytes, accept=self._accept)
         except CodecError as exc:
             raise ApiError("malformed_frame", str(exc)) from None
+
+    def _accept(self, header: FrameHeader) -> None:
+        """Refuse a well-formed frame this tail does not serve (its encoding or shape), before decoding it."""
         if header.encoding not in self.encodings or header.compression not in self.compressions:
             raise ApiError("unsupported_encoding",
                            f"frame is {header.encoding}/{header.compression}; this server accepts encodings "
@@ -204,10 +224,6 @@ class TailService:
             raise ApiError("wrong_shape",
                            f"frame shape {list(shape)}; this model needs [B, {', '.join(map(str, self.feature_shape))}]"
                            f" with 1 <= B <= {self.max_batch} (split point {self.point!r})")
-        try:
-            return decode(frame, max_elements=self.max_elements, max_bytes=self.max_body_bytes)
-        except CodecError as exc:
-            raise ApiError("malformed_frame", str(exc)) from None
 
     @torch.no_grad()
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -225,6 +241,12 @@ class _State:
     batcher: DynamicBatcher
     max_in_flight: int
     in_flight: int = 0  # touched only on the event loop thread, so no lock is needed
+
+    def close(self) -> None:
+        """Finish the admitting threads' work and close the transcript."""
+        self.executor.shutdown(wait=True)
+        if self.recorder is not None:
+            self.recorder.close()
 
 
 def _authorized(request: Request, token: bytes | None) -> bool:
@@ -252,6 +274,28 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def add_error_handlers(api: FastAPI) -> None:
+    """Answer every error of ``api`` as ``{"error": {"code", "message"}}`` with a code of :data:`ERROR_CODES`."""
+
+    @api.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.code, exc.message)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "malformed_frame")
+        return _error(code, str(exc.detail))
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error("malformed_frame", str(exc.errors())[:500])
+
+    @api.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        # Last line of defense: a bug must cost one request, never the process.
+        return _error("internal_error", f"{type(exc).__name__} while handling the request")
+
+
 def _recorder(record: str | Path | None, max_mb: float | None, keep: int | None) -> TranscriptWriter | None:
     if record is None:
         return None
@@ -260,9 +304,9 @@ def _recorder(record: str | Path | None, max_mb: float | None, keep: int | None)
 
 
 def create_app(service: TailService, token: str | None, record: str | Path | None = None,
-               request_timeout: float = 30.0, workers: int = 4, max_in_flight: int = 32,
+               request_timeout: float = 30.0, threads: int = 4, max_in_flight: int = 32,
                record_max_mb: float | None = None, record_keep: int | None = None,
-               max_delay_ms: float = 0.0) -> FastAPI:
+               max_delay_ms: float = 0.0) -> TailApp:
     """Build the ASGI app.
 
     Parameters
@@ -274,10 +318,11 @@ def create_app(service: TailService, token: str | None, record: str | Path | Non
     record : str or Path, optional
         SQLite transcript to append every accepted frame to (see :mod:`.transcript`).
     request_timeout : float
-        Seconds allowed for reading the body plus decoding, recording and the tail forward.
-    workers : int
-        Threads running decode + record and the tail's batches, off the event loop; also the number of
-        batches that may run at once.
+        Seconds allowed for reading the body, decoding, recording and waiting for a batch; a request whose
+        batch is running when its deadline passes is answered when the batch ends (:mod:`.batcher`).
+    threads : int
+        Threads decoding large frames and recording, off the event loop (the tail runs on the loop's thread,
+        :mod:`.batcher`).
     max_in_flight : int
         Requests handled at once; more get ``overloaded``. Bounds memory at about
         ``max_in_flight * service.max_body_bytes`` (times 2-3 for the decoded copy).
@@ -290,351 +335,200 @@ def create_app(service: TailService, token: str | None, record: str | Path | Non
     """
     if token is not None and not token:
         raise ConfigError("token is empty: pass a secret, or token=None to disable authentication explicitly")
-    if request_timeout <= 0 or workers < 1 or max_in_flight < 1:
-        raise ConfigError("request_timeout must be > 0, workers >= 1 and max_in_flight >= 1")
+    if request_timeout <= 0 or threads < 1 or max_in_flight < 1:
+        raise ConfigError("request_timeout must be > 0, threads >= 1 and max_in_flight >= 1")
     check_batching(service.max_batch, max_delay_ms)
-    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splitshield-tail")
+    executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="splitshield-admit")
     # forward is looked up per batch (lambda), so a replaced service.forward is used.
-    batcher = DynamicBatcher(lambda z: service.forward(z), service.max_batch, max_delay_ms, executor, instances=workers)
+    batcher = DynamicBatcher(lambda z: service.forward(z), service.max_batch, max_delay_ms)
     state = _State(service, token.encode() if token is not None else None,
                    _recorder(record, record_max_mb, record_keep), request_timeout, executor, batcher, max_in_flight)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        state.executor.shutdown(wait=True)
-        if state.recorder is not None:
-            state.recorder.close()
+        state.close()
 
-    app = FastAPI(title="splitshield tail server", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.splitshield = state
+    api = FastAPI(title="splitshield tail server", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    add_error_handlers(api)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.code, exc.message)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "malformed_frame")
-        return _error(code, str(exc.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error("malformed_frame", str(exc.errors())[:500])
-
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        # Last line of defense: a bug must cost one request, never the process.
-        return _error("internal_error", f"{type(exc).__name__} while handling the request")
-
-    @app.get("/healthz")
+    @api.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/model")
+    @api.get("/v1/model")
     async def model(request: Request) -> dict[str, Any]:
         if not _authorized(request, state.token):
             raise ApiError("unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)")
         return service.info()
 
-    def admit(frame: bytes, request_id: str | None) -> torch.Tensor:
-        z = service.decode(frame)
-        if state.recorder is not None:
-            state.recorder.append(frame, batch=z.shape[0], request_id=request_id)  # committed before we answer
-        return z
+    return TailApp(api, state)
 
-    async def infer_within_deadline(request: Request) -> dict[str, Any]:
-        frame = await _read_body(request, service.max_body_bytes)
-        request_id = request.headers.get("x-request-id")
-        if request_id is not None:
-            request_id = request_id[:128]
-        loop = asyncio.get_running_loop()
-        z = await loop.run_in_executor(state.executor, admit, frame, request_id)
+
+_timeout = getattr(asyncio, "timeout", None)  # Python >= 3.11
+
+#: Frames one ``/v1/stream`` connection may have sent and not yet been answered (at most ``max_in_flight``);
+#: the server stops reading the stream beyond it (backpressure), so a stream holds at most this many frames.
+STREAM_WINDOW = 64
+
+def _uncompressed(frame: bytes) -> bool:
+    """Whether a frame declares no compression (a zstd frame may expand far beyond its size); a malformed
+    frame counts as uncompressed, so its one-line error comes from the decode that follows."""
+    try:
+        return read_header(frame).compression == "none"
+    except CodecError:
+        return True
+
+
+#: Uncompressed frames up to this size are decoded on the event loop (module docstring, "Speed").
+INLINE_DECODE_BYTES = 256 * 1024
+
+
+class TailApp:
+    """The server's ASGI app: ``/v1/infer`` and ``/v1/stream`` are answered here, every other request by the
+    FastAPI app ``api``.
+
+    ``POST /v1/infer`` takes a codec frame ``[B, *feature_shape]`` and answers ``{"logits": [[...] * K] * B,
+    "request_id": ...}``; errors are the JSON of :func:`_error`, as FastAPI's. ``/v1/stream`` is a WebSocket
+    carrying many frames (module docstring, "Streaming").
+    """
+
+    def __init__(self, api: FastAPI, state: _State):
+        self.api, self.state = api, state
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] == "websocket" and scope["path"] == "/v1/stream":
+            await self._stream(WebSocket(scope, receive, send))
+            return
+        if scope["type"] != "http" or scope["path"] != "/v1/infer":
+            await self.api(scope, receive, send)
+            return
         try:
-            logits = await state.batcher.submit(z)
-        except Exception as exc:
-            raise ApiError("internal_error", f"the tail failed on the batch this request was run in "
-                                             f"({type(exc).__name__})") from None
-        return {"logits": logits.tolist(), "request_id": request_id}
+            if scope["method"] != "POST":
+                raise ApiError("method_not_allowed", "Method Not Allowed: /v1/infer takes POST")
+            request = Request(scope, receive)
+            if not _authorized(request, self.state.token):
+                raise ApiError("unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)")
+            body = await self._admitted(lambda: self._infer(request))
+        except ApiError as exc:
+            await _error(exc.code, exc.message)(scope, receive, send)
+        except Exception as exc:  # a bug must cost one request, never the process
+            await _error("internal_error", f"{type(exc).__name__} while handling the request")(scope, receive, send)
+        else:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
 
-    @app.post("/v1/infer")
-    async def infer(request: Request) -> dict[str, Any]:
-        if not _authorized(request, state.token):
-            raise ApiError("unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)")
+    async def _admitted(self, work: Callable[[], Awaitable[bytes]]) -> bytes:
+        """Run ``work()`` as one of at most ``max_in_flight`` requests (or stream frames), within the deadline."""
+        state = self.state
         if state.in_flight >= state.max_in_flight:
             raise ApiError("overloaded", f"{state.max_in_flight} requests are in flight; retry later")
         state.in_flight += 1
         try:
-            return await asyncio.wait_for(infer_within_deadline(request), state.request_timeout)
+            if _timeout is None:  # Python 3.10
+                return await asyncio.wait_for(work(), state.request_timeout)
+            async with _timeout(state.request_timeout):  # no task per request, unlike wait_for
+                return await work()
         except asyncio.TimeoutError:
             raise ApiError("timeout", f"request took longer than {state.request_timeout} s") from None
         finally:
             state.in_flight -= 1
 
-    return app
+    async def _infer(self, request: Request) -> bytes:
+        frame = await _read_body(request, self.state.service.max_body_bytes)
+        request_id = request.headers.get("x-request-id")
+        if request_id is not None:
+            request_id = request_id[:128]
+        logits = await self._logits(frame, request_id)
+        # allow_nan=False: non-finite logits are an internal error, never invalid JSON.
+        return json.dumps({"logits": logits.tolist(), "request_id": request_id}, allow_nan=False).encode()
 
-
-# ---- hardening: TLS, connection limits, bounded logs -------------------------------------------------------
-
-DEFAULT_MAX_CONNECTIONS = 4096
-_FD_RESERVE = 256  # descriptors kept for the listening socket, the model's files, the transcript, threads, ...
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """What one client, authenticated or not, may hold on the server (the module's "Hardening" section).
-
-    Attributes
-    ----------
-    header_timeout : float
-        Seconds a request's headers may take, counted from the connection's opening or from its first
-        byte after the previous response (a client trickling bytes gains nothing); then it is closed.
-    keep_alive_timeout : float
-        Seconds an idle keep-alive connection is kept open between requests.
-    max_connections : int or None
-        Connections open at once; one more closes the connection that has waited longest without a
-        request in progress (a request being handled is never cut), or the new one if every waiting
-        connection has waited less than ``min(1 s, header_timeout / 2)``. ``None``: 4096, or what the
-        process's file-descriptor hard limit can hold.
-    max_header_bytes : int
-        Largest request head (request line + headers); a larger one gets 400.
-    log_repeats, log_interval
-        At most ``log_repeats`` identical log messages per ``log_interval`` seconds (:class:`RateLimitFilter`).
-    """
-
-    header_timeout: float = 10.0
-    keep_alive_timeout: float = 5.0
-    max_connections: int | None = None
-    max_header_bytes: int = 16384
-    log_repeats: int = 10
-    log_interval: float = 60.0
-
-    def check(self) -> None:
-        """Raise a one-line :class:`ConfigError` naming the option at fault."""
-        for option, value in (("--header-timeout", self.header_timeout),
-                              ("--keep-alive-timeout", self.keep_alive_timeout), ("log_interval", self.log_interval)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ConfigError(f"{option}: a number of seconds > 0, got {value!r}")
-        if self.max_connections is not None and (not isinstance(self.max_connections, int) or self.max_connections < 1):
-            raise ConfigError(f"--max-connections: a positive number of connections, got {self.max_connections!r}")
-        if not isinstance(self.max_header_bytes, int) or self.max_header_bytes < 1024:
-            raise ConfigError(f"--max-header-bytes: at least 1024 bytes (h11's default is 16384), "
-                              f"got {self.max_header_bytes!r}")
-        if not isinstance(self.log_repeats, int) or self.log_repeats < 1:
-            raise ConfigError(f"log_repeats: a positive count, got {self.log_repeats!r}")
-
-
-class RateLimitFilter(logging.Filter):
-    """Let through at most ``max_repeats`` records of one message per ``interval`` seconds.
-
-    A message is the record's logger, level and unformatted text (``record.msg``), so lines that differ
-    only in their arguments (a client's address) count as one. The first record of a message after an
-    interval in which some of its records were dropped is prefixed with one line
-    ``(suppressed K identical messages in the last T s)``; drops at the very end of a flood are not
-    announced. Thread-safe; at most ``max_keys`` messages are tracked (older windows are forgotten).
-    """
-
-    def __init__(self, max_repeats: int = 10, interval: float = 60.0, max_keys: int = 1024,
-                 clock: Callable[[], float] = time.monotonic):
-        super().__init__()
-        self.max_repeats, self.interval, self.max_keys, self.clock = max_repeats, interval, max_keys, clock
-        self._windows: dict[tuple[str, int, str], list[float]] = {}  # message -> [start, passed, dropped]
-        self._lock = threading.Lock()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, record.levelno, str(record.msg))
-        now = self.clock()
-        with self._lock:
-            window = self._windows.get(key)
-            if window is None or now - window[0] >= self.interval:
-                if window is None and len(self._windows) >= self.max_keys:
-                    self._forget(now)
-                if window is not None and window[2]:
-                    record.msg = (f"(suppressed {int(window[2])} identical messages in the last "
-                                  f"{now - window[0]:.0f} s)\n{record.msg}")
-                window = self._windows[key] = [now, 0, 0]
-            if window[1] >= self.max_repeats:
-                window[2] += 1
-                return False
-            window[1] += 1
-            return True
-
-    def _forget(self, now: float) -> None:
-        """Drop finished windows; all of them if every one is still running."""
-        for key in [k for k, w in self._windows.items() if now - w[0] >= self.interval]:
-            del self._windows[key]
-        if len(self._windows) >= self.max_keys:
-            self._windows.clear()
-
-
-def _log_config(limits: ConnectionLimits) -> dict[str, Any]:
-    """uvicorn's logging configuration with a :class:`RateLimitFilter` on every handler; the root logger (where
-    asyncio reports e.g. ``accept()`` failing for lack of file descriptors) writes through the same handler."""
-    from uvicorn.config import LOGGING_CONFIG
-
-    config = copy.deepcopy(LOGGING_CONFIG)
-    config["filters"] = {"rate_limit": {"()": RateLimitFilter, "max_repeats": limits.log_repeats,
-                                        "interval": limits.log_interval}}
-    for handler in config["handlers"].values():
-        handler["filters"] = ["rate_limit"]
-    config["root"] = {"handlers": ["default"], "level": "WARNING"}
-    return config
-
-
-def _connection_budget(requested: int | None) -> int:
-    """The connection limit to enforce; raises the file-descriptor soft limit to hold it (and a reserve)."""
-    try:
-        import resource
-    except ImportError:  # no RLIMIT_NOFILE to manage (Windows)
-        return requested or DEFAULT_MAX_CONNECTIONS
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    unlimited = resource.RLIM_INFINITY
-    wanted = requested or DEFAULT_MAX_CONNECTIONS
-    if hard != unlimited and hard < wanted + _FD_RESERVE:
-        if requested is not None:
-            raise ConfigError(f"--max-connections {requested} needs {requested + _FD_RESERVE} open files, but this "
-                              f"process may open at most {hard} (ulimit -Hn): lower --max-connections or raise it")
-        wanted = max(1, hard - _FD_RESERVE)
-    need = wanted + _FD_RESERVE
-    if soft != unlimited and soft < need:
+    async def _logits(self, frame: bytes, request_id: str | None) -> torch.Tensor:
+        """Decode (and record) one frame and run it through the tail in a dynamic batch: logits ``[B, K]``."""
+        state = self.state
+        if state.recorder is None and len(frame) <= INLINE_DECODE_BYTES and _uncompressed(frame):
+            z = state.service.decode(frame)
+        else:
+            z = await asyncio.get_running_loop().run_in_executor(state.executor, self._admit, frame, request_id)
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
-        except (ValueError, OSError):
-            if requested is not None:
-                raise ConfigError(f"--max-connections {requested}: cannot raise the open-file limit to {need} "
-                                  f"(it is {soft}): lower --max-connections or raise ulimit -n") from None
-            wanted = max(1, soft - _FD_RESERVE)
-    return wanted
+            return await state.batcher.submit(z)
+        except Exception as exc:
+            raise ApiError("internal_error", f"the tail failed on the batch this request was run in "
+                                             f"({type(exc).__name__})") from None
 
+    def _admit(self, frame: bytes, request_id: str | None) -> torch.Tensor:
+        z = self.state.service.decode(frame)
+        if self.state.recorder is not None:  # committed before we answer
+            self.state.recorder.append(frame, batch=z.shape[0], request_id=request_id)
+        return z
 
-class _Guard:
-    """Per-server state of :class:`GuardedH11Protocol`: the limits and the connections waiting for a request."""
+    async def _stream(self, ws: WebSocket) -> None:
+        """``/v1/stream``: binary messages in (codec frames), one text message out per frame, in order."""
+        if not _authorized(ws, self.state.token):
+            await ws.close(code=1008, reason="missing or wrong bearer token")  # before accept: HTTP 403
+            return
+        await ws.accept()
+        window = asyncio.Semaphore(min(STREAM_WINDOW, self.state.max_in_flight))
+        answers: asyncio.Queue[asyncio.Task[str] | None] = asyncio.Queue()
+        sender = asyncio.create_task(self._send_in_order(ws, answers, window))
+        seq = 0
+        try:
+            while not sender.done():
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                await window.acquire()  # at most that many frames of this stream are unanswered
+                answers.put_nowait(asyncio.create_task(self._stream_answer(message, seq)))
+                seq += 1
+        finally:
+            answers.put_nowait(None)
+            await asyncio.gather(sender, return_exceptions=True)
 
-    def __init__(self, limits: ConnectionLimits, max_connections: int):
-        self.limits, self.max_connections = limits, max_connections
-        # Connection -> when it began waiting; longest waiting first (dicts keep insertion order).
-        self.waiting: dict[GuardedH11Protocol, float] = {}
-        # A connection waiting less than this is not evicted: a client has time to send its headers even
-        # while a flood of new connections evicts the others.
-        self.grace = min(1.0, limits.header_timeout / 2)
+    async def _stream_answer(self, message: dict[str, Any], seq: int) -> str:
+        frame = message.get("bytes")
+        try:
+            if frame is None:
+                raise ApiError("malformed_frame", "send each codec frame as a binary WebSocket message")
+            logits = await self._admitted(lambda: self._logits(frame, f"stream:{seq}"))
+            return json.dumps({"logits": logits.tolist(), "seq": seq}, allow_nan=False)
+        except ApiError as exc:
+            return json.dumps({"error": {"code": exc.code, "message": exc.message}, "seq": seq})
+        except Exception as exc:  # a bug must cost one frame, never the process
+            return json.dumps({"error": {"code": "internal_error", "message": f"{type(exc).__name__} while "
+                                         "handling the frame"}, "seq": seq})
 
-    def __getstate__(self) -> dict[str, Any]:  # a worker process starts with no connections
-        return {"limits": self.limits, "max_connections": self.max_connections}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["limits"], state["max_connections"])
-
-
-try:
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-except ImportError:  # the "serve" extra is missing; serve() says so
-    H11Protocol = asyncio.Protocol  # type: ignore[assignment, misc]
-
-
-class GuardedH11Protocol(H11Protocol):  # type: ignore[misc, valid-type]
-    """uvicorn's h11 protocol plus a header timeout and a connection limit that evicts idle connections.
-
-    Reads its :class:`_Guard` from ``config.splitshield_guard`` (set by :func:`serve`; the default limits
-    without it). A connection is *waiting* from its opening, and again after each response, until a
-    request's headers are complete; only waiting connections are timed out (``header_timeout``) or evicted
-    (``max_connections``).
-    """
-
-    _header_timer: asyncio.TimerHandle | None = None
-
-    def __init__(self, config: Any, *args: Any, **kwargs: Any):
-        super().__init__(config, *args, **kwargs)
-        if getattr(config, "splitshield_guard", None) is None:  # used without serve(): the default limits
-            config.splitshield_guard = _Guard(ConnectionLimits(), _connection_budget(None))
-        self.guard: _Guard = config.splitshield_guard
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._wait()
-        self._arm_header_timer()
-        if len(self.connections) > self.guard.max_connections:
-            self._evict()
-
-    def data_received(self, data: bytes) -> None:
-        if self._header_timer is None and self.conn.their_state is h11.IDLE:
-            self._arm_header_timer()  # the first byte of the next request on a kept-alive connection
-        super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:  # headers complete (or rejected): no longer waiting
-            self._cancel_header_timer()
-            self.guard.waiting.pop(self, None)
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-            self._wait()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_header_timer()
-        self.guard.waiting.pop(self, None)
-        super().connection_lost(exc)
-
-    def _wait(self) -> None:
-        self.guard.waiting.pop(self, None)
-        self.guard.waiting[self] = self.loop.time()  # to the end: the most recent waiter
-
-    def _arm_header_timer(self) -> None:
-        self._cancel_header_timer()
-        self._header_timer = self.loop.call_later(self.guard.limits.header_timeout, self._on_header_timeout)
-
-    def _cancel_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _on_header_timeout(self) -> None:
-        self._header_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.logger.warning("closed a connection that sent no complete request headers within %s s "
-                                "(--header-timeout)", self.guard.limits.header_timeout)
-            self._close()
-
-    def _evict(self) -> None:
-        """Close the connection waiting longest, if it has waited past the grace period; else this new one."""
-        oldest = next(iter(self.guard.waiting.items()), None)
-        victim = self
-        if oldest is not None and oldest[0] is not self and self.loop.time() - oldest[1] >= self.guard.grace:
-            victim = oldest[0]
-        self.logger.warning("%d connections open (--max-connections): closed the one waiting longest for a request",
-                            self.guard.max_connections)
-        victim._close()
-
-    def _close(self) -> None:
-        self._cancel_header_timer()
-        self.guard.waiting.pop(self, None)
-        self.connections.discard(self)  # no longer counted, though connection_lost comes a loop turn later
-        self.transport.close()
-
-
-def check_tls(cert: str | Path | None, key: str | Path | None) -> None:
-    """Refuse a TLS setting uvicorn could not load, in one line (``--tls-cert`` / ``--tls-key``)."""
-    if (cert is None) != (key is None):
-        raise ConfigError("--tls-cert and --tls-key go together: give both (the PEM certificate chain and its "
-                          "private key) or neither")
-    if cert is None or key is None:
-        return
-    for option, path in (("--tls-cert", cert), ("--tls-key", key)):
-        if not Path(path).is_file():
-            raise ConfigError(f"{option} {path} does not exist: give a PEM file")
-    try:  # the password callback makes an encrypted key fail here instead of prompting on the terminal
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key), password=lambda: b"")
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"--tls-cert {cert} / --tls-key {key}: not a PEM certificate with its matching, unencrypted "
-                          f"private key ({exc})") from None
+    @staticmethod
+    async def _send_in_order(ws: WebSocket, answers: asyncio.Queue[asyncio.Task[str] | None],
+                             window: asyncio.Semaphore) -> None:
+        while (task := await answers.get()) is not None:
+            try:
+                await ws.send_text(await task)
+            except Exception:  # the client went away: drop the rest of its answers, unblock the reader
+                while not answers.empty():
+                    if (task := answers.get_nowait()) is not None:
+                        task.cancel()
+                for _ in range(STREAM_WINDOW):
+                    window.release()
+                return
+            window.release()
 
 
 def check_options(tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
                   limits: ConnectionLimits | None = None, record: str | Path | None = None,
                   record_max_mb: float | None = None, record_keep: int | None = None, max_batch: int = 256,
-                  max_delay_ms: float = 0.0) -> None:
-    """Check :func:`serve`'s hardening and batching options before anything is loaded; one-line
-    :class:`ConfigError`."""
+                  max_delay_ms: float = 0.0, workers: int = 1) -> None:
+    """Check :func:`serve`'s hardening, batching and recording options before anything is loaded; one-line
+    :class:`ConfigError`. A ``record`` path is checked to be writable (creating its folder)."""
     check_tls(tls_cert, tls_key)
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
+        raise ConfigError(f"--workers: a number of server processes in 1..64, got {workers!r}")
+    if record is not None:
+        check_writable(Path(record), "--record")
+    if workers > 1 and record_max_mb is not None:
+        raise ConfigError("--record-max-mb rotates one process's transcript: with --workers > 1 the processes "
+                          "share the file; drop --record-max-mb or serve with --workers 1")
     check_batching(max_batch, max_delay_ms)
     (limits or ConnectionLimits()).check()
     if record_max_mb is not None:
@@ -647,7 +541,7 @@ def check_options(tls_cert: str | Path | None = None, tls_key: str | Path | None
                           f"got {record_keep}")
 
 
-def _listen(host: str, port: int, backlog: int) -> socket.socket:
+def listen(host: str, port: int, backlog: int) -> socket.socket:
     """A TCP socket listening on ``host:port`` (as uvicorn binds it), or a one-line :class:`ConfigError`."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ConfigError(f"--port: a TCP port 0..65535 (0: any free port), got {port!r}")
@@ -671,43 +565,85 @@ def _address(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def uvicorn_config(app: Any, *, host: str, port: int, limits: ConnectionLimits, tls_cert: str | Path | None = None,
+                   tls_key: str | Path | None = None, workers: int = 1, log_level: str = "warning",
+                   max_message_bytes: int = 2**24) -> GuardedConfig:
+    """The uvicorn configuration :func:`serve` runs ``app`` with: the guarded httptools protocol with ``limits``,
+    rate-limited logs, TLS, WebSocket messages of at most ``max_message_bytes`` (``benchmarks/serve.py`` serves
+    its echo app with it, so both share one stack)."""
+    return GuardedConfig(
+        app, limits=limits, host=host, port=port, log_level=log_level, log_config=log_config(limits),
+        loop="asyncio", workers=workers, ws="websockets-sansio", ws_max_size=max_message_bytes,
+        timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  # a float works (call_later)
+        ssl_certfile=str(tls_cert) if tls_cert else None, ssl_keyfile=str(tls_key) if tls_key else None,
+    )
+
+
+class _WorkerApp:
+    """The app of one ``serve(workers=N)`` process: pickled to each worker without its state, and built there
+    (its own tail, batcher, threads and transcript connection) on the first ASGI call, the lifespan startup."""
+
+    def __init__(self, checkpoint: str | Path, service_options: dict[str, Any], app_options: dict[str, Any]):
+        self.checkpoint, self.service_options, self.app_options = checkpoint, service_options, app_options
+        self._app: TailApp | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_app": None}
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if self._app is None:
+            try:
+                self._app = create_app(TailService(self.checkpoint, **self.service_options), **self.app_options)
+            except Exception as exc:  # e.g. the artifact changed on disk since serve() checked it
+                if scope["type"] == "lifespan":  # uvicorn then stops this worker instead of serving errors
+                    await receive()
+                    await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
+                    return
+                raise
+        await self._app(scope, receive, send)
+
+
 def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8080, token: str | None,
           record: str | Path | None = None, max_batch: int = 256, request_timeout: float = 30.0,
-          workers: int = 4, max_in_flight: int = 32, device: str = "cpu", log_level: str = "warning",
-          allow_head_weights: bool = False, tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
-          limits: ConnectionLimits | None = None, record_max_mb: float | None = None,
-          record_keep: int | None = None, max_delay_ms: float = 0.0) -> None:
+          threads: int = 4, workers: int = 1, max_in_flight: int = 32, device: str = "cpu",
+          log_level: str = "warning", allow_head_weights: bool = False, tls_cert: str | Path | None = None,
+          tls_key: str | Path | None = None, limits: ConnectionLimits | None = None,
+          record_max_mb: float | None = None, record_keep: int | None = None, max_delay_ms: float = 0.0) -> None:
     """Load a cloud artifact and serve its tail with uvicorn until interrupted (see :func:`create_app`).
 
     A full checkpoint (head weights included) is refused with a :class:`~splitshield.errors.CheckpointError`
     unless ``allow_head_weights``; then a warning is printed to stderr. ``tls_cert``/``tls_key`` serve HTTPS
-    (uvicorn's TLS); ``limits`` bound what a client may hold (:class:`ConnectionLimits`).
+    (uvicorn's TLS); ``limits`` bound what a client may hold (:class:`ConnectionLimits`, per process).
+    ``workers`` > 1 runs that many processes on the one port under uvicorn's supervisor (module docstring).
     """
-    import uvicorn
-
     limits = limits or ConnectionLimits()
-    check_options(tls_cert, tls_key, limits, record, record_max_mb, record_keep, max_batch, max_delay_ms)
+    check_options(tls_cert, tls_key, limits, record, record_max_mb, record_keep, max_batch, max_delay_ms, workers)
     if check_servable(checkpoint, allow_head_weights) == "checkpoint":
         print(f"WARNING: --allow-head-weights: serving the full checkpoint {checkpoint}; this cloud process reads "
               "the head's weights, i.e. white-box access to invert every feature it receives. Deploy the cloud "
               "artifact of `splitshield export` instead.", file=sys.stderr, flush=True)
-    max_connections = _connection_budget(limits.max_connections)
-    service = TailService(checkpoint, max_batch=max_batch, device=device, allow_head_weights=allow_head_weights)
-    app = create_app(service, token, record=record, request_timeout=request_timeout, workers=workers,
-                     max_in_flight=max_in_flight, record_max_mb=record_max_mb, record_keep=record_keep,
-                     max_delay_ms=max_delay_ms)
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, log_config=_log_config(limits), http=GuardedH11Protocol,
-        timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  # a float works (call_later)
-        h11_max_incomplete_event_size=limits.max_header_bytes,
-        ssl_certfile=str(tls_cert) if tls_cert else None, ssl_keyfile=str(tls_key) if tls_key else None,
-    )
-    config.splitshield_guard = _Guard(limits, max_connections)  # type: ignore[attr-defined]
-    server = uvicorn.Server(config)
-    sock = _listen(host, port, config.backlog)
+    service_options = {"max_batch": max_batch, "device": device, "allow_head_weights": allow_head_weights}
+    # Loaded here in every case: a bad artifact fails in one line before the port is bound.
+    service = TailService(checkpoint, **service_options)
+    app_options = {"token": token, "record": record, "request_timeout": request_timeout, "threads": threads,
+                   "max_in_flight": max_in_flight, "record_max_mb": record_max_mb, "record_keep": record_keep,
+                   "max_delay_ms": max_delay_ms}
+    app: Any = create_app(service, **app_options)  # one-line errors here, before any worker starts
+    if workers > 1:
+        app.state.close()
+        app = _WorkerApp(checkpoint, service_options, app_options)
+    config = uvicorn_config(app, host=host, port=port, limits=limits, tls_cert=tls_cert, tls_key=tls_key,
+                            workers=workers, log_level=log_level, max_message_bytes=service.max_body_bytes)
+    sock = listen(host, port, config.backlog)
     # Printed once the port is bound and listening: whoever reads the address can connect at once.
     print(f"serving the tail of {checkpoint} on {'https' if tls_cert else 'http'}://{_address(sock)}"
+          + (f" with {workers} worker processes" if workers > 1 else "")
           + (f"; recording every received frame to {record}" if record else ""), flush=True)
+    if workers > 1:
+        del service, app  # each worker loads its own
+        Multiprocess(config, sockets=[sock]).run()
+        return
+    server = uvicorn.Server(config)
     server.run(sockets=[sock])
     if not server.started:
         raise SystemExit(3)  # uvicorn has logged why (as uvicorn.run exits)
@@ -726,7 +662,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-delay-ms", type=float, default=0.0,
                         help="ms a queued request may wait for others to fill a batch (0: no waiting)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
-    parser.add_argument("--workers", type=int, default=4, help="threads running the tail")
+    parser.add_argument("--threads", type=int, default=4,
+                        help="threads per process decoding large frames and recording")
+    parser.add_argument("--workers", type=int, default=1, help="server processes on the one port")
     parser.add_argument("--max-in-flight", type=int, default=32, help="concurrent requests before 'overloaded'")
     parser.add_argument("--allow-head-weights", action="store_true",
                         help="serve a full checkpoint (the cloud then holds the head's weights)")
@@ -737,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         limits = ConnectionLimits(header_timeout=args.header_timeout, keep_alive_timeout=args.keep_alive_timeout,
                                   max_connections=args.max_connections, max_header_bytes=args.max_header_bytes)
         serve(args.checkpoint, host=args.host, port=args.port, token=token, record=args.record,
-              max_batch=args.max_batch, request_timeout=args.timeout, workers=args.workers,
+              max_batch=args.max_batch, request_timeout=args.timeout, threads=args.threads, workers=args.workers,
               max_in_flight=args.max_in_flight, allow_head_weights=args.allow_head_weights,
               tls_cert=args.tls_cert, tls_key=args.tls_key, limits=limits, record_max_mb=args.record_max_mb,
               record_keep=args.record_keep, max_delay_ms=args.max_delay_ms)
