@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_cli_errors import one_line_error  # exit 2, one line naming the fields
 from typer.testing import CliRunner
 
 import splitshield as ss
@@ -44,16 +45,6 @@ def cloud_setup(tmp_path_factory: pytest.TempPathFactory, mnist5k) -> dict:
 
 def run(*args) -> object:
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *names: str) -> str:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and len(lines) == 1, result.output
-    assert lines[0].startswith("error: "), lines[0]
-    for name in names:
-        assert name in lines[0], lines[0]
-    return lines[0]
 
 
 def capture_views(monkeypatch: pytest.MonkeyPatch, cls: type[Attack]) -> list:
