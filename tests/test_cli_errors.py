@@ -108,6 +108,10 @@ def test_negative_image_count(models):
     one_line_error(run("attack", models["checkpoint"], "--n-images", "-3"), "--n-images", "-3")
 
 
+def test_infer_stream_needs_a_positive_window(models, tmp_path):
+    one_line_error(run("infer", models["edge"], tmp_path, "--stream", "0"), "--stream", "0")
+
+
 @pytest.mark.parametrize("attack", ["rmle", "shadow_head", "inverse_network"])
 def test_attack_options_of_the_wrong_type(models, attack):
     one_line_error(run("attack", models["checkpoint"], "--attack", attack, "--options", '{"iters": "abc"}'),

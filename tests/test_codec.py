@@ -579,3 +579,13 @@ def test_random_corruption_only_raises_codec_error(
 def test_random_bytes_only_raise_codec_error(tail: bytes, prefix: bytes) -> None:
     assert_decodes_or_codec_error(prefix + tail)
     assert_decodes_or_codec_error(reseal(prefix + tail, fix_length=True))
+
+
+def test_frame_compression_reads_only_the_prefix() -> None:
+    from splitshield.runtime.codec import frame_compression
+
+    z = torch.rand(2, 3)
+    assert frame_compression(encode(z)) == "none"
+    assert frame_compression(encode(z, CodecOptions("float16", "zstd"))) == "zstd"
+    assert frame_compression(b"SS") is None  # shorter than the prefix
+    assert frame_compression(encode(z, CodecOptions("float16", "zstd"))[:8]) == "zstd"  # the rest is not read

@@ -484,8 +484,8 @@ def attack_cloud(cloud_path: Path, setting: dict[str, Any], transcript: Path | N
     The attacker gets the tail's weights, an untrained head of the head's architecture, the moments of the
     recorded features (its traffic) and, query-free, the auxiliary data of ``data()``: never a head weight.
     """
-    from .attacks.base import TRAFFIC_IMAGES
-    from .measure import attack_seed, check_cloud_threat, feature_moments, fit_cloud_attack
+    from .attacks.base import TRAFFIC_IMAGES, feature_moments
+    from .measure import attack_seed, check_cloud_threat, fit_cloud_attack
     from .runtime.artifacts import load_cloud
     from .runtime.transcript import iter_features
 
@@ -610,6 +610,8 @@ def infer(
     """Classify images: head and defense on this device, only the features go to the server."""
     from .runtime import CodecOptions, EdgeClient, load_images, read_token
 
+    if stream is not None and stream < 1:
+        raise ConfigError(f"--stream: a positive number of frames sent ahead of their answers, got {stream}")
     token = read_token(token_file) if token_file is not None else ""
     with EdgeClient(checkpoint, server, token, codec=CodecOptions(encoding, compression), batch_size=batch_size,
                     seed=seed, device=device, ca=ca) as client:

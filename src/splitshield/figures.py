@@ -1,11 +1,34 @@
-"""Figures: reconstruction grids (PNG via matplotlib). Images are float tensors in [0, 1], NCHW."""
+"""Figures: reconstruction grids and Pareto plots (PNG via matplotlib). Images are float tensors in [0, 1], NCHW."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Lay out ``fig``, write it as a PNG to ``path`` (creating its folder), close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def reconstruction_grid(originals: torch.Tensor, rows: Sequence[tuple[str, torch.Tensor]], path: str | Path,
@@ -21,13 +44,7 @@ def reconstruction_grid(originals: torch.Tensor, rows: Sequence[tuple[str, torch
     path:
         Output PNG path (parent folders are created).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    plt = _pyplot()
     all_rows = [("original", originals), *rows]
     n = originals.shape[0]
     fig, axes = plt.subplots(len(all_rows), n, figsize=(0.9 * n + 2.6, 0.95 * len(all_rows) + (0.4 if title else 0)),
@@ -49,10 +66,7 @@ def reconstruction_grid(originals: torch.Tensor, rows: Sequence[tuple[str, torch
         axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def pareto_plot(costs: Sequence[float], leakage: Sequence[float], labels: Sequence[str], front: Sequence[int],
@@ -73,13 +87,7 @@ def pareto_plot(costs: Sequence[float], leakage: Sequence[float], labels: Sequen
     highlight:
         Index of a point drawn as a star (the recommended one).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ax.scatter(costs, leakage, s=18, color="#999999", zorder=2)
     on_front = sorted(front, key=lambda i: costs[i])
@@ -100,7 +108,4 @@ def pareto_plot(costs: Sequence[float], leakage: Sequence[float], labels: Sequen
     ax.legend(fontsize=8, loc="best")
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

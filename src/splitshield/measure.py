@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -152,27 +152,6 @@ def check_cloud_threat(threat: str, attack: str | None = None) -> None:
                           "with unsplit)")
 
 
-@torch.no_grad()
-def feature_moments(batches: Iterable[torch.Tensor], feature_shape: tuple[int, ...]) -> FeatureMoments | None:
-    """The :class:`~splitshield.attacks.base.FeatureMoments` of features ``[B, *feature_shape]`` given in batches
-    (per channel for feature maps, per value otherwise, as a query-free view holds its traffic's); ``None`` for
-    fewer than two features."""
-    from .attacks.base import FeatureMoments
-
-    dims = (0, 2, 3) if len(feature_shape) == 3 else (0,)
-    total = square = count = images = 0
-    for z in batches:
-        z = z.double()
-        total, square = total + z.sum(dims), square + z.pow(2).sum(dims)
-        count += z.numel() // total.numel()
-        images += len(z)
-    if images < 2:
-        return None
-    mean = total / count
-    std = (square / count - mean.pow(2)).clamp_min(0).sqrt()
-    return FeatureMoments(mean.float(), std.float(), images, dims)
-
-
 def fit_cloud_attack(cloud: CloudTail, data: Dataset | None, setting: dict[str, Any], *, seed: int,
                      traffic: FeatureMoments | None = None, progress: bool = False) -> InversionAttack:
     """Fit the attack ``setting`` on what a curious cloud holds, and nothing else; returns the fitted attack.
@@ -192,7 +171,8 @@ def fit_cloud_attack(cloud: CloudTail, data: Dataset | None, setting: dict[str, 
         The cell's seed (:func:`attack_seed`), split as :func:`fit_attack` splits it.
     traffic:
         The :class:`~splitshield.attacks.base.FeatureMoments` of the features the cloud received
-        (:func:`feature_moments` of its transcript), for the query-free view; ``None``: none.
+        (:func:`~splitshield.attacks.base.feature_moments` of its transcript), for the query-free view;
+        ``None``: none.
     """
     from .attacks import ATTACKS, ArchitectureOnlyView, QueryFreeView, attack_name
     from .defenses import NoDefense

@@ -25,7 +25,7 @@ architecture-only).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +78,25 @@ class FeatureMoments:
     std: torch.Tensor
     count: int
     dims: tuple[int, ...]
+
+
+@torch.no_grad()
+def feature_moments(batches: Iterable[torch.Tensor], feature_shape: tuple[int, ...]) -> FeatureMoments | None:
+    """The :class:`FeatureMoments` of features ``[B, *feature_shape]`` given in batches
+    (per channel for feature maps, per value otherwise, as a query-free view holds its traffic's); ``None`` for
+    fewer than two features."""
+    dims = (0, 2, 3) if len(feature_shape) == 3 else (0,)
+    total = square = count = images = 0
+    for z in batches:
+        z = z.double()
+        total, square = total + z.sum(dims), square + z.pow(2).sum(dims)
+        count += z.numel() // total.numel()
+        images += len(z)
+    if images < 2:
+        return None
+    mean = total / count
+    std = (square / count - mean.pow(2)).clamp_min(0).sqrt()
+    return FeatureMoments(mean.float(), std.float(), images, dims)
 
 
 @dataclass(frozen=True)
@@ -221,16 +240,10 @@ class Victim:
         """Moments of the traffic's features as sent, in batches (bounded memory), one seed for all draws."""
         if self.traffic is None or len(self.traffic) < 2:
             return None
-        dims = (0, 2, 3) if len(self.target.feature_shape()) == 3 else (0,)
-        total = square = count = 0
         with seeded(self._generator_seed + 1):  # not observe()'s draws: other users, other noise
-            for x, _ in self.traffic.batches(256, device=self.device):
-                z = self.defense.send(self.target.head, x).double()
-                total, square = total + z.sum(dims), square + z.pow(2).sum(dims)
-                count += z.numel() // total.numel()
-        mean = total / count
-        std = (square / count - mean.pow(2)).clamp_min(0).sqrt()
-        return FeatureMoments(mean.float(), std.float(), len(self.traffic), dims)
+            return feature_moments((self.defense.send(self.target.head, x)
+                                    for x, _ in self.traffic.batches(256, device=self.device)),
+                                   self.target.feature_shape())
 
 
 def _check_images(x: torch.Tensor, shape: tuple[int, ...]) -> None:

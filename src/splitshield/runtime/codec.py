@@ -97,6 +97,7 @@ __all__ = [
     "WireFormat",
     "decode",
     "encode",
+    "frame_compression",
     "read_header",
     "wire_roundtrip",
 ]
@@ -374,6 +375,14 @@ def _as_view(frame: bytes | bytearray | memoryview) -> memoryview:
         raise TypeError(f"frame must be bytes, bytearray or memoryview, got {type(frame).__name__}")
     # Slicing a memoryview is zero-copy, so the payload is never duplicated.
     return memoryview(frame).cast("B")
+
+
+def frame_compression(frame: bytes | bytearray | memoryview) -> str | None:
+    """The compression a frame's fixed prefix declares (``"none"``, ``"zstd"``), read without parsing or
+    checking the rest of the header; ``None`` if the prefix is too short or names no known compression."""
+    if len(frame) < _PREFIX.size:
+        return None
+    return _COMPRESSION_NAMES.get(_PREFIX.unpack_from(frame, 0)[3])
 
 
 def read_header(frame: bytes | bytearray | memoryview) -> FrameHeader:

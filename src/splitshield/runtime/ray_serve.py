@@ -71,7 +71,7 @@ import torch
 from ..errors import ConfigError
 from .artifacts import _describe, check_servable, checkpoint_fingerprint
 from .batcher import check_batching
-from .server import ApiError, TailService, _authorized, _read_body, add_error_handlers, resolve_token
+from .server import ApiError, TailService, _authorized, add_error_handlers, read_frame, resolve_token, run_batch
 
 try:
     from fastapi import FastAPI, Request
@@ -134,15 +134,10 @@ class TailDeployment:
             raise ApiError("timeout", f"request took longer than {self.request_timeout} s") from None
 
     async def _infer(self, request: Request) -> dict[str, Any]:
-        frame = await _read_body(request, self.service.max_body_bytes)
-        request_id = request.headers.get("x-request-id")
+        frame, request_id = await read_frame(request, self.service)
         z = await asyncio.to_thread(self.service.decode, frame)  # [B, *feature_shape], or an ApiError
-        try:
-            logits = await self._tail(z)
-        except Exception as exc:
-            raise ApiError("internal_error", f"the tail failed on the batch this request was run in "
-                                             f"({type(exc).__name__})") from None
-        return {"logits": logits.tolist(), "request_id": None if request_id is None else request_id[:128]}
+        logits = await run_batch(self._tail, z)
+        return {"logits": logits.tolist(), "request_id": request_id}
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0, batch_size_fn=_rows)  # set per replica in __init__
     async def _tail(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:

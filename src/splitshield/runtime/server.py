@@ -94,7 +94,7 @@ from ..errors import CodecError, ConfigError, SplitShieldError
 from .artifacts import check_servable, load_cloud
 from .batcher import DynamicBatcher, check_batching
 from .client import read_token
-from .codec import Encoding, FrameHeader, decode, read_header
+from .codec import Encoding, FrameHeader, decode, frame_compression
 from .hardening import (
     DEFAULT_MAX_CONNECTIONS,
     ConnectionLimits,
@@ -258,6 +258,23 @@ def _authorized(request: Request, token: bytes | None) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip(" ").encode("utf-8", "replace"), token)
 
 
+async def read_frame(request: Request, service: TailService) -> tuple[bytes, str | None]:
+    """An ``/v1/infer`` request's body (a codec frame, at most ``service.max_body_bytes``) and its
+    ``X-Request-ID`` (at most 128 characters; ``None`` without one)."""
+    frame = await _read_body(request, service.max_body_bytes)
+    request_id = request.headers.get("x-request-id")
+    return frame, None if request_id is None else request_id[:128]
+
+
+async def run_batch(submit: Callable[[torch.Tensor], Awaitable[torch.Tensor]], z: torch.Tensor) -> torch.Tensor:
+    """``await submit(z)`` (a dynamic batcher's), its failure an ``internal_error`` :class:`ApiError`."""
+    try:
+        return await submit(z)
+    except Exception as exc:
+        raise ApiError("internal_error", f"the tail failed on the batch this request was run in "
+                                         f"({type(exc).__name__})") from None
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -371,15 +388,6 @@ _timeout = getattr(asyncio, "timeout", None)  # Python >= 3.11
 #: the server stops reading the stream beyond it (backpressure), so a stream holds at most this many frames.
 STREAM_WINDOW = 64
 
-def _uncompressed(frame: bytes) -> bool:
-    """Whether a frame declares no compression (a zstd frame may expand far beyond its size); a malformed
-    frame counts as uncompressed, so its one-line error comes from the decode that follows."""
-    try:
-        return read_header(frame).compression == "none"
-    except CodecError:
-        return True
-
-
 #: Uncompressed frames up to this size are decoded on the event loop (module docstring, "Speed").
 INLINE_DECODE_BYTES = 256 * 1024
 
@@ -437,10 +445,7 @@ class TailApp:
             state.in_flight -= 1
 
     async def _infer(self, request: Request) -> bytes:
-        frame = await _read_body(request, self.state.service.max_body_bytes)
-        request_id = request.headers.get("x-request-id")
-        if request_id is not None:
-            request_id = request_id[:128]
+        frame, request_id = await read_frame(request, self.state.service)
         logits = await self._logits(frame, request_id)
         # allow_nan=False: non-finite logits are an internal error, never invalid JSON.
         return json.dumps({"logits": logits.tolist(), "request_id": request_id}, allow_nan=False).encode()
@@ -448,15 +453,12 @@ class TailApp:
     async def _logits(self, frame: bytes, request_id: str | None) -> torch.Tensor:
         """Decode (and record) one frame and run it through the tail in a dynamic batch: logits ``[B, K]``."""
         state = self.state
-        if state.recorder is None and len(frame) <= INLINE_DECODE_BYTES and _uncompressed(frame):
+        # A zstd frame may expand far beyond its size; a malformed prefix fails in decode, at once.
+        if state.recorder is None and len(frame) <= INLINE_DECODE_BYTES and frame_compression(frame) != "zstd":
             z = state.service.decode(frame)
         else:
             z = await asyncio.get_running_loop().run_in_executor(state.executor, self._admit, frame, request_id)
-        try:
-            return await state.batcher.submit(z)
-        except Exception as exc:
-            raise ApiError("internal_error", f"the tail failed on the batch this request was run in "
-                                             f"({type(exc).__name__})") from None
+        return await run_batch(state.batcher.submit, z)
 
     def _admit(self, frame: bytes, request_id: str | None) -> torch.Tensor:
         z = self.state.service.decode(frame)
