@@ -30,8 +30,7 @@ below is also written as one self-contained HTML file, `report/report.html` (not
 
 - Cells measured by splitshield come from the example specs; measure them again, or the rest of their grid, with
 
-      SPLITSHIELD_DATA=path/to/data splitshield run examples/cem_lenet.yaml --db {db} --jobs 2 [--only PATTERN]
-      SPLITSHIELD_DATA=path/to/data splitshield run examples/cem_vgg_bottleneck.yaml --db {db} [--only PATTERN]
+{commands}
       PYTHONPATH=src python benchmarks/results_page.py
 
 - Sections marked *imported* hold the rows of the retired `benchmarks/defense_sweep.py` (the JSON files here),
@@ -39,6 +38,17 @@ below is also written as one self-contained HTML file, `report/report.html` (not
   that script's own seeding; the numbers are not comparable bit for bit with the engine's cells.
 
 """
+
+
+def example_specs(names: list[str]) -> list[str]:
+    """The example specs (``examples/*``) whose ``name`` is one of the store's run ``names``, in their order."""
+    from splitshield.config import load_spec
+
+    found = {}
+    for path in sorted((RESULTS.parents[1] / "examples").iterdir()):
+        if path.suffix in (".yaml", ".yml", ".toml"):
+            found.setdefault(load_spec(path).name, f"examples/{path.name}")
+    return [found[name] for name in names if name in found]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,14 +61,16 @@ def main(argv: list[str] | None = None) -> None:
     with ResultStore.open_readonly(args.db) as store:
         runs = "\n".join(f"| {r['name']} | {r['executor']} | {r['cells_run'] or 0} of {r['cells_total']} |"
                          for r in store.runs())
+        names = list(dict.fromkeys(r["name"] for r in store.runs()))
     body = report.markdown.read_text()
     body = re.sub(r"^# .*\n", "", body, count=1)  # the page has its own title
     body = re.sub(r"\]\(figures/", "](report/figures/", body)
     body = re.sub(r"^(#+) ", r"#\1 ", body, flags=re.MULTILINE)  # one level down, under the page's title
     page = args.db.parent / "README.md"
-    page.write_text(HEADER.format(db=args.db.relative_to(Path.cwd()) if args.db.is_absolute() and
-                                  args.db.is_relative_to(Path.cwd()) else args.db, runs=runs)
-                    + "## The report\n" + body)
+    db = args.db.relative_to(Path.cwd()) if args.db.is_absolute() and args.db.is_relative_to(Path.cwd()) else args.db
+    run = "      SPLITSHIELD_DATA=path/to/data splitshield run"
+    commands = "\n".join(f"{run} {spec} --db {db} --jobs 2 [--only PATTERN]" for spec in example_specs(names))
+    page.write_text(HEADER.format(db=db, runs=runs, commands=commands) + "## The report\n" + body)
     print(f"wrote {page} and {report.html}")
 
 

@@ -89,6 +89,7 @@ def test_run_stores_every_cell_once_and_rerun_skips(tmp_path):
                                       "train_seconds", "train_cpu_seconds"}
         assert wb["metrics"]["noise_std"] == 0 and wb["metrics"]["feature_std"] > 0
         assert 0.0 <= mc["metrics"]["completion_accuracy"] <= 1.0
+        assert 0.0 <= mc["metrics"]["scratch_accuracy"] <= 1.0
         # Independent check of the stored numbers: recompute from the saved tensors with scikit-image.
         from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
@@ -463,3 +464,29 @@ def test_the_attackers_draws_are_not_the_devices():
         with seeded(fitted.attack.seed):  # the attacker queries its oracle from its own seed
             queried = fitted.victim.view().query(x) - clean
     assert abs(float(torch.corrcoef(torch.stack([observed.flatten(), queried.flatten()]))[0, 1])) < 0.05
+
+
+def test_an_undefended_model_is_trained_once_for_every_split_point(tmp_path):
+    import torch
+
+    import splitshield as ss
+
+    spec = parse_spec({**TINY, "splits": ["conv1", "ReLU2"], "defenses": [{"name": "none"},
+                                                                          {"name": "gaussian_noise", "sigma": 0.5}],
+                       "attacks": [{"name": "rmle", "iters": 5}]})
+    summary = run_experiment(spec, tmp_path / "r.db", progress=False)
+    assert summary.failures == {}
+    with ResultStore(tmp_path / "r.db") as store:
+        cells = store.cells()
+    trained = {(c["split"], c["defense_label"]): c["train_seconds"] > 0 for c in cells}
+    # The undefended model trains at the first split only; a defense at the cut trains at each split.
+    assert trained == {("conv1", "none"): True, ("ReLU2", "none"): False,
+                       ("conv1", "gaussian_noise(sigma=0.5)"): True, ("ReLU2", "gaussian_noise(sigma=0.5)"): True}
+    # The reused model is the one training at ReLU2 would give, bit for bit.
+    relu2 = next(c for c in cells if c["split"] == "ReLU2" and c["defense_label"] == "none")
+    reused, _, _ = ss.load_checkpoint(tmp_path / relu2["artifacts"]["checkpoint"])
+    data = ss.load_dataset("mnist-5k")
+    model = ss.build_model("lenet", num_classes=10, input_shape=(1, 28, 28))
+    target = ss.split(model, "ReLU2", input_shape=(1, 28, 28))
+    ss.Trainer(target, epochs=1, batch_size=64, lr=1e-3, seed=0, progress=False).fit(data.train.take(300))
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in reused.state_dict().items())

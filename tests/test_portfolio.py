@@ -136,3 +136,34 @@ def test_a_member_that_gives_no_number_is_never_chosen(relu2, one_thread, monkey
     x_hat = attack.invert(z)
     assert torch.all(attack.chosen_ == 1) and torch.isfinite(x_hat).all()
     assert attack.calibration_["0:broken"][0] == float("-inf")
+
+
+def test_the_engine_records_per_image_which_member_was_kept(tmp_path, one_thread):
+    from splitshield.experiment import run_experiment
+    from splitshield.report import build_report
+    from splitshield.store import ResultStore
+
+    spec = parse_spec({"name": "kept", "dataset": "mnist-5k", "model": "lenet", "splits": ["ReLU2"],
+                       "defenses": [{"name": "none"}], "train": {"epochs": 1, "train_n": 300},
+                       "attacks": [{"name": "strongest", "holdout": 8,
+                                    "members": {"inverse_network": {"steps": 30}, "rmle": {"iters": 20}}},
+                                   {"name": "rmle", "iters": 20}]})
+    db = tmp_path / "r.db"
+    assert run_experiment(spec, db, progress=False).failures == {}
+    with ResultStore(db) as store:
+        cell = next(c for c in store.cells() if c["attack_label"] == "strongest")
+        rows = [r for r in store.metric_rows() if r[0] == cell["hash"] and r[1].startswith("kept:")]
+    per_image = {}
+    for _, name, index, value in rows:
+        per_image.setdefault(index, {})[name] = value
+    means = per_image.pop(-1)
+    assert set(means) == {"kept:inverse_network", "kept:rmle"}
+    assert len(per_image) == 10  # one test image per class
+    # Exactly one member is kept for each image, and the means are the shares.
+    assert all(sorted(v.values()) == [0.0, 1.0] for v in per_image.values())
+    for name, share in means.items():
+        assert share == pytest.approx(np.mean([v[name] for v in per_image.values()]))
+    md = build_report(db, tmp_path / "report").markdown.read_text()
+    assert "a portfolio's images, by the member it kept" in md
+    shares = sorted(means.items(), key=lambda t: -t[1])
+    assert ", ".join(f"{n.removeprefix('kept:')} {100 * s:.1f} %" for n, s in shares) in md

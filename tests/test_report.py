@@ -54,7 +54,8 @@ def _fill(db: Path) -> None:
                 rows = [("accuracy", -1, acc), ("ssim", -1, ssim), ("psnr", -1, psnr), ("mse", -1, mse)]
                 if floor is not None:
                     rows.append(("ce_floor", -1, floor))
-                store.record(CellRecord(h, rows, {"compute_seconds": 1.0}, {"reconstruction": rel}))
+                timings = {"compute_seconds": 1.0, "attack_seconds": 10.0 * (a + 1) + d}
+                store.record(CellRecord(h, rows, timings, {"reconstruction": rel}))
 
 
 @pytest.fixture
@@ -101,6 +102,8 @@ def test_report_files_are_self_contained_and_images_valid(db, tmp_path):
     assert "| none | 98.5 % | 0.800 | 20.00 | 0.0100 | 0.600 | 15.00 | 0.0300 | – |" in md
     for fig in files.figures:
         assert f"({fig.relative_to(tmp_path / 'report').as_posix()})" in md
+    # Attacks compared: quality on the undefended model, time per cell averaged over the four defenses.
+    assert "| white_box | – | – | 0.800 | 20.00 | 11.5 |" in md and "| black_box | – | – | 0.600 | 15.00 | 21.5 |" in md
 
 
 def test_report_of_missing_or_empty_store_is_a_config_error(tmp_path):

@@ -10,6 +10,7 @@ from .advisor import Advice, advise
 from .attacks import (
     InverseNetwork,
     ModelCompletion,
+    PriorInversion,
     QueryFreeInversion,
     StrongestAttack,
     UnSplit,
@@ -57,6 +58,7 @@ __all__ = [
     "InverseNetwork",
     "ModelCompletion",
     "NoDefense",
+    "PriorInversion",
     "QueryFreeInversion",
     "ResultStore",
     "SplitError",

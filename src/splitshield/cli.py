@@ -191,24 +191,29 @@ def train(
     epochs: int = 5,
     batch_size: int = 64,
     lr: float = 1e-3,
+    augment: Annotated[str, typer.Option(help="none, or he2019: He et al.'s CIFAR-10 augmentation (flip, rotation, "
+                                              "shift, zoom).")] = "none",
     defense: Annotated[str | None, typer.Option(help='Defense config as JSON, e.g. \'{"name": "none"}\'.')] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT's training state if present.")] = False,
     seed: Seed = 0,
     device: Device = "cpu",
 ) -> None:
     """Train a model split at a point (with an optional defense) and save a checkpoint."""
+    from .augment import AUGMENTATIONS
     from .defenses import build_defense
     from .models import build_model, split
     from .train import Trainer
 
+    if augment not in AUGMENTATIONS:
+        raise ConfigError(f"--augment: one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
     check_writable(out, "--out")  # before training, so no trained model is lost
     data = load_data(dataset, data_dir, seed, value_range, image_shape)
     net = build_model(model, num_classes=data.num_classes, input_shape=data.image_shape)
     target = split(net, split_at, input_shape=data.image_shape)
     config = parse_json(defense, "--defense")
     guard = build_defense(config) if config else None
-    trainer = Trainer(target, guard, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                      checkpoint_dir=out.parent / f".{out.name}.state" if resume else None)
+    trainer = Trainer(target, guard, epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, seed=seed,
+                      device=device, checkpoint_dir=out.parent / f".{out.name}.state" if resume else None)
     trainer.fit(data.train, resume=resume)
     accuracy = trainer.evaluate(data.test)
     path = trainer.save(out, metrics={"test_accuracy": accuracy, "dataset": dataset})
@@ -229,7 +234,11 @@ def attack(
     data_dir: DataDir = None,
     value_range: ValueRange = None,
     image_shape: ImageShape = None,
-    aux: Annotated[str, typer.Option(help="same_set, same_distribution or noise.")] = "same_distribution",
+    aux: Annotated[str, typer.Option(help="same_set, same_distribution, noise or other_distribution (with "
+                                          "--aux-data).")] = "same_distribution",
+    aux_data: Annotated[str | None, typer.Option(
+        help="With --aux other_distribution: the dataset whose training images the attacker holds (read from "
+             "--data-dir, converted to the target's image shape).")] = None,
     aux_n: Annotated[int | None, typer.Option(help="Keep at most this many auxiliary images (default: all).")
                      ] = None,
     threat: Annotated[str | None, typer.Option(help="white_box, black_box, query_free or architecture_only (default: "
@@ -284,16 +293,24 @@ def attack(
         raise ConfigError(f"--aux: {aux!r} unknown; use {', '.join(AUX_KINDS)}")
     if aux_n is not None and aux_n < 1:
         raise ConfigError(f"--aux-n: a positive number of auxiliary images, got {aux_n}")
+    if (aux == "other_distribution") != (aux_data is not None):
+        raise ConfigError("--aux other_distribution needs --aux-data NAME (the attacker's dataset)" if aux_data is None
+                          else f"--aux-data is read only with --aux other_distribution (got --aux {aux})")
+    if aux_data is not None:
+        get_dataset_info(aux_data)  # an unknown name is a one-line error before any loading
     threat = threat or DEFAULT_THREAT[name]
     if threat not in ATTACKS[name].threats:
         raise ConfigError(f"--threat: {name} runs under {' or '.join(ATTACKS[name].threats)}, not {threat!r}")
     if out is not None or transcript is not None:  # before any fitting: a long attack is not lost at its end
         check_writable((out or Path("splitshield-transcript-attack")) / "reconstructions.safetensors", "--out")
     kind = artifact_kind(checkpoint)  # a missing or foreign file is a one-line error here
+    extra = {"aux_data": aux_data} if aux_data is not None else {}  # as a spec's setting: only when set
+    other = None if aux_data is None else load_data(aux_data, data_dir, seed, None, None)
     if kind == "cloud":
-        setting = {"name": name, "threat": threat, "aux": aux, "aux_n": aux_n, "adaptive": False, "params": kwargs}
+        setting = {"name": name, "threat": threat, "aux": aux, "aux_n": aux_n, "adaptive": False, "params": kwargs,
+                   **extra}
         attack_cloud(checkpoint, setting, transcript, limit, out, seed=seed, device=device,
-                     data=lambda: load_data(dataset, data_dir, seed, value_range, image_shape))
+                     data=lambda: load_data(dataset, data_dir, seed, value_range, image_shape), other=other)
         return
     if kind == "edge" and threat == "query_free":
         raise ConfigError(f"{name} runs under query_free: {checkpoint} is an edge artifact, without the tail the "
@@ -306,19 +323,20 @@ def attack(
     check_transcript_options(name, transcript, limit, target.feature_shape())  # before any fitting
     data = load_data(dataset, data_dir, seed, value_range, image_shape)
     setting = {"name": name, "threat": threat, "aux": aux, "aux_n": aux_n, "adaptive": not non_adaptive,
-               "params": kwargs}
+               "params": kwargs, **extra}
     images = n_images or "first_per_class"
     cell_seed = attack_seed(seed, setting)
     if transcript is not None:
-        fitted = fit_attack(target, guard, data, setting, images=images, seed=cell_seed)
+        fitted = fit_attack(target, guard, data, setting, images=images, seed=cell_seed, other=other)
         attack_transcript(fitted.attack, transcript, target.feature_shape(),
                           out or Path("splitshield-transcript-attack"), limit=limit)
         return
-    result = measure_attack(target, guard, data, setting, images=images, seed=cell_seed, device=device)
+    result = measure_attack(target, guard, data, setting, images=images, seed=cell_seed, device=device, other=other)
     mean = {n: v for n, i, v in result.metrics if i == -1}
     label = f"{name} ({threat}, {'non-adaptive' if non_adaptive else 'adaptive'}) at {target.point}"
     if result.reconstruction is None:
-        console.print(f"{label}: label accuracy {mean['completion_accuracy']:.2%} on {len(data.test)} test images")
+        console.print(f"{label}: label accuracy {mean['completion_accuracy']:.2%} on {len(data.test)} test images "
+                      f"(the same labelled images, from scratch without the features: {mean['scratch_accuracy']:.2%})")
         return
     console.print(f"{label}: PSNR {mean['psnr']:.2f} dB  SSIM {mean['ssim']:.3f}  MSE {mean['mse']:.5f} "
                   f"on {len(result.original)} images")
@@ -478,7 +496,7 @@ def attack_transcript(instance: Any, transcript: Path, feature_shape: tuple[int,
 
 
 def attack_cloud(cloud_path: Path, setting: dict[str, Any], transcript: Path | None, limit: int | None,
-                 out: Path | None, *, seed: int, device: str, data: Callable[[], Any]) -> None:
+                 out: Path | None, *, seed: int, device: str, data: Callable[[], Any], other: Any = None) -> None:
     """``attack CLOUD``: what a curious cloud holding only the cloud artifact learns from its transcript.
 
     The attacker gets the tail's weights, an untrained head of the head's architecture, the moments of the
@@ -511,7 +529,7 @@ def attack_cloud(cloud_path: Path, setting: dict[str, Any], transcript: Path | N
         traffic = feature_moments((z for z, _ in recorded), cloud.feature_shape)
     console.print("the cloud artifact holds no defense: the attacker is non-adaptive to any defense on the edge",
                   highlight=False, soft_wrap=True)
-    fitted = fit_cloud_attack(cloud, dataset, setting, seed=attack_seed(seed, setting), traffic=traffic)
+    fitted = fit_cloud_attack(cloud, dataset, setting, seed=attack_seed(seed, setting), traffic=traffic, other=other)
     attack_transcript(fitted, transcript, cloud.feature_shape, out or Path("splitshield-transcript-attack"),
                       limit=limit)
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError, DataError, SplitShieldError
 
-AUX_KINDS = ("same_set", "same_distribution", "noise")
+AUX_KINDS = ("same_set", "same_distribution", "noise", "other_distribution")
 #: The metrics a cell can record: the target's (accuracy with the defense, the conditional-entropy MSE floor (an
 #: estimate), the Gaussian-channel bound on I(x; z) in nats per image (certified), the clean feature's and the
 #: additive noise's standard deviation per element, training wall and CPU seconds) and the attack's
@@ -40,7 +40,8 @@ Metric = Literal["accuracy", "mse", "psnr", "ssim", "completion_accuracy", "ce_f
 METRICS: tuple[str, ...] = get_args(Metric)
 #: The threat model an attack runs under when the spec does not say.
 DEFAULT_THREAT = {"rmle": "white_box", "inverse_network": "black_box", "shadow_head": "query_free",
-                  "model_completion": "black_box", "strongest": "white_box", "unsplit": "architecture_only"}
+                  "model_completion": "black_box", "strongest": "white_box", "unsplit": "architecture_only",
+                  "prior_inversion": "white_box"}
 # Per-attack settings the experiment owns: the executor sets them, so a spec may not.
 RESERVED_ATTACK_PARAMS = ("progress", "seed", "decoder")
 
@@ -116,7 +117,9 @@ class AttackSpec(BaseModel):
 
     name: str
     threat: Literal["white_box", "black_box", "query_free", "architecture_only"] | None = None
-    aux: Literal["same_set", "same_distribution", "noise"] = "same_distribution"
+    aux: Literal["same_set", "same_distribution", "noise", "other_distribution"] = "same_distribution"
+    aux_data: str | None = Field(default=None, description="with aux other_distribution: the dataset whose training "
+                                 "images the attacker holds, converted to the target's image shape")
     aux_n: int | None = Field(default=None, gt=0)
     adaptive: bool = True
     images: Literal["first_per_class"] | int | None = Field(
@@ -148,12 +151,27 @@ class AttackSpec(BaseModel):
         for key in RESERVED_ATTACK_PARAMS:
             if key in (self.model_extra or {}):
                 raise ValueError(f"attack parameter {key!r} is set by the experiment; remove it")
+        if (self.aux == "other_distribution") != (self.aux_data is not None):
+            raise ValueError("aux other_distribution needs aux_data: <dataset name>, and aux_data needs aux "
+                             "other_distribution" if self.aux_data is None else
+                             f"aux_data {self.aux_data!r} is read only with aux: other_distribution; set it or "
+                             "remove aux_data")
+        if self.aux_data is not None:
+            from .data import get_dataset_info
+
+            try:
+                get_dataset_info(self.aux_data)
+            except DataError as exc:
+                raise ValueError(f"aux_data: {exc}") from None
         return self
 
     def settings(self) -> list[dict[str, Any]]:
-        """Concrete attack settings: ``{"name", "threat", "aux", "aux_n", "adaptive", ["images",] "params": {...}}``."""
+        """Concrete attack settings: ``{"name", "threat", "aux", "aux_n", "adaptive", ["images",] ["aux_data",]
+        "params": {...}}``."""
+        # Optional keys only when set: an entry without them keeps the cell hashes and seeds it had before.
         head = {"name": self.name, "threat": self.threat, "aux": self.aux, "aux_n": self.aux_n,
-                "adaptive": self.adaptive, **({"images": self.images} if self.images is not None else {})}
+                "adaptive": self.adaptive, **({"images": self.images} if self.images is not None else {}),
+                **({"aux_data": self.aux_data} if self.aux_data is not None else {})}
         return [{**head, "params": params} for params in expand_grid(dict(self.model_extra or {}))]
 
 
@@ -175,6 +193,9 @@ class TrainSpec(BaseModel):
     protocol: Literal["default", "cem_official"] = Field(
         default="default", description="default: Adam, the last epoch's model; cem_official: CEM's official SGD "
         "schedule compressed to epochs, the best late epoch on held-out training images")
+    augment: Literal["none", "he2019"] = Field(
+        default="none", description="training-time augmentation: he2019 is He et al.'s CIFAR-10 one (flip, rotation, "
+        "shift, zoom)")
     tail_epochs: int = Field(default=0, ge=0, description="then train the cloud tail alone for this many epochs, "
                              "the edge head and the defense frozen")
     train_n: int | None = Field(default=None, gt=0, description="use only the first n training images")
@@ -197,6 +218,8 @@ class TrainSpec(BaseModel):
         data = handler(self)
         if self.protocol == "default":
             data.pop("protocol", None)
+        if self.augment == "none":  # likewise: specs without augmentation keep their hashes
+            data.pop("augment", None)
         return data
 
 

@@ -106,8 +106,9 @@ def attack_labels(settings: list[dict[str, Any]]) -> list[str]:
         extras = []
         if s["threat"] != DEFAULT_THREAT.get(s["name"]):
             extras.append(f"threat={s['threat']}")
-        if any(o["aux"] != s["aux"] for o in same) or s["aux"] != "same_distribution":
-            extras.append(f"aux={s['aux']}")
+        if any(o["aux"] != s["aux"] or o.get("aux_data") != s.get("aux_data") for o in same) or (
+                s["aux"] != "same_distribution"):
+            extras.append(f"aux={s['aux']}" + (f":{s['aux_data']}" if s.get("aux_data") else ""))
         for key in ("aux_n", "images"):
             if any(o.get(key) != s.get(key) for o in same):
                 extras.append(f"{key}={s.get(key) or 'default'}")
@@ -226,7 +227,10 @@ def _load_data(name: str, data_dir: str | None, seed: int, download: bool = Fals
     loading = loading or {}
     key = (name, data_dir, seed, repr(sorted(loading.items())))
     if key not in _DATA_CACHE:
-        _DATA_CACHE.clear()  # one dataset in memory per worker is enough: units are grouped by dataset
+        # Two datasets in memory per worker are enough: units are grouped by dataset, and an attacker may hold
+        # another one (aux other_distribution).
+        while len(_DATA_CACHE) >= 2:
+            _DATA_CACHE.pop(next(iter(_DATA_CACHE)))
         _DATA_CACHE[key] = load_dataset(name, data_dir=data_dir, seed=seed, download=download,
                                         **{k: tuple(v) for k, v in loading.items()})
     return _DATA_CACHE[key]
@@ -240,6 +244,10 @@ def _torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+#: The fields of a cell's config that make its target (``plan`` hashes them into the target hash).
+_TARGET_FIELDS = ("dataset", "model", "split", "defense", "seed", "train", "revision", "loading")
 
 
 def _target_path(root: Path, target_hash: str) -> Path:
@@ -264,6 +272,20 @@ def _get_target(config: dict[str, Any], target_hash: str, data, root: Path, devi
             return target, defense, meta.get("train_times", {}), True
         except CheckpointError:
             pass  # a half-written cache entry (killed mid-save): train again and overwrite it
+    sibling = _sibling_path(config, root)
+    if sibling is not None and sibling.with_suffix(".json").is_file():
+        # Undefended, the trained model does not depend on where it is cut (the same draws, the same arithmetic):
+        # the model trained for another split point, cut here.
+        model = build_model(config["model"], num_classes=data.num_classes, input_shape=data.image_shape)
+        try:
+            _, defense, meta = load_checkpoint(sibling, model=model, device=device)
+        except CheckpointError:
+            pass  # train it below
+        else:
+            target = split(model, config["split"], input_shape=data.image_shape).to(device).eval()
+            save_checkpoint(path, target, defense, extra={"train_times": meta.get("train_times", {}), "target_config": {
+                k: config[k] for k in ("dataset", "model", "split", "defense", "seed", "train")}})
+            return target, defense.eval(), meta.get("train_times", {}), True
     wall, cpu = time.perf_counter(), time.process_time()
     train = config["train"]
     model = build_model(config["model"], num_classes=data.num_classes, input_shape=data.image_shape)
@@ -274,6 +296,7 @@ def _get_target(config: dict[str, Any], target_hash: str, data, root: Path, devi
     state = path.with_name(path.name + ".training")
     trainer = Trainer(target, defense, epochs=train["epochs"], batch_size=train["batch_size"], lr=train["lr"],
                       lr_halve_every=train["lr_halve_every"], protocol=train.get("protocol", "default"),
+                      augment=train.get("augment", "none"),
                       seed=config["seed"], device=device, progress=progress, checkpoint_dir=state)
     trainer.fit(train_set, resume=True)
     if train.get("tail_epochs"):
@@ -281,8 +304,23 @@ def _get_target(config: dict[str, Any], target_hash: str, data, root: Path, devi
     times = {"train_seconds": time.perf_counter() - wall, "train_cpu_seconds": time.process_time() - cpu}
     save_checkpoint(path, target, defense, extra={"train_times": times, "target_config": {
         k: config[k] for k in ("dataset", "model", "split", "defense", "seed", "train")}})
+    if sibling is not None:  # written after the checkpoint, so it never names a half-written one
+        sibling.parent.mkdir(parents=True, exist_ok=True)
+        for suffix in (".safetensors", ".json"):
+            shutil.copyfile(path.with_suffix(suffix), sibling.with_suffix(suffix + ".tmp"))
+        for suffix in (".safetensors", ".json"):
+            sibling.with_suffix(suffix + ".tmp").replace(sibling.with_suffix(suffix))
     shutil.rmtree(state, ignore_errors=True)
     return target.eval(), defense.eval(), times, False
+
+
+def _sibling_path(config: dict[str, Any], root: Path) -> Path | None:
+    """Where the trained model shared by every split point of an undefended target is kept; ``None`` when the
+    training depends on the split point (a defense sits at the cut; ``tail_epochs`` freeze the head)."""
+    if config["defense"] != {"name": "none"} or config["train"].get("tail_epochs"):
+        return None
+    key = config_hash({k: v for k, v in config.items() if k in _TARGET_FIELDS and k != "split"})
+    return root / "artifacts" / "models" / key[:20]
 
 
 def run_unit(unit: dict[str, Any], root: str, progress: bool = False, threads: int = 1) -> Iterator[CellOutcome]:
@@ -317,10 +355,12 @@ def run_unit(unit: dict[str, Any], root: str, progress: bool = False, threads: i
                     target_rows[key] += [(k, -1, v) for k, v in train_times.items() if k in evaluation["metrics"]]
                 attack_start = time.perf_counter()
                 setting = config["attack"]
+                other = None if setting.get("aux_data") is None else _load_data(
+                    setting["aux_data"], unit["data_dir"], config["seed"], unit["download"])
                 result = measure_attack(target, defense, data, setting, images=setting.get("images",
                                         evaluation["images"]), seed=attack_seed(config["seed"], setting),
                                         test_n=evaluation["test_n"], metrics=evaluation["metrics"], device=device,
-                                        progress=progress)
+                                        progress=progress, other=other)
             except (SplitShieldError, RuntimeError, ValueError, TypeError) as exc:
                 last = traceback.format_exception_only(type(exc), exc)[-1].strip()
                 yield CellOutcome(cell["hash"], error=last)

@@ -81,7 +81,19 @@ ATTACKER_FIELDS = ("name", "threat", "aux", "aux_n", "adaptive", "params")
 
 def attack_seed(seed: int, setting: dict[str, Any]) -> int:
     """The 31-bit seed of an attack ``setting`` (the spec's concrete attack entry) under the spec's ``seed``."""
-    return derived_seed(seed, config_hash({"attack": {k: setting.get(k) for k in ATTACKER_FIELDS}}))
+    attacker = {k: setting.get(k) for k in ATTACKER_FIELDS}
+    if setting.get("aux_data") is not None:  # only when set: other settings keep the seeds they had before it
+        attacker["aux_data"] = setting["aux_data"]
+    return derived_seed(seed, config_hash({"attack": attacker}))
+
+
+def _aux(data: Dataset, setting: dict[str, Any], seed: int, other: Dataset | None) -> ImageSet:
+    """The attacker's auxiliary images for ``setting`` (``other``'s training images for other_distribution)."""
+    if setting["aux"] == "other_distribution" and (other is None or other.name != setting.get("aux_data")):
+        raise ConfigError(f"aux other_distribution: load the dataset aux_data names ({setting.get('aux_data')!r}) "
+                          "and pass it as other=")
+    return data.aux(setting["aux"], n=setting["aux_n"], seed=derived_seed(seed, "aux"),
+                    other=other.train if other is not None else None)
 
 
 def _test_images(data: Dataset, test_n: int | None) -> ImageSet:
@@ -98,7 +110,7 @@ class FittedAttack:
 
 
 def fit_attack(target: SplitModel, defense: Defense | None, data: Dataset, setting: dict[str, Any], *,
-               images: str | int, seed: int, progress: bool = False) -> FittedAttack:
+               images: str | int, seed: int, progress: bool = False, other: Dataset | None = None) -> FittedAttack:
     """Build the attacker's view of ``target`` + ``defense`` and fit the attack ``setting`` on it.
 
     Parameters
@@ -112,6 +124,9 @@ def fit_attack(target: SplitModel, defense: Defense | None, data: Dataset, setti
         other test images, for the query-free attacker) never includes them.
     seed:
         The cell's seed, from :func:`attack_seed`.
+    other:
+        With ``setting["aux"] == "other_distribution"``: the dataset ``setting["aux_data"]`` names, whose
+        training images (converted to ``data``'s image shape) are the attacker's.
     """
     from .attacks import ATTACKS, Victim, attack_name
     from .attacks.base import TRAFFIC_IMAGES
@@ -120,7 +135,7 @@ def fit_attack(target: SplitModel, defense: Defense | None, data: Dataset, setti
     if isinstance(images, int) and images > len(data.test):
         raise ConfigError(f"images: {images} test images asked for, but {data.name}'s test split has "
                           f"{len(data.test)}; ask for at most {len(data.test)}")
-    aux = data.aux(setting["aux"], n=setting["aux_n"], seed=derived_seed(seed, "aux"))
+    aux = _aux(data, setting, seed, other)
     evaluated, traffic = evaluation_split(data.test, images, TRAFFIC_IMAGES)
     # The device's noise on what the cloud observes and the attacker's own draws (including its queries to
     # the oracle) are independent streams: an attacker knows the defense, never its draws.
@@ -153,7 +168,8 @@ def check_cloud_threat(threat: str, attack: str | None = None) -> None:
 
 
 def fit_cloud_attack(cloud: CloudTail, data: Dataset | None, setting: dict[str, Any], *, seed: int,
-                     traffic: FeatureMoments | None = None, progress: bool = False) -> InversionAttack:
+                     traffic: FeatureMoments | None = None, progress: bool = False,
+                     other: Dataset | None = None) -> InversionAttack:
     """Fit the attack ``setting`` on what a curious cloud holds, and nothing else; returns the fitted attack.
 
     Parameters
@@ -169,6 +185,8 @@ def fit_cloud_attack(cloud: CloudTail, data: Dataset | None, setting: dict[str, 
         As for :func:`fit_attack`; its threat must be one of :data:`CLOUD_THREATS`.
     seed:
         The cell's seed (:func:`attack_seed`), split as :func:`fit_attack` splits it.
+    other:
+        As for :func:`fit_attack`.
     traffic:
         The :class:`~splitshield.attacks.base.FeatureMoments` of the features the cloud received
         (:func:`~splitshield.attacks.base.feature_moments` of its transcript), for the query-free view;
@@ -204,7 +222,7 @@ def fit_cloud_attack(cloud: CloudTail, data: Dataset | None, setting: dict[str, 
     else:
         if data is None:
             raise ConfigError("a query-free attack needs auxiliary data: pass data=<Dataset>")
-        aux = data.aux(setting["aux"], n=setting["aux_n"], seed=derived_seed(seed, "aux"))
+        aux = _aux(data, setting, seed, other)
         last = list(template.modules())[-1]
         final = type(last) if isinstance(last, (torch.nn.ReLU, torch.nn.Sigmoid, torch.nn.Tanh)) else None
         view = QueryFreeView(**common, aux=aux, tail=cloud.tail, head_final_activation=final, traffic=traffic)
@@ -216,23 +234,27 @@ def fit_cloud_attack(cloud: CloudTail, data: Dataset | None, setting: dict[str, 
 def measure_attack(target: SplitModel, defense: Defense | None, data: Dataset, setting: dict[str, Any], *,
                    images: str | int, seed: int, test_n: int | None = None,
                    metrics: tuple[str, ...] | list[str] = METRICS, device: str | torch.device = "cpu",
-                   progress: bool = False) -> AttackResult:
-    """Fit the attack ``setting`` (:func:`fit_attack`) and measure it on the evaluated images.
+                   progress: bool = False, other: Dataset | None = None) -> AttackResult:
+    """Fit the attack ``setting`` (:func:`fit_attack`, ``other`` as there) and measure it on the evaluated images.
 
-    A completion attack's label accuracy is measured on the first ``test_n`` test images (all when ``None``).
+    A completion attack's label accuracy (``completion_accuracy``) is measured on the first ``test_n`` test
+    images (all when ``None``), and beside it ``scratch_accuracy``: the target's architecture trained from
+    scratch on the attacker's labelled images (:meth:`ModelCompletion.train_from_scratch`), on the same images.
     """
     from . import metrics as M
-    from .attacks import CompletionAttack
+    from .attacks import CompletionAttack, ModelCompletion
 
-    fitted = fit_attack(target, defense, data, setting, images=images, seed=seed, progress=progress)
+    fitted = fit_attack(target, defense, data, setting, images=images, seed=seed, progress=progress, other=other)
     attack, victim = fitted.attack, fitted.victim
     if isinstance(attack, CompletionAttack):
         if "completion_accuracy" not in metrics:
             return AttackResult([])
         test = _test_images(data, test_n)
-        correct = sum(int((attack.predict(victim.observe(x)).argmax(1).cpu() == y.cpu()).sum())
-                      for x, y in test.batches(1000, device=device))
-        return AttackResult([("completion_accuracy", -1, correct / len(test))])
+        rows = [("completion_accuracy", -1, _accuracy(lambda x: attack.predict(victim.observe(x)), test, device))]
+        if isinstance(attack, ModelCompletion):
+            scratch = attack.train_from_scratch(target, device=device)
+            rows.append(("scratch_accuracy", -1, _accuracy(scratch, test, device)))
+        return AttackResult(rows)
     x = fitted.evaluated.tensors(device)[0]
     x_hat = attack.invert(victim.observe(x)).detach().cpu()
     x = x.cpu()
@@ -242,7 +264,31 @@ def measure_attack(target: SplitModel, defense: Defense | None, data: Dataset, s
             per_image = getattr(M, name)(x_hat, x, reduction="none")
             rows += [(name, i, float(v)) for i, v in enumerate(per_image)]
             rows.append((name, -1, float(per_image.mean())))
-    return AttackResult(rows, x.numpy(), x_hat.numpy())
+    return AttackResult(rows + _kept_rows(attack), x.numpy(), x_hat.numpy())
+
+
+def _kept_rows(attack: InversionAttack) -> list[tuple[str, int, float]]:
+    """For a portfolio (``strongest``), which member's reconstruction it kept: per member ``kept:NAME`` rows, 1 or 0
+    per image and the share of the images as the mean; no rows for any other attack."""
+    from .attacks import StrongestAttack
+
+    if not isinstance(attack, StrongestAttack):
+        return []
+    names = [member.name for member in attack.members_]
+    rows = []
+    for k, name in enumerate(names):
+        label = f"kept:{name}" if names.count(name) == 1 else f"kept:{k}:{name}"
+        chosen = (attack.chosen_.cpu() == k).double()
+        rows += [(label, i, float(v)) for i, v in enumerate(chosen)]
+        rows.append((label, -1, float(chosen.mean())))
+    return rows
+
+
+@torch.no_grad()
+def _accuracy(predict: Callable[[torch.Tensor], torch.Tensor], test: ImageSet, device: str | torch.device) -> float:
+    """The fraction of ``test`` whose label is the argmax of ``predict(images)`` (logits [B, classes])."""
+    correct = sum(int((predict(x).argmax(1).cpu() == y.cpu()).sum()) for x, y in test.batches(1000, device=device))
+    return correct / len(test)
 
 
 @torch.no_grad()

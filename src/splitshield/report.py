@@ -33,6 +33,8 @@ from .errors import ConfigError
 from .store import ResultStore
 
 INVERSION = ("ssim", "psnr", "mse")
+#: A completion cell's numbers: the attack's label accuracy, and its labelled images' worth without the features.
+COMPLETION = ("completion_accuracy", "scratch_accuracy")
 #: Accuracy loss still counted as "keeping accuracy", in fraction points (1 pt).
 ACCURACY_TOLERANCE = 0.01
 
@@ -172,7 +174,7 @@ def load_sections(store: ResultStore) -> list[Section]:
             # Accuracy belongs to the trained target: average over targets (seeds), not over attacks.
             per_target = {c["target_hash"]: c["metrics"] for c in dcells}
             attacks = {a: {m: _mean(c["metrics"].get(m) for c in cs)
-                           for m in (*INVERSION, "completion_accuracy")} for a, cs in per_attack.items()}
+                           for m in (*INVERSION, *COMPLETION)} for a, cs in per_attack.items()}
             rows.append(DefenseRow(label, defense_family(dcells[0]["defense"]), dcells[0]["defense"],
                                    _mean(m.get("accuracy") for m in per_target.values()),
                                    _mean(m.get("ce_floor") for m in per_target.values()), attacks, dcells,
@@ -244,7 +246,8 @@ def _table(section: Section) -> tuple[list[str], list[list[str]]]:
     header = ["defense", "accuracy"]
     for a in section.inversion_attacks:
         header += [f"{a} SSIM", f"{a} PSNR (dB)", f"{a} MSE"]
-    header += [f"{a} accuracy" for a in section.completion_attacks]
+    for a in section.completion_attacks:
+        header += [f"{a} accuracy", f"{a}: its labels, from scratch"]
     noise_columns = [(name, key) for name, key in (("CE floor estimate (MSE)", "ce_floor"),
                                                    ("I(x;z) bound (nats)", "mi_bound"))
                      if any(getattr(r, key) is not None for r in section.rows)]
@@ -255,10 +258,48 @@ def _table(section: Section) -> tuple[list[str], list[list[str]]]:
         for a in section.inversion_attacks:
             m = r.attacks.get(a, {})
             line += [_num(m.get("ssim")), _num(m.get("psnr"), 2), _num(m.get("mse"), 4)]
-        line += [_pct(r.attacks.get(a, {}).get("completion_accuracy")) for a in section.completion_attacks]
+        line += [_pct(r.attacks.get(a, {}).get(m)) for a in section.completion_attacks for m in COMPLETION]
         line += ["–" if getattr(r, key) is None else f"{getattr(r, key):.3g}" for _, key in noise_columns]
         body.append(line)
     return header, body
+
+
+def _attack_table(section: Section) -> tuple[list[str], list[list[str]]] | None:
+    """Each inversion attack's threat, images, quality against the undefended model (where the section has it)
+    and its time per cell (fitting and inverting, the mean over every cell it ran in); ``None`` with fewer than
+    two inversion attacks."""
+    if len(section.inversion_attacks) < 2:
+        return None
+    undefended = next((r for r in section.rows if r.family == "none"), None)
+    header = ["attack", "threat", "images per cell"]
+    if undefended is not None:
+        header += ["SSIM, no defense", "PSNR (dB), no defense"]
+    header += ["seconds per cell (fit + invert)"]
+    kept = any(k.startswith("kept:") for r in section.rows for c in r.cells for k in c["metrics"])
+    if kept:
+        header.append("a portfolio's images, by the member it kept")
+    body = []
+    for a in section.inversion_attacks:
+        cells = [c for r in section.rows for c in r.cells if c["attack_label"] == a]
+        setting = cells[0]["attack"]
+        images = setting.get("images", cells[0]["config"].get("evaluation", {}).get("images", "–"))
+        line = [a, str(setting.get("threat", "–")), "one per class" if images == "first_per_class" else str(images)]
+        if undefended is not None:
+            m = undefended.attacks.get(a, {})
+            line += [_num(m.get("ssim")), _num(m.get("psnr"), 2)]
+        seconds = _mean(c.get("attack_seconds") for c in cells)
+        line.append("–" if seconds is None else f"{seconds:,.1f}")
+        if kept:
+            line.append(_kept_text(cells))
+        body.append(line)
+    return header, body
+
+
+def _kept_text(cells: list[dict[str, Any]]) -> str:
+    """``rmle 62 %, inverse_network 38 %``: a portfolio's share of images per member, averaged over ``cells``."""
+    members = sorted({k for c in cells for k in c["metrics"] if k.startswith("kept:")})
+    shares = [(m.removeprefix("kept:"), _mean(c["metrics"].get(m) for c in cells)) for m in members]
+    return ", ".join(f"{name} {_pct(share)}" for name, share in sorted(shares, key=lambda t: -(t[1] or 0))) or "–"
 
 
 def _markdown_table(header: list[str], body: list[list[str]]) -> str:
@@ -589,6 +630,10 @@ def build_report(db: str | Path, out_dir: str | Path, title: str | None = None,
         if notes:
             md += ["", " ".join(notes)]
             body.append(f"<p class='meta'>{html.escape(' '.join(notes))}</p>")
+        compared = _attack_table(section)
+        if compared:
+            md += ["", "### Attacks compared", "", _markdown_table(*compared)]
+            body += ["<h3>Attacks compared</h3>", _html_table(*compared)]
         gains = paired_gains(section, window)
         if gains:
             explanation = PAIRED_EXPLANATION.format(window=f"{100 * window:g}")
@@ -780,6 +825,7 @@ MIN_AUDIT_BUDGETS: dict[str, dict[str, int]] = {
     "shadow_head": {"steps": 1000, "batch_size": 32, "iters": 1000, "aux_n": 256},
     "model_completion": {"steps": 500, "n_labels": 40},
     "unsplit": {"rounds": 50, "restarts": 4},
+    "prior_inversion": {"steps": 1000, "latent_iters": 200, "aux_n": 256},
 }
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .augment import AUGMENTATIONS, augment
 from .data import ImageSet
 from .defenses.base import Defense, NoDefense, load_optimizer_tensors, optimizer_tensors, substate
 from .errors import CheckpointError, ConfigError
@@ -111,6 +112,9 @@ class Trainer:
         The default protocol's schedule, in epochs.
     protocol:
         ``"default"`` or ``"cem_official"`` (above).
+    augment:
+        ``"none"`` or ``"he2019"``, He et al.'s CIFAR-10 augmentation (:mod:`splitshield.augment`), applied to
+        every training batch (the tail's own epochs too).
     val_fraction:
         The share of the training images ``cem_official`` holds out to select the model on.
     seed:
@@ -130,13 +134,15 @@ class Trainer:
     def __init__(self, target: SplitModel, defense: Defense | None = None, *, epochs: int = 5,
                  batch_size: int = 64, lr: float | None = None, weight_decay: float | None = None,
                  lr_halve_every: int | None = None, protocol: str = "default", val_fraction: float = 0.1,
-                 seed: int = 0, device: str | torch.device = "cpu", checkpoint_dir: str | Path | None = None,
-                 progress: bool = True):
+                 augment: str = "none", seed: int = 0, device: str | torch.device = "cpu",
+                 checkpoint_dir: str | Path | None = None, progress: bool = True):
         for field, value in (("epochs", epochs), ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{field} must be a positive integer, got {value!r}")
         if protocol not in PROTOCOLS:
             raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        if augment not in AUGMENTATIONS:
+            raise ConfigError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
         official = protocol == "cem_official"
         lr = (CEM_LR if official else 1e-3) if lr is None else lr
         weight_decay = (CEM_WEIGHT_DECAY if official else 0.0) if weight_decay is None else weight_decay
@@ -154,6 +160,7 @@ class Trainer:
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.lr_halve_every = lr_halve_every
         self.protocol, self.val_fraction = protocol, val_fraction
+        self.augment = augment
         #: The epochs the learning-rate schedule and the model selection span (:meth:`fit_tail` adds epochs after).
         self.schedule_epochs = epochs
         self.seed = seed
@@ -290,6 +297,7 @@ class Trainer:
         return accuracy
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = augment(x, self.augment)
         z = self.target.head(self.defense.perturb(x, training=True))
         z_sent = self.defense.obfuscate(z, training=True)
         logits = self.target.tail(z_sent)

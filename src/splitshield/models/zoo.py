@@ -39,15 +39,20 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-@register_model("lenet", input_shape=(1, 28, 28), sizes="any H, W ≥ 16; 1 or 3 channels",
-                normalization=(MNIST_MEAN, MNIST_STD), split_points=("conv1", "ReLU2"))
-def lenet(num_classes: int = 10, in_channels: int = 1, image_size: tuple[int, int] = (28, 28)) -> nn.Sequential:
+_LENET = dict(input_shape=(1, 28, 28), sizes="any H, W ≥ 16; 1 or 3 channels", normalization=(MNIST_MEAN, MNIST_STD))
+
+
+@register_model("lenet", **_LENET, split_points=("conv1", "ReLU2"))
+def lenet(num_classes: int = 10, in_channels: int = 1, image_size: tuple[int, int] = (28, 28),
+          bounded: bool = False) -> nn.Sequential:
     """He et al.'s MNIST LeNet (ALGORITHMS §A.1): input 1×28×28, ``ReLU2`` feature 16×8×8.
 
     ``image_size`` (H, W) sizes the first linear layer; two 5×5 convolutions and two 2×2 poolings need
-    at least 16×16.
+    at least 16×16. ``bounded`` puts a sigmoid (``sigmoid2``) in place of ``ReLU2``, so the feature sent from
+    that point lies in (0, 1) as CEM's bottleneck does (``lenet-sigmoid``).
     """
     h, w = (((d - 4) // 2 - 4) // 2 for d in _checked_size("lenet", image_size, 16))
+    second = ("sigmoid2", nn.Sigmoid()) if bounded else ("ReLU2", nn.ReLU())
     return nn.Sequential(
         OrderedDict(
             normalize=_normalize(in_channels, MNIST_MEAN, MNIST_STD),
@@ -55,7 +60,7 @@ def lenet(num_classes: int = 10, in_channels: int = 1, image_size: tuple[int, in
             ReLU1=nn.ReLU(),
             pool1=nn.MaxPool2d(2),
             conv2=nn.Conv2d(8, 16, 5),
-            ReLU2=nn.ReLU(),
+            **dict([second]),
             pool2=nn.MaxPool2d(2),
             flatten=nn.Flatten(),
             fc1=nn.Linear(16 * h * w, 120),
@@ -173,6 +178,7 @@ def vgg11_bottleneck(num_classes: int = 10, in_channels: int = 3, bottleneck: in
 
 
 register_model("vgg11-bottleneck-slim", **_VGG11_BOTTLENECK)(partial(vgg11_bottleneck, cloud_width=0.25))
+register_model("lenet-sigmoid", **_LENET, split_points=("conv1", "sigmoid2"))(partial(lenet, bounded=True))
 
 
 @cache
