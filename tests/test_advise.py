@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import splitshield as ss
 from splitshield.advisor import FastAttack, PointAdvice, gpz_radius, pareto_front
 from splitshield.advisor.costs import multiply_adds, parameter_count, weight_megabytes
-from splitshield.advisor.leakage import ce_floor, held_out_index, relative_drops
+from splitshield.advisor.leakage import ce_floor, gpz_zone, held_out_index, relative_drops
 from splitshield.advisor.recommend import best_cut
 from splitshield.advisor.wire import wire_cost
 from splitshield.cli import app
@@ -89,6 +89,16 @@ def test_gpz_radius_on_known_radii():
     # Around the overall mean (2, 0): squared distances 1, 9, 13, 13.
     assert variance == pytest.approx((1 + 9 + 13 + 13) / 4)
     assert gpz_radius(z.view(4, 1, 2), torch.tensor([0, 0, 1, 1]))[0] == pytest.approx(5.0)  # features are flattened
+
+
+def test_gpz_zone_spans_to_the_second_largest_drop_only_through_large_drops():
+    # Largest drop at 2; the second largest (at 4) is reached through a drop of 0.3 > 0.2: the zone is 2..4.
+    assert gpz_zone([None, 0.1, 0.7, 0.3, 0.5, 0.0]) == [2, 3, 4]
+    # The same drops with 0.15 in between: the zone is the single point after the largest drop.
+    assert gpz_zone([None, 0.1, 0.7, 0.15, 0.5, 0.0]) == [2]
+    # The second largest drop comes first: the zone starts after the largest and does not reach back.
+    assert gpz_zone([None, 0.5, 0.3, 0.7, 0.0]) == [3]
+    assert gpz_zone([None, None]) == [] and gpz_zone([None, 0.4]) == [1]
 
 
 def test_relative_drops():

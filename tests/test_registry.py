@@ -81,6 +81,9 @@ def _spread_images(source: Path, target: Path, n: int) -> None:
     evenly spaced because some copies are sorted by class)."""
     with np.load(source, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
+    if "x_all" in arrays:  # the AT&T faces (400 images, no split in the file): whole
+        np.savez(target, **arrays)
+        return
     out = {"classes": arrays["classes"]}
     for part in ("train", "test"):
         index = np.linspace(0, len(arrays[f"y_{part}"]) - 1, n).round().astype(int)

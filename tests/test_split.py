@@ -9,6 +9,7 @@ from torch import nn
 
 import splitshield as ss
 from splitshield.errors import ConfigError, SplitError
+from splitshield.models.split import ModelCuts
 
 
 def _check_exact(model: nn.Module, shape: tuple[int, ...], points: list[str]) -> None:
@@ -126,6 +127,32 @@ def test_untraceable_sequential_falls_back_to_child_order():
         assert target.feature_shape() == feature, point
         assert torch.equal(target.tail(target.head(x)), reference), point
     assert torch.equal(ss.split(model, "1").head(x), torch.relu(model[0](x)))  # the cut is after the ReLU
+
+
+@pytest.mark.parametrize("name", ["lenet", "resnet18", "untraceable"])
+def test_model_cuts_chain_walks_every_cut_to_exactly_each_heads_features(name):
+    if name == "untraceable":
+        model, shape = _Untraceable(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), (1, 8, 8)
+    else:
+        model = ss.build_model(name, **({"num_classes": 10, "input_shape": (3, 32, 32)} if name == "resnet18" else {}))
+        shape = (3, 32, 32) if name == "resnet18" else (1, 28, 28)
+    model.eval()
+    names = [p.name for p in ss.split_points(model)]
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = x
+        for point, step in zip(names, ModelCuts(model).chain(names), strict=True):
+            z = step(z)
+            assert torch.equal(z, ss.split(model, point).head(x)), point
+    assert torch.equal(z, model(x))  # the last cut is the model's output
+    skipping = names[1::3]  # a subset: each module covers the layers between two chosen cuts
+    with torch.no_grad():
+        z = x
+        for step in ModelCuts(model).chain(skipping):
+            z = step(z)
+        assert torch.equal(z, ss.split(model, skipping[-1]).head(x))
+    with pytest.raises(SplitError, match="in the model's order"):
+        ModelCuts(model).chain([names[2], names[1]])
 
 
 def test_untraceable_non_sequential_is_a_clear_error():

@@ -34,10 +34,15 @@ AUX_KINDS = ("same_set", "same_distribution", "noise", "other_distribution")
 #: The metrics a cell can record: the target's (accuracy with the defense, the conditional-entropy MSE floor (an
 #: estimate), the Gaussian-channel bound on I(x; z) in nats per image (certified), the clean feature's and the
 #: additive noise's standard deviation per element, training wall and CPU seconds) and the attack's
-#: (reconstruction MSE, PSNR, SSIM; a completion attack's label accuracy).
+#: (reconstruction MSE, PSNR, SSIM; a completion attack's label accuracy; re-identification: how often an
+#: evaluator classifier names the true class, the person on faces, in a reconstruction, with its accuracy on the
+#: true images as ``reid_ceiling`` beside it, :mod:`splitshield.reidentify`).
 Metric = Literal["accuracy", "mse", "psnr", "ssim", "completion_accuracy", "ce_floor", "mi_bound", "feature_std",
-                 "noise_std", "train_seconds", "train_cpu_seconds"]
+                 "noise_std", "train_seconds", "train_cpu_seconds", "reid_accuracy"]
 METRICS: tuple[str, ...] = get_args(Metric)
+#: What a spec records when it does not say: all but re-identification, which trains an evaluator per dataset
+#: (ask for it with ``evaluation: {metrics: [..., reid_accuracy]}``).
+DEFAULT_METRICS: tuple[str, ...] = tuple(m for m in METRICS if m != "reid_accuracy")
 #: The threat model an attack runs under when the spec does not say.
 DEFAULT_THREAT = {"rmle": "white_box", "inverse_network": "black_box", "shadow_head": "query_free",
                   "model_completion": "black_box", "strongest": "white_box", "unsplit": "architecture_only",
@@ -232,7 +237,7 @@ class EvaluationSpec(BaseModel):
         default="first_per_class",
         description="He et al.'s protocol (the first test image of each class; with fewer than 10 classes the first "
                     "k of each, k = ceil(10 / classes), so at least 10 images) or n")
-    metrics: list[Metric] = list(METRICS)
+    metrics: list[Metric] = list(DEFAULT_METRICS)
     test_n: int | None = Field(default=None, gt=0, description="accuracy on the first n test images only")
 
     @field_validator("images")

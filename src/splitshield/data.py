@@ -534,25 +534,67 @@ def _decode_jpeg_npz(arrays: dict[str, np.ndarray], path: Path) -> dict[str, np.
     return out
 
 
+def _named_file(name: str, data_dir: str | Path | None) -> tuple[Path | None, Path | None, list[str]]:
+    """The file of dataset ``name`` in ``data_dir`` (default ``$SPLITSHIELD_DATA``; a path ending in .npz is the
+    file itself): (the file or ``None``, the folder looked in or ``None``, the paths tried)."""
+    root = data_dir or os.environ.get("SPLITSHIELD_DATA")
+    if root is None:
+        return None, None, []
+    root = Path(root)
+    tried: list[str] = []
+    for path in [root] if root.suffix == ".npz" else [root / f for f in _DATASETS[name].files]:
+        tried.append(str(path))
+        if path.is_file():
+            return path, root, tried
+    return None, root, tried
+
+
+def _not_found(name: str, tried: list[str]) -> DataError:
+    where = f"looked in: {', '.join(tried)}" if tried else "no --data-dir / $SPLITSHIELD_DATA given"
+    return DataError(f"dataset {name!r} not found ({where}); provide {_DATASETS[name].how_to_get}")
+
+
 def _from_named(name: str, data_dir: str | Path | None, download: bool,
                 value_range: tuple[float, float] | None = None) -> tuple[ImageSet, ImageSet]:
-    info = _DATASETS[name]
-    root = data_dir or os.environ.get("SPLITSHIELD_DATA")
-    tried: list[str] = []
-    if root is not None:
-        root = Path(root)
-        candidates = [root] if root.suffix == ".npz" else [root / f for f in info.files]
-        for path in candidates:
-            tried.append(str(path))
-            if path.is_file():
-                return _from_npz(path, value_range)
+    path, root, tried = _named_file(name, data_dir)
+    if path is not None:
+        return _from_npz(path, value_range)
     if root is not None or download:
         found = _from_torchvision(name, root or Path.home() / ".cache" / "splitshield", download, value_range)
         if found is not None:
             return found
         tried.append(f"torchvision layout under {root}")
-    where = f"looked in: {', '.join(tried)}" if tried else "no --data-dir / $SPLITSHIELD_DATA given"
-    raise DataError(f"dataset {name!r} not found ({where}); provide {info.how_to_get}")
+    raise _not_found(name, tried)
+
+
+#: The AT&T faces' people each named set holds (1-based, as the files s1..s40 number them), and the mean and
+#: standard deviation of its training images on [0, 1].
+ATT_PEOPLE = {"att-faces": range(1, 41), "att-faces-first20": range(1, 21), "att-faces-last20": range(21, 41)}
+_ATT_STATS = {"att-faces": (0.4413, 0.1945), "att-faces-first20": (0.4621, 0.2029),
+              "att-faces-last20": (0.4206, 0.1833)}
+#: Images 1-7 of each person train, 8-10 test (the usual protocol; the file defines no split).
+ATT_TRAIN_IMAGES = 7
+
+
+def _from_att_faces(name: str, data_dir: str | Path | None, download: bool,
+                    value_range: tuple[float, float] | None = None) -> tuple[ImageSet, ImageSet]:
+    """AT&T (ORL) faces: 10 grey 112×92 images per person; the people of ``ATT_PEOPLE[name]``, relabelled 0..n-1."""
+    path, _, tried = _named_file(name, data_dir)
+    if path is None:
+        raise _not_found(name, tried)
+    arrays = _read_npz(path, str(path))
+    missing = [k for k in ("x_all", "y_all", "image_index") if k not in arrays]
+    if missing:
+        raise DataError(f"{path} lacks arrays {missing}; it has {sorted(arrays)} (expected the AT&T faces layout)")
+    people = np.asarray(ATT_PEOPLE[name]) - 1
+    keep = np.isin(arrays["y_all"], people)
+    x, y, index = arrays["x_all"][keep], np.searchsorted(people, arrays["y_all"][keep]), arrays["image_index"][keep]
+    classes = arrays["classes"][people] if "classes" in arrays else None
+    train_part = index <= ATT_TRAIN_IMAGES
+    train = _imageset(x[train_part], y[train_part], classes, (f"{path}: x_all", f"{path}: y_all"), value_range)
+    test = _imageset(x[~train_part], y[~train_part], classes, (f"{path}: x_all", f"{path}: y_all"), value_range,
+                     train=train)
+    return train, test
 
 
 def _from_torchvision(name: str, root: Path, download: bool,
@@ -626,6 +668,13 @@ register_dataset(DatasetInfo(
     files=("cifar10.npz", "cifar10_jpegbytes.npz"), torchvision="CIFAR10",
     how_to_get="an npz with x_train/y_train/x_test/y_test, or torchvision's cifar-10-batches-py folder; "
                "or download=True"))
+for _name, _people in ATT_PEOPLE.items():
+    register_dataset(DatasetInfo(
+        name=_name, load=_from_att_faces, image_shape=(1, 112, 92), num_classes=len(_people),
+        normalization=((_ATT_STATS[_name][0],), (_ATT_STATS[_name][1],)), files=("att_faces.npz",),
+        how_to_get="att_faces.npz with x_all [400, 112, 92] uint8, y_all (person 0-39) and image_index (1-10), "
+                   "made from the AT&T (ORL) Database of Faces"))
+del _name, _people
 register_dataset(DatasetInfo(name="npz:PATH", load=_from_path(_from_npz)))
 register_dataset(DatasetInfo(name="imagefolder:PATH", load=_from_path(_from_imagefolder)))
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ._random import seeded
-from .config import METRICS
+from .config import DEFAULT_METRICS
 from .data import Dataset, ImageSet
 from .defenses.base import Compose, Defense
 from .errors import ConfigError, SplitShieldError
@@ -233,7 +233,7 @@ def fit_cloud_attack(cloud: CloudTail, data: Dataset | None, setting: dict[str, 
 
 def measure_attack(target: SplitModel, defense: Defense | None, data: Dataset, setting: dict[str, Any], *,
                    images: str | int, seed: int, test_n: int | None = None,
-                   metrics: tuple[str, ...] | list[str] = METRICS, device: str | torch.device = "cpu",
+                   metrics: tuple[str, ...] | list[str] = DEFAULT_METRICS, device: str | torch.device = "cpu",
                    progress: bool = False, other: Dataset | None = None) -> AttackResult:
     """Fit the attack ``setting`` (:func:`fit_attack`, ``other`` as there) and measure it on the evaluated images.
 
@@ -255,7 +255,7 @@ def measure_attack(target: SplitModel, defense: Defense | None, data: Dataset, s
             scratch = attack.train_from_scratch(target, device=device)
             rows.append(("scratch_accuracy", -1, _accuracy(scratch, test, device)))
         return AttackResult(rows)
-    x = fitted.evaluated.tensors(device)[0]
+    x, labels = fitted.evaluated.tensors(device)
     x_hat = attack.invert(victim.observe(x)).detach().cpu()
     x = x.cpu()
     rows: list[tuple[str, int, float]] = []
@@ -264,7 +264,22 @@ def measure_attack(target: SplitModel, defense: Defense | None, data: Dataset, s
             per_image = getattr(M, name)(x_hat, x, reduction="none")
             rows += [(name, i, float(v)) for i, v in enumerate(per_image)]
             rows.append((name, -1, float(per_image.mean())))
+    if "reid_accuracy" in metrics:
+        rows += _reid_rows(data, x, x_hat, labels, device)
     return AttackResult(rows + _kept_rows(attack), x.numpy(), x_hat.numpy())
+
+
+def _reid_rows(data: Dataset, x: torch.Tensor, x_hat: torch.Tensor, labels: torch.Tensor,
+               device: str | torch.device) -> list[tuple[str, int, float]]:
+    """``reid_accuracy`` per image (1 or 0) and its mean, and ``reid_ceiling``: the evaluator on the true images.
+    One evaluator per dataset (:data:`~splitshield.reidentify.EVALUATOR_SEED`), the same yardstick for every cell."""
+    from .reidentify import EVALUATOR_SEED, identity_evaluator, reidentified
+
+    evaluator = identity_evaluator(data, EVALUATOR_SEED, device)
+    hits = reidentified(evaluator, x_hat, labels)
+    ceiling = float(reidentified(evaluator, x, labels).mean())
+    return [("reid_accuracy", i, float(v)) for i, v in enumerate(hits)] + [
+        ("reid_accuracy", -1, float(hits.mean())), ("reid_ceiling", -1, ceiling)]
 
 
 def _kept_rows(attack: InversionAttack) -> list[tuple[str, int, float]]:
@@ -293,7 +308,7 @@ def _accuracy(predict: Callable[[torch.Tensor], torch.Tensor], test: ImageSet, d
 
 @torch.no_grad()
 def measure_target(target: SplitModel, defense: Defense | None, data: Dataset, *, seed: int,
-                   test_n: int | None = None, metrics: tuple[str, ...] | list[str] = METRICS,
+                   test_n: int | None = None, metrics: tuple[str, ...] | list[str] = DEFAULT_METRICS,
                    device: str | torch.device = "cpu") -> list[tuple[str, int, float]]:
     """The trained target's own numbers, as ``(name, -1, value)`` rows for the wanted ``metrics``.
 

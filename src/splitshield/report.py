@@ -29,12 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .store import ResultStore
 
 INVERSION = ("ssim", "psnr", "mse")
 #: A completion cell's numbers: the attack's label accuracy, and its labelled images' worth without the features.
 COMPLETION = ("completion_accuracy", "scratch_accuracy")
+#: Re-identification (:mod:`splitshield.reidentify`): the evaluator's accuracy on the reconstructions, and on the
+#: true images.
+REID = ("reid_accuracy", "reid_ceiling")
 #: Accuracy loss still counted as "keeping accuracy", in fraction points (1 pt).
 ACCURACY_TOLERANCE = 0.01
 
@@ -174,7 +177,7 @@ def load_sections(store: ResultStore) -> list[Section]:
             # Accuracy belongs to the trained target: average over targets (seeds), not over attacks.
             per_target = {c["target_hash"]: c["metrics"] for c in dcells}
             attacks = {a: {m: _mean(c["metrics"].get(m) for c in cs)
-                           for m in (*INVERSION, *COMPLETION)} for a, cs in per_attack.items()}
+                           for m in (*INVERSION, *COMPLETION, *REID)} for a, cs in per_attack.items()}
             rows.append(DefenseRow(label, defense_family(dcells[0]["defense"]), dcells[0]["defense"],
                                    _mean(m.get("accuracy") for m in per_target.values()),
                                    _mean(m.get("ce_floor") for m in per_target.values()), attacks, dcells,
@@ -242,10 +245,27 @@ BOUND_EXPLANATION = (
     "bounds information, not an attack's MSE.")
 
 
+def _reid_explanation(dataset: str) -> str:
+    """What the re-identification column shows, with the chance level when the dataset's class count is known."""
+    from .data import get_dataset_info
+
+    try:
+        classes = get_dataset_info(dataset).num_classes
+    except DataError:
+        classes = None
+    chance = f" Chance is 1/{classes} = {100 / classes:.1f} %." if classes else ""
+    return ("Re-identified: how often an evaluator classifier, trained by the auditor on the true training images "
+            "(not the target, not the attacker's), names the true class (on faces: the person) in a reconstruction; "
+            f"in brackets, its accuracy on the true images themselves.{chance}")
+
+
 def _table(section: Section) -> tuple[list[str], list[list[str]]]:
     header = ["defense", "accuracy"]
+    reid = [a for a in section.inversion_attacks
+            if any(r.attacks.get(a, {}).get("reid_accuracy") is not None for r in section.rows)]
     for a in section.inversion_attacks:
         header += [f"{a} SSIM", f"{a} PSNR (dB)", f"{a} MSE"]
+        header += [f"{a} re-identified (true images)"] if a in reid else []
     for a in section.completion_attacks:
         header += [f"{a} accuracy", f"{a}: its labels, from scratch"]
     noise_columns = [(name, key) for name, key in (("CE floor estimate (MSE)", "ce_floor"),
@@ -258,6 +278,8 @@ def _table(section: Section) -> tuple[list[str], list[list[str]]]:
         for a in section.inversion_attacks:
             m = r.attacks.get(a, {})
             line += [_num(m.get("ssim")), _num(m.get("psnr"), 2), _num(m.get("mse"), 4)]
+            if a in reid:
+                line.append(f"{_pct(m.get('reid_accuracy'))} ({_pct(m.get('reid_ceiling'))})")
         line += [_pct(r.attacks.get(a, {}).get(m)) for a in section.completion_attacks for m in COMPLETION]
         line += ["–" if getattr(r, key) is None else f"{getattr(r, key):.3g}" for _, key in noise_columns]
         body.append(line)
@@ -482,7 +504,9 @@ def privacy_utility_plot(section: Section, path: Path) -> Path | None:
     for i, (family, members) in enumerate(families.items()):
         colour = colours[i % len(colours)]
         for ax, metric in zip(axes, ("ssim", "mse"), strict=True):
-            points = sorted((r.best(metric)[1], 100 * r.accuracy) for r in members)
+            points = sorted((r.best(metric)[1], 100 * r.accuracy) for r in members if r.best(metric) is not None)
+            if not points:  # a spec that did not record this metric
+                continue
             xs, ys = zip(*points, strict=True)
             marker = "*" if family == "none" else "o"
             ax.plot(xs, ys, marker=marker, markersize=11 if family == "none" else 6, color=colour, label=family,
@@ -496,7 +520,9 @@ def privacy_utility_plot(section: Section, path: Path) -> Path | None:
     for ax in axes:
         ax.set_ylabel("task accuracy with defense (%)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="best")
+    legend = next((ax for ax in axes[::-1] if ax.get_legend_handles_labels()[0]), None)
+    if legend is not None:  # the MSE panel, unless the spec recorded no MSE
+        legend.legend(fontsize=8, loc="best")
     fig.suptitle(f"Privacy–utility: {section.title}", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -627,6 +653,8 @@ def build_report(db: str | Path, out_dir: str | Path, title: str | None = None,
                  f"<p>{html.escape(sentence)}</p>", _html_table(header, rows)]
         notes = [note for key, note in (("ce_floor", FLOOR_EXPLANATION), ("mi_bound", BOUND_EXPLANATION))
                  if any(getattr(r, key) is not None for r in section.rows)]
+        if any(h.endswith("re-identified (true images)") for h in header):
+            notes.append(_reid_explanation(section.dataset))
         if notes:
             md += ["", " ".join(notes)]
             body.append(f"<p class='meta'>{html.escape(' '.join(notes))}</p>")

@@ -132,6 +132,29 @@ def relative_drops(values: Sequence[float | None]) -> list[float | None]:
     return drops
 
 
+#: Liu et al.'s zone spans to the second largest drop of R̄² when every drop between the two exceeds this.
+GPZ_EXTEND_DROP = 0.2
+
+
+def gpz_zone(drops: Sequence[float | None]) -> list[int]:
+    """Liu et al.'s Golden Partition Zone, as indices into ``drops`` (from :func:`relative_drops`).
+
+    The zone starts at the point after the largest drop of R̄² (the point whose drop it is) and spans to the
+    point of the second largest drop when that one comes later and every drop in between exceeds
+    :data:`GPZ_EXTEND_DROP`; otherwise it is that one point. ``[]`` without any drop.
+    """
+    ranked = sorted((d, i) for i, d in enumerate(drops) if d is not None)
+    if not ranked:
+        return []
+    first = ranked[-1][1]
+    if len(ranked) > 1:
+        second = ranked[-2][1]
+        between = drops[first + 1:second]
+        if second > first and all(d is not None and d > GPZ_EXTEND_DROP for d in between):
+            return list(range(first, second + 1))
+    return [first]
+
+
 @torch.no_grad()
 def ce_floor(x: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, noise: float) -> float | None:
     """The conditional-entropy MSE floor of features ``z`` [N, ...] of images ``x`` [N, C, H, W] in [0, 1] sent with

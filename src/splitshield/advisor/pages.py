@@ -16,7 +16,8 @@ HOW = ("Costs are per image. Multiply-adds are PyTorch's FLOP counter's (matrix 
        "range. Leakage: a fast inverse network (black box, small fixed budget) on held-out test images, the "
        "conditional-entropy MSE floor (an estimate for comparing cuts) and the GPZ intra-class radius R̄² of the "
        "features (R̄²/V: divided by their total variance; drop: from the previous cut). Marks: ★ recommended, ms / kB "
-       "on the Pareto front of leakage against head latency / bytes, GPZ after the largest drop of R̄².")
+       "on the Pareto front of leakage against head latency / bytes, GPZ in Liu et al.'s zone (from the cut after the "
+       "largest drop of R̄²).")
 
 
 def _meta(advice: Advice) -> str:

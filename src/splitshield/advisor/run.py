@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..data import Dataset, load_dataset
 from ..errors import ConfigError, DataError, SplitError
-from ..models.split import SplitPoint, _modes_kept, split, split_points
+from ..models.split import ModelCuts, SplitPoint, _modes_kept, split_points
 from .costs import LATENCY_BATCHES, compute_cost
 from .leakage import FastAttack, ce_floor, fast_inversion, gpz_radius, held_out_index, relative_drops
 from .recommend import RANKINGS
@@ -201,9 +201,13 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
         inputs = _inputs(model, data, shape, images, seed, device)
         notes = _notes(data, trained, inputs, meta)
         lap = watch.lap
+        # The features of every cut in one pass: each cut's from the previous cut's, not from the images.
+        cuts = ModelCuts(model, shape)
+        chain = [m.eval() for m in cuts.chain([p.name for p in chosen])] if inputs.test is not None else []
+        z = inputs.test[0] if inputs.test is not None else None
         lap("inputs")
-        for p in tqdm(chosen, desc="advise", unit="cut", disable=not progress):
-            target = split(model, p.name, input_shape=shape).eval()
+        for k, p in enumerate(tqdm(chosen, desc="advise", unit="cut", disable=not progress)):
+            target = cuts.split(p.name).eval()
             lap("split")
             compute = compute_cost(target, inputs.cost)
             lap("compute")
@@ -213,14 +217,13 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
             else:
                 x, y, predicted = inputs.test
                 with torch.no_grad():
-                    z = torch.cat([target.head(c) for c in x.split(CHUNK)])
+                    z = torch.cat([chain[k](c) for c in z.split(CHUNK)])
                 lap("features")
                 wire = wire_cost(p.feature_shape, z, target.tail if measured else None, y, options)
                 lap("wire")
                 if measured:
                     leak = _statistics(x, z, y, predicted, noise)
                     lap("statistics")
-                del z
             if measured and attack:
                 inversion = fast_inversion(target, data, fast, seed, device)
                 leak |= {"psnr": inversion.psnr, "ssim": inversion.ssim}

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .leakage import gpz_zone
 from .recommend import RANKINGS, Ranking, best_cut, budget_reasons, pareto_front
 
 #: The column groups of :meth:`Advice.table`.
@@ -195,10 +196,10 @@ class Advice:
         return None if index is None else self.rows[index].point
 
     @property
-    def gpz_zone(self) -> str | None:
-        """The cut after the largest relative drop of R̄², where Liu et al.'s Golden Partition Zone starts."""
-        drops = [(r.gpz_drop, i) for i, r in enumerate(self.rows) if r.gpz_drop is not None]
-        return self.rows[max(drops)[1]].point if drops else None
+    def gpz_zone(self) -> list[str]:
+        """Liu et al.'s Golden Partition Zone: the cuts from the one after the largest relative drop of R̄² (see
+        :func:`~splitshield.advisor.leakage.gpz_zone`); ``[]`` when R̄² was not measured."""
+        return [self.rows[i].point for i in gpz_zone([r.gpz_drop for r in self.rows])]
 
     @property
     def budgets_met(self) -> bool:
@@ -253,15 +254,15 @@ class Advice:
 
         ``groups`` picks the columns (:data:`TABLE_GROUPS`): ``edge`` (head compute and latency), ``wire`` (feature
         shape, tail compute, bytes, accuracy on 8-bit features), ``leakage`` (measures present, then the advice
-        marks: ★ recommended, ``ms`` / ``kB`` on the Pareto front of leakage vs head latency / bytes, ``GPZ`` the cut
-        after the largest drop of R̄²). Columns never measured are left out.
+        marks: ★ recommended, ``ms`` / ``kB`` on the Pareto front of leakage vs head latency / bytes, ``GPZ`` in
+        Liu et al.'s zone, from the cut after the largest drop of R̄²). Columns never measured are left out.
         """
         wire = self.meta.get("wire_8bit", "8-bit").split(" (")[0]
         fronts, best, zone = (set(self.pareto_latency), set(self.pareto_bytes)), self.recommended, self.gpz_zone
 
         def marks(r: PointAdvice) -> str:
             return " ".join(m for m, on in (("★", r.point == best), ("ms", r.point in fronts[0]),
-                                            ("kB", r.point in fronts[1]), ("GPZ", r.point == zone)) if on)
+                                            ("kB", r.point in fronts[1]), ("GPZ", r.point in zone)) if on)
 
         columns: list[tuple[str, str, str | None, Callable[[PointAdvice], str]]] = [
             ("edge", "head MMAC", None, lambda r: f"{r.head_macs / 1e6:.3g}"),

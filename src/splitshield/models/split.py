@@ -18,7 +18,7 @@ import operator
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -284,24 +284,22 @@ def _fx_points(gm: fx.GraphModule) -> tuple[list[fx.Node], dict[int, tuple[str, 
     return nodes, _point_names(nodes, legal, leaves)
 
 
-def _fx_cut(gm: fx.GraphModule, nodes: list[fx.Node], cut: int) -> tuple[nn.Module, nn.Module]:
-    head_graph, tail_graph = fx.Graph(), fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for n in nodes[: cut + 1]:
-        env[n] = head_graph.node_copy(n, lambda a: env[a])
-    head_graph.output(env[nodes[cut]])
-
-    tail_env: dict[fx.Node, fx.Node] = {nodes[cut]: tail_graph.placeholder("z")}
+def _fx_segment(gm: fx.GraphModule, nodes: list[fx.Node], start: int, stop: int, name: str) -> nn.Module:
+    """The graph from the value of legal cut ``start`` (the model's inputs when -1) to that of ``stop`` (the last
+    node: the model's output)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {} if start < 0 else {nodes[start]: graph.placeholder("z")}
 
     def lookup(a: fx.Node) -> fx.Node:
-        if a not in tail_env:  # only get_attr nodes reach here on a legal cut
-            tail_env[a] = tail_graph.node_copy(a, lookup)
-        return tail_env[a]
+        if a not in env:  # only get_attr nodes reach here between legal cuts
+            env[a] = graph.node_copy(a, lookup)
+        return env[a]
 
-    for n in nodes[cut + 1 :]:
-        tail_env[n] = tail_graph.node_copy(n, lookup)
-    head, tail = fx.GraphModule(gm, head_graph, "Head"), fx.GraphModule(gm, tail_graph, "Tail")
-    return head, tail
+    for n in nodes[start + 1 : stop + 1]:
+        env[n] = graph.node_copy(n, lookup)
+    if nodes[stop].op != "output":
+        graph.output(env[nodes[stop]])
+    return fx.GraphModule(gm, graph, name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,14 +308,6 @@ def _fx_cut(gm: fx.GraphModule, nodes: list[fx.Node], cut: int) -> tuple[nn.Modu
 
 def _sequential_points(model: nn.Sequential) -> list[str]:
     return [name for name, _ in model.named_children()]
-
-
-def _sequential_cut(model: nn.Sequential, at: str) -> tuple[nn.Module, nn.Module]:
-    children = list(model.named_children())
-    cut = next(i for i, (name, _) in enumerate(children) if name == at)
-    head = nn.Sequential(OrderedDict(children[: cut + 1]))
-    tail = nn.Sequential(OrderedDict(children[cut + 1 :]))
-    return head, tail
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,22 +428,63 @@ def split(model: nn.Module, at: str, input_shape: tuple[int, ...] | None = None)
         When ``at`` is not a legal point (the message lists the legal names), or ``input_shape`` does not
         fit the model (the message names the shape the model takes, where known).
     """
-    points, traced = _points(model)
-    if input_shape is not None:
-        input_shape = _checked_shape(input_shape)
-        _feature_shapes(model, traced, input_shape)
-    spec = getattr(model, "model_spec", None)
-    if traced is not None:
-        gm, nodes, names = traced
-        cut = next((i for i, nm in names.items() if at in nm), None)
-        if cut is not None:
-            head, tail = _fx_cut(gm, nodes, cut)
-            return SplitModel(head, tail, names[cut][0], input_shape, spec)
-    elif at in {p.name for p in points}:
-        head, tail = _sequential_cut(model, at)  # type: ignore[arg-type]
-        return SplitModel(head, tail, at, input_shape, spec)
-    legal = ", ".join(p.name for p in points)
-    raise SplitError(f"no split point {at!r} in {type(model).__name__}; legal points: {legal}")
+    return ModelCuts(model, input_shape).split(at)
+
+
+class ModelCuts:
+    """One trace of ``model``, cut as often as needed: :meth:`split` at any point, :meth:`chain` through many.
+
+    Tracing (twice, to find the modules that depend on the mode) costs more than cutting; a caller that cuts
+    a model at many points (the advisor, at every one) traces it once here. ``input_shape`` is checked
+    against the model once, as in :func:`split`.
+    """
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...] | None = None):
+        self.model = model
+        self.points, self._traced = _points(model)
+        self.input_shape = None if input_shape is None else _checked_shape(input_shape)
+        if self.input_shape is not None:
+            _feature_shapes(model, self._traced, self.input_shape)
+
+    def _index(self, at: str) -> int:
+        index = next((i for i, p in enumerate(self.points) if at == p.name or at in p.aliases), None)
+        if index is None:
+            legal = ", ".join(p.name for p in self.points)
+            raise SplitError(f"no split point {at!r} in {type(self.model).__name__}; legal points: {legal}")
+        return index
+
+    def _part(self, start: int, stop: int, name: str) -> nn.Module:
+        """The model from the cut at ``points[start]`` (the inputs when -1) to the cut at ``points[stop]`` (the
+        output when ``len(points)``)."""
+        if self._traced is None:  # nn.Sequential: point i is child i
+            return nn.Sequential(OrderedDict(list(self.model.named_children())[start + 1 : stop + 1]))
+        gm, nodes, names = self._traced
+        order = sorted(names)  # points[i] is the cut after nodes[order[i]]
+        ends = [-1, *order, len(nodes) - 1]  # the output node is the last node
+        return _fx_segment(gm, nodes, ends[start + 1], ends[stop + 1], name)
+
+    def split(self, at: str) -> SplitModel:
+        """The model cut after the point ``at`` (see :func:`split`)."""
+        cut = self._index(at)
+        return SplitModel(self._part(-1, cut, "Head"), self._part(cut, len(self.points), "Tail"),
+                          self.points[cut].name, self.input_shape, getattr(self.model, "model_spec", None))
+
+    def chain(self, at: Sequence[str]) -> list[nn.Module]:
+        """Modules that carry features from one cut to the next, for walking many cuts with one forward pass.
+
+        ``at`` names cuts in the model's order; module ``k`` maps the features at ``at[k - 1]`` (the input images
+        for ``k = 0``) to the features at ``at[k]``, so applying modules 0 to ``k`` in turn computes exactly what
+        the head at ``at[k]`` computes. They share parameters with the model (no copy). Raises
+        :class:`SplitError` for an unknown name or names out of order.
+        """
+        indices: list[int] = []
+        for name in at:
+            cut = self._index(name)
+            if indices and cut <= indices[-1]:
+                raise SplitError(f"chain needs the points in the model's order: {name!r} comes before "
+                                 f"{self.points[indices[-1]].name!r}")
+            indices.append(cut)
+        return [self._part(a, b, "Segment") for a, b in zip([-1, *indices[:-1]], indices, strict=True)]
 
 
 @torch.no_grad()
