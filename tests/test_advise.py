@@ -98,6 +98,8 @@ def test_gpz_zone_spans_to_the_second_largest_drop_only_through_large_drops():
     assert gpz_zone([None, 0.1, 0.7, 0.15, 0.5, 0.0]) == [2]
     # The second largest drop comes first: the zone starts after the largest and does not reach back.
     assert gpz_zone([None, 0.5, 0.3, 0.7, 0.0]) == [3]
+    # Right after the largest, a second largest drop of 0.01 is no zone: it must exceed 0.2 itself.
+    assert gpz_zone([None, 0.9, 0.01, -0.5]) == [1] and gpz_zone([None, 0.9, 0.3, -0.5]) == [1, 2]
     assert gpz_zone([None, None]) == [] and gpz_zone([None, 0.4]) == [1]
 
 

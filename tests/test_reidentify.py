@@ -43,6 +43,13 @@ def test_att_faces_in_the_wrong_layout_is_one_line_naming_the_arrays(tmp_path):
     np.savez(tmp_path / "att_faces.npz", x_train=np.zeros((2, 8, 8), np.uint8))
     with pytest.raises(DataError, match=r"lacks arrays \['x_all', 'y_all', 'image_index'\]"):
         ss.load_dataset("att-faces", data_dir=tmp_path)
+    _faces_file(tmp_path / "att_faces.npz")
+    arrays = dict(np.load(tmp_path / "att_faces.npz"))
+    for broken, message in (({"y_all": arrays["y_all"][:-1]}, "N entries in y_all and image_index"),
+                            ({"image_index": arrays["image_index"] - 1}, "1..10, got 0..9")):
+        np.savez(tmp_path / "att_faces.npz", **{**arrays, **broken})
+        with pytest.raises(DataError, match=message):
+            ss.load_dataset("att-faces", data_dir=tmp_path)
 
 
 def test_reidentified_is_whether_the_evaluator_names_the_true_class():

@@ -586,10 +586,17 @@ def _from_att_faces(name: str, data_dir: str | Path | None, download: bool,
     missing = [k for k in ("x_all", "y_all", "image_index") if k not in arrays]
     if missing:
         raise DataError(f"{path} lacks arrays {missing}; it has {sorted(arrays)} (expected the AT&T faces layout)")
+    x, y, index = arrays["x_all"], arrays["y_all"].reshape(-1), arrays["image_index"].reshape(-1)
+    if x.ndim != 3 or not len(x) == len(y) == len(index):
+        raise DataError(f"{path}: x_all must be [N, H, W] grey images with N entries in y_all and image_index; got "
+                        f"{x.shape}, {len(y)} and {len(index)}")
+    if len(index) and not (index.min() >= 1 and index.max() <= 10):
+        raise DataError(f"{path}: image_index must number each person's images 1..10, got {index.min()}..{index.max()}")
     people = np.asarray(ATT_PEOPLE[name]) - 1
-    keep = np.isin(arrays["y_all"], people)
-    x, y, index = arrays["x_all"][keep], np.searchsorted(people, arrays["y_all"][keep]), arrays["image_index"][keep]
-    classes = arrays["classes"][people] if "classes" in arrays else None
+    keep = np.isin(y, people)
+    x, y, index = x[keep], np.searchsorted(people, y[keep]), index[keep]
+    names = arrays.get("classes")
+    classes = names[people] if names is not None and len(names) > people.max() else None
     train_part = index <= ATT_TRAIN_IMAGES
     train = _imageset(x[train_part], y[train_part], classes, (f"{path}: x_all", f"{path}: y_all"), value_range)
     test = _imageset(x[~train_part], y[~train_part], classes, (f"{path}: x_all", f"{path}: y_all"), value_range,

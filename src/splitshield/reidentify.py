@@ -1,8 +1,9 @@
 """Re-identification: does a reconstruction still show *who* (which class) is in the private image?
 
 PSNR and SSIM do not say whether a person can be recognised in a reconstruction (ALGORITHMS §G.7). The
-auditor trains its own classifier, the *evaluator*, on the dataset's true training images (the target's and
-the attacker's held-out ones; never the test images, never the target model, never the attacker's), and counts
+auditor trains its own classifier, the *evaluator*, on every true training image of the dataset (the target's
+training images and the ones held out for the attacker; never a test image), with a model of its own (neither
+the target nor an attacker's), and counts
 how often it names the right class (the person, on a faces dataset) in each reconstruction. Its accuracy on the
 true evaluated images beside that is the ceiling: a perfect reconstruction reaches it, and chance is
 1 / classes.
@@ -10,6 +11,7 @@ true evaluated images beside that is the ceiling: a perfect reconstruction reach
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -32,16 +34,16 @@ _EVALUATORS: dict[tuple, nn.Module] = {}
 def identity_evaluator(data: Dataset, seed: int, device: str | torch.device = "cpu") -> nn.Module:
     """The evaluator classifier of ``data`` (logits [B, classes] from images [B, C, H, W] in [0, 1]), in eval mode.
 
-    Trained once per process for each (dataset, seed, device) from ``seed`` alone; the caller's RNG is left as
-    it was.
+    Trained once per process for each (dataset images, seed, device) from ``seed`` alone, on the images in one
+    order whatever seed split them into train and holdout; the caller's RNG is left as it was. The first cell of a
+    process that needs it pays for the training in its attack time.
     """
     from .models import build_model, split, split_points
     from .train import Trainer
 
-    key = (data.name, tuple(data.image_shape), len(data.train), seed, str(device))
+    true = _canonical(data)
+    key = (data.name, hashlib.sha256(true.images.numpy().tobytes()).hexdigest(), seed, str(device))
     if key not in _EVALUATORS:
-        true = ImageSet(torch.cat([data.train.images, data.holdout.images]),
-                        torch.cat([data.train.labels, data.holdout.labels]), data.train.classes)
         epochs = max(1, round(EVALUATOR_STEPS * EVALUATOR_BATCH / len(true)))
         with seeded(seed):
             model = build_model(EVALUATOR_MODEL, num_classes=data.num_classes, input_shape=data.image_shape)
@@ -51,6 +53,16 @@ def identity_evaluator(data: Dataset, seed: int, device: str | torch.device = "c
                     progress=False).fit(true)
         _EVALUATORS[key] = model.eval()
     return _EVALUATORS[key]
+
+
+def _canonical(data: Dataset) -> ImageSet:
+    """Every training image (target's and holdout), ordered by label and bytes: the same images in the same order
+    whichever seed split them, so that every cell of a dataset gets one evaluator."""
+    images = torch.cat([data.train.images, data.holdout.images])
+    labels = torch.cat([data.train.labels, data.holdout.labels])
+    flat = images.reshape(len(images), -1).numpy()
+    order = sorted(range(len(images)), key=lambda i: (int(labels[i]), flat[i].tobytes()))
+    return ImageSet(images[order], labels[order], data.train.classes)
 
 
 @torch.no_grad()

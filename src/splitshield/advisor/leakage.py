@@ -140,8 +140,8 @@ def gpz_zone(drops: Sequence[float | None]) -> list[int]:
     """Liu et al.'s Golden Partition Zone, as indices into ``drops`` (from :func:`relative_drops`).
 
     The zone starts at the point after the largest drop of R̄² (the point whose drop it is) and spans to the
-    point of the second largest drop when that one comes later and every drop in between exceeds
-    :data:`GPZ_EXTEND_DROP`; otherwise it is that one point. ``[]`` without any drop.
+    point of the second largest drop when that one comes later and it and every drop in between exceed
+    :data:`GPZ_EXTEND_DROP`; otherwise it is that one point. ``[]`` when no drop was measured.
     """
     ranked = sorted((d, i) for i, d in enumerate(drops) if d is not None)
     if not ranked:
@@ -149,8 +149,7 @@ def gpz_zone(drops: Sequence[float | None]) -> list[int]:
     first = ranked[-1][1]
     if len(ranked) > 1:
         second = ranked[-2][1]
-        between = drops[first + 1:second]
-        if second > first and all(d is not None and d > GPZ_EXTEND_DROP for d in between):
+        if second > first and all(d is not None and d > GPZ_EXTEND_DROP for d in drops[first + 1 : second + 1]):
             return list(range(first, second + 1))
     return [first]
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..data import Dataset, load_dataset
 from ..errors import ConfigError, DataError, SplitError
-from ..models.split import ModelCuts, SplitPoint, _modes_kept, split_points
+from ..models.split import ModelCuts, SplitPoint, _modes_kept
 from .costs import LATENCY_BATCHES, compute_cost
 from .leakage import FastAttack, ce_floor, fast_inversion, gpz_radius, held_out_index, relative_drops
 from .recommend import RANKINGS
@@ -187,7 +187,8 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
     data = load_dataset(data) if isinstance(data, str) else data
     shape = _input_shape(model, data, input_shape)
     model_name = (getattr(model, "model_spec", None) or {}).get("name", type(model).__name__)
-    chosen = select_points(split_points(model, shape), points, model_name)
+    cuts = ModelCuts(model, shape)  # one trace for the points, the cuts and the chain through them
+    chosen = select_points(cuts.points, points, model_name)
     measured = trained and data is not None
     ranking = _ranking(rank_by, measured and attack, measured)
     options, wire_label = eight_bit_options()
@@ -202,7 +203,6 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
         notes = _notes(data, trained, inputs, meta)
         lap = watch.lap
         # The features of every cut in one pass: each cut's from the previous cut's, not from the images.
-        cuts = ModelCuts(model, shape)
         chain = [m.eval() for m in cuts.chain([p.name for p in chosen])] if inputs.test is not None else []
         z = inputs.test[0] if inputs.test is not None else None
         lap("inputs")

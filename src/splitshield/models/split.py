@@ -339,11 +339,7 @@ def split_points(model: nn.Module, input_shape: tuple[int, ...] | None = None) -
         Shape of one input (C, H, W). When given, each point carries its feature shape, and a shape the
         model cannot take is a :class:`SplitError` naming the shape the model expects.
     """
-    points, traced = _points(model)
-    if input_shape is None:
-        return points
-    shapes = _feature_shapes(model, traced, _checked_shape(input_shape))
-    return [SplitPoint(p.name, p.aliases, shapes[p.name]) for p in points]
+    return ModelCuts(model, input_shape).points
 
 
 def _checked_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -436,7 +432,12 @@ class ModelCuts:
 
     Tracing (twice, to find the modules that depend on the mode) costs more than cutting; a caller that cuts
     a model at many points (the advisor, at every one) traces it once here. ``input_shape`` is checked
-    against the model once, as in :func:`split`.
+    against the model once, as in :func:`split`, and gives :attr:`points` their feature shapes.
+
+    Attributes
+    ----------
+    points:
+        The legal cuts in execution order, as :func:`split_points` lists them.
     """
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...] | None = None):
@@ -444,7 +445,8 @@ class ModelCuts:
         self.points, self._traced = _points(model)
         self.input_shape = None if input_shape is None else _checked_shape(input_shape)
         if self.input_shape is not None:
-            _feature_shapes(model, self._traced, self.input_shape)
+            shapes = _feature_shapes(model, self._traced, self.input_shape)
+            self.points = [SplitPoint(p.name, p.aliases, shapes[p.name]) for p in self.points]
 
     def _index(self, at: str) -> int:
         index = next((i for i, p in enumerate(self.points) if at == p.name or at in p.aliases), None)
@@ -480,10 +482,14 @@ class ModelCuts:
         indices: list[int] = []
         for name in at:
             cut = self._index(name)
-            if indices and cut <= indices[-1]:
+            if indices and cut == indices[-1]:
+                raise SplitError(f"chain: {name!r} is named twice in a row; name each point once")
+            if indices and cut < indices[-1]:
                 raise SplitError(f"chain needs the points in the model's order: {name!r} comes before "
                                  f"{self.points[indices[-1]].name!r}")
             indices.append(cut)
+        if not indices:
+            return []
         return [self._part(a, b, "Segment") for a, b in zip([-1, *indices[:-1]], indices, strict=True)]
 
 
