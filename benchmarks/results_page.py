@@ -11,6 +11,8 @@ import argparse
 import re
 from pathlib import Path
 
+from splitshield.config import ExperimentSpec, load_spec
+from splitshield.experiment import plan
 from splitshield.report import build_report
 from splitshield.store import ResultStore
 
@@ -24,9 +26,12 @@ below is also written as one self-contained HTML file, `report/report.html` (not
 
 ## What the store holds
 
-| run | executor | cells |
-|---|---|---|
+| run | spec | invocations | cells done |
+|---|---|---|---|
 {runs}
+
+(*Cells done* counts the spec's cells as the example file plans them today; cells of an earlier version of a
+spec stay in the store, and in the report where still current, but are not counted here.)
 
 - Cells measured by splitshield come from the example specs; measure them again, or the rest of their grid, with
 
@@ -40,15 +45,39 @@ below is also written as one self-contained HTML file, `report/report.html` (not
 """
 
 
-def example_specs(names: list[str]) -> list[str]:
-    """The example specs (``examples/*``) whose ``name`` is one of the store's run ``names``, in their order."""
-    from splitshield.config import load_spec
-
-    found = {}
+def example_specs() -> dict[str, tuple[str, ExperimentSpec]]:
+    """The example specs (``examples/*``) by their ``name``: ``(path relative to the project, spec)``."""
+    found: dict[str, tuple[str, ExperimentSpec]] = {}
     for path in sorted((RESULTS.parents[1] / "examples").iterdir()):
         if path.suffix in (".yaml", ".yml", ".toml"):
-            found.setdefault(load_spec(path).name, f"examples/{path.name}")
-    return [found[name] for name in names if name in found]
+            spec = load_spec(path)
+            found.setdefault(spec.name, (f"examples/{path.name}", spec))
+    return found
+
+
+def run_rows(store: ResultStore, examples: dict[str, tuple[str, ExperimentSpec]]) -> list[str]:
+    """One Markdown table row per run name in the store: its example spec, how many times it was run, and
+    how many of the spec's planned cells are done (for names without an example spec, the done cells
+    registered by its runs)."""
+    status = store.status()
+    by_name: dict[str, list[dict]] = {}
+    for r in store.runs():
+        by_name.setdefault(r["name"], []).append(r)
+    rows = []
+    for name, runs in by_name.items():
+        if name in examples:
+            path, spec = examples[name]
+            planned = [c.hash for c in plan(spec)]
+            done = sum(status.get(h) == "done" for h in planned)
+            rows.append(f"| {name} | `{path}` | {len(runs)} | {done} of {len(planned)} |")
+        else:
+            ids = [r["id"] for r in runs]
+            done = store.conn.execute(
+                f"SELECT COUNT(*) FROM cells WHERE status = 'done' AND run_id IN ({','.join('?' * len(ids))})",
+                ids).fetchone()[0]
+            source = "imported" if runs[0]["executor"] == "import" else "(no example spec)"
+            rows.append(f"| {name} | {source} | {len(runs)} | {done} |")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,11 +85,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--db", type=Path, default=RESULTS / "results.db")
     parser.add_argument("--window", type=float, default=1.0, help="paired comparisons' accuracy window, in points")
     args = parser.parse_args(argv)
+    with ResultStore(args.db) as store:  # the page describes, and git commits, the database file alone
+        if not store.checkpoint():
+            print(f"warning: a run is writing to {args.db}; its newest cells may still be in {args.db.name}-wal")
     report = build_report(args.db, args.db.parent / "report", title="splitshield: measured results",
                           window=args.window / 100)
+    examples = example_specs()
     with ResultStore.open_readonly(args.db) as store:
-        runs = "\n".join(f"| {r['name']} | {r['executor']} | {r['cells_run'] or 0} of {r['cells_total']} |"
-                         for r in store.runs())
+        runs = "\n".join(run_rows(store, examples))
         names = list(dict.fromkeys(r["name"] for r in store.runs()))
     body = report.markdown.read_text()
     body = re.sub(r"^# .*\n", "", body, count=1)  # the page has its own title
@@ -69,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     page = args.db.parent / "README.md"
     db = args.db.relative_to(Path.cwd()) if args.db.is_absolute() and args.db.is_relative_to(Path.cwd()) else args.db
     run = "      SPLITSHIELD_DATA=path/to/data splitshield run"
-    commands = "\n".join(f"{run} {spec} --db {db} --jobs 2 [--only PATTERN]" for spec in example_specs(names))
+    specs = [examples[name][0] for name in names if name in examples]
+    commands = "\n".join(f"{run} {spec} --db {db} --jobs 2 [--only PATTERN]" for spec in specs)
     page.write_text(HEADER.format(db=db, runs=runs, commands=commands) + "## The report\n" + body)
     print(f"wrote {page} and {report.html}")
 

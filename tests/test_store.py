@@ -6,6 +6,7 @@ import sqlite3
 
 import pytest
 
+from splitshield.errors import ConfigError
 from splitshield.store import CellRecord, ResultStore
 
 
@@ -124,3 +125,18 @@ def test_open_readonly_reads_beside_a_writer_and_cannot_write(store):
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
             ro.record_failure("b", "nope")
     assert store.status()["b"] == "pending"
+
+
+def test_checkpoint_puts_every_write_in_the_database_file(store, tmp_path):
+    store.record(_record("a"))
+    wal = store.path.with_name(store.path.name + "-wal")
+    assert wal.stat().st_size > 0  # the write is still in the log, not in results.db
+    assert store.checkpoint()
+    assert wal.stat().st_size == 0
+    copy = tmp_path / "copy" / "results.db"  # the database file alone, as git would commit it
+    copy.parent.mkdir()
+    copy.write_bytes(store.path.read_bytes())
+    with ResultStore.open_readonly(copy) as ro:
+        assert ro.status() == {"a": "done", "b": "pending"}
+    with ResultStore.open_readonly(store.path) as ro, pytest.raises(ConfigError, match="read-only"):
+        ro.checkpoint()

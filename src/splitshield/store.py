@@ -147,6 +147,15 @@ class ResultStore:
     def close(self) -> None:
         self.conn.close()
 
+    def checkpoint(self) -> bool:
+        """Move every committed write from the write-ahead log into ``results.db`` itself and empty the log, so
+        the one file holds the whole store (e.g. before copying or committing it). Returns ``False`` when a
+        reader or writer kept part of the log in use (nothing is lost; call again when it has finished)."""
+        if self.readonly:
+            raise ConfigError(f"{self.path} is open read-only; open it writable to checkpoint it")
+        busy, _, _ = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
+
     def __enter__(self) -> ResultStore:
         return self
 
