@@ -20,6 +20,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
 
 
+def add_lenet_attack_args(parser: argparse.ArgumentParser, *, images_help: str, points_help: str) -> None:
+    """The arguments of a benchmark that attacks a LeNet it trains: images, epochs, points, a noise defense."""
+    parser.add_argument("--images", type=int, default=100, help=images_help)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--points", default=None, help=f"comma-separated split points (default: {points_help})")
+    parser.add_argument("--sigma", type=float, default=0.0, help="Gaussian noise on the feature (0: no defense)")
+
+
 def trained_lenet(data: ss.Dataset, epochs: int, seed: int, device: str) -> tuple[torch.nn.Module, float, float]:
     """LeNet trained on ``data.train``; returns (model, test accuracy, seconds)."""
     model = ss.build_model("lenet", seed=seed).to(device)

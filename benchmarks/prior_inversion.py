@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import add_common_args, trained_lenet
+from _common import add_common_args, add_lenet_attack_args, trained_lenet
 from torch import nn
 
 import splitshield as ss
@@ -64,10 +64,8 @@ def run(name: str, target: ss.SplitModel, defense, data: ss.Dataset, images: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--images", type=int, default=100, help="test images inverted (the issue's target: 1000)")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--points", default=None, help="comma-separated split points (default: the deep cuts)")
-    parser.add_argument("--sigma", type=float, default=0.0, help="Gaussian noise on the feature (0: no defense)")
+    add_lenet_attack_args(parser, images_help="test images inverted (the issue's target: 1000)",
+                          points_help="the deep cuts")
     parser.add_argument("--skip-rmle", action="store_true", help="run the prior attack alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

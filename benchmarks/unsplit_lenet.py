@@ -15,7 +15,7 @@ import argparse
 import time
 
 import torch
-from _common import add_common_args, trained_lenet
+from _common import add_common_args, add_lenet_attack_args, trained_lenet
 
 import splitshield as ss
 from splitshield import metrics
@@ -25,12 +25,9 @@ from splitshield.measure import attack_seed, measure_attack
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--images", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=2)
+    add_lenet_attack_args(parser, images_help="test images inverted", points_help="every one")
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--restarts", type=int, default=4)
-    parser.add_argument("--points", default=None, help="comma-separated split points (default: every one)")
-    parser.add_argument("--sigma", type=float, default=0.0, help="Gaussian noise on the feature (0: no defense)")
     parser.add_argument("--non-adaptive", action="store_true", help="the attacker ignores the defense")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -312,6 +312,11 @@ ATTACKS = {
     "inverse_network": (lambda seed: ss.InverseNetwork(steps=5, seed=seed, progress=False), "black_box"),
     "shadow_head": (lambda seed: ss.QueryFreeInversion(steps=5, iters=5, seed=seed, progress=False), "query_free"),
     "model_completion": (lambda seed: ss.ModelCompletion(steps=5, seed=seed, progress=False), "black_box"),
+    "unsplit": (lambda seed: ss.attacks.UnSplit(rounds=2, input_iters=3, model_iters=3, restarts=2, seed=seed,
+                                                progress=False), "architecture_only"),
+    "prior_inversion": (lambda seed: ss.attacks.PriorInversion(
+        latent=8, width=16, steps=20, batch_size=32, latent_iters=10, refine_iters=5, refine_tv=0.1,
+        keep_refined="always", seed=seed, progress=False), "white_box"),
 }
 
 
@@ -341,6 +346,7 @@ def test_a_second_fit_starts_afresh_and_leaves_the_settings_alone(name, noisy_fe
     settings = _settings(attack)
     first = _output(attack.fit(victims[threat]), z)
     assert _settings(attack) == settings
+    assert torch.equal(_output(attack, z), first)  # a second call draws from the seed too
     assert torch.equal(_output(attack.fit(victims[threat]), z), first)
     assert _settings(attack) == settings
 

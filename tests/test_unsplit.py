@@ -61,37 +61,14 @@ def test_the_view_holds_the_architecture_and_nothing_else(mnist5k):
 
 def test_recovers_a_conv_heads_images_well_above_the_mean_image(conv_head, mnist5k, digits, one_thread):
     victim = ss.Victim(conv_head, threat="architecture_only")
-    x_hat = UnSplit(rounds=25, restarts=2, progress=False).fit(victim).invert(victim.observe(digits))
+    attack = UnSplit(rounds=25, restarts=2, progress=False).fit(victim)
+    x_hat = attack.invert(victim.observe(digits))
     assert x_hat.shape == digits.shape and float(x_hat.min()) >= 0 and float(x_hat.max()) <= 1
+    assert attack.chosen_.shape == attack.residual_.shape == (len(digits),) and len(attack.heads_) == 2
     mean_image = mnist5k.holdout.tensors()[0].mean(0, keepdim=True).expand_as(digits)
     # Measured: 19.5-21.4 dB and SSIM 0.63-0.87 over seeds 0-2, the mean image 11.9 dB and 0.16.
     assert float(metrics.psnr(x_hat, digits)) > float(metrics.psnr(mean_image, digits)) + 5
     assert float(metrics.ssim(x_hat, digits)) > 0.5
-
-
-def _settings(attack: UnSplit) -> dict:
-    return {k: v for k, v in vars(attack).items() if not k.endswith("_")}
-
-
-def test_draws_from_its_seed_alone_and_a_refit_starts_afresh(conv_head, digits, one_thread):
-    victim = ss.Victim(conv_head, ss.defenses.GaussianNoise(sigma=0.1), threat="architecture_only")
-    z = victim.observe(digits)
-
-    def build(seed: int) -> UnSplit:
-        return UnSplit(rounds=2, input_iters=3, model_iters=3, restarts=2, seed=seed, progress=False)
-
-    torch.manual_seed(1)
-    state = torch.get_rng_state()
-    attack = build(0)
-    settings = _settings(attack)
-    first = attack.fit(victim).invert(z)
-    assert torch.equal(torch.get_rng_state(), state) and _settings(attack) == settings
-    assert torch.equal(attack.invert(z), first)  # each invert starts from the fitted clones
-    assert torch.equal(attack.fit(victim).invert(z), first) and _settings(attack) == settings
-    torch.manual_seed(2)  # another global state: the same reconstructions
-    assert torch.equal(build(0).fit(victim).invert(z), first)
-    assert not torch.equal(build(1).fit(victim).invert(z), first)
-    assert attack.chosen_.shape == attack.residual_.shape == (len(digits),) and len(attack.heads_) == 2
 
 
 def test_adaptive_attack_runs_through_a_noisy_defense_and_beats_the_non_adaptive(digits, one_thread):
