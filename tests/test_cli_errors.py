@@ -83,15 +83,22 @@ def a_file(tmp_path: Path) -> Path:
 # -- --device ------------------------------------------------------------------------------------------------
 
 
+SPEC = "name: tiny\ndataset: mnist-5k\nmodel: lenet\nsplits: [ReLU2]\nattacks: [{name: rmle, iters: 5}]\n"
+
+
 def _commands(models: dict[str, Path], tmp_path: Path) -> dict[str, list]:
-    return {"train": ["train", "lenet", "--split", "ReLU2", "--out", tmp_path / "m"],
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    return {"run": ["run", spec, "--db", tmp_path / "r.db"],
+            "audit": ["audit", spec, "--max-ssim", "0.5", "--db", tmp_path / "r.db"],
+            "train": ["train", "lenet", "--split", "ReLU2", "--out", tmp_path / "m"],
             "attack": ["attack", models["checkpoint"]],
             "serve": ["serve", models["cloud"], "--token-file", models["token"], "--port", "0"],
             "infer": ["infer", models["edge"], tmp_path],
             "demo": ["demo", "--out", tmp_path / "report", "--quick"]}
 
 
-@pytest.mark.parametrize("command", ["train", "attack", "serve", "infer", "demo"])
+@pytest.mark.parametrize("command", ["train", "attack", "serve", "infer", "demo", "run", "audit"])
 @pytest.mark.parametrize(("device", "expected"), [("bogus", "is not a device"), ("cuda", "no CUDA GPU"),
                                                   ("cuda:7", "no CUDA GPU"), ("meta", "runs on cpu, cuda or mps")])
 def test_device_is_checked_first(models, tmp_path, no_training, command, device, expected):
@@ -99,6 +106,37 @@ def test_device_is_checked_first(models, tmp_path, no_training, command, device,
         pytest.skip("this machine has a GPU")
     one_line_error(run(*_commands(models, tmp_path)[command], "--device", device), "--device", expected)
     assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "report").exists()
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_a_specs_device_is_checked_first_and_named(tmp_path, no_training):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC + "device: cuda\n")
+    one_line_error(run("run", spec, "--db", tmp_path / "r.db"), "spec.yaml: device", "no CUDA GPU")
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_run_device_replaces_the_specs_and_keeps_its_cells(tmp_path, monkeypatch):
+    from splitshield import experiment
+
+    seen = []
+
+    def fake_run(spec, db, **_):
+        seen.append(spec)
+        return experiment.RunSummary(run_id=1, cells_total=len(experiment.plan(spec)), cells_skipped=0,
+                                     cells_done=0, failures={}, seconds=0.0, overhead_seconds=0.0,
+                                     compute_seconds=0.0)
+
+    monkeypatch.setattr(experiment, "run_experiment", fake_run)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC + "device: cuda\n")  # the spec's device is not checked when --device replaces it
+    assert run("run", spec, "--db", tmp_path / "r.db", "--device", "cpu").exit_code == 0
+    (override,) = seen
+    assert override.device == "cpu"
+    original = ss.load_spec(spec)
+    assert [c.hash for c in experiment.plan(override)] == [c.hash for c in experiment.plan(original)]
 
 
 # -- attack options ------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ err_console = Console(stderr=True)
 
 Seed = Annotated[int, typer.Option(help="Seed of every random choice; same seed, same numbers on CPU.")]
 Device = Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1, mps.")]
+SpecDevice = Annotated[str | None, typer.Option(
+    help="Torch device of every cell (cpu, cuda, cuda:1, mps), in place of the spec's `device`; the cells' "
+         "hashes stay the same, so results measured on either device resume each other.")]
 # Names come from the registries (imported with the package anyway; torchvision's names are not listed).
 ModelName = Annotated[str, typer.Argument(help=f"{', '.join(list_models())}, or a torchvision classifier name.")]
 DataDir = Annotated[Path | None, typer.Option(
@@ -49,7 +52,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            if "device" in kwargs:
+            if kwargs.get("device") is not None:
                 check_device(kwargs["device"])
             return fn(*args, **kwargs)
         except SplitShieldError as exc:
@@ -59,23 +62,23 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def check_device(text: str) -> None:
-    """A --device this machine has (cpu, cuda[:N], mps), or a one-line ConfigError."""
+def check_device(text: str, field: str = "--device") -> None:
+    """A device this machine has (cpu, cuda[:N], mps), or a one-line ConfigError naming ``field``."""
     import torch
 
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise ConfigError(f"--device: {text!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+        raise ConfigError(f"{field}: {text!r} is not a device; use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {text}: no CUDA GPU is available on this machine; use --device cpu")
+        raise ConfigError(f"{field} {text}: no CUDA GPU is available on this machine; use cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+        raise ConfigError(f"{field} {text}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
                           f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {text}: Apple's MPS is not available on this machine; use --device cpu")
+        raise ConfigError(f"{field} {text}: Apple's MPS is not available on this machine; use cpu")
     if device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device {text}: splitshield runs on cpu, cuda or mps")
+        raise ConfigError(f"{field} {text}: splitshield runs on cpu, cuda or mps")
 
 
 def parse_shape(text: str, field: str = "--input-shape") -> tuple[int, ...]:
@@ -654,11 +657,15 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars: on
 
 
 def _run_spec(spec_path: Path, db: Path, executor: str, address: str | None, jobs: int, quiet: bool,
-              grids: bool = False, only: list[str] | None = None):
+              grids: bool = False, only: list[str] | None = None, device: str | None = None):
     from .config import load_spec
     from .experiment import run_experiment
 
     spec = load_spec(spec_path)
+    if device is not None:
+        spec = spec.model_copy(update={"device": device})
+    else:
+        check_device(spec.device, f"{spec_path}: device")
     log = (lambda line: err_console.print(line, highlight=False, soft_wrap=True)) if quiet else None
     summary = run_experiment(spec, db, executor=executor, jobs=jobs, address=address, progress=not quiet,
                              pngs=grids, only=only, log=log)
@@ -683,10 +690,11 @@ def run(
     only: Annotated[list[str] | None, typer.Option(
         help="Run only the cells whose path dataset/model/split/defense/attack/seed=N matches this shell "
              "pattern, e.g. 'mnist/*/gaussian_noise(sigma=0.5)*'; repeat for several.")] = None,
+    device: SpecDevice = None,
     quiet: Quiet = False,
 ) -> None:
     """Run every cell of an experiment spec, storing results; finished cells are skipped on rerun."""
-    _, summary = _run_spec(spec, db, executor, address, jobs, quiet, grids, only)
+    _, summary = _run_spec(spec, db, executor, address, jobs, quiet, grids, only, device)
     if summary.failures:
         raise typer.Exit(1)
 
@@ -726,6 +734,7 @@ def audit(
         "--allow-weak-attacks", help="Run attacks below the gate's minimum budgets (MIN_AUDIT_BUDGETS), "
                                      "non-adaptive or on noise; a PASS is then labelled 'with weak attacks'.")
                                   ] = False,
+    device: SpecDevice = None,
     quiet: Quiet = False,
 ) -> None:
     """Privacy gate for CI: run the spec (resuming); exit 1 if any attack beats a bar, gave no number or did not
@@ -739,7 +748,7 @@ def audit(
     if max_ssim is None and max_psnr is None and max_completion_accuracy is None:
         raise ConfigError("audit needs at least one bar: --max-ssim, --max-psnr or --max-completion-accuracy")
     weak = _audit_preflight(load_spec(spec), max_ssim, max_psnr, max_completion_accuracy, allow_weak_attacks)
-    loaded, _ = _run_spec(spec, db, executor, address, jobs, quiet)
+    loaded, _ = _run_spec(spec, db, executor, address, jobs, quiet, device=device)
     hashes = [c.hash for c in plan(loaded)]
     bars = {"ssim": max_ssim, "psnr": max_psnr, "completion_accuracy": max_completion_accuracy}
     with ResultStore.open_readonly(db) as store:
