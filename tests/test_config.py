@@ -183,3 +183,49 @@ def test_spec_accepts_every_registered_model_and_dataset_and_lists_them_when_wro
         assert parse_spec({**BASE, "dataset": name}).dataset == [name]  # a pattern takes any PATH, even "PATH"
     with pytest.raises(ConfigError, match=", ".join(list_datasets())):
         parse_spec({**BASE, "dataset": "cifar100"})
+
+
+@pytest.mark.parametrize("path", EXAMPLE_SPECS, ids=lambda p: p.name)
+def test_quick_spec_keeps_the_grid_at_smoke_budgets_under_other_hashes(path):
+    import splitshield.experiment as experiment
+    from splitshield.config import QUICK_ATTACK_BUDGETS, QUICK_AUX_N, QUICK_IMAGES, QUICK_TRAIN_N, quick_spec
+
+    if path.suffix == ".toml" and sys.version_info < (3, 11):
+        pytest.skip("TOML specs need Python >= 3.11")
+    spec = load_spec(path)
+    quick = quick_spec(spec)
+    full, smoke = experiment.plan(spec), experiment.plan(quick)
+    # The same cells (dataset/model/split/defense/attack/seed paths), none sharing a hash with the real run.
+    assert [c.path for c in smoke] == [c.path for c in full]
+    assert not {c.hash for c in smoke} & {c.hash for c in full}
+    assert quick.name == f"{spec.name}-quick" and quick.seeds == spec.seeds
+    assert quick.train.epochs == 1 and quick.train.train_n <= QUICK_TRAIN_N
+    assert quick.train.protocol == spec.train.protocol and quick.train.augment == spec.train.augment
+    images = quick.evaluation.images
+    assert images == "first_per_class" or images <= QUICK_IMAGES
+
+    def within(name: str, params: dict) -> bool:
+        return all(params[k] <= v for k, v in QUICK_ATTACK_BUDGETS[name].items() if isinstance(v, int))
+
+    for setting in quick.attack_settings():
+        assert setting["aux_n"] <= QUICK_AUX_N
+        if setting["name"] == "strongest":
+            members = setting["params"]["members"]
+            assert members and all(within(name, params) for name, params in members.items())
+        else:
+            assert within(setting["name"], setting["params"])
+
+
+def test_quick_spec_keeps_what_a_spec_sets_below_the_smoke_budgets():
+    from splitshield.config import quick_spec
+
+    spec = parse_spec({**BASE, "train": {"epochs": 3, "train_n": 100},
+                       "evaluation": {"images": 4, "test_n": 200},
+                       "attacks": [{"name": "rmle", "iters": 5, "aux_n": 64, "images": 3},
+                                   {"name": "strongest", "members": {"rmle": {"iters": 2000, "tv": 0.5}}}]})
+    quick = quick_spec(spec)
+    assert (quick.train.epochs, quick.train.train_n) == (1, 100)
+    assert (quick.evaluation.images, quick.evaluation.test_n) == (4, 200)
+    rmle, strongest = quick.attack_settings()
+    assert rmle["params"] == {"iters": 5} and rmle["aux_n"] == 64 and rmle["images"] == 3
+    assert strongest["params"]["members"] == {"rmle": {"iters": 20, "tv": 0.5}}

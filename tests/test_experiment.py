@@ -490,3 +490,22 @@ def test_an_undefended_model_is_trained_once_for_every_split_point(tmp_path):
     target = ss.split(model, "ReLU2", input_shape=(1, 28, 28))
     ss.Trainer(target, epochs=1, batch_size=64, lr=1e-3, seed=0, progress=False).fit(data.train.take(300))
     assert all(torch.equal(v, target.state_dict()[k]) for k, v in reused.state_dict().items())
+
+
+def test_run_quick_is_a_smoke_run_in_its_own_store(tmp_path, one_thread):
+    from typer.testing import CliRunner
+
+    from splitshield.cli import app
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text("name: smoke\ndataset: mnist-5k\nmodel: lenet\nsplits: [ReLU2]\n"
+                         "attacks: [{name: rmle, iters: 3000}, {name: inverse_network}]\n")
+    result = CliRunner().invoke(app, ["run", str(spec_path), "--db", str(tmp_path / "r.db"), "--quick", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "r.db").exists()  # the real store never sees smoke cells
+    with ResultStore.open_readonly(tmp_path / "r-quick.db") as store:
+        cells = store.cells()
+        assert [r["name"] for r in store.runs()] == ["smoke-quick"]
+    assert len(cells) == 2 and {c["attack"]["params"]["iters" if c["attack"]["name"] == "rmle" else "steps"]
+                                for c in cells} == {20}
+    assert all(c["config"]["train"]["epochs"] == 1 and c["config"]["train"]["train_n"] == 500 for c in cells)

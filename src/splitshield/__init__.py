@@ -34,7 +34,7 @@ from .train import Trainer, evaluate, load_checkpoint, save_checkpoint
 
 def __getattr__(name: str):
     # The experiment layer pulls in pydantic, SQLite and matplotlib: load it on first use only.
-    lazy = {"load_spec": "config", "ExperimentSpec": "config", "run_experiment": "experiment",
+    lazy = {"load_spec": "config", "quick_spec": "config", "ExperimentSpec": "config", "run_experiment": "experiment",
             "build_report": "report", "ResultStore": "store"}
     if name in lazy:
         import importlib
@@ -86,6 +86,7 @@ __all__ = [
     "load_spec",
     "metrics",
     "models",
+    "quick_spec",
     "run_experiment",
     "save_checkpoint",
     "split",

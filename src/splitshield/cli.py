@@ -657,11 +657,13 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars: on
 
 
 def _run_spec(spec_path: Path, db: Path, executor: str, address: str | None, jobs: int, quiet: bool,
-              grids: bool = False, only: list[str] | None = None, device: str | None = None):
-    from .config import load_spec
+              grids: bool = False, only: list[str] | None = None, device: str | None = None, quick: bool = False):
+    from .config import load_spec, quick_spec
     from .experiment import run_experiment
 
     spec = load_spec(spec_path)
+    if quick:
+        spec = quick_spec(spec)
     if device is not None:
         spec = spec.model_copy(update={"device": device})
     else:
@@ -691,10 +693,15 @@ def run(
         help="Run only the cells whose path dataset/model/split/defense/attack/seed=N matches this shell "
              "pattern, e.g. 'mnist/*/gaussian_noise(sigma=0.5)*'; repeat for several.")] = None,
     device: SpecDevice = None,
+    quick: Annotated[bool, typer.Option(
+        help="Smoke run: every cell at tiny budgets (one epoch on 500 images, a few attack steps), stored in "
+             "DB-quick.db beside --db; its numbers say nothing about privacy.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Run every cell of an experiment spec, storing results; finished cells are skipped on rerun."""
-    _, summary = _run_spec(spec, db, executor, address, jobs, quiet, grids, only, device)
+    if quick:
+        db = db.with_name(f"{db.stem}-quick{db.suffix}")
+    _, summary = _run_spec(spec, db, executor, address, jobs, quiet, grids, only, device, quick)
     if summary.failures:
         raise typer.Exit(1)
 

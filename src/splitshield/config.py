@@ -439,6 +439,63 @@ def parse_spec(data: dict[str, Any]) -> ExperimentSpec:
     return spec
 
 
+#: ``--quick`` (:func:`quick_spec`): training on at most this many images for one epoch, attacks at these budgets
+#: and on the auxiliary images, private images and test images below. Enough to run every stage of a spec in
+#: minutes as a smoke test; the numbers measured with them say nothing about privacy.
+QUICK_TRAIN_N = 500
+QUICK_ATTACK_BUDGETS: dict[str, dict[str, Any]] = {
+    "rmle": {"iters": 20},
+    "inverse_network": {"steps": 20},
+    "shadow_head": {"steps": 20, "iters": 20},
+    "unsplit": {"rounds": 2, "restarts": 1},
+    "prior_inversion": {"steps": 20, "latent_iters": 10, "refine_iters": 0, "restarts": 1},
+    "model_completion": {"steps": 20},
+}
+QUICK_AUX_N = 128
+QUICK_IMAGES = 10
+QUICK_TEST_N = 500
+
+
+def quick_spec(spec: ExperimentSpec) -> ExperimentSpec:
+    """``spec`` at smoke-test budgets (:data:`QUICK_ATTACK_BUDGETS` and the ``QUICK_*`` sizes): the same grid
+    of datasets, models, splits, defenses, attacks and seeds, named ``<name>-quick``; a smaller size or budget
+    the spec sets stays. ``strongest`` runs its members (every allowed attack unless it names them) at their
+    quick budgets."""
+    from .attacks.portfolio import allowed_members, member_specs
+
+    def capped(value: int | None, cap: int) -> int:
+        return cap if value is None else min(value, cap)
+
+    def quick_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+        if name == "strongest":
+            members = member_specs(params["members"])  # as a mapping: in a spec, a list is a grid
+            return {**params, "members": {m["name"]: quick_params(m["name"], {k: v for k, v in m.items()
+                                                                              if k != "name"}) for m in members}}
+        budgets = QUICK_ATTACK_BUDGETS.get(name, {})  # a smaller number the spec sets stays
+        return {**params, **{k: min(v, params[k]) if isinstance(params.get(k), int) else v
+                             for k, v in budgets.items()}}
+
+    data = spec.model_dump()
+    data["name"] = f"{spec.name}-quick"
+    data["train"] = {**data["train"], "epochs": 1, "train_n": capped(spec.train.train_n, QUICK_TRAIN_N),
+                     "tail_epochs": min(spec.train.tail_epochs, 1)}
+    images = spec.evaluation.images
+    data["evaluation"] = {**data["evaluation"], "test_n": capped(spec.evaluation.test_n, QUICK_TEST_N),
+                          "images": images if isinstance(images, str) else min(images, QUICK_IMAGES)}
+    attacks = []
+    for entry in spec.attacks:
+        params = dict(entry.model_extra or {})
+        if entry.name == "strongest" and "members" not in params:
+            params["members"] = allowed_members(entry.threat)
+        fields = entry.model_dump(exclude=set(params))
+        fields["aux_n"] = capped(entry.aux_n, QUICK_AUX_N)
+        if isinstance(entry.images, int):
+            fields["images"] = min(entry.images, QUICK_IMAGES)
+        attacks.append({**fields, **quick_params(entry.name, params)})
+    data["attacks"] = attacks
+    return parse_spec(data)
+
+
 def load_spec(path: str | Path) -> ExperimentSpec:
     """Read and validate a spec file (``.yaml``/``.yml`` or ``.toml``)."""
     path = Path(path)

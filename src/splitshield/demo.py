@@ -17,25 +17,17 @@ from pathlib import Path
 
 import yaml
 
-from .config import ExperimentSpec, parse_spec
+from .config import ExperimentSpec, parse_spec, quick_spec
 from .experiment import RunSummary, run_experiment
 from .report import ReportFiles, Section, build_report, output_folder
 
-#: Tiny budgets for smoke tests: the pipeline runs end to end in seconds, the numbers mean nothing.
-QUICK = {"train": {"epochs": 1, "train_n": 500},
-         "attacks": {"rmle": {"iters": 20}, "inverse_network": {"steps": 20},
-                     "shadow_head": {"steps": 20, "iters": 20}}}
-
 
 def demo_spec(seed: int = 0, device: str = "cpu", quick: bool = False) -> ExperimentSpec:
-    """The demo experiment, for one ``seed`` on ``device``; ``quick`` swaps in the :data:`QUICK` budgets."""
+    """The demo experiment, for one ``seed`` on ``device``; ``quick``: at smoke-test budgets (:func:`quick_spec`)."""
     data = yaml.safe_load(files("splitshield").joinpath("_data/demo.yaml").read_text())
     data.update(seeds=[seed], device=device)
-    if quick:
-        data["name"] = "demo-quick"
-        data["train"] = {**data["train"], **QUICK["train"]}
-        data["attacks"] = [{**a, **QUICK["attacks"].get(a["name"], {})} for a in data["attacks"]]
-    return parse_spec(data)
+    spec = parse_spec(data)
+    return quick_spec(spec) if quick else spec
 
 
 @dataclass
