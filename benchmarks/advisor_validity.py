@@ -10,6 +10,8 @@ less leakage; the issue asks for ρ ≥ 0.9).
 
     python benchmarks/advisor_validity.py --model lenet                   # LeNet / MNIST, all 13 points
     python benchmarks/advisor_validity.py --model cifar-cnn               # He et al.'s CIFAR-10 net, all points
+    python benchmarks/advisor_validity.py --model cifar-cnn --checkpoint benchmarks/results/artifacts/targets/HASH
+                                          # ... the engine's target of examples/he2019_cifar.yaml, not trained again
     python benchmarks/advisor_validity.py --model resnet18 --points 8     # ResNet-18 / CIFAR-10, 8 spaced points
 
 The model is trained once and cached (``--cache``); data come from ``--data-dir`` (``../shared/data``: MNIST, and
@@ -61,9 +63,16 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / var if var else float("nan")
 
 
-def trained_model(name: str, data: ss.Dataset, epochs: int, seed: int, cache: Path) -> tuple[torch.nn.Module, float]:
-    """The model trained on ``data.train`` (cached as a checkpoint), and its test accuracy."""
+def trained_model(name: str, data: ss.Dataset, epochs: int, seed: int, cache: Path,
+                  checkpoint: Path | None = None) -> tuple[torch.nn.Module, float]:
+    """The model trained on ``data.train`` (cached as a checkpoint), and its test accuracy; or, with
+    ``checkpoint``, the undefended model trained elsewhere (its weights loaded, its accuracy measured)."""
     net = ss.build_model(name, num_classes=data.num_classes, input_shape=data.image_shape, seed=seed)
+    if checkpoint is not None:
+        target, defense, _ = ss.load_checkpoint(checkpoint, model=net)
+        if defense.config().get("name", "none") != "none":
+            sys.exit(f"--checkpoint {checkpoint}: a defended model ({defense.config()}); give an undefended one")
+        return net, ss.evaluate(target, None, data.test)
     path = cache / f"{name}-{data.name}-e{epochs}-seed{seed}"
     if path.with_suffix(".safetensors").is_file():
         target, _, meta = ss.load_checkpoint(path, model=net)
@@ -110,6 +119,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default per model)")
     parser.add_argument("--scale", type=float, default=1.0, help="scale the full-budget attacks' steps")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "splitshield" / "advisor-validity")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="an undefended trained checkpoint of --model to use instead of training one, e.g. the "
+                             "engine's target of examples/he2019_cifar.yaml (benchmarks/results/artifacts/targets/…)")
     parser.add_argument("--json", type=Path, default=None,
                         help="write every number to this JSON file after each point; a rerun with the same settings "
                              "keeps the points it already holds (resume a long run)")
@@ -119,7 +131,7 @@ def main() -> None:
     epochs = args.epochs or epochs
     print("command:", " ".join(sys.argv), "| settings:", {k: str(v) for k, v in vars(args).items()}, flush=True)
     data = ss.load_dataset(dataset, data_dir=args.data_dir, seed=args.seed)
-    net, accuracy = trained_model(args.model, data, epochs, args.seed, args.cache)
+    net, accuracy = trained_model(args.model, data, epochs, args.seed, args.cache, args.checkpoint)
     legal = [p.name for p in ss.split_points(net, data.image_shape)]
     points = spaced(legal, args.points) if args.points else legal
 
