@@ -91,6 +91,29 @@ def test_user_npz_roundtrip(tmp_path):
     assert len(data.train) == 20 and len(data.holdout) == 20
 
 
+def test_a_test_split_stored_sorted_by_class_is_read_from_the_classes_in_turn(tmp_path):
+    # Like CIFAR-10's JPEG copy: every class's test images together, classes of unequal size. Each image's
+    # first pixel is its index in the file, so the order read can be checked image by image.
+    y_test = np.repeat([0, 1, 2], [4, 2, 3])
+    x_test = np.full((9, 4, 4), 255, dtype=np.uint8)
+    x_test[:, 0, 0] = np.arange(9)
+    path = tmp_path / "sorted.npz"
+    np.savez(path, x_train=np.full((12, 4, 4), 255, dtype=np.uint8), y_train=np.arange(12) % 3, x_test=x_test,
+             y_test=y_test)
+    test = ss.load_dataset(f"npz:{path}", value_range=(0, 255)).test
+    # File order within a class; the classes in turn: 0, 4, 6 (the first of each), then 1, 5, 7, then 2, 8, 3.
+    assert test.images[:, 0, 0, 0].tolist() == [0, 4, 6, 1, 5, 7, 2, 8, 3]
+    assert test.labels.tolist() == [0, 1, 2, 0, 1, 2, 0, 2, 0]
+    assert test.first_per_class(1)[0][:, 0, 0, 0].mul(255).round().tolist() == [0, 4, 6]  # as in the file
+
+
+def test_a_test_split_in_any_other_order_is_read_as_stored(mnist5k):
+    reference = mnist5k.test.labels
+    assert not bool((reference[1:] >= reference[:-1]).all())  # MNIST's own order, not sorted by class
+    again = ss.load_dataset("mnist-5k").test
+    assert torch.equal(again.labels, reference) and torch.equal(again.images, mnist5k.test.images)
+
+
 # --------------------------------------------------------------------------------------------------
 # input checks: every bad array gives one line naming the array and the fix
 
@@ -215,13 +238,14 @@ def _imagefolder(root, pixels: dict[str, list[int]]) -> str:
 def test_imagefolder_loads_and_checks(tmp_path):
     data = ss.load_dataset(_imagefolder(tmp_path / "a", {"cat": [0, 200], "dog": [50, 255]}))
     assert data.train.classes == ("cat", "dog") and data.image_shape == (1, 4, 4)
-    assert data.test.images[:, 0, 0, 0].tolist() == [0, 200, 50, 255] and data.test.labels.tolist() == [0, 0, 1, 1]
+    # Read from the class folders in turn (a folder per class is a split sorted by class).
+    assert data.test.images[:, 0, 0, 0].tolist() == [0, 50, 200, 255] and data.test.labels.tolist() == [0, 1, 0, 1]
 
     dark = _imagefolder(tmp_path / "b", {"cat": [0, 10], "dog": [5, 100]})
     message = _load_error(dark)
     assert f"imagefolder {tmp_path / 'b' / 'train'}: uint8 images use only 0..100" in message
     assert "value_range=(0, 100)" in message
-    assert ss.load_dataset(dark, value_range=(0, 100)).test.images[:, 0, 0, 0].tolist() == [0, 26, 13, 255]
+    assert ss.load_dataset(dark, value_range=(0, 100)).test.images[:, 0, 0, 0].tolist() == [0, 13, 26, 255]
 
     (tmp_path / "a" / "train" / "cat" / "notes.txt").write_text("not a picture")
     assert "notes.txt: not an image Pillow can read" in _load_error(f"imagefolder:{tmp_path / 'a'}")

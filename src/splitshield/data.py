@@ -6,7 +6,8 @@ split three ways:
 - ``train`` — what the target model is trained on (the *same set* an attacker may hold);
 - ``holdout`` — a disjoint part of the official training split the target never sees (the attacker's
   *same distribution* data);
-- ``test`` — the official test split, where attacks and accuracy are evaluated.
+- ``test`` — the official test split, where attacks and accuracy are evaluated (a file that stores it
+  sorted by class is read from the classes in turn, so its first n images hold every class).
 
 Each dataset is registered once (:func:`register_dataset`) with its image shape, class count,
 normalisation and loader; :func:`list_datasets` gives the names. ``mnist-5k`` is built in (shipped with
@@ -362,7 +363,7 @@ def load_dataset(name: str = BUILTIN, data_dir: str | Path | None = None, holdou
     if image_shape is not None:
         train, test = conform(train, image_shape), conform(test, image_shape)
     fit, holdout = _stratified_split(train, holdout_fraction, seed)
-    return Dataset(name, fit, holdout, test)
+    return Dataset(name, fit, holdout, _classes_in_turn(test))
 
 
 def _check_value_range(value_range: object) -> tuple[float, float]:
@@ -684,6 +685,21 @@ for _name, _people in ATT_PEOPLE.items():
 del _name, _people
 register_dataset(DatasetInfo(name="npz:PATH", load=_from_path(_from_npz)))
 register_dataset(DatasetInfo(name="imagefolder:PATH", load=_from_path(_from_imagefolder)))
+
+
+def _classes_in_turn(data: ImageSet) -> ImageSet:
+    """``data`` as stored, or, when the file stores it sorted by class (CIFAR-10's JPEG copy, the faces), the
+    same images taken from the classes in turn: the first image of each class, then the second of each, and so
+    on. The first n test images (``test_n``, ``images: n``) are then every class's, not the first class's;
+    within a class the file's order stays, and with it the first image of each class (``first_per_class``)."""
+    labels = data.labels
+    if len(labels) < 2 or not bool((labels[1:] >= labels[:-1]).all()):
+        return data
+    rank = torch.empty_like(labels)  # each image's place within its class
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        rank[members] = torch.arange(len(members))
+    return data.subset(torch.argsort(rank * (int(labels.max()) + 1) + labels))
 
 
 def _stratified_split(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
