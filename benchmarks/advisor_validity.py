@@ -69,9 +69,19 @@ def trained_model(name: str, data: ss.Dataset, epochs: int, seed: int, cache: Pa
     ``checkpoint``, the undefended model trained elsewhere (its weights loaded, its accuracy measured)."""
     net = ss.build_model(name, num_classes=data.num_classes, input_shape=data.image_shape, seed=seed)
     if checkpoint is not None:
-        target, defense, _ = ss.load_checkpoint(checkpoint, model=net)
+        try:
+            target, defense, meta = ss.load_checkpoint(checkpoint, model=net)
+        except ss.SplitShieldError as exc:
+            sys.exit(f"--checkpoint {checkpoint}: {exc}")
         if defense.config().get("name", "none") != "none":
             sys.exit(f"--checkpoint {checkpoint}: a defended model ({defense.config()}); give an undefended one")
+        # The seed also chose the train/holdout split: another seed's "same distribution" images would be
+        # images the model was trained on.
+        trained = meta.get("target_config", {})
+        wanted = {"dataset": data.name, "model": name, "seed": seed}
+        if any(trained.get(k, v) != v for k, v in wanted.items()):
+            sys.exit(f"--checkpoint {checkpoint}: trained with {({k: trained.get(k) for k in wanted})}, "
+                     f"not {wanted}; pass the matching --model/--seed")
         return net, ss.evaluate(target, None, data.test)
     path = cache / f"{name}-{data.name}-e{epochs}-seed{seed}"
     if path.with_suffix(".safetensors").is_file():

@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--db", type=Path, default=RESULTS / "results.db")
     parser.add_argument("--window", type=float, default=1.0, help="paired comparisons' accuracy window, in points")
     args = parser.parse_args(argv)
+    if not args.db.is_file():
+        parser.error(f"--db {args.db}: no results store there; give the results.db that splitshield run wrote")
     with ResultStore(args.db) as store:  # the page describes, and git commits, the database file alone
         if not store.checkpoint():
             print(f"warning: a run is writing to {args.db}; its newest cells may still be in {args.db.name}-wal")

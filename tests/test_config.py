@@ -229,3 +229,21 @@ def test_quick_spec_keeps_what_a_spec_sets_below_the_smoke_budgets():
     rmle, strongest = quick.attack_settings()
     assert rmle["params"] == {"iters": 5} and rmle["aux_n"] == 64 and rmle["images"] == 3
     assert strongest["params"]["members"] == {"rmle": {"iters": 20, "tv": 0.5}}
+
+
+def test_quick_spec_caps_grids_point_by_point_and_keeps_members_grids():
+    from splitshield.config import quick_spec
+    from splitshield.experiment import plan
+
+    spec = parse_spec({**BASE, "attacks": [
+        {"name": "rmle", "iters": [5, 10, 3000]},
+        {"name": "strongest", "members": [{"rmle": {"iters": 3000}}, {"inverse_network": {"steps": 3000}}]},
+        {"name": "model_completion", "method": "mixmatch", "n_labels": 200}]})
+    quick = quick_spec(spec)
+    rmle = [s["params"]["iters"] for s in quick.attack_settings() if s["name"] == "rmle"]
+    assert rmle == [5, 10, 20]  # below the cap they stay; 3000 is capped
+    members = [s["params"]["members"] for s in quick.attack_settings() if s["name"] == "strongest"]
+    assert members == [{"rmle": {"iters": 20}}, {"inverse_network": {"steps": 20}}]  # still a grid of two
+    (completion,) = [s for s in quick.attack_settings() if s["name"] == "model_completion"]
+    assert completion["aux_n"] >= 2 * 200  # unlabelled images left for mixmatch
+    assert len(plan(quick)) == len(plan(spec))

@@ -108,10 +108,28 @@ def test_a_test_split_stored_sorted_by_class_is_read_from_the_classes_in_turn(tm
 
 
 def test_a_test_split_in_any_other_order_is_read_as_stored(mnist5k):
-    reference = mnist5k.test.labels
-    assert not bool((reference[1:] >= reference[:-1]).all())  # MNIST's own order, not sorted by class
-    again = ss.load_dataset("mnist-5k").test
-    assert torch.equal(again.labels, reference) and torch.equal(again.images, mnist5k.test.images)
+    from splitshield.data import BUILTIN, _load_builtin
+
+    _, stored = _load_builtin(BUILTIN, None, False, None)  # the file's own test split, as stored
+    assert not bool((stored.labels[1:] >= stored.labels[:-1]).all())  # MNIST's order, not sorted by class
+    assert torch.equal(mnist5k.test.labels, stored.labels) and torch.equal(mnist5k.test.images, stored.images)
+
+
+def test_cells_on_a_dataset_whose_order_may_change_record_it_and_keep_their_targets():
+    from splitshield.config import parse_spec
+    from splitshield.experiment import plan
+
+    base = {"model": "lenet", "splits": ["ReLU2"], "attacks": [{"name": "rmle", "iters": 5}]}
+    # cifar10's copies may be sorted by class: its cells say the test order, its targets do not (training
+    # never reads the test split), so a target trained before the order changed is still found.
+    cifar = plan(parse_spec({**base, "dataset": "cifar10", "image_shape": [1, 28, 28]}))[0]
+    assert cifar.config["test_order"] == "classes_in_turn"
+    target_config = {k: v for k, v in cifar.config.items() if k not in ("attack", "evaluation", "test_order")}
+    from splitshield.measure import config_hash
+
+    assert config_hash(target_config) == cifar.target_hash
+    mnist = plan(parse_spec({**base, "dataset": "mnist-5k"}))[0]
+    assert "test_order" not in mnist.config  # read as stored, hashed as before
 
 
 # --------------------------------------------------------------------------------------------------

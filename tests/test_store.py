@@ -132,7 +132,6 @@ def test_checkpoint_puts_every_write_in_the_database_file(store, tmp_path):
     wal = store.path.with_name(store.path.name + "-wal")
     assert wal.stat().st_size > 0  # the write is still in the log, not in results.db
     assert store.checkpoint()
-    assert wal.stat().st_size == 0
     copy = tmp_path / "copy" / "results.db"  # the database file alone, as git would commit it
     copy.parent.mkdir()
     copy.write_bytes(store.path.read_bytes())

@@ -458,22 +458,37 @@ QUICK_TEST_N = 500
 
 def quick_spec(spec: ExperimentSpec) -> ExperimentSpec:
     """``spec`` at smoke-test budgets (:data:`QUICK_ATTACK_BUDGETS` and the ``QUICK_*`` sizes): the same grid
-    of datasets, models, splits, defenses, attacks and seeds, named ``<name>-quick``; a smaller size or budget
-    the spec sets stays. ``strongest`` runs its members (every allowed attack unless it names them) at their
-    quick budgets."""
+    of datasets, models, splits, defenses, attacks and seeds, named ``<name>-quick``. A smaller size or budget
+    the spec sets stays; a grid of budgets is capped point by point (points at or above the cap merge into
+    one). ``strongest`` runs its members (every allowed attack unless it names them) at their quick budgets.
+    Model completion keeps twice its labelled images in auxiliary images, so ``mixmatch`` has unlabelled ones."""
     from .attacks.portfolio import allowed_members, member_specs
 
     def capped(value: int | None, cap: int) -> int:
         return cap if value is None else min(value, cap)
 
+    def budget(value: Any, cap: int) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return min(value, cap)
+        if isinstance(value, list) and value and all(isinstance(v, int) for v in value):  # a grid
+            return list(dict.fromkeys(min(v, cap) for v in value))
+        return cap
+
+    def quick_members(members: Any) -> dict[str, dict[str, Any]]:
+        # A mapping, whatever form the spec gave: in a spec, a list is a grid.
+        return {m["name"]: quick_params(m["name"], {k: v for k, v in m.items() if k != "name"})
+                for m in member_specs(members)}
+
     def quick_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
         if name == "strongest":
-            members = member_specs(params["members"])  # as a mapping: in a spec, a list is a grid
-            return {**params, "members": {m["name"]: quick_params(m["name"], {k: v for k, v in m.items()
-                                                                              if k != "name"}) for m in members}}
-        budgets = QUICK_ATTACK_BUDGETS.get(name, {})  # a smaller number the spec sets stays
-        return {**params, **{k: min(v, params[k]) if isinstance(params.get(k), int) else v
-                             for k, v in budgets.items()}}
+            members = params["members"]
+            grid = [quick_members(m) for m in members] if isinstance(members, list) else quick_members(members)
+            return {**params, "members": grid}
+        return {**params, **{k: budget(params.get(k), cap) for k, cap in QUICK_ATTACK_BUDGETS.get(name, {}).items()}}
+
+    def labels(params: dict[str, Any]) -> int:
+        n = params.get("n_labels", 40)
+        return max(n) if isinstance(n, list) else n
 
     data = spec.model_dump()
     data["name"] = f"{spec.name}-quick"
@@ -486,9 +501,10 @@ def quick_spec(spec: ExperimentSpec) -> ExperimentSpec:
     for entry in spec.attacks:
         params = dict(entry.model_extra or {})
         if entry.name == "strongest" and "members" not in params:
-            params["members"] = allowed_members(entry.threat)
+            params["members"] = {name: {} for name in allowed_members(entry.threat)}
         fields = entry.model_dump(exclude=set(params))
-        fields["aux_n"] = capped(entry.aux_n, QUICK_AUX_N)
+        aux = max(QUICK_AUX_N, 2 * labels(params)) if entry.name == "model_completion" else QUICK_AUX_N
+        fields["aux_n"] = capped(entry.aux_n, aux)
         if isinstance(entry.images, int):
             fields["images"] = min(entry.images, QUICK_IMAGES)
         attacks.append({**fields, **quick_params(entry.name, params)})

@@ -274,6 +274,10 @@ class DatasetInfo:
         The ``torchvision.datasets`` class that reads (or downloads) a torchvision-layout copy.
     how_to_get:
         What to provide when no copy is found (the error says it).
+    sorted_files:
+        Copies of it may store the test split sorted by class (CIFAR-10's JPEG copy, the faces, a folder per
+        class), which :func:`load_dataset` then reads from the classes in turn. Cells on such a dataset record
+        that order in their configs, so none measured in file order by an earlier version is reused.
     """
 
     name: str
@@ -284,6 +288,7 @@ class DatasetInfo:
     files: tuple[str, ...] = ()
     torchvision: str | None = None
     how_to_get: str = ""
+    sorted_files: bool = False
 
     @property
     def is_pattern(self) -> bool:
@@ -673,18 +678,18 @@ register_dataset(DatasetInfo(
 register_dataset(DatasetInfo(
     name="cifar10", load=_from_named, image_shape=(3, 32, 32), num_classes=10,
     normalization=((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    files=("cifar10.npz", "cifar10_jpegbytes.npz"), torchvision="CIFAR10",
+    files=("cifar10.npz", "cifar10_jpegbytes.npz"), torchvision="CIFAR10", sorted_files=True,
     how_to_get="an npz with x_train/y_train/x_test/y_test, or torchvision's cifar-10-batches-py folder; "
                "or download=True"))
 for _name, _people in ATT_PEOPLE.items():
     register_dataset(DatasetInfo(
         name=_name, load=_from_att_faces, image_shape=(1, 112, 92), num_classes=len(_people),
-        normalization=((_ATT_STATS[_name][0],), (_ATT_STATS[_name][1],)), files=("att_faces.npz",),
+        normalization=((_ATT_STATS[_name][0],), (_ATT_STATS[_name][1],)), files=("att_faces.npz",), sorted_files=True,
         how_to_get="att_faces.npz with x_all [400, 112, 92] uint8, y_all (person 0-39) and image_index (1-10), "
                    "made from the AT&T (ORL) Database of Faces"))
 del _name, _people
-register_dataset(DatasetInfo(name="npz:PATH", load=_from_path(_from_npz)))
-register_dataset(DatasetInfo(name="imagefolder:PATH", load=_from_path(_from_imagefolder)))
+register_dataset(DatasetInfo(name="npz:PATH", load=_from_path(_from_npz), sorted_files=True))
+register_dataset(DatasetInfo(name="imagefolder:PATH", load=_from_path(_from_imagefolder), sorted_files=True))
 
 
 def _classes_in_turn(data: ImageSet) -> ImageSet:

@@ -149,6 +149,8 @@ class Cell:
 
 def plan(spec: ExperimentSpec) -> list[Cell]:
     """Expand a spec into its cells, in a stable order; checks every split point exists."""
+    from .data import get_dataset_info
+
     _check_splits(spec)
     defenses = spec.defense_settings()
     attacks = spec.attack_settings()
@@ -156,6 +158,9 @@ def plan(spec: ExperimentSpec) -> list[Cell]:
     train = spec.train.model_dump()
     evaluation = spec.evaluation.model_dump()
     loading = _loading(spec)
+    # The test split's order decides the traffic a query-free attacker sees and the first n test images;
+    # only set for the datasets whose order load_dataset may change, so the others keep their hashes.
+    order = {d: {"test_order": "classes_in_turn"} if get_dataset_info(d).sorted_files else {} for d in spec.dataset}
     cells = []
     for dataset in spec.dataset:
         for model in spec.model:
@@ -170,7 +175,8 @@ def plan(spec: ExperimentSpec) -> list[Cell]:
                         # The wire changes what is measured, not what is trained: a cell's, not a target's.
                         wire = {"wire": spec.wire.model_dump()} if spec.wire is not None else {}
                         for attack, label in zip(attacks, labels, strict=True):
-                            config = {**target, **wire, "attack": attack, "evaluation": evaluation}
+                            config = {**target, **wire, "attack": attack, "evaluation": evaluation,
+                                      **order[dataset]}
                             cells.append(Cell(config_hash(config), target_hash, config, defense_label(defense), label))
     return cells
 

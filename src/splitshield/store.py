@@ -148,13 +148,14 @@ class ResultStore:
         self.conn.close()
 
     def checkpoint(self) -> bool:
-        """Move every committed write from the write-ahead log into ``results.db`` itself and empty the log, so
-        the one file holds the whole store (e.g. before copying or committing it). Returns ``False`` when a
-        reader or writer kept part of the log in use (nothing is lost; call again when it has finished)."""
+        """Copy every committed write from the write-ahead log into ``results.db`` itself, so the one file holds
+        the whole store (e.g. before copying or committing it). It never waits for, or blocks, runs writing to
+        the store; returns ``False`` when one kept part of the log from being copied (nothing is lost; call
+        again when it has finished)."""
         if self.readonly:
             raise ConfigError(f"{self.path} is open read-only; open it writable to checkpoint it")
-        busy, _, _ = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        return not busy
+        busy, logged, copied = self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return not busy and logged == copied
 
     def __enter__(self) -> ResultStore:
         return self

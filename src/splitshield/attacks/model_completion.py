@@ -11,8 +11,9 @@ Two ways to fit that classifier (``method``):
   features of the labelled images alone — a probe, weaker than the published attack.
 * ``"mixmatch"``: Fu et al.'s passive model completion as published — their head (BatchNorm → ReLU → Linear,
   the last Linear's weights initialised to ones; see :func:`fu_head`) trained by their MixMatch variant, on
-  the labelled images and, unlabelled, on every other auxiliary image the attacker holds, whose features it
-  queries through the device exactly as it queries the labelled ones, a batch per step (see :func:`_mixmatch`).
+  the labelled images and, unlabelled, on every other auxiliary image the attacker holds (see
+  :func:`_mixmatch`). The labelled images' features are queried once (one draw of a noisy defense, as in the
+  supervised probe); the unlabelled ones' a batch per step, each query a fresh draw.
 
 Fu et al. also fine-tune the bottom model; here the device's head is not the attacker's to train, so the
 classifier sees the features as the device sends them (defended, under an adaptive threat model).
@@ -186,8 +187,9 @@ def fu_head(features: int, classes: int, *, layers: int = 1, hidden: int = 128) 
 
     ``layers - 1`` steps BatchNorm → ReLU → Linear(→ ``hidden``), then BatchNorm → ReLU → Linear(→ ``classes``).
     The last Linear's weights are ones, as Fu et al. initialise theirs; its bias and the hidden layers keep
-    PyTorch's initialisation, drawn from the global RNG (the caller seeds it). Fu et al. set the hidden layers'
-    weights to ones too; that harms (see the comment in the code), so they are the one departure.
+    PyTorch's initialisation, drawn from the global RNG (the caller seeds it). Two departures from Fu et al.:
+    they set the hidden layers' weights to ones too, which harms (see the comment in the code); and their hidden
+    layers are as wide as the features, here ``hidden`` wide, which bounds the head on wide feature maps.
     """
     modules: list[nn.Module] = []
     width = features
@@ -281,7 +283,8 @@ def _interleave(chunks: list[torch.Tensor]) -> list[torch.Tensor]:
 
 class _Batches:
     """Indices into ``n`` items, ``size`` at a time, from shuffled passes drawn from ``generator``; a batch that
-    reaches the end of a pass continues into the next one (so an item can appear twice in it)."""
+    reaches the end of a pass continues into the next one (so an item can appear twice in it; Fu et al.'s
+    loader drops a pass's last partial batch instead, and needs at least ``size`` labelled images)."""
 
     def __init__(self, n: int, size: int, generator: torch.Generator):
         self.n, self.size, self.generator = n, size, generator
