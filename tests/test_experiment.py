@@ -466,7 +466,8 @@ def test_the_attackers_draws_are_not_the_devices():
     assert abs(float(torch.corrcoef(torch.stack([observed.flatten(), queried.flatten()]))[0, 1])) < 0.05
 
 
-def test_an_undefended_model_is_trained_once_for_every_split_point(tmp_path):
+def test_an_undefended_model_is_trained_once_for_every_split_point(tmp_path, one_thread):
+    # one_thread: the engine trains with one torch thread, and a second one changes float sums in the last bit.
     import torch
 
     import splitshield as ss

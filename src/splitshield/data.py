@@ -519,25 +519,40 @@ def _from_npz(path: Path, value_range: tuple[float, float] | None = None) -> tup
 
 def _decode_jpeg_npz(arrays: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
     """Decode the JPEG-bytes layout (``jpeg_<split>``, ``offsets_<split>``, ``y_<split>``)."""
-    from PIL import Image
-
     missing = [f"{k}_{part}" for part in ("train", "test") for k in ("jpeg", "offsets", "y")
                if f"{k}_{part}" not in arrays]
     if missing:
         raise DataError(f"{path} (JPEG-bytes layout) lacks arrays {missing}; it has {sorted(arrays)}")
     out = {"classes": arrays["classes"]} if "classes" in arrays else {}
     for part in ("train", "test"):
-        blob, off = arrays[f"jpeg_{part}"], arrays[f"offsets_{part}"]
-        images = []
-        for i in range(len(off) - 1):
-            try:
-                images.append(np.asarray(Image.open(io.BytesIO(blob[off[i]: off[i + 1]].tobytes())).convert("RGB")))
-            except OSError as exc:
-                raise DataError(f"{path}: jpeg_{part} image {i} does not decode ({exc}); "
-                                f"check offsets_{part}") from None
-        out[f"x_{part}"] = np.stack(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
+        out[f"x_{part}"] = _decode_jpegs(arrays[f"jpeg_{part}"], arrays[f"offsets_{part}"], f"{path}: jpeg_{part}")
         out[f"y_{part}"] = arrays[f"y_{part}"]
     return out
+
+
+def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray, what: str) -> np.ndarray:
+    """The images [N, H, W, 3] uint8 whose JPEG files lie at ``blob[offsets[i]:offsets[i + 1]]``."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    # torchvision decodes a list in one call, about 3x faster than PIL image by image, to the same pixels
+    # (both are libjpeg-turbo): on CIFAR-10 that is seconds saved by every run.
+    data = torch.from_numpy(np.ascontiguousarray(blob, dtype=np.uint8))
+    files = [data[offsets[i]: offsets[i + 1]] for i in range(len(offsets) - 1)]
+    if not files:
+        return np.zeros((0, 0, 0, 3), np.uint8)
+    try:
+        decoded = decode_jpeg(files, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        for i, file in enumerate(files):  # name the first file that does not decode
+            try:
+                decode_jpeg(file, mode=ImageReadMode.RGB)
+            except RuntimeError as exc:
+                raise DataError(f"{what} image {i} does not decode ({exc}); check its offsets") from None
+        raise
+    shapes = {tuple(image.shape) for image in decoded}
+    if len(shapes) > 1:
+        raise DataError(f"{what}: the images have different sizes {sorted(shapes)[:3]}; store one size")
+    return torch.stack(decoded).permute(0, 2, 3, 1).numpy()
 
 
 def _named_file(name: str, data_dir: str | Path | None) -> tuple[Path | None, Path | None, list[str]]:

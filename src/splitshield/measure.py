@@ -48,6 +48,10 @@ INVERSION_METRICS = ("mse", "psnr", "ssim")
 #: and so the floor, towards 0 (all the training images when there are fewer).
 FLOOR_IMAGES_PER_PIXEL = 2
 
+#: Training images the clean feature's standard deviation is measured on: millions of elements already, while a
+#: head's forward pass over every floor image costs minutes on a CPU for a CIFAR-sized network.
+FEATURE_STD_IMAGES = 1000
+
 
 def floor_images(data: Dataset) -> int:
     """How many training images :func:`measure_target` fits the floor on: :data:`FLOOR_IMAGES_PER_PIXEL` per class
@@ -316,8 +320,8 @@ def measure_target(target: SplitModel, defense: Defense | None, data: Dataset, *
     floor the defense's Gaussian noise implies (:func:`ce_floor`), and ``mi_bound``: the certified bound, in nats
     per image, on what the sent feature carries about the image (:func:`mi_bound`), both fitted on
     :func:`floor_images` training images and absent without such noise. ``feature_std``: the
-    standard deviation of the clean sent feature (``defense.clean(head(x))``, every element of
-    :func:`floor_images` training images); ``noise_std``: the standard deviation per element of all the
+    standard deviation of the clean sent feature (``defense.clean(head(x))``, every element of the first
+    :data:`FEATURE_STD_IMAGES` training images); ``noise_std``: the standard deviation per element of all the
     additive noise the defense puts on it (fixed and learned), so that their ratio is the noise's relative
     strength.
     """
@@ -339,15 +343,16 @@ def _target_rows(target: SplitModel, defense: Defense, data: Dataset, test_n: in
     rows: list[tuple[str, int, float]] = []
     if "accuracy" in metrics:
         rows.append(("accuracy", -1, evaluate(target, defense, _test_images(data, test_n), device=device)))
-    if not {"ce_floor", "mi_bound", "feature_std", "noise_std"} & set(metrics):
-        return rows
-    x, labels = data.train.take(floor_images(data)).tensors(device)
-    z_clean = _batched(lambda chunk: defense.clean(target.head(defense.perturb(chunk, training=False))), x)
     if "feature_std" in metrics:
+        x, _ = data.train.take(min(FEATURE_STD_IMAGES, len(data.train))).tensors(device)
+        z_clean = _batched(lambda chunk: defense.clean(target.head(defense.perturb(chunk, training=False))), x)
         rows.append(("feature_std", -1, float(z_clean.std())))
     if "noise_std" in metrics:
         rows.append(("noise_std", -1, additive_noise_std(defense, target.feature_shape())))
-    noised = noise_input(x, target, defense) if {"ce_floor", "mi_bound"} & set(metrics) else None
+    if not {"ce_floor", "mi_bound"} & set(metrics):
+        return rows
+    x, labels = data.train.take(floor_images(data)).tensors(device)
+    noised = noise_input(x, target, defense)
     if noised is not None:
         z, sigma = noised
         if "ce_floor" in metrics and (floor := _floor(x, labels, z, sigma)) is not None:
