@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .config import DEFAULT_THREAT, ExperimentSpec
-from .errors import CheckpointError, ConfigError, SplitShieldError
+from .errors import CheckpointError, ConfigError, SplitError, SplitShieldError
 from .measure import attack_seed, config_hash, measure_attack, measure_target, through_wire
 from .store import CellRecord, ResultStore
 
@@ -183,21 +183,40 @@ def plan(spec: ExperimentSpec) -> list[Cell]:
 
 def _check_splits(spec: ExperimentSpec) -> None:
     from .data import get_dataset_info
-    from .models import build_model, split_points
+    from .models import build_model
+    from .models.split import U_SEPARATOR, ModelCuts
 
     loading = _loading(spec)
+    u_shaped = next((s for s in spec.splits if U_SEPARATOR in s), None)
+    query_free = next((a["name"] for a in spec.attack_settings() if a["threat"] == "query_free"), None)
+    if u_shaped and query_free:
+        raise ConfigError(f"spec field attacks: {query_free} runs query_free, which needs the classifier in the "
+                          f"cloud; the U-shaped split {u_shaped!r} keeps it on the device: remove the attack, or "
+                          "split these cells into a spec of their own")
+    two_part = next((s for s in spec.splits if U_SEPARATOR not in s), None)
+    if two_part and any('"label_lam"' in json.dumps(d) for d in spec.defense_settings()):
+        raise ConfigError(f"spec field defenses: label_lam regularises the features the cloud returns to the "
+                          f"device, which only a U-shaped split has, not {two_part!r}: cut it first..second or remove "
+                          "label_lam")
     for dataset in spec.dataset:
         # The registered image shape unless loading options change it; a pattern's (npz:PATH) needs loading.
         shape = spec.image_shape or (None if loading else get_dataset_info(dataset).image_shape) or _load_data(
             dataset, spec.data_dir, 0, spec.download, loading).image_shape
         for model_name in spec.model:
-            model = build_model(model_name, num_classes=10, input_shape=shape)
-            points = split_points(model, shape)
-            names = {p.name for p in points} | {a for p in points for a in p.aliases}
+            cuts = ModelCuts(build_model(model_name, num_classes=10, input_shape=shape), shape)
+            names = {p.name for p in cuts.points} | {a for p in cuts.points for a in p.aliases}
             for s in spec.splits:
-                if s not in names:
-                    raise ConfigError(f"spec field splits: {s!r} is not a split point of {model_name} on {dataset}; "
-                                      f"allowed: {', '.join(p.name for p in points)}")
+                for point in s.split(U_SEPARATOR):
+                    if point not in names:
+                        raise ConfigError(f"spec field splits: {point!r} is not a split point of {model_name} on "
+                                          f"{dataset}; allowed: {', '.join(p.name for p in cuts.points)}"
+                                          + (" (a U-shaped split joins two of them in order: first..second)"
+                                             if U_SEPARATOR in s else ""))
+                if U_SEPARATOR in s:
+                    try:
+                        cuts.split(s)
+                    except SplitError as exc:
+                        raise ConfigError(f"spec field splits: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------------

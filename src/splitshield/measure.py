@@ -219,7 +219,7 @@ def fit_cloud_attack(cloud: CloudTail, data: Dataset | None, setting: dict[str, 
         return fresh_copy(template)
 
     common = dict(threat=setting["threat"], input_shape=tuple(cloud.input_shape),
-                  feature_shape=tuple(cloud.feature_shape), adaptive=False, point=cloud.point,
+                  feature_shape=tuple(cloud.feature_shape), adaptive=False, point=cloud.point, cloud=None,
                   perturb=identity_perturb, obfuscate=identity_obfuscate, head_architecture=head_architecture)
     if setting["threat"] == "architecture_only":
         view = ArchitectureOnlyView(**common, aux=None)

@@ -67,7 +67,8 @@ class Trainer:
     """Train ``target`` (head + tail) and ``defense`` jointly on a classification task.
 
     Each step computes ``z = head(defense.perturb(x))``, ``z_sent = defense.obfuscate(z, training=True)``,
-    ``logits = tail(z_sent)`` and minimises ``CE(logits, y) + defense.regularizer(...)``.
+    ``logits = tail(z_sent)`` and minimises ``CE(logits, y) + defense.regularizer(...)``, plus, in a U-shaped
+    split, ``defense.label_regularizer(y, returned, logits)`` on what the cloud's part returns, ``tail.cloud(z_sent)``.
 
     **Protocols.** ``protocol="default"`` is He et al.'s: Adam(lr, amsgrad, eps=1e-3), lr 1e-3 unless given,
     halved every ``lr_halve_every`` epochs (constant when ``None``); the model is the last epoch's.
@@ -300,10 +301,16 @@ class Trainer:
         x = augment(x, self.augment)
         z = self.target.head(self.defense.perturb(x, training=True))
         z_sent = self.defense.obfuscate(z, training=True)
-        logits = self.target.tail(z_sent)
+        if self.target.u_shaped:  # the features the cloud returns are the label term's
+            returned = self.target.tail.cloud(z_sent)
+            logits = self.target.tail.edge(returned)
+        else:
+            logits = self.target.tail(z_sent)
         loss = F.cross_entropy(logits, y)
-        extra = self.defense.regularizer(x, y, z, z_sent, logits)
-        total = loss if extra is None else loss + extra
+        extras = [self.defense.regularizer(x, y, z, z_sent, logits)]
+        if self.target.u_shaped:
+            extras.append(self.defense.label_regularizer(y, returned, logits))
+        total = sum((e for e in extras if e is not None), loss)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()

@@ -13,7 +13,8 @@ The checks (each a function in :data:`CHECKS`):
 - at inference, a head or a defense whose output for one input depends on the rest of the batch
   (batch norm in train mode or without running statistics, a quantiser with one range per batch);
 - with ``resume``, a defense that cannot resume from a checkpoint;
-- Shredder's ``feature_shape`` and VIB's ``channels`` against the head's feature.
+- Shredder's ``feature_shape`` and VIB's ``channels`` against the head's feature;
+- a label term (InfoScissors' ``label_lam``) on a split that is not U-shaped, where it would never run.
 
 The checks that run the head use a probe batch: ``x`` when given, else a seeded random batch of the
 target's ``input_shape``; without either they are skipped. The head and the defense run in eval mode
@@ -358,6 +359,17 @@ def _misfit(part: Defense, shape: tuple[int, ...]) -> str | None:
     return None
 
 
+def check_label_term(subject: Subject) -> Iterator[Problem]:
+    """Error: a label term (InfoScissors' ``label_lam``) on a target that is not U-shaped, where it never runs."""
+    if subject.target is None or subject.target.u_shaped:
+        return
+    for field, part in subject.parts:
+        if getattr(part, "label_lam", 0):
+            yield Problem("error", field, f"label_lam={part.label_lam} regularises the features the cloud returns to "
+                          f"the device, which only a U-shaped split has (this one is cut at {subject.target.point!r}); "
+                          "cut it U-shaped (first..second) or remove label_lam")
+
+
 #: Every check, in the order problems are reported.
 CHECKS: tuple[Callable[[Subject], Iterable[Problem]], ...] = (
     check_cem_sigma,
@@ -368,4 +380,5 @@ CHECKS: tuple[Callable[[Subject], Iterable[Problem]], ...] = (
     check_defense_batch,
     check_resumable,
     check_defense_fits,
+    check_label_term,
 )

@@ -15,6 +15,11 @@ architecture_only  the head's architecture (untrained) and the defense's mechani
                    queries, no data
 =================  ==========================================================================
 
+In a U-shaped split (:attr:`SplitModel.u_shaped`) the cloud runs only the middle of the model and returns
+its features to the device, which runs the classifier: every view holds ``cloud``, a frozen copy of that
+middle part, which is the cloud's own (a model completion attacker fine-tunes a copy of it, as Fu et al. do
+the bottom model). The query-free attack needs the classifier, which the cloud then lacks.
+
 *Adaptive* (default): the attacker knows the defense and its parameters, not its random draws, so the
 oracle returns defended features and the white-box/query-free/architecture-only attackers optimise through
 the defense's obfuscation. *Non-adaptive* (``adaptive=False``): the attacker ignores the defense: it is
@@ -59,6 +64,9 @@ class VictimView:
     aux: ImageSet | None
     adaptive: bool
     point: str
+    #: The cloud's part of a U-shaped split (features [B, *feature_shape] -> the features it returns), a frozen
+    #: copy; ``None`` in a two-part split, where the cloud's part is the tail and returns the prediction itself.
+    cloud: nn.Module | None
 
     def require_aux(self, attack: str) -> ImageSet:
         if self.aux is None or len(self.aux) == 0:
@@ -198,7 +206,7 @@ class Victim:
         """The attacker's view under this victim's threat model."""
         common = dict(threat=self.threat, input_shape=tuple(self.target.input_shape),
                       feature_shape=self.target.feature_shape(), aux=self.aux, adaptive=self.adaptive,
-                      point=self.target.point)
+                      point=self.target.point, cloud=_frozen(self.target.cloud) if self.target.u_shaped else None)
         defense = _frozen(self.defense) if self.adaptive else NoDefense()
 
         def perturb(x: torch.Tensor) -> torch.Tensor:
@@ -222,6 +230,10 @@ class Victim:
         if self.threat == "architecture_only":
             return ArchitectureOnlyView(**{**common, "aux": None}, perturb=perturb, obfuscate=obfuscate,
                                         head_architecture=self._head_architecture())
+        if self.target.u_shaped:
+            raise ThreatModelError(f"query_free trains a shadow head through the cloud's tail to the labels; in the "
+                                   f"U-shaped split {self.target.point!r} the classifier stays on the device, so the "
+                                   "cloud cannot: use white_box or black_box attacks")
         last = list(self.target.head.modules())[-1]
         final = type(last) if isinstance(last, (nn.ReLU, nn.Sigmoid, nn.Tanh)) else None
         return QueryFreeView(**common, tail=_frozen(self.target.tail), perturb=perturb, obfuscate=obfuscate,

@@ -15,8 +15,12 @@ Two ways to fit that classifier (``method``):
   :func:`_mixmatch`). The labelled images' features are queried once (one draw of a noisy defense, as in the
   supervised probe); the unlabelled ones' a batch per step, each query a fresh draw.
 
-Fu et al. also fine-tune the bottom model; here the device's head is not the attacker's to train, so the
-classifier sees the features as the device sends them (defended, under an adaptive threat model).
+Fu et al. also fine-tune the bottom model, the part the attacker holds. In a two-part split that is none:
+the device's head is not the attacker's to train, so the classifier sees the features as the device sends
+them (defended, under an adaptive threat model). In a U-shaped split (``relu..layer3.1``) the cloud holds the
+middle of the model (``view.cloud``) and the device keeps the classifier: the attacker's classifier is then
+a copy of that middle part followed by the head — frozen under the supervised probe, which fits the head on
+the middle's output, and fine-tuned with the head under mixmatch, as Fu et al. train their bottom model.
 
 The baseline (:func:`train_from_scratch`) is what the same labelled images are worth without the device:
 the whole model's architecture, freshly initialised, trained on them with the attack's own optimiser and
@@ -88,8 +92,9 @@ class ModelCompletion(CompletionAttack):
     Fitted attributes
     -----------------
     classifier_:
-        The trained classifier: flattened features [B, d] -> logits [B, classes], in eval mode, built afresh by
-        every ``fit``; with mixmatch, the exponential moving average of the trained head's weights.
+        The trained classifier: features [B, *feature_shape] -> logits [B, classes], in eval mode, built afresh
+        by every ``fit`` (in a U-shaped split it begins with the attacker's copy of the cloud's part); with
+        mixmatch, the exponential moving average of the trained weights.
     labelled_:
         The attacker's labelled images [n, C, H, W] in [0, 1] and their labels [n] (the baseline's data).
     """
@@ -128,14 +133,19 @@ class ModelCompletion(CompletionAttack):
         labelled = torch.cat(picks)
         x, y = aux.subset(labelled).tensors()
         self.labelled_ = (x, y)
-        z = view.query(x).flatten(1).cpu()
+        z = view.query(x).cpu()
+        # The cloud's part of a U-shaped split, on the CPU like the features: what the attacker's classifier starts
+        # from (nothing in a two-part split).
+        bottom = [] if view.cloud is None else [copy.deepcopy(view.cloud).cpu()]
         if self.method == "supervised":
+            with torch.no_grad():
+                r = nn.Sequential(*bottom, nn.Flatten())(z)
             with seeded(self.seed):  # the initialisation, whatever noise the queries drew
-                classifier = nn.Sequential(nn.LayerNorm(z.shape[1]), nn.Linear(z.shape[1], self.hidden), nn.ReLU(),
+                classifier = nn.Sequential(nn.LayerNorm(r.shape[1]), nn.Linear(r.shape[1], self.hidden), nn.ReLU(),
                                            nn.Linear(self.hidden, aux.num_classes))
-            self.classifier_ = _train(classifier, z, y, steps=self.steps, lr=self.lr,
-                                      weight_decay=self.weight_decay, desc="model completion",
-                                      progress=self.progress)
+            _train(classifier, r, y, steps=self.steps, lr=self.lr, weight_decay=self.weight_decay,
+                   desc="model completion", progress=self.progress)
+            self.classifier_ = nn.Sequential(*bottom, nn.Flatten(), classifier).eval()
             return self
         rest = torch.ones(len(aux), dtype=torch.bool)
         rest[labelled] = False
@@ -145,14 +155,18 @@ class ModelCompletion(CompletionAttack):
                               f"attacker's images are among its n_labels={self.n_labels} labelled ones")
 
         def unlabelled(index: torch.Tensor) -> torch.Tensor:
-            # The features of the unlabelled images [B, d], queried like the labelled ones, B at a time.
-            return view.query(aux.subset(rest[index]).tensors()[0]).flatten(1).cpu()
+            # The features of the unlabelled images [B, ...], queried like the labelled ones, B at a time.
+            return view.query(aux.subset(rest[index]).tensors()[0]).cpu()
 
+        for part in bottom:  # Fu et al. fine-tune the bottom model with the head
+            part.requires_grad_(True)
+        with torch.no_grad():
+            width = nn.Sequential(*bottom, nn.Flatten()).eval()(z[:1]).shape[1]
         with seeded(self.seed):
-            head = fu_head(z.shape[1], aux.num_classes, layers=self.layers, hidden=self.hidden)
-        self.classifier_ = _mixmatch(head, z, y, unlabelled, len(rest), steps=self.steps,
-                                     batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                                     generator=g, progress=self.progress)
+            head = fu_head(width, aux.num_classes, layers=self.layers, hidden=self.hidden)
+        self.classifier_ = _mixmatch(nn.Sequential(*bottom, nn.Flatten(), head), z, y, aux.num_classes, unlabelled,
+                                     len(rest), steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                                     weight_decay=self.weight_decay, generator=g, progress=self.progress)
         return self
 
     def train_from_scratch(self, architecture: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
@@ -171,7 +185,7 @@ class ModelCompletion(CompletionAttack):
     def predict(self, z: torch.Tensor) -> torch.Tensor:
         """Logits [B, classes] for features ``z`` [B, ...]."""
         self._check_fitted()
-        return self.classifier_(z.flatten(1))
+        return self.classifier_(z.cpu())
 
     def config(self) -> dict:
         config = {"name": self.name, "n_labels": self.n_labels, "hidden": self.hidden, "steps": self.steps,
@@ -209,12 +223,13 @@ def fu_head(features: int, classes: int, *, layers: int = 1, hidden: int = 128) 
     return nn.Sequential(*modules, nn.BatchNorm1d(width), nn.ReLU(), last)
 
 
-def _mixmatch(head: nn.Module, z: torch.Tensor, y: torch.Tensor, unlabelled: Callable[[torch.Tensor], torch.Tensor],
-              n_unlabelled: int, *, steps: int, batch_size: int, lr: float, weight_decay: float,
-              generator: torch.Generator, progress: bool) -> nn.Module:
-    """Fu et al.'s MixMatch variant: ``head`` trained on labelled features ``z`` [n, d] with labels ``y`` [n]
-    and the features of ``n_unlabelled`` unlabelled images (``unlabelled(index)`` [B, d] for indices [B]);
-    returns the exponential moving average of its weights, in eval mode.
+def _mixmatch(head: nn.Module, z: torch.Tensor, y: torch.Tensor, classes: int,
+              unlabelled: Callable[[torch.Tensor], torch.Tensor], n_unlabelled: int, *, steps: int, batch_size: int,
+              lr: float, weight_decay: float, generator: torch.Generator, progress: bool) -> nn.Module:
+    """Fu et al.'s MixMatch variant: ``head`` (features -> logits over ``classes``) trained on labelled features
+    ``z`` [n, ...] with labels ``y`` [n] and the features of ``n_unlabelled`` unlabelled images
+    (``unlabelled(index)`` [B, ...] for indices [B]); returns the exponential moving average of its weights, in
+    eval mode.
 
     Each step, with B = ``batch_size``:
 
@@ -238,7 +253,6 @@ def _mixmatch(head: nn.Module, z: torch.Tensor, y: torch.Tensor, unlabelled: Cal
     initialisation and the oracle's noise are the caller's (seeded) global RNG's.
     """
     beta = np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator)))
-    classes = head[-1].out_features
     targets = F.one_hot(y, classes).float()
     labelled, unlabelled_order = _Batches(len(z), batch_size, generator), _Batches(n_unlabelled, batch_size, generator)
     ema = copy.deepcopy(head).requires_grad_(False)

@@ -1,6 +1,6 @@
 """The ``Defense`` protocol: what the edge device does to a feature before it leaves.
 
-A defense has five optional hooks, called by :class:`~splitshield.Trainer` (and the runtime):
+A defense has six optional hooks, called by :class:`~splitshield.Trainer` (and the runtime):
 
 - ``perturb(x, training) -> x'`` — transforms the images before the head sees them (noise on the input,
   He et al. IoT-J 2020 §IV). Identity for feature-side defenses.
@@ -10,6 +10,8 @@ A defense has five optional hooks, called by :class:`~splitshield.Trainer` (and 
 - ``regularizer(x, y, z, z_sent, logits) -> loss`` — an extra training loss (NoPeek, VIB, CEM, ...),
   given the input images ``x`` [B, C, H, W] in [0, 1], labels ``y`` [B], the clean feature ``z``, the
   feature sent ``z_sent = obfuscate(z)`` and the tail's logits.
+- ``label_regularizer(y, returned, logits) -> loss`` — in a U-shaped split only (the device keeps the classifier), an
+  extra loss on the features the cloud's part returns (InfoScissors' label term).
 - ``on_epoch_start(trainer)`` / ``on_epoch_end(trainer)`` — epoch-level work (CEM's clustering and
   its learning-rate schedule).
 
@@ -55,6 +57,12 @@ class Defense(nn.Module):
     def regularizer(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, z_sent: torch.Tensor,
                     logits: torch.Tensor) -> torch.Tensor | None:
         """Extra training loss (a 0-d tensor), or ``None`` for none."""
+        return None
+
+    def label_regularizer(self, y: torch.Tensor, returned: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+        """Extra training loss (a 0-d tensor) on ``returned`` [B, ...], the features the cloud's part of a U-shaped
+        split returns to the device for a batch with labels ``y`` [B] (the device's logits [B, classes] from
+        them); ``None`` for none. Called for U-shaped targets only (:attr:`SplitModel.u_shaped`)."""
         return None
 
     def clean(self, z: torch.Tensor) -> torch.Tensor:
@@ -123,6 +131,10 @@ class Compose(Defense):
             if (loss := d.regularizer(x, y, z, z_sent, logits)) is not None:
                 losses.append(loss)
             z = d.clean(z)
+        return torch.stack(losses).sum() if losses else None
+
+    def label_regularizer(self, y, returned, logits):  # noqa: D102 - documented on Defense
+        losses = [loss for d in self.parts if (loss := d.label_regularizer(y, returned, logits)) is not None]
         return torch.stack(losses).sum() if losses else None
 
     def clean(self, z: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,12 @@ the paper:
   = λ·[MSE(ψ(r), x_shuffled) − MSE(ψ(r), x)] (pixel means; negatives are the batch's images in a random
   permutation), back-propagated through the frozen ψ into the head.
 
-Only the input-leakage term is implemented: in this toolkit's split (head on the device, tail and
-classifier in the cloud) the edge holds no classifier to protect, so the I(z; ŷ) term has no place.
+The label term (``label_lam``, ALGORITHMS §G.3) has a place only in a U-shaped split, where the device keeps
+the classifier and the cloud's part returns features ``r`` to it; there an auxiliary classifier φ models
+q_φ(y | r), trained online (cross-entropy on the detached ``r``), and the model pays
+label_lam·[CE(φ(r), y_shuffled) − CE(φ(r), y)] (negatives: the batch's labels in a random permutation), so
+that what the cloud computes tells a simple classifier little about the label while the device's own
+classifier, trained with the model, still reads it. Model completion (Fu et al.) is the attack it defends.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ._adversary import OnlineAdversary, light_decoder
 from ._params import non_negative, positive, positive_int
-from .base import Defense
+from .base import Defense, substate
 
 
 class InfoScissors(Defense):
@@ -47,12 +53,15 @@ class InfoScissors(Defense):
         cannot defeat it by the feature's scale alone; ``False`` feeds it the raw feature.
     seed:
         Seeds the inversion net's initialisation and the negative pairs' permutation.
+    label_lam:
+        Weight >= 0 of the label term, for U-shaped splits only (0: none): a classifier of ``4 * width``
+        hidden units on the features the cloud returns, updated ``steps`` times per batch at ``lr``.
     """
 
     name = "infoscissors"
 
     def __init__(self, lam: float = 1.0, steps: int = 1, lr: float = 1e-3, width: int = 32,
-                 standardize: bool = True, seed: int = 0):
+                 standardize: bool = True, seed: int = 0, label_lam: float = 0.0):
         super().__init__()
         self.lam = non_negative("lam", lam)
         self.steps = positive_int("steps", steps)
@@ -62,6 +71,9 @@ class InfoScissors(Defense):
         self.seed = int(seed)
         self.inversion = OnlineAdversary(partial(light_decoder, width=self.width, standardize=self.standardize),
                                        lr=self.lr, steps=self.steps, seed=self.seed)
+        self.label_lam = non_negative("label_lam", label_lam)
+        self.labels = OnlineAdversary(partial(_label_classifier, hidden=4 * self.width), lr=self.lr,
+                                      steps=self.steps, seed=self.seed + 1)
 
     def regularizer(self, x, y, z, z_sent, logits):  # noqa: D102 - documented on Defense
         if not self.lam:
@@ -72,13 +84,38 @@ class InfoScissors(Defense):
         club = (x_hat - shuffled).pow(2).mean() - (x_hat - x).pow(2).mean()
         return self.lam * club
 
+    def label_regularizer(self, y, returned, logits):  # noqa: D102 - documented on Defense
+        if not self.label_lam:
+            return None
+        # One-hot targets: their shape tells the lazily built classifier how many classes there are.
+        one_hot = F.one_hot(y, logits.shape[1]).float()
+        self.labels.update(returned, one_hot, lambda guess, target: F.cross_entropy(guess, target))
+        guess = self.labels.frozen_forward(returned)
+        shuffled = y[torch.randperm(len(y), device=y.device)]
+        return self.label_lam * (F.cross_entropy(guess, shuffled) - F.cross_entropy(guess, y))
+
     def training_state(self) -> dict[str, torch.Tensor]:
-        """The inversion net's weights, Adam state and shapes (:meth:`OnlineAdversary.training_state`)."""
-        return self.inversion.training_state()
+        """The inversion net's weights, Adam state and shapes (:meth:`OnlineAdversary.training_state`), and the
+        label classifier's under ``labels.``."""
+        return {**self.inversion.training_state(),
+                **{f"labels.{k}": v for k, v in self.labels.training_state().items()}}
 
     def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.inversion.load_training_state(state)
+        self.inversion.load_training_state({k: v for k, v in state.items() if not k.startswith("labels.")})
+        self.labels.load_training_state(substate(state, "labels."))
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "lam": self.lam, "steps": self.steps, "lr": self.lr, "width": self.width,
-                "standardize": self.standardize, "seed": self.seed}
+        config = {"name": self.name, "lam": self.lam, "steps": self.steps, "lr": self.lr, "width": self.width,
+                  "standardize": self.standardize, "seed": self.seed}
+        if self.label_lam:  # only when set: a setting without the label term keeps its hash
+            config["label_lam"] = self.label_lam
+        return config
+
+
+def _label_classifier(feature_shape: tuple[int, ...], target_shape: tuple[int, ...], hidden: int) -> nn.Module:
+    """InfoScissors' auxiliary classifier φ: features [B, *feature_shape] -> logits [B, classes], classes the
+    one-hot targets' width (``target_shape == (classes,)``); one hidden layer of ``hidden`` units."""
+    features = 1
+    for size in feature_shape:
+        features *= size
+    return nn.Sequential(nn.Flatten(), nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, target_shape[0]))

@@ -8,8 +8,8 @@ from .registry import (
     register_model,
     unregister_model,
 )
-from .split import SplitModel, SplitPoint, check_split, split, split_points
-from .zoo import Normalize, build_model, cifar_cnn, lenet, torchvision_model, vgg11_bottleneck
+from .split import SplitModel, SplitPoint, UShapedTail, check_split, split, split_points
+from .zoo import Normalize, build_model, cifar_cnn, lenet, resnet20, torchvision_model, vgg11_bottleneck
 
 __all__ = [
     "MODELS",
@@ -17,6 +17,7 @@ __all__ = [
     "Normalize",
     "SplitModel",
     "SplitPoint",
+    "UShapedTail",
     "build_model",
     "check_split",
     "cifar_cnn",
@@ -24,6 +25,7 @@ __all__ = [
     "lenet",
     "list_models",
     "register_model",
+    "resnet20",
     "split",
     "split_points",
     "torchvision_model",

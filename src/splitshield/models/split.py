@@ -7,6 +7,11 @@ A point is legal when exactly one tensor is live across the cut: no skip connect
 Points are named by module path where the cut is a module's output (``conv1``, ``layer2.1``,
 ``features.7``). A cut that is not the output of a module called once is named by its enclosing module
 and its operation (``layer1.0.add``, ``flatten``).
+
+Two points joined by ``..`` (``relu..layer3.1``) make a *U-shaped* split: the edge runs the head up to the
+first, the cloud only the part between the two (:attr:`SplitModel.cloud`), and the edge the rest, so the
+cloud never holds the classifier nor sees a prediction (InfoScissors' setting, where model completion, the
+cloud's label leakage, is a threat).
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from ..errors import ConfigError, SplitError
 from .registry import get_model_info
 from .zoo import Normalize
 
+#: Joins a U-shaped split's two cuts, ``"relu..layer3.1"``: ``..`` never occurs in a point's name.
+U_SEPARATOR = ".."
+
 
 @dataclass(frozen=True)
 class SplitPoint:
@@ -44,14 +52,15 @@ class SplitModel(nn.Module):
     """A model cut in two: ``head`` runs on the edge device, ``tail`` in the cloud.
 
     ``forward(x)`` returns ``tail(head(x))``; a defense, when any, is applied between the two by the
-    :class:`~splitshield.Trainer` and the runtime, never inside this module.
+    :class:`~splitshield.Trainer` and the runtime, never inside this module. In a U-shaped split the tail is
+    a :class:`UShapedTail`: the cloud runs its ``cloud`` part only, the edge its ``edge`` part.
 
     Parameters
     ----------
     head, tail:
         The two halves. They share parameters with the model they were cut from.
     point:
-        Name of the cut.
+        Name of the cut (``first..second`` for a U-shaped split).
     input_shape:
         Shape of one input image (C, H, W); images are float in [0, 1].
     model_spec:
@@ -70,6 +79,16 @@ class SplitModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail(self.head(x))
 
+    @property
+    def cloud(self) -> nn.Module:
+        """What the cloud runs on the features: the tail, or a U-shaped split's middle part only."""
+        return self.tail.cloud if isinstance(self.tail, UShapedTail) else self.tail
+
+    @property
+    def u_shaped(self) -> bool:
+        """Whether the edge runs the end of the model too (the cloud returns features, not predictions)."""
+        return isinstance(self.tail, UShapedTail)
+
     @torch.no_grad()
     def feature_shape(self, input_shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
         """Shape of one feature z = head(x), without the batch dimension."""
@@ -86,6 +105,18 @@ class SplitModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"point={self.point!r}, input_shape={self.input_shape}"
+
+
+class UShapedTail(nn.Module):
+    """The tail of a U-shaped split: ``cloud`` (features -> the features the cloud returns) runs in the cloud,
+    ``edge`` (those -> logits) back on the device; ``forward(z)`` is ``edge(cloud(z))``."""
+
+    def __init__(self, cloud: nn.Module, edge: nn.Module):
+        super().__init__()
+        self.cloud, self.edge = cloud, edge
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.edge(self.cloud(z))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -414,15 +445,17 @@ def split(model: nn.Module, at: str, input_shape: tuple[int, ...] | None = None)
     model:
         Any ``nn.Module`` that traces with ``torch.fx``, or an ``nn.Sequential``.
     at:
-        A name from :func:`split_points`.
+        A name from :func:`split_points`; or two, in the model's order, joined by ``..`` for a U-shaped split
+        (``"relu..layer3.1"``: the cloud runs the model between the two cuts, the edge the rest).
     input_shape:
         Shape of one input image (C, H, W). Checked against the model up front.
 
     Raises
     ------
     SplitError
-        When ``at`` is not a legal point (the message lists the legal names), or ``input_shape`` does not
-        fit the model (the message names the shape the model takes, where known).
+        When ``at`` is not a legal point (the message lists the legal names), a U-shaped split's points are
+        out of order, or ``input_shape`` does not fit the model (the message names the shape the model takes,
+        where known).
     """
     return ModelCuts(model, input_shape).split(at)
 
@@ -466,10 +499,19 @@ class ModelCuts:
         return _fx_segment(gm, nodes, ends[start + 1], ends[stop + 1], name)
 
     def split(self, at: str) -> SplitModel:
-        """The model cut after the point ``at`` (see :func:`split`)."""
-        cut = self._index(at)
-        return SplitModel(self._part(-1, cut, "Head"), self._part(cut, len(self.points), "Tail"),
-                          self.points[cut].name, self.input_shape, getattr(self.model, "model_spec", None))
+        """The model cut after the point ``at``, or U-shaped at ``first..second`` (see :func:`split`)."""
+        first, u_shaped, second = at.partition(U_SEPARATOR)
+        cut, end = self._index(first), len(self.points)
+        tail, point = self._part(cut, end, "Tail"), self.points[cut].name
+        if u_shaped:
+            back = self._index(second)
+            if back <= cut:
+                raise SplitError(f"U-shaped split {at!r}: the cloud's part runs from {first!r} to {second!r}, so "
+                                 f"{second!r} must come after {first!r} in the model; name a later point")
+            tail = UShapedTail(self._part(cut, back, "Cloud"), self._part(back, end, "EdgeTail"))
+            point = f"{point}{U_SEPARATOR}{self.points[back].name}"
+        return SplitModel(self._part(-1, cut, "Head"), tail, point, self.input_shape,
+                          getattr(self.model, "model_spec", None))
 
     def chain(self, at: Sequence[str]) -> list[nn.Module]:
         """Modules that carry features from one cut to the next, for walking many cuts with one forward pass.

@@ -177,6 +177,61 @@ def vgg11_bottleneck(num_classes: int = 10, in_channels: int = 3, bottleneck: in
     return nn.Sequential(layers)
 
 
+class _BasicBlock(nn.Module):
+    """He et al.'s (2016) CIFAR basic block: conv3×3-BN-ReLU-conv3×3-BN plus the shortcut, then ReLU.
+
+    Where the block halves the size and doubles the channels the shortcut is their option A: the input
+    subsampled by 2 and zero-padded to the new channels, no parameters.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu2 = nn.ReLU()
+        self.stride, self.pad = stride, cout - cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        if self.stride != 1 or self.pad:
+            shortcut = nn.functional.pad(x[:, :, :: self.stride, :: self.stride],
+                                         (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))) + shortcut)
+
+
+@register_model("resnet20", input_shape=(3, 32, 32), sizes="any H, W ≥ 8; 1 or 3 channels",
+                normalization=(CIFAR_MEAN, CIFAR_STD), split_points=("relu", "layer1.2", "layer2.2", "layer3.1"))
+def resnet20(num_classes: int = 10, in_channels: int = 3, image_size: tuple[int, int] = (32, 32)) -> nn.Sequential:
+    """He et al.'s (2016) ResNet-20 for CIFAR-10 (0.27 M parameters), the CPU-sized stand-in for ResNet-18.
+
+    conv3×3 16-BN-ReLU (point ``relu``), three stages of three basic blocks (``layer1.0`` … ``layer3.2``; 16, 32
+    and 64 channels, 32×32, 16×16 and 8×8 at a 32×32 input), global average pooling and ``fc``. Convolutions are
+    initialised as theirs (Kaiming normal). InfoScissors' U-shaped split, the edge keeping the first convolution
+    and the last block, is ``relu..layer3.1``. The pooling is global, so any ``image_size`` of at least 8×8 fits.
+    """
+    _checked_size("resnet20", image_size, 8)
+    layers: OrderedDict[str, nn.Module] = OrderedDict(normalize=_normalize(in_channels, CIFAR_MEAN, CIFAR_STD))
+    layers["conv1"] = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+    layers["bn1"] = nn.BatchNorm2d(16)
+    layers["relu"] = nn.ReLU()
+    cin = 16
+    for stage, cout in enumerate((16, 32, 64), start=1):
+        first = _BasicBlock(cin, cout, 1 if stage == 1 else 2)
+        layers[f"layer{stage}"] = nn.Sequential(first, *(_BasicBlock(cout, cout, 1) for _ in range(2)))
+        cin = cout
+    layers["avgpool"] = nn.AdaptiveAvgPool2d(1)
+    layers["flatten"] = nn.Flatten()
+    layers["fc"] = nn.Linear(64, num_classes)
+    model = nn.Sequential(layers)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
 register_model("vgg11-bottleneck-slim", **_VGG11_BOTTLENECK)(partial(vgg11_bottleneck, cloud_width=0.25))
 register_model("lenet-sigmoid", **_LENET, split_points=("conv1", "sigmoid2"))(partial(lenet, bounded=True))
 

@@ -307,6 +307,9 @@ def export(checkpoint: str | Path, edge_path: str | Path, cloud_path: str | Path
     target, _, meta = load_checkpoint(checkpoint, model=model)  # also checks that the tensors fit the model
     if target.input_shape is None:
         raise CheckpointError(f"{source}: its JSON has no input_shape; re-save it with split(..., input_shape=)")
+    if target.u_shaped:  # the cloud artifact would hold the device's classifier, and the server return predictions
+        raise CheckpointError(f"{source} is split U-shaped ({target.point}): the runtime serves two-part splits only; "
+                              "export a checkpoint cut at one point")
     tied = _tied(target)
     if tied:
         warnings.warn(f"the tail uses tensors of the head too (tied weights: {', '.join(tied)}): the cloud "
