@@ -181,6 +181,13 @@ def plan(spec: ExperimentSpec) -> list[Cell]:
     return cells
 
 
+def _sets_label_lam(setting: Any) -> bool:
+    """Whether a defense setting (a part of a composition included) gives a label term a nonzero weight."""
+    if isinstance(setting, dict):
+        return bool(setting.get("label_lam")) or any(_sets_label_lam(v) for v in setting.values())
+    return isinstance(setting, list) and any(_sets_label_lam(v) for v in setting)
+
+
 def _check_splits(spec: ExperimentSpec) -> None:
     from .data import get_dataset_info
     from .models import build_model
@@ -194,7 +201,7 @@ def _check_splits(spec: ExperimentSpec) -> None:
                           f"cloud; the U-shaped split {u_shaped!r} keeps it on the device: remove the attack, or "
                           "split these cells into a spec of their own")
     two_part = next((s for s in spec.splits if U_SEPARATOR not in s), None)
-    if two_part and any('"label_lam"' in json.dumps(d) for d in spec.defense_settings()):
+    if two_part and any(_sets_label_lam(d) for d in spec.defense_settings()):
         raise ConfigError(f"spec field defenses: label_lam regularises the features the cloud returns to the "
                           f"device, which only a U-shaped split has, not {two_part!r}: cut it first..second or remove "
                           "label_lam")

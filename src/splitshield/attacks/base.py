@@ -218,13 +218,14 @@ class Victim:
         if self.threat == "white_box":
             return WhiteBoxView(**common, head=_frozen(self.target.head), perturb=perturb, obfuscate=obfuscate)
         if self.threat == "black_box":
-            head = _frozen(self.target.head)
+            # Locals only: the oracle must not reach the victim (and through it the model's other parts).
+            head, input_shape, device = _frozen(self.target.head), tuple(self.target.input_shape), self.device
 
             # The oracle is the deployed device: defended features unless the evaluation is non-adaptive.
             def query(x: torch.Tensor) -> torch.Tensor:
-                _check_images(x, self.target.input_shape)
+                _check_images(x, input_shape)
                 with torch.no_grad():
-                    return obfuscate(head(perturb(x.to(self.device))))
+                    return obfuscate(head(perturb(x.to(device))))
 
             return BlackBoxView(**common, query=query)
         if self.threat == "architecture_only":

@@ -227,6 +227,14 @@ def artifact_kind(path: str | Path) -> Kind:
     return _describe(path)[0]
 
 
+def _refuse_u_shaped(target: SplitModel, source: Path | str) -> None:
+    """The runtime serves two-part splits only: from a U-shaped checkpoint the cloud would get the device's
+    classifier with the tail and return predictions, the model silently run as a two-part one."""
+    if target.u_shaped:
+        raise CheckpointError(f"{source} is split U-shaped ({target.point}): the runtime serves two-part splits only; "
+                              "use a checkpoint cut at one point")
+
+
 def check_servable(path: str | Path, allow_head_weights: bool = False) -> Kind:
     """Refuse what a cloud should not be given, before anything is loaded; returns the kind of ``path``.
 
@@ -307,9 +315,7 @@ def export(checkpoint: str | Path, edge_path: str | Path, cloud_path: str | Path
     target, _, meta = load_checkpoint(checkpoint, model=model)  # also checks that the tensors fit the model
     if target.input_shape is None:
         raise CheckpointError(f"{source}: its JSON has no input_shape; re-save it with split(..., input_shape=)")
-    if target.u_shaped:  # the cloud artifact would hold the device's classifier, and the server return predictions
-        raise CheckpointError(f"{source} is split U-shaped ({target.point}): the runtime serves two-part splits only; "
-                              "export a checkpoint cut at one point")
+    _refuse_u_shaped(target, source)
     tied = _tied(target)
     if tied:
         warnings.warn(f"the tail uses tensors of the head too (tied weights: {', '.join(tied)}): the cloud "
@@ -451,6 +457,7 @@ def load_cloud(path: str | Path, *, model: nn.Module | None = None, device: str 
                               "artifact for the head's architecture alone")
     if kind == "checkpoint":
         target, _, _ = load_checkpoint(path, model=model, device=device)
+        _refuse_u_shaped(target, path)
         if target.input_shape is None:
             raise CheckpointError(f"checkpoint {path} has no input_shape; re-save it with split(..., input_shape=)")
         fingerprint = checkpoint_fingerprint(path)
@@ -519,6 +526,7 @@ def load_edge(path: str | Path, *, model: nn.Module | None = None, device: str =
                               "same export")
     if kind == "checkpoint":
         target, defense, _ = load_checkpoint(path, model=model, device=device)
+        _refuse_u_shaped(target, path)
         if target.input_shape is None:
             raise CheckpointError(f"checkpoint {path} has no input_shape; re-save it with split(..., input_shape=)")
         fingerprint = checkpoint_fingerprint(path)
