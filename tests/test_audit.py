@@ -311,3 +311,15 @@ def test_the_readme_audit_example_needs_allow_weak_attacks():
     """examples/noise_sweep.toml's budgets (rMLE 300, inverse network 400) are below the gate's minimums."""
     spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / "noise_sweep.toml")
     assert weak_attacks(spec, attack_budgets(spec))
+
+
+def test_mixmatch_alone_on_a_u_shaped_split_is_a_weak_label_attack():
+    u_shaped = {**SPEC, "splits": ["ReLU2..fc1act"]}
+    mixmatch = {"name": "model_completion", "method": "mixmatch", "steps": 2000}
+    spec = parse_spec({**u_shaped, "attacks": [mixmatch]})
+    assert weak_attacks(spec, attack_budgets(spec)) == [
+        "spec field attacks[0].method (model_completion): on a U-shaped split, mixmatch alone can under-report label "
+        "leakage; add the supervised probe, {name: model_completion}, beside it"]
+    for fine in ({**u_shaped, "attacks": [mixmatch, {"name": "model_completion"}]}, {**SPEC, "attacks": [mixmatch]}):
+        spec = parse_spec(fine)
+        assert weak_attacks(spec, attack_budgets(spec)) == []
