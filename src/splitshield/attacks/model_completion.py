@@ -137,9 +137,9 @@ class ModelCompletion(CompletionAttack):
         # The cloud's part of a U-shaped split, on the CPU like the features: what the attacker's classifier starts
         # from (nothing in a two-part split).
         bottom = [] if view.cloud is None else [copy.deepcopy(view.cloud).cpu()]
+        with torch.no_grad():  # the frozen copy is in eval mode
+            r = nn.Sequential(*bottom, nn.Flatten())(z)
         if self.method == "supervised":
-            with torch.no_grad():
-                r = nn.Sequential(*bottom, nn.Flatten())(z)
             with seeded(self.seed):  # the initialisation, whatever noise the queries drew
                 classifier = nn.Sequential(nn.LayerNorm(r.shape[1]), nn.Linear(r.shape[1], self.hidden), nn.ReLU(),
                                            nn.Linear(self.hidden, aux.num_classes))
@@ -160,10 +160,8 @@ class ModelCompletion(CompletionAttack):
 
         for part in bottom:  # Fu et al. fine-tune the bottom model with the head
             part.requires_grad_(True)
-        with torch.no_grad():
-            width = nn.Sequential(*bottom, nn.Flatten()).eval()(z[:1]).shape[1]
         with seeded(self.seed):
-            head = fu_head(width, aux.num_classes, layers=self.layers, hidden=self.hidden)
+            head = fu_head(r.shape[1], aux.num_classes, layers=self.layers, hidden=self.hidden)
         self.classifier_ = _mixmatch(nn.Sequential(*bottom, nn.Flatten(), head), z, y, aux.num_classes, unlabelled,
                                      len(rest), steps=self.steps, batch_size=self.batch_size, lr=self.lr,
                                      weight_decay=self.weight_decay, generator=g, progress=self.progress)

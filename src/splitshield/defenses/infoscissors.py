@@ -25,6 +25,7 @@ classifier, trained with the model, still reads it. Model completion (Fu et al.)
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
 
@@ -115,7 +116,5 @@ class InfoScissors(Defense):
 def _label_classifier(feature_shape: tuple[int, ...], target_shape: tuple[int, ...], hidden: int) -> nn.Module:
     """InfoScissors' auxiliary classifier φ: features [B, *feature_shape] -> logits [B, classes], classes the
     one-hot targets' width (``target_shape == (classes,)``); one hidden layer of ``hidden`` units."""
-    features = 1
-    for size in feature_shape:
-        features *= size
-    return nn.Sequential(nn.Flatten(), nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, target_shape[0]))
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(feature_shape), hidden), nn.ReLU(),
+                         nn.Linear(hidden, target_shape[0]))
