@@ -313,13 +313,16 @@ def test_the_readme_audit_example_needs_allow_weak_attacks():
     assert weak_attacks(spec, attack_budgets(spec))
 
 
-def test_mixmatch_alone_on_a_u_shaped_split_is_a_weak_label_attack():
+def test_fine_tuning_mixmatch_alone_on_a_u_shaped_split_is_a_weak_label_attack():
     u_shaped = {**SPEC, "splits": ["ReLU2..fc1act"]}
     mixmatch = {"name": "model_completion", "method": "mixmatch", "steps": 2000}
     spec = parse_spec({**u_shaped, "attacks": [mixmatch]})
     assert weak_attacks(spec, attack_budgets(spec)) == [
-        "spec field attacks[0].method (model_completion): on a U-shaped split, mixmatch alone can under-report label "
-        "leakage; add the supervised probe, {name: model_completion}, beside it"]
-    for fine in ({**u_shaped, "attacks": [mixmatch, {"name": "model_completion"}]}, {**SPEC, "attacks": [mixmatch]}):
+        "spec field attacks[0].fine_tune (model_completion): on a U-shaped split, mixmatch fine-tuning the cloud's "
+        "part alone can under-report label leakage; set fine_tune: false or add the supervised probe, "
+        "{name: model_completion}, beside it"]
+    frozen = {**mixmatch, "fine_tune": False}
+    for fine in ({**u_shaped, "attacks": [mixmatch, {"name": "model_completion"}]}, {**SPEC, "attacks": [mixmatch]},
+                 {**u_shaped, "attacks": [frozen]}):
         spec = parse_spec(fine)
         assert weak_attacks(spec, attack_budgets(spec)) == []

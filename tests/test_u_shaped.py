@@ -94,6 +94,20 @@ def test_completion_fine_tunes_its_own_copy_of_the_cloud_and_leaves_the_target_a
     assert torch.equal(probe.predict(z), probe.classifier_[2](target.cloud(z)))
 
 
+def test_mixmatch_without_fine_tuning_keeps_the_cloud_part_as_the_cloud_holds_it(trained_lenet, mnist5k, one_thread):
+    target = ss.split(trained_lenet, "ReLU2..fc1act", input_shape=(1, 28, 28))
+    victim = ss.Victim(target, threat="black_box", aux=mnist5k.holdout.take(300))
+    frozen = ss.ModelCompletion(method="mixmatch", steps=100, fine_tune=False, progress=False).fit(victim)
+    cloud, copy = target.cloud.state_dict(), frozen.classifier_[0].state_dict()
+    assert cloud.keys() == copy.keys() and all(torch.equal(cloud[k], copy[k]) for k in cloud)  # weights and BN
+    x, y = mnist5k.test.take(300).tensors()
+    accuracy = (frozen.predict(victim.observe(x)).argmax(1) == y).float().mean().item()
+    assert accuracy > 0.5  # 40 labels on a trained middle's output: far above chance (10 %)
+    assert frozen.config()["fine_tune"] is False and "fine_tune" not in ss.ModelCompletion(method="mixmatch").config()
+    with pytest.raises(ss.ConfigError, match="fine_tune is a parameter of method 'mixmatch'"):
+        ss.ModelCompletion(fine_tune=False)
+
+
 TINY_U = {"name": "tiny-u", "dataset": "mnist-5k", "model": "lenet", "splits": ["ReLU2..fc1act"],
           "attacks": [{"name": "model_completion", "steps": 20}, {"name": "rmle", "iters": 10}],
           "train": {"epochs": 1, "train_n": 300}, "evaluation": {"test_n": 100}}

@@ -939,22 +939,23 @@ def budget_lines(budgets: list[AttackBudget]) -> list[str]:
 
 def weak_attacks(spec: Any, budgets: list[AttackBudget]) -> list[str]:
     """One line per way the spec's attacks are weaker than the gate accepts, in spec order: a budget below its
-    minimum, a non-adaptive attacker, noise as the attacker's data, mixmatch as the only completion attack on a
-    U-shaped split (each says the fix)."""
+    minimum, a non-adaptive attacker, noise as the attacker's data, mixmatch fine-tuning the cloud's part as the
+    only completion attack on a U-shaped split (each says the fix)."""
     from .models.split import U_SEPARATOR
 
-    # On a U-shaped split, mixmatch fine-tunes the cloud's part and has labelled fewer images than the frozen probe
+    # On a U-shaped split, mixmatch fine-tuning the cloud's part labelled fewer images than the frozen probe
     # (ResNet-20, results page): alone it can under-report label leakage.
     u_shaped = any(U_SEPARATOR in s for s in spec.splits)
-    methods = {s["params"].get("method", "supervised")
-               for s in spec.attack_settings() if s["name"] == "model_completion"}
+    fine_tuning_only = all(s["params"].get("method", "supervised") == "mixmatch" and s["params"].get("fine_tune", True)
+                           for s in spec.attack_settings() if s["name"] == "model_completion")
     problems = []
     for i, entry in enumerate(spec.attacks):
         problems += [f"spec field attacks[{i}].{_budget_field(b)} ({b.name}): {b.value} is below the audit's "
                      f"minimum {b.minimum}; raise it" for b in budgets if b.entry == i and b.weak]
-        if u_shaped and entry.name == "model_completion" and methods == {"mixmatch"}:
-            problems.append(f"spec field attacks[{i}].method ({entry.name}): on a U-shaped split, mixmatch alone can "
-                            "under-report label leakage; add the supervised probe, {name: model_completion}, beside it")
+        if u_shaped and entry.name == "model_completion" and fine_tuning_only:
+            problems.append(f"spec field attacks[{i}].fine_tune ({entry.name}): on a U-shaped split, mixmatch "
+                            "fine-tuning the cloud's part alone can under-report label leakage; set fine_tune: false "
+                            "or add the supervised probe, {name: model_completion}, beside it")
         if not entry.adaptive:
             problems.append(f"spec field attacks[{i}].adaptive ({entry.name}): a non-adaptive attacker ignores the "
                             "defense and under-reports leakage; remove `adaptive: false`")

@@ -20,7 +20,9 @@ the device's head is not the attacker's to train, so the classifier sees the fea
 them (defended, under an adaptive threat model). In a U-shaped split (``relu..layer3.1``) the cloud holds the
 middle of the model (``view.cloud``) and the device keeps the classifier: the attacker's classifier is then
 a copy of that middle part followed by the head — frozen under the supervised probe, which fits the head on
-the middle's output, and fine-tuned with the head under mixmatch, as Fu et al. train their bottom model.
+the middle's output; under mixmatch fine-tuned with the head, as Fu et al. train their bottom model, or, with
+``fine_tune=False``, frozen too. Frozen is the stronger attack on a middle trained for the task: fine-tuning
+it on 40 labels and guessed labels wears away what it learned.
 
 The baseline (:func:`train_from_scratch`) is what the same labelled images are worth without the device:
 the whole model's architecture, freshly initialised, trained on them with the attack's own optimiser and
@@ -83,6 +85,10 @@ class ModelCompletion(CompletionAttack):
         as the features; here they are ``hidden`` wide, which bounds the head on wide feature maps.
     batch_size:
         Mixmatch only: labelled (and as many unlabelled) features per step, B (>= 2; Fu et al.'s 16).
+    fine_tune:
+        Mixmatch only, and only in a U-shaped split (a two-part split has no part of the model on the cloud):
+        train the attacker's copy of the cloud's part with the head, as Fu et al. fine-tune their bottom model
+        (``True``), or keep it frozen in eval mode and train the head on its output (``False``).
     seed:
         Seeds the choice of the labelled images, the oracle's noise, the classifier's initialisation and
         every draw of the training (batches, mixup).
@@ -104,7 +110,8 @@ class ModelCompletion(CompletionAttack):
 
     def __init__(self, n_labels: int = 40, hidden: int = 128, steps: int = 500, lr: float | None = None,
                  weight_decay: float | None = None, seed: int = 0, progress: bool = True,
-                 method: Literal["supervised", "mixmatch"] = "supervised", layers: int = 1, batch_size: int = 16):
+                 method: Literal["supervised", "mixmatch"] = "supervised", layers: int = 1, batch_size: int = 16,
+                 fine_tune: bool = True):
         self.method = one_of("method", method, METHODS)
         self.n_labels, self.hidden = positive_int("n_labels", n_labels), positive_int("hidden", hidden)
         self.steps = positive_int("steps", steps)
@@ -114,11 +121,12 @@ class ModelCompletion(CompletionAttack):
         self.layers, self.batch_size = positive_int("layers", layers), positive_int("batch_size", batch_size)
         if self.batch_size < 2:  # each forward pass normalises its chunk by the chunk's own BatchNorm statistics
             raise ConfigError(f"batch_size must be an integer >= 2 (BatchNorm needs two features), got {batch_size!r}")
-        if self.method == "supervised" and (self.layers, self.batch_size) != (1, 16):
-            field = "layers" if self.layers != 1 else "batch_size"
+        self.fine_tune = flag("fine_tune", fine_tune)
+        if self.method == "supervised" and (self.layers, self.batch_size, self.fine_tune) != (1, 16, True):
+            field = "layers" if self.layers != 1 else "batch_size" if self.batch_size != 16 else "fine_tune"
             raise ConfigError(f"{field} is a parameter of method 'mixmatch' (the supervised MLP has one hidden "
-                              f"layer and trains full-batch), got {field}={getattr(self, field)!r}; set "
-                              "method: mixmatch or remove it")
+                              f"layer, trains full-batch and never trains the cloud's part), got "
+                              f"{field}={getattr(self, field)!r}; set method: mixmatch or remove it")
         self.seed = non_negative_int("seed", seed)
         self.progress = flag("progress", progress)
 
@@ -158,13 +166,26 @@ class ModelCompletion(CompletionAttack):
             # The features of the unlabelled images [B, ...], queried like the labelled ones, B at a time.
             return view.query(aux.subset(rest[index]).tensors()[0]).cpu()
 
-        for part in bottom:  # Fu et al. fine-tune the bottom model with the head
-            part.requires_grad_(True)
         with seeded(self.seed):
             head = fu_head(r.shape[1], aux.num_classes, layers=self.layers, hidden=self.hidden)
-        self.classifier_ = _mixmatch(nn.Sequential(*bottom, nn.Flatten(), head), z, y, aux.num_classes, unlabelled,
-                                     len(rest), steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                                     weight_decay=self.weight_decay, generator=g, progress=self.progress)
+        if self.fine_tune:
+            for part in bottom:  # Fu et al. fine-tune the bottom model with the head
+                part.requires_grad_(True)
+            self.classifier_ = _mixmatch(nn.Sequential(*bottom, nn.Flatten(), head), z, y, aux.num_classes,
+                                         unlabelled, len(rest), steps=self.steps, batch_size=self.batch_size,
+                                         lr=self.lr, weight_decay=self.weight_decay, generator=g,
+                                         progress=self.progress)
+            return self
+        frozen = nn.Sequential(*bottom, nn.Flatten())  # eval mode and no gradients, as copied from the view
+
+        def unlabelled_outputs(index: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return frozen(unlabelled(index))
+
+        head = _mixmatch(head, r, y, aux.num_classes, unlabelled_outputs, len(rest), steps=self.steps,
+                         batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay, generator=g,
+                         progress=self.progress)
+        self.classifier_ = nn.Sequential(*frozen, head).eval()
         return self
 
     def train_from_scratch(self, architecture: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
@@ -191,6 +212,9 @@ class ModelCompletion(CompletionAttack):
         # The method's keys only for mixmatch: a supervised attack's config is what it was before methods.
         if self.method != "supervised":
             config.update(method=self.method, layers=self.layers, batch_size=self.batch_size)
+        # Named only when off, so that the mixmatch cells measured before the option existed keep their hashes.
+        if not self.fine_tune:
+            config.update(fine_tune=False)
         return config
 
 
