@@ -186,6 +186,23 @@ def test_sigkill_mid_cell_loses_only_that_cell(tmp_path):
     assert _rows(fresh) == after
 
 
+def test_worker_processes_hand_over_each_cell_so_a_kill_keeps_the_measured_ones(tmp_path):
+    # One target: one worker runs both cells, the first quick, the second far too long to finish here. The first
+    # must be in the store while the second runs, not only when the worker's whole unit is done.
+    spec_path = tmp_path / "kill.yaml"
+    spec_path.write_text(KILL_SPEC.replace("[conv1, ReLU2]", "[conv1]").replace("[60, 80]", "[60, 1000000]"))
+    db = tmp_path / "results.db"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_run_cmd(spec_path, db) + ["--jobs", "2"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 120
+    while _done(db) < 1 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its worker and the queue's manager
+    proc.wait()
+    assert _done(db) == 1, proc.stderr.read().decode()[-500:]
+
+
 def test_ray_executor_matches_local(tmp_path):
     ray = pytest.importorskip("ray")
     spec = parse_spec({**TINY, "attacks": TINY["attacks"][:2]})

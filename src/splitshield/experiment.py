@@ -10,7 +10,8 @@ split, defense, seed, training settings), trained once and cached as a safetenso
 
 Work is shipped to executors per target (a *unit*: one target and the cells attacking it), so a
 target is never trained twice at once. Workers return rows; only the driver writes the store, one
-transaction per cell, so a killed run loses at most the cells in flight.
+transaction per cell. Local workers hand over each cell as it finishes, so a killed run loses at most the
+cells in flight; a Ray task returns its unit's cells together when the unit is done.
 
 A cell is measured by :mod:`splitshield.measure`, the pipeline ``splitshield attack`` also runs.
 
@@ -28,7 +29,7 @@ import shutil
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -409,8 +410,15 @@ def run_unit(unit: dict[str, Any], root: str, progress: bool = False, threads: i
 
 
 def run_unit_all(unit: dict[str, Any], root: str, threads: int = 1) -> list[CellOutcome]:
-    """:func:`run_unit` collected into a list: the task process and Ray workers execute."""
+    """:func:`run_unit` collected into a list: what Ray workers execute."""
     return list(run_unit(unit, root, progress=False, threads=threads))
+
+
+def _run_unit_into(unit: dict[str, Any], root: str, threads: int, outcomes: Any) -> None:
+    """:func:`run_unit`, each outcome put on the queue ``outcomes`` as soon as it is measured: what the local
+    worker processes execute, so that the driver stores a cell while its unit's other cells still run."""
+    for outcome in run_unit(unit, root, progress=False, threads=threads):
+        outcomes.put(outcome)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,12 +479,25 @@ def _local_results(units: list[dict[str, Any]], root: str, jobs: int, progress: 
             yield from run_unit(unit, root, progress=progress, threads=threads)
         return
     import multiprocessing
+    from queue import Empty
 
     # spawn: a forked child would inherit the parent's torch thread pool and open database handle.
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_unit_all, unit, root, threads) for unit in units]
-        for future in as_completed(futures):
-            yield from future.result()
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        outcomes = manager.Queue()
+        pending = {pool.submit(_run_unit_into, unit, root, threads, outcomes) for unit in units}
+        # A worker puts a unit's outcomes before its task returns: once every task is done, draining the queue
+        # leaves nothing behind.
+        while pending or not outcomes.empty():
+            try:
+                yield outcomes.get(timeout=0.5)
+                continue
+            except Empty:
+                pass
+            finished = {future for future in pending if future.done()}
+            for future in finished:
+                future.result()  # a worker that crashed outside a cell raises here
+            pending -= finished
 
 
 def _ray_results(units: list[dict[str, Any]], root: str, address: str | None, threads: int) -> Iterator[CellOutcome]:
