@@ -13,6 +13,9 @@ less leakage; the issue asks for ρ ≥ 0.9).
     python benchmarks/advisor_validity.py --model cifar-cnn --checkpoint benchmarks/results/artifacts/targets/HASH
                                           # ... the engine's target of examples/he2019_cifar.yaml, not trained again
     python benchmarks/advisor_validity.py --model resnet18 --points 8     # ResNet-18 / CIFAR-10, 8 spaced points
+    python benchmarks/advisor_validity.py --model resnet20 --points 8 --checkpoint TARGET
+                                          # ResNet-20 / CIFAR-10, TARGET the engine's undefended target of
+                                          # examples/infoscissors_ushaped.yaml (benchmarks/results/artifacts/targets/…)
 
 The model is trained once and cached (``--cache``); data come from ``--data-dir`` (``../shared/data``: MNIST, and
 CIFAR-10 as JPEG quality 75, about 30 dB from the original pixels: say so with CIFAR numbers). ``--scale`` scales
@@ -36,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_common_args  # noqa: E402
 
 #: (dataset, epochs) per model.
-MODELS = {"lenet": ("mnist", 3), "cifar-cnn": ("cifar10", 20), "resnet18": ("cifar10", 15)}
+MODELS = {"lenet": ("mnist", 3), "cifar-cnn": ("cifar10", 20), "resnet18": ("cifar10", 15),
+          "resnet20": ("cifar10", 10)}
 #: The full budgets: the attacks' own defaults (rMLE iterations None: He et al.'s per point, else 3000).
 FULL = {"rmle_iters": 3000, "decoder_steps": 3000, "shadow_steps": 3000}
 

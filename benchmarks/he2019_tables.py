@@ -64,6 +64,14 @@ def paper_row(attack: dict[str, Any]) -> str | None:
     return None
 
 
+def attack_label(attack: dict[str, Any]) -> str:
+    """The attack with every setting it was run with (its aux data unless the default, then each parameter):
+    cells of two versions of a spec, say with and without ``refit``, must not read alike."""
+    extras = [] if attack["aux"] == "same_distribution" else [f"aux={attack['aux']}"]
+    extras += [f"{k}={v}" for k, v in sorted(attack.get("params", {}).items())]
+    return f"{attack['name']}({', '.join(extras)})" if extras else attack["name"]
+
+
 def _images(evaluation: dict[str, Any]) -> str:
     images = evaluation.get("images", "first_per_class")
     return "He et al.'s 10 images (the first of each class)" if images == "first_per_class" else f"{images} images"
@@ -81,7 +89,7 @@ def tables(cells: list[dict[str, Any]]) -> str:
             groups.setdefault(_images(c["config"]["evaluation"]), []).append(c)
         for images, group in sorted(groups.items()):
             group.sort(key=lambda c: (splits.index(c["split"]), order.index(row) if (row := paper_row(
-                c["config"]["attack"])) else len(order), c["attack_label"]))
+                c["config"]["attack"])) else len(order), attack_label(c["config"]["attack"])))
             out += [f"### {dataset} · {model} · {images}", "",
                     f"| split | He et al.'s row | our attack | paper PSNR / SSIM | ours PSNR / SSIM | Δ PSNR "
                     f"| ≥ paper + {MARGIN_DB:g} dB |", "|---|---|---|---:|---:|---:|---|"]
@@ -89,11 +97,12 @@ def tables(cells: list[dict[str, Any]]) -> str:
                 row = paper_row(c["config"]["attack"])
                 paper = PAPER[row].get(c["split"]) if row else None
                 ours = f"{c['metrics']['psnr']:.2f} / {c['metrics']['ssim']:.3f}"
+                label = attack_label(c["config"]["attack"])
                 if paper is None:
-                    out.append(f"| {c['split']} | — | {c['attack_label']} | — | {ours} | — | — |")
+                    out.append(f"| {c['split']} | — | {label} | — | {ours} | — | — |")
                     continue
                 delta = c["metrics"]["psnr"] - paper[0]
-                out.append(f"| {c['split']} | {row} | {c['attack_label']} | {paper[0]:.2f} / {paper[1]:.3f} | {ours} "
+                out.append(f"| {c['split']} | {row} | {label} | {paper[0]:.2f} / {paper[1]:.3f} | {ours} "
                            f"| {delta:+.2f} | {'yes' if delta >= MARGIN_DB else 'no'} |")
             missing = [f"{row} at {split}" for split in splits for row in order
                        if not any(c["split"] == split and paper_row(c["config"]["attack"]) == row for c in group)]

@@ -44,3 +44,11 @@ def test_each_cell_is_beside_its_row_with_the_difference_and_the_rows_still_miss
     missing = next(line for line in ten.splitlines() if line.startswith("Not measured yet"))
     assert "white-box (rMLE) at conv11" in missing and "black-box, random set at ReLU22" in missing
     assert "white-box (rMLE) at ReLU22" not in missing and "black-box, same set at ReLU22" not in missing
+
+
+def test_an_attack_reads_with_every_setting_it_ran_with():
+    label = he2019_tables.attack_label
+    assert label({"name": "inverse_network", "aux": "same_set", "params": {"refit": True}}) == \
+        "inverse_network(aux=same_set, refit=True)"
+    assert label({"name": "inverse_network", "aux": "same_set", "params": {}}) == "inverse_network(aux=same_set)"
+    assert label({"name": "rmle", "aux": "same_distribution", "params": {}}) == "rmle"
