@@ -56,6 +56,16 @@ def test_default_members_are_every_inversion_attack_the_threat_allows():
     assert "strongest" not in allowed_members("white_box") and "model_completion" not in allowed_members("white_box")
 
 
+def test_the_default_black_box_member_solves_a_linear_decoder(trained_lenet, mnist5k, one_thread):
+    target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
+    victim = ss.Victim(target, threat="black_box", aux=mnist5k.holdout.take(300))
+    attack = ss.StrongestAttack(progress=False).fit(victim)
+    (member,) = attack.members_
+    assert isinstance(member, ss.InverseNetwork) and member.refit
+    assert attack.config()["member_defaults"] == {"inverse_network": {"refit": True}}
+    assert "member_defaults" not in ss.StrongestAttack(members=["inverse_network"]).config()
+
+
 def test_threats_without_an_oracle_are_refused_in_one_line(trained_lenet, mnist5k):
     target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
     victim = ss.Victim(target, threat="query_free", aux=mnist5k.holdout.take(64))

@@ -42,6 +42,9 @@ _PSNR_CAP = 100.0
 _RESIDUAL_FLOOR = 1e-12
 #: Draws of the oracle's noise each residual is averaged over.
 RESIDUAL_DRAWS = 4
+#: What the default members run with beyond their own defaults: settings that only make a member stronger, off by
+#: default in the member itself so that its stored cells keep their hashes. They enter the portfolio's config.
+MEMBER_DEFAULTS: dict[str, dict[str, Any]] = {"inverse_network": {"refit": True}}
 
 
 def _oracle(view: VictimView) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -57,7 +60,8 @@ class StrongestAttack(InversionAttack):
     members:
         The attacks to run: a list of registry names or ``{"name": ..., **params}`` dicts, or a mapping
         ``{name: params}`` (the form for specs, where lists are grids); ``None`` (default): every registered
-        inversion attack whose threats include the view's, with its default parameters.
+        inversion attack whose threats include the view's, with its default parameters updated by
+        :data:`MEMBER_DEFAULTS` (the inverse network refits its decoder's last layer).
     holdout:
         Auxiliary images (>= 4) kept apart from the members' fitting to calibrate the prediction.
     seed:
@@ -99,7 +103,8 @@ class StrongestAttack(InversionAttack):
         oracle = _oracle(view)
         assert oracle is not None  # both threats allowed give one
         aux = view.require_aux("strongest")
-        specs = self.members or [{"name": name} for name in allowed_members(view.threat)]
+        specs = self.members or [{"name": name, **MEMBER_DEFAULTS.get(name, {})}
+                                 for name in allowed_members(view.threat)]
         for spec in specs:
             if view.threat not in ATTACKS[spec["name"]].threats:
                 raise ConfigError(f"members: {spec['name']!r} cannot run under {view.threat}; remove it")
@@ -169,7 +174,9 @@ class StrongestAttack(InversionAttack):
         return r.clamp_min(_RESIDUAL_FLOOR).log().float().cpu()
 
     def config(self) -> dict:
-        return {"name": self.name, "members": self.members, "holdout": self.holdout, "seed": self.seed}
+        config = {"name": self.name, "members": self.members, "holdout": self.holdout, "seed": self.seed}
+        # Cells of the default members from before MEMBER_DEFAULTS existed ran without them: another hash.
+        return config | ({"member_defaults": MEMBER_DEFAULTS} if self.members is None else {})
 
 
 def allowed_members(threat: str) -> list[str]:
