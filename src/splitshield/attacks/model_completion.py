@@ -162,30 +162,25 @@ class ModelCompletion(CompletionAttack):
             raise ConfigError(f"method 'mixmatch' needs unlabelled auxiliary images: all {len(aux)} of the "
                               f"attacker's images are among its n_labels={self.n_labels} labelled ones")
 
+        # Fu et al. fine-tune the bottom model with the head; frozen, the cloud's part stays as the view copied it
+        # (eval mode, no gradients) and the head trains on its output.
+        trained, frozen = ([*bottom, nn.Flatten()], []) if self.fine_tune else ([], [*bottom, nn.Flatten()])
+        for part in trained:
+            part.requires_grad_(True)
+        through_frozen = nn.Sequential(*frozen)
+
         def unlabelled(index: torch.Tensor) -> torch.Tensor:
-            # The features of the unlabelled images [B, ...], queried like the labelled ones, B at a time.
-            return view.query(aux.subset(rest[index]).tensors()[0]).cpu()
+            # What the trained modules take for the unlabelled images [B, ...]: their features, queried like the
+            # labelled ones, B at a time, through the frozen part if there is one.
+            with torch.no_grad():
+                return through_frozen(view.query(aux.subset(rest[index]).tensors()[0]).cpu())
 
         with seeded(self.seed):
             head = fu_head(r.shape[1], aux.num_classes, layers=self.layers, hidden=self.hidden)
-        if self.fine_tune:
-            for part in bottom:  # Fu et al. fine-tune the bottom model with the head
-                part.requires_grad_(True)
-            self.classifier_ = _mixmatch(nn.Sequential(*bottom, nn.Flatten(), head), z, y, aux.num_classes,
-                                         unlabelled, len(rest), steps=self.steps, batch_size=self.batch_size,
-                                         lr=self.lr, weight_decay=self.weight_decay, generator=g,
-                                         progress=self.progress)
-            return self
-        frozen = nn.Sequential(*bottom, nn.Flatten())  # eval mode and no gradients, as copied from the view
-
-        def unlabelled_outputs(index: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return frozen(unlabelled(index))
-
-        head = _mixmatch(head, r, y, aux.num_classes, unlabelled_outputs, len(rest), steps=self.steps,
-                         batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay, generator=g,
-                         progress=self.progress)
-        self.classifier_ = nn.Sequential(*frozen, head).eval()
+        average = _mixmatch(nn.Sequential(*trained, head), z if self.fine_tune else r, y, aux.num_classes,
+                            unlabelled, len(rest), steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                            weight_decay=self.weight_decay, generator=g, progress=self.progress)
+        self.classifier_ = nn.Sequential(*frozen, *average).eval()
         return self
 
     def train_from_scratch(self, architecture: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
