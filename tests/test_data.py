@@ -57,6 +57,28 @@ def test_aux_kinds(mnist5k):
         mnist5k.aux("weird")
 
 
+def _neighbour_step(x: torch.Tensor) -> float:
+    """Mean absolute difference between horizontally adjacent pixels."""
+    return float((x[..., 1:] - x[..., :-1]).abs().mean())
+
+
+def test_random_fields_are_seeded_smooth_shapes_of_every_contrast(mnist5k):
+    fields = mnist5k.aux("random_fields", n=400, seed=3)
+    x, y = fields.tensors()
+    assert x.shape == (400, 1, 28, 28) and set(y.tolist()) <= set(range(10))
+    assert torch.equal(x, mnist5k.aux("random_fields", n=400, seed=3).tensors()[0])
+    assert not torch.equal(x, mnist5k.aux("random_fields", n=400, seed=4).tensors()[0])
+    noise, _ = mnist5k.aux("noise", n=400).tensors()
+    # Smooth on the whole: neighbours differ far less than in pixel noise (about 0.4 there).
+    assert _neighbour_step(x) < 0.5 * _neighbour_step(noise)
+    # Every contrast: some images nearly flat, some nearly binary (most pixels within 0.1 of 0 or 1).
+    spread = x.flatten(1).std(1)
+    binary = ((x < 0.1) | (x > 0.9)).flatten(1).float().mean(1)
+    assert float(spread.min()) < 0.05 and float(binary.max()) > 0.8
+    rgb, _ = ss.data.random_field_images(5, (3, 32, 32), ("a",), seed=0).tensors()
+    assert rgb.shape == (5, 3, 32, 32) and not torch.equal(rgb[:, 0], rgb[:, 1])  # a field per channel
+
+
 def test_batches_are_seeded(mnist5k):
     a = [y for _, y in mnist5k.train.batches(100, shuffle=True, seed=3)]
     b = [y for _, y in mnist5k.train.batches(100, shuffle=True, seed=3)]

@@ -22,6 +22,7 @@ def test_attacks_map_to_he_et_als_rows():
     row = he2019_tables.paper_row
     assert row({"name": "rmle", "aux": "same_distribution"}) == "white-box (rMLE)"
     assert row({"name": "inverse_network", "aux": "noise"}) == "black-box, random set"
+    assert row({"name": "inverse_network", "aux": "random_fields"}) == "black-box, random set"  # also data-free
     assert row({"name": "shadow_head", "aux": "same_distribution", "params": {"shadow": "different"}}) == \
         "query-free, other set, other net"
     assert row({"name": "shadow_head", "aux": "same_set"}) == "query-free, same set, same net"  # default: same net

@@ -237,8 +237,8 @@ def attack(
     data_dir: DataDir = None,
     value_range: ValueRange = None,
     image_shape: ImageShape = None,
-    aux: Annotated[str, typer.Option(help="same_set, same_distribution, noise or other_distribution (with "
-                                          "--aux-data).")] = "same_distribution",
+    aux: Annotated[str, typer.Option(help="same_set, same_distribution, noise, random_fields (smooth random "
+                                          "shapes) or other_distribution (with --aux-data).")] = "same_distribution",
     aux_data: Annotated[str | None, typer.Option(
         help="With --aux other_distribution: the dataset whose training images the attacker holds (read from "
              "--data-dir, converted to the target's image shape).")] = None,

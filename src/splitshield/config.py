@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError, DataError, SplitShieldError
 
-AUX_KINDS = ("same_set", "same_distribution", "noise", "other_distribution")
+AUX_KINDS = ("same_set", "same_distribution", "noise", "random_fields", "other_distribution")
 #: The metrics a cell can record: the target's (accuracy with the defense, the conditional-entropy MSE floor (an
 #: estimate), the Gaussian-channel bound on I(x; z) in nats per image (certified), the clean feature's and the
 #: additive noise's standard deviation per element, training wall and CPU seconds) and the attack's
@@ -122,7 +122,7 @@ class AttackSpec(BaseModel):
 
     name: str
     threat: Literal["white_box", "black_box", "query_free", "architecture_only"] | None = None
-    aux: Literal["same_set", "same_distribution", "noise", "other_distribution"] = "same_distribution"
+    aux: Literal["same_set", "same_distribution", "noise", "random_fields", "other_distribution"] = "same_distribution"
     aux_data: str | None = Field(default=None, description="with aux other_distribution: the dataset whose training "
                                  "images the attacker holds, converted to the target's image shape")
     aux_n: int | None = Field(default=None, gt=0)

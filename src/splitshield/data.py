@@ -179,7 +179,8 @@ class Dataset:
         kind:
             ``same_set`` (the target's own training images), ``same_distribution`` (the disjoint
             holdout), ``noise`` (Gaussian noise images, mean 0.5, std 0.5, clipped to [0, 1], random
-            labels; He et al.'s "rand set"), or ``other_distribution`` (the images of ``other``,
+            labels; He et al.'s "rand set"), ``random_fields`` (data-free like noise, but smooth random
+            shapes: :func:`random_field_images`), or ``other_distribution`` (the images of ``other``,
             converted to this dataset's image shape).
         n:
             Keep at most this many images.
@@ -188,16 +189,17 @@ class Dataset:
             pool = self.train
         elif kind == "same_distribution":
             pool = self.holdout
-        elif kind == "noise":
+        elif kind in _DATA_FREE:
             count = n if n is not None else len(self.holdout)
-            pool = noise_images(count, self.image_shape, self.train.classes, seed)
+            pool = _DATA_FREE[kind](count, self.image_shape, self.train.classes, seed)
         elif kind == "other_distribution":
             if other is None:
                 raise DataError("aux kind 'other_distribution' needs other=<ImageSet of another dataset>")
             pool = conform(other, self.image_shape)
         else:
             raise DataError(
-                f"aux kind {kind!r} unknown; use same_set, same_distribution, noise or other_distribution"
+                f"aux kind {kind!r} unknown; use same_set, same_distribution, noise, random_fields or "
+                "other_distribution"
             )
         return pool if n is None else pool.take(n)
 
@@ -208,6 +210,41 @@ def noise_images(n: int, shape: tuple[int, int, int], classes: tuple[str, ...], 
     x = (0.5 + 0.5 * torch.randn(n, *shape, generator=g)).clamp(0, 1)
     labels = torch.randint(len(classes), (n,), generator=g)
     return ImageSet((x * 255).round().to(torch.uint8), labels, classes)
+
+
+#: Coarse grids of :func:`random_field_images`, as fractions of the image side: from a few blobs to pixel noise.
+FIELD_GRIDS = (1 / 8, 1 / 4, 1 / 2, 1)
+
+
+def random_field_images(n: int, shape: tuple[int, int, int], classes: tuple[str, ...],
+                        seed: int = 0) -> ImageSet:
+    """``n`` smooth random images with random contrast and uniformly random labels: data-free queries.
+
+    Each image is uniform noise on a coarse grid (side ``FIELD_GRIDS`` × the image's, one of them at random),
+    bilinearly upsampled and passed through a random contrast curve ``sigmoid(k·(u − t))``, k ~ U(1, 20),
+    t ~ U(0, 1): from low-contrast clouds to near-binary blobs, with large flat regions that pixel noise
+    never has. An attacker without a single natural image can draw them; an inverse network trained on them
+    meets features of flat backgrounds and edges, which Gaussian noise's features never show it.
+    Channels get their own fields (colour blobs for RGB).
+    """
+    c, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.randint(len(FIELD_GRIDS), (n,), generator=g)
+    slope = 1 + 19 * torch.rand(n, 1, 1, 1, generator=g)
+    threshold = torch.rand(n, 1, 1, 1, generator=g)
+    x = torch.empty(n, c, h, w)
+    for i, fraction in enumerate(FIELD_GRIDS):
+        rows = (grid == i).nonzero().flatten()
+        coarse = torch.rand(len(rows), c, max(2, round(h * fraction)), max(2, round(w * fraction)), generator=g)
+        x[rows] = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    x = torch.sigmoid(slope * (x - threshold))
+    labels = torch.randint(len(classes), (n,), generator=g)
+    return ImageSet((x * 255).round().to(torch.uint8), labels, classes)
+
+
+#: The auxiliary kinds that need no data: their image makers.
+_DATA_FREE: dict[str, Callable[[int, tuple[int, int, int], tuple[str, ...], int], ImageSet]] = {
+    "noise": noise_images, "random_fields": random_field_images}
 
 
 def conform(images: ImageSet, shape: tuple[int, int, int]) -> ImageSet:

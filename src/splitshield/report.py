@@ -959,8 +959,8 @@ def weak_attacks(spec: Any, budgets: list[AttackBudget]) -> list[str]:
         if not entry.adaptive:
             problems.append(f"spec field attacks[{i}].adaptive ({entry.name}): a non-adaptive attacker ignores the "
                             "defense and under-reports leakage; remove `adaptive: false`")
-        if entry.aux == "noise":
-            problems.append(f"spec field attacks[{i}].aux ({entry.name}): an attacker holding only noise "
+        if entry.aux in ("noise", "random_fields"):
+            problems.append(f"spec field attacks[{i}].aux ({entry.name}): an attacker holding only {entry.aux} "
                             "under-reports leakage; use same_distribution or same_set")
     return list(dict.fromkeys(problems))
 
