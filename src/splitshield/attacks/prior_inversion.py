@@ -44,19 +44,15 @@ adds faint noise to flat backgrounds).
 Under query_free that check cannot be made: the attacker computes its held-out images' features with the
 shadow head, which inverts them easily, while the observed features come from the device's head, which the
 shadow only resembles. A refinement fits the observed features through the wrong map, and the held-out
-images do not show it (LeNet/MNIST, first 100 test images: refinement chosen on them, 6.9 dB at ``ReLU2`` and
-7.1 dB at ``fc2act``; the latent images alone 15.3 and 10.5 dB; He et al.'s shadow-head rMLE 8.7 and 5.8 dB).
-So there ``keep_refined="auto"`` returns the latent images; ``"always"`` refines, its settings chosen through
-the shadow.
+images do not show it (on LeNet/MNIST the refinement they chose fell below the latent images alone, and below
+He et al.'s shadow-head rMLE). So there ``keep_refined="auto"`` returns the latent images; ``"always"`` refines,
+its settings chosen through the shadow.
 
 The latent search uses Adam with β₂ = 0.9, not 0.999: the residual falls by orders of magnitude within the
-run, and with a slow second-moment average the steps shrink with it long before the code has converged (on
-LeNet/MNIST ``fc2act`` held-out aux images, 400 steps from w = 0: 14.7 dB with 0.999, 16.6 dB with 0.9).
+run, and with a slow second-moment average the steps shrink with it long before the code has converged.
 
-Measured with ``benchmarks/prior_inversion.py`` (LeNet, 98.2 % on MNIST, white box, the first 100 test images,
-both attacks at their defaults, one thread): PSNR/SSIM 31.8 dB/0.885 against rMLE's 24.8/0.766 at ``ReLU2``,
-23.4/0.741 against 13.1/0.487 at ``fc1`` and 17.8/0.616 against 10.4/0.334 at ``fc2act``, in about 70 s for
-fit and invert (rMLE's auto search: 60-360 s).
+``benchmarks/prior_inversion.py`` measures this attack against white-box rMLE at LeNet's deep cuts (PSNR, SSIM
+and time); ``examples/attacks_lenet.yaml`` and ``examples/attacks_cifar.yaml`` run it beside every other attack.
 
 The generator is the attacker's: trained on the same auxiliary images the other attacks get, it knows nothing
 of the private images but their distribution. Against a defended device the adaptive attacker optimises
