@@ -11,6 +11,7 @@ import torch
 import splitshield as ss
 from splitshield import metrics
 from splitshield.attacks._rmle import rmle, total_variation
+from splitshield.attacks.query_free import TRAFFIC_WEIGHTS as QF_TRAFFIC_WEIGHTS
 from splitshield.attacks.query_free import _moment_distance
 from splitshield.errors import ConfigError, ThreatModelError
 
@@ -134,7 +135,7 @@ def test_query_free_trains_a_shadow_that_fools_the_tail(trained_lenet, mnist5k, 
     victim = ss.Victim(target, threat="query_free", aux=mnist5k.holdout)
     for shadow in ("same", "different"):
         attack = ss.QueryFreeInversion(shadow=shadow, steps=150, iters=100, progress=False).fit(victim)
-        assert attack.shadow_accuracy_ > 0.5  # the frozen tail classifies the shadow's features
+        assert attack.shadow_accuracy_[0] > 0.5  # the frozen tail classifies the shadow's features
         assert attack.invert(victim.observe(x)).shape == x.shape
 
 
@@ -269,8 +270,39 @@ def test_query_free_shadow_matches_the_moments_of_the_traffic(trained_lenet, mni
             attack = ss.QueryFreeInversion(steps=200, match_traffic=weight, search=None, seed=seed,
                                            progress=False).fit(view)
             with torch.no_grad():
-                distance[weight] = _moment_distance(attack.shadow_head_(x), view.traffic).item()
+                distance[weight] = _moment_distance(attack.shadow_heads_[0](x), view.traffic).item()
         assert distance[3.0] < 0.5 * distance[0.0], (seed, distance)
+
+
+def test_query_free_auto_keeps_per_image_the_shadow_that_fits_the_observed_feature(trained_lenet, mnist5k, digits,
+                                                                                   one_thread):
+    x, _ = digits
+    target = ss.split(trained_lenet, "conv1", input_shape=(1, 28, 28))
+    _, traffic = ss.data.evaluation_split(mnist5k.test, "first_per_class", 1000)
+    victim = ss.Victim(target, threat="query_free", aux=mnist5k.holdout, traffic=traffic)
+    z = victim.observe(x)
+    common = dict(steps=100, iters=60, search=None, seed=2, progress=False)
+    auto = ss.QueryFreeInversion(match_traffic="auto", **common).fit(victim)
+    assert auto.match_traffic_ == QF_TRAFFIC_WEIGHTS == (0.0, 3.0)
+    chosen = auto.invert(z)
+    # Each shadow is the one a single-weight attack trains, and each image is that attack's reconstruction
+    # whose shadow features are closest to the observed feature (no defense: no noise in the residual).
+    singles = [ss.QueryFreeInversion(match_traffic=w, **common).fit(victim) for w in QF_TRAFFIC_WEIGHTS]
+    runs = [single.invert(z) for single in singles]
+    with torch.no_grad():
+        residual = torch.stack([(single.shadow_heads_[0](run) - z).pow(2).flatten(1).sum(1)
+                                / z.pow(2).flatten(1).sum(1) for single, run in zip(singles, runs, strict=True)])
+    for head, single in zip(auto.shadow_heads_, singles, strict=True):
+        pairs = zip(head.parameters(), single.shadow_heads_[0].parameters(), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
+    best = residual.argmin(0)
+    assert torch.equal(auto.chosen_, best)
+    torch.testing.assert_close(chosen, torch.stack(runs)[best, torch.arange(len(x))])
+    torch.testing.assert_close(auto.residual_, residual.min(0).values)
+    # Without traffic there is nothing to match: He et al.'s shadow alone.
+    alone = ss.QueryFreeInversion(match_traffic="auto", **common).fit(
+        ss.Victim(target, threat="query_free", aux=mnist5k.holdout))
+    assert alone.match_traffic_ == (0.0,) and len(alone.shadow_heads_) == 1
 
 
 BAD_PARAMETERS = [
@@ -282,6 +314,7 @@ BAD_PARAMETERS = [
     (ss.QueryFreeInversion, "shadow", "other"), (ss.QueryFreeInversion, "steps", 0),
     (ss.QueryFreeInversion, "batch_size", True), (ss.QueryFreeInversion, "lr", float("inf")),
     (ss.QueryFreeInversion, "match_traffic", -1.0), (ss.QueryFreeInversion, "match_traffic", float("nan")),
+    (ss.QueryFreeInversion, "match_traffic", "best"),
     (ss.QueryFreeInversion, "iters", -5), (ss.QueryFreeInversion, "rmle_lr", 0), (ss.QueryFreeInversion, "tv", -0.1),
     (ss.QueryFreeInversion, "l2", -1), (ss.QueryFreeInversion, "seed", "0"),
     (ss.ModelCompletion, "n_labels", 0), (ss.ModelCompletion, "hidden", 0), (ss.ModelCompletion, "steps", -1),

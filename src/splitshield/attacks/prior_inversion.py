@@ -330,7 +330,7 @@ class PriorInversion(InversionAttack):
         view = self.view_
         if self.shadow_ is None:
             return view.send(x)
-        return view.obfuscate(self.shadow_.shadow_head_(view.perturb(x)))
+        return view.obfuscate(self.shadow_.shadow_heads_[0](view.perturb(x)))  # its one shadow (β = 3)
 
     # --------------------------------------------------------------------------------------- invert
 

@@ -20,6 +20,14 @@ traffic's standard deviation σ_c(z) (weight β = ``match_traffic``; 0 gives He 
 
 The traffic is data the cloud holds, not knowledge of the defense: a non-adaptive attacker uses it too.
 
+Whether the pull helps depends on the cut: a moment-matched shadow can fit the tail and the moments with a map
+further from the device's head than He et al.'s. With ``match_traffic="auto"`` the attacker trains a shadow for
+every weight of ``TRAFFIC_WEIGHTS`` (He et al.'s 0 among them), inverts each observed feature through every
+shadow and keeps, per image, the reconstruction whose shadow features fit the observed ones best (the lowest
+relative residual ‖f1'(x̂) − z‖² / ‖z‖²). The residual measures what matters: how far the observed feature lies
+from what that shadow can produce, which is small when the shadow resembles the device's head. It uses the
+observed feature alone, never the private image.
+
 The shadow head is either the
 head's own architecture, freshly initialised (``shadow="same"``, He et al.'s "same net"), or a
 different one built from the shapes (``shadow="different"``: 3×3 convolutions with pooling, He et al.'s
@@ -29,16 +37,29 @@ different one built from the shapes (``shadow="different"``: 3×3 convolutions w
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data import ImageSet
 from ._params import flag, module_or, non_negative, non_negative_int, one_of, positive, positive_int
 from ._rmle import rmle
 from .base import FeatureMoments, InversionAttack, QueryFreeView, seeded
-from .whitebox import CALIBRATION_IMAGES, SEARCHES, calibrate, check_rmle_params, rmle_settings, search_grid
+from .whitebox import (
+    CALIBRATION_IMAGES,
+    OBJECTIVE_DRAWS,
+    SEARCHES,
+    calibrate,
+    check_rmle_params,
+    rmle_settings,
+    search_grid,
+)
+
+#: The moment-matching weights β ``match_traffic="auto"`` trains a shadow for: He et al.'s and the default.
+TRAFFIC_WEIGHTS = (0.0, 3.0)
 
 
 def different_head(input_shape: tuple[int, int, int], feature_shape: tuple[int, ...],
@@ -73,7 +94,8 @@ class QueryFreeInversion(InversionAttack):
         Shadow training (each > 0): Adam (amsgrad, eps 1e-3), cosine-decayed learning rate.
     match_traffic:
         Weight β >= 0 of the moment-matching term (see the module docstring); used when the victim's view
-        holds traffic.
+        holds traffic. ``"auto"``: a shadow per weight of ``TRAFFIC_WEIGHTS``, and per image the reconstruction
+        whose shadow fits the observed feature best (without traffic: β = 0 alone).
     iters, rmle_lr, tv, l2:
         The rMLE stage (iters, rmle_lr > 0; tv, l2 >= 0); ``None`` takes the white-box table's value for the
         split point, or with ``search="auto"`` is searched for.
@@ -89,15 +111,21 @@ class QueryFreeInversion(InversionAttack):
 
     Fitted attributes
     -----------------
-    shadow_head_:
-        The trained shadow head (frozen), built afresh by every ``fit``.
+    match_traffic_:
+        The moment-matching weights the shadows were trained with: ``(match_traffic,)``, or with ``"auto"``
+        ``TRAFFIC_WEIGHTS`` (``(0.0,)`` without traffic).
+    shadow_heads_:
+        The trained shadow heads (frozen), one per weight of ``match_traffic_``, built afresh by every ``fit``
+        from the same initialisation.
     shadow_accuracy_:
-        The frozen tail's accuracy on the shadow's features over the last 100 training batches.
+        Per shadow, the frozen tail's accuracy on its features over the last 100 training batches.
     iters_, rmle_lr_, tv_, l2_:
-        The rMLE settings in use, ``None`` resolved for the victim's split point (or searched).
+        The rMLE settings in use (every shadow's), ``None`` resolved for the victim's split point (or searched).
     calibration_:
         ``search="auto"``: {(λ_TV, λ_l2, lr): mean PSNR in dB (capped at 100) on the aux images through the
-        shadow}, else ``{}``.
+        first shadow}, else ``{}``.
+    chosen_, residual_:
+        Set by each ``invert``: per image the index of the kept shadow [B], and its relative residual [B].
     view_:
         The query-free view of the victim (its defense mechanism and shapes).
     """
@@ -106,22 +134,47 @@ class QueryFreeInversion(InversionAttack):
     name = "shadow_head"
 
     def __init__(self, shadow: str | nn.Module = "same", steps: int = 3000, batch_size: int = 64,
-                 lr: float = 1e-3, match_traffic: float = 3.0, iters: int | None = None,
+                 lr: float = 1e-3, match_traffic: float | str = 3.0, iters: int | None = None,
                  rmle_lr: float | None = None, tv: float | None = None, l2: float | None = None,
                  search: str | None = None, seed: int = 0, progress: bool = True):
         self.shadow = module_or("shadow", shadow, ("same", "different"))
         self.steps, self.batch_size = positive_int("steps", steps), positive_int("batch_size", batch_size)
         self.lr = positive("lr", lr)
-        self.match_traffic = non_negative("match_traffic", match_traffic)
+        self.match_traffic = (match_traffic if isinstance(match_traffic, str) and one_of(
+            "match_traffic", match_traffic, ("auto",)) else non_negative("match_traffic", match_traffic))
         self.iters, self.rmle_lr, self.tv, self.l2 = check_rmle_params(iters, rmle_lr, tv, l2, lr_field="rmle_lr")
         self.search = one_of("search", search, SEARCHES)
         self.seed = non_negative_int("seed", seed)
         self.progress = flag("progress", progress)
 
     def _fit(self, view: QueryFreeView) -> QueryFreeInversion:  # type: ignore[override]
+        aux = view.require_aux(type(self).__name__)
+        if self.match_traffic != "auto":
+            self.match_traffic_: tuple[float, ...] = (self.match_traffic,)
+        else:
+            self.match_traffic_ = TRAFFIC_WEIGHTS if view.traffic is not None else (0.0,)
+        trained = [self._train_shadow(view, aux, weight) for weight in self.match_traffic_]
+        self.shadow_heads_ = tuple(head for head, _ in trained)
+        self.shadow_accuracy_ = tuple(accuracy for _, accuracy in trained)
+        self.iters_, self.rmle_lr_, self.tv_, self.l2_ = rmle_settings(
+            view.point, self.iters, self.rmle_lr, self.tv, self.l2
+        )
+        self.view_ = view
+        self.calibration_: dict[tuple[float, float, float], float] = {}
+        priors, lrs = search_grid(view.point, self.rmle_lr, self.tv, self.l2)
+        if self.search == "auto" and len(priors) * len(lrs) > 1:
+            x, _ = aux.take(CALIBRATION_IMAGES).tensors()
+            settings = [(t, w, r) for t, w in priors for r in lrs]
+            (self.tv_, self.l2_, self.rmle_lr_), self.calibration_ = calibrate(
+                self._through(self.shadow_heads_[0]), x, settings, iters=self.iters_, seed=self.seed,
+                progress=self.progress)
+        return self
+
+    def _train_shadow(self, view: QueryFreeView, aux: ImageSet, weight: float) -> tuple[nn.Module, float]:
+        """A shadow head trained through the frozen tail with moment-matching weight ``weight`` (frozen), and the
+        tail's accuracy on its features over the last 100 batches."""
         from ..measure import derived_seed
 
-        aux = view.require_aux(type(self).__name__)
         # Not the attack's seed itself: with seed 0 a fresh head would start from the weights build_model(seed=0)
         # gave the victim, a head start no attacker has.
         with seeded(derived_seed(self.seed, "shadow head")):
@@ -135,7 +188,7 @@ class QueryFreeInversion(InversionAttack):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.steps, eta_min=self.lr * 0.01)
         x_all, y_all = aux.tensors()
         g = torch.Generator().manual_seed(self.seed)
-        moments = view.traffic if self.match_traffic > 0 else None
+        moments = view.traffic if weight > 0 else None
         head.train()
         correct = seen = 0
         for step in tqdm(range(self.steps), desc="train shadow head", disable=not self.progress, leave=False):
@@ -144,7 +197,7 @@ class QueryFreeInversion(InversionAttack):
             logits = view.tail(features)
             loss = F.cross_entropy(logits, y_all[idx])
             if moments is not None:
-                loss = loss + self.match_traffic * _moment_distance(features, moments)
+                loss = loss + weight * _moment_distance(features, moments)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -155,37 +208,47 @@ class QueryFreeInversion(InversionAttack):
         head.eval()
         for p in head.parameters():
             p.requires_grad_(False)
-        self.shadow_head_, self.shadow_accuracy_ = head, correct / max(seen, 1)
-        self.iters_, self.rmle_lr_, self.tv_, self.l2_ = rmle_settings(
-            view.point, self.iters, self.rmle_lr, self.tv, self.l2
-        )
-        self.view_ = view
-        self.calibration_: dict[tuple[float, float, float], float] = {}
-        priors, lrs = search_grid(view.point, self.rmle_lr, self.tv, self.l2)
-        if self.search == "auto" and len(priors) * len(lrs) > 1:
-            x, _ = aux.take(CALIBRATION_IMAGES).tensors()
-            settings = [(t, w, r) for t, w in priors for r in lrs]
-            (self.tv_, self.l2_, self.rmle_lr_), self.calibration_ = calibrate(
-                self._shadow_features, x, settings, iters=self.iters_, seed=self.seed, progress=self.progress)
-        return self
+        return head, correct / max(seen, 1)
 
-    def _shadow_features(self, x: torch.Tensor) -> torch.Tensor:
-        """What the shadow head would send for images ``x`` [B, C, H, W], through the defense's mechanism."""
+    def _through(self, head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What ``head`` would send for images ``x`` [B, C, H, W], through the defense's mechanism."""
         view = self.view_
-        return view.obfuscate(self.shadow_head_(view.perturb(x)))
+        return lambda x: view.obfuscate(head(view.perturb(x)))
 
     def invert(self, z: torch.Tensor) -> torch.Tensor:
         """Reconstructions [B, C, H, W] in [0, 1] of the features ``z`` [B, ...] the device sent."""
         self._check_fitted()
-        with seeded(self.seed):
-            return rmle(self._shadow_features, z, self.view_.input_shape, iters=self.iters_,
-                        lr=self.rmle_lr_, tv=self.tv_, l2=self.l2_, progress=self.progress, desc="query-free rMLE")
+        z = z.detach()
+        runs, residuals = [], []
+        for head in self.shadow_heads_:
+            send = self._through(head)
+            with seeded(self.seed):
+                x = rmle(send, z, self.view_.input_shape, iters=self.iters_, lr=self.rmle_lr_, tv=self.tv_,
+                         l2=self.l2_, progress=self.progress, desc="query-free rMLE")
+            runs.append(x)
+            residuals.append(_relative_residual(send, x, z, self.seed))
+        residual = torch.stack(residuals)  # [shadows, B]
+        self.chosen_ = residual.argmin(0)
+        self.residual_ = residual.gather(0, self.chosen_[None]).squeeze(0)
+        return torch.stack(runs)[self.chosen_, torch.arange(z.shape[0], device=z.device)]
 
     def config(self) -> dict:
         shadow = self.shadow if isinstance(self.shadow, str) else type(self.shadow).__name__
         return {"name": self.name, "shadow": shadow, "steps": self.steps, "batch_size": self.batch_size,
                 "lr": self.lr, "match_traffic": self.match_traffic, "iters": self.iters, "rmle_lr": self.rmle_lr,
                 "tv": self.tv, "l2": self.l2, "search": self.search, "seed": self.seed}
+
+
+@torch.no_grad()
+def _relative_residual(send: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, z: torch.Tensor,
+                       seed: int) -> torch.Tensor:
+    """``‖send(x) − z‖² / ‖z‖²`` per image [B], averaged over ``OBJECTIVE_DRAWS`` draws of the defense's noise
+    (the same draws for every shadow compared)."""
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for draw in range(OBJECTIVE_DRAWS):
+        with seeded(seed + 1 + draw):
+            total += (send(x) - z).pow(2).flatten(1).sum(1).double()
+    return (total / OBJECTIVE_DRAWS / z.pow(2).flatten(1).sum(1).double().clamp_min(1e-30)).float()
 
 
 def _moment_distance(features: torch.Tensor, moments: FeatureMoments) -> torch.Tensor:
