@@ -299,3 +299,23 @@ def test_cells_of_different_protocols_are_never_averaged(tmp_path):
     assert defense_family({"name": "adversarial", "alpha": 1.0, "standardize": False}) == \
         "adversarial(standardize=False)"
     assert defense_family({"name": "adversarial", "alpha": 3.0}) == "adversarial"
+
+
+def test_two_specs_one_label_two_attackers_are_told_apart(tmp_path):
+    """One spec's ``rmle`` (its setting search) and another's ``rmle`` (``search: null``, the only rmle there)
+    meet in one section: they are two columns, never averaged as if they were seeds."""
+    path = tmp_path / "labels.db"
+    base = {"name": "rmle", "threat": "white_box", "aux": "same_distribution", "aux_n": None, "adaptive": True}
+    with ResultStore(path) as store:
+        run = store.start_run("labels", {}, "local", 2)
+        for h, params, psnr in (("auto", {}, 26.0), ("table", {"search": None}, 21.0)):
+            attack = {**base, "params": params}
+            store.register_cells(run, [{
+                "hash": h, "target_hash": "t", "dataset": "mnist", "model": "lenet", "split": "ReLU2",
+                "defense": {"name": "none"}, "defense_label": "none", "attack": attack, "attack_label": "rmle",
+                "seed": 0, "config": {"revision": RESULTS_REVISION, "attack": attack}}])
+            store.record(CellRecord(h, [("accuracy", -1, 0.98), ("psnr", -1, psnr)]))
+        (section,) = load_sections(store)
+    assert section.inversion_attacks == ["rmle", "rmle(search=None)"]
+    assert section.rows[0].attacks["rmle"]["psnr"] == pytest.approx(26.0)
+    assert section.rows[0].attacks["rmle(search=None)"]["psnr"] == pytest.approx(21.0)

@@ -97,13 +97,18 @@ def defense_family(config: dict[str, Any]) -> str:
     return f"{config['name']}({_param_text(kinds)})" if kinds else config["name"]
 
 
+_UNSET = object()
+
+
 def attack_labels(settings: list[dict[str, Any]]) -> list[str]:
     """Name each attack setting by what distinguishes it from the others of the same attack: its threat, aux
     data and evaluated images where they are not the defaults or differ, and the parameters that differ."""
     labels = []
     for s in settings:
         same = [o for o in settings if o["name"] == s["name"]]
-        varying = {k for o in same for k in {**o["params"], **s["params"]} if o["params"].get(k) != s["params"].get(k)}
+        # A parameter given as None (``search: null``) differs from one left out (the attack's default).
+        varying = {k for o in same for k in {**o["params"], **s["params"]}
+                   if o["params"].get(k, _UNSET) != s["params"].get(k, _UNSET)}
         extras = []
         if s["threat"] != DEFAULT_THREAT.get(s["name"]):
             extras.append(f"threat={s['threat']}")

@@ -134,6 +134,34 @@ def _differences(protocols: list[dict[str, Any]]) -> list[str]:
     return [", ".join(f"{k}={f.get(k, 'unset')}" for k in varying) for f in flats]
 
 
+def _tell_apart(cells: list[dict[str, Any]]) -> None:
+    """Relabel the cells whose attack label another attack setting of ``cells`` shares.
+
+    A cell's label names what sets its attack apart within its own spec, so two specs can give one label to two
+    attackers (``rmle`` for the setting search in one and for ``search: null`` in the other). Where that
+    happens in one section, the colliding settings are labelled again among themselves.
+    """
+    from .experiment import attack_labels
+
+    def setting(cell: dict[str, Any]) -> dict[str, Any]:
+        return cell["config"].get("attack") or cell["attack"]
+
+    settings: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for cell in cells:
+        settings[cell["attack_label"]][json.dumps(setting(cell), sort_keys=True)] = setting(cell)
+    for label, distinct in settings.items():
+        if len(distinct) < 2 or not all(_SETTING_FIELDS <= set(s) for s in distinct.values()):
+            continue
+        relabelled = dict(zip(distinct, attack_labels(list(distinct.values())), strict=True))
+        for cell in cells:
+            if cell["attack_label"] == label:
+                cell["attack_label"] = relabelled[json.dumps(setting(cell), sort_keys=True)]
+
+
+#: What an attack setting holds when the engine stored it (imported cells may hold less, and keep their labels).
+_SETTING_FIELDS = {"name", "threat", "aux", "adaptive", "params"}
+
+
 def load_sections(store: ResultStore) -> list[Section]:
     """Group the store's finished cells of this splitshield's results revision by (dataset, model, split) and
     defense setting; imported cells form sections of their own, per source file."""
@@ -161,6 +189,7 @@ def load_sections(store: ResultStore) -> list[Section]:
         setting.update(zip(keys, texts, strict=True))
     sections = []
     for key, group in groups.items():
+        _tell_apart(group)
         dataset, model, split, source, _ = key
         by_defense: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for cell in group:
