@@ -24,9 +24,9 @@ Whether the pull helps depends on the cut: a moment-matched shadow can fit the t
 further from the device's head than He et al.'s. With ``match_traffic="auto"`` the attacker trains a shadow for
 every weight of ``TRAFFIC_WEIGHTS`` (He et al.'s 0 among them), inverts each observed feature through every
 shadow and keeps, per image, the reconstruction whose shadow features fit the observed ones best (the lowest
-relative residual ‖f1'(x̂) − z‖² / ‖z‖²). The residual measures what matters: how far the observed feature lies
-from what that shadow can produce, which is small when the shadow resembles the device's head. It uses the
-observed feature alone, never the private image.
+relative residual ‖f1'(x̂) − z‖² / ‖z‖²). The residual measures how far the observed feature lies from what
+that shadow can produce: a proxy for how much the shadow resembles the device's head, not a guarantee of the
+better image. It uses the observed feature alone, never the private image.
 
 The shadow head is either the
 head's own architecture, freshly initialised (``shadow="same"``, He et al.'s "same net"), or a
