@@ -50,10 +50,10 @@ from ._rmle import rmle
 from .base import FeatureMoments, InversionAttack, QueryFreeView, seeded
 from .whitebox import (
     CALIBRATION_IMAGES,
-    OBJECTIVE_DRAWS,
     SEARCHES,
     calibrate,
     check_rmle_params,
+    relative_residual,
     rmle_settings,
     search_grid,
 )
@@ -226,7 +226,7 @@ class QueryFreeInversion(InversionAttack):
                 x = rmle(send, z, self.view_.input_shape, iters=self.iters_, lr=self.rmle_lr_, tv=self.tv_,
                          l2=self.l2_, progress=self.progress, desc="query-free rMLE")
             runs.append(x)
-            residuals.append(_relative_residual(send, x, z, self.seed))
+            residuals.append(relative_residual(send, x, z, self.seed))
         residual = torch.stack(residuals)  # [shadows, B]
         self.chosen_ = residual.argmin(0)
         self.residual_ = residual.gather(0, self.chosen_[None]).squeeze(0)
@@ -237,18 +237,6 @@ class QueryFreeInversion(InversionAttack):
         return {"name": self.name, "shadow": shadow, "steps": self.steps, "batch_size": self.batch_size,
                 "lr": self.lr, "match_traffic": self.match_traffic, "iters": self.iters, "rmle_lr": self.rmle_lr,
                 "tv": self.tv, "l2": self.l2, "search": self.search, "seed": self.seed}
-
-
-@torch.no_grad()
-def _relative_residual(send: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, z: torch.Tensor,
-                       seed: int) -> torch.Tensor:
-    """``‖send(x) − z‖² / ‖z‖²`` per image [B], averaged over ``OBJECTIVE_DRAWS`` draws of the defense's noise
-    (the same draws for every shadow compared)."""
-    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    for draw in range(OBJECTIVE_DRAWS):
-        with seeded(seed + 1 + draw):
-            total += (send(x) - z).pow(2).flatten(1).sum(1).double()
-    return (total / OBJECTIVE_DRAWS / z.pow(2).flatten(1).sum(1).double().clamp_min(1e-30)).float()
 
 
 def _moment_distance(features: torch.Tensor, moments: FeatureMoments) -> torch.Tensor:

@@ -116,6 +116,18 @@ def calibrate(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     return max(settings, key=rank), scores
 
 
+@torch.no_grad()
+def relative_residual(send: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, z: torch.Tensor,
+                      seed: int) -> torch.Tensor:
+    """``‖send(x) − z‖² / ‖z‖²`` per image [B], averaged over ``OBJECTIVE_DRAWS`` draws of the defense's noise,
+    drawn from ``seed`` (the same draws in every call: runs compared on one image see the same noise)."""
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for draw in range(OBJECTIVE_DRAWS):
+        with seeded(seed + 1 + draw):
+            total += (send(x) - z).pow(2).flatten(1).sum(1).double()
+    return (total / OBJECTIVE_DRAWS / z.pow(2).flatten(1).sum(1).double().clamp_min(1e-30)).float()
+
+
 class WhiteBoxInversion(InversionAttack):
     """rMLE inversion with the head's weights.
 
@@ -198,19 +210,10 @@ class WhiteBoxInversion(InversionAttack):
         return x
 
     def _residual(self, x: torch.Tensor, z: torch.Tensor, block: int) -> torch.Tensor:
-        """Relative residual ``‖send(x) − z‖² / ‖z‖²`` per row [N], averaged over ``OBJECTIVE_DRAWS`` noise draws.
-
-        The rows come in blocks of ``block`` (one per setting); every block sees the same draws, so the
-        runs compared for one image are compared under the same noise.
-        """
-        total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-        with torch.no_grad():
-            for start in range(0, x.shape[0], block):
-                rows = slice(start, start + block)
-                for draw in range(OBJECTIVE_DRAWS):
-                    with seeded(self.seed + 1 + draw):
-                        total[rows] += (self.view_.send(x[rows]) - z[rows]).pow(2).flatten(1).sum(1).double()
-        return (total / OBJECTIVE_DRAWS / z.pow(2).flatten(1).sum(1).double().clamp_min(1e-30)).float()
+        """Relative residual per row [N] (:func:`relative_residual`) in blocks of ``block`` rows (one per setting):
+        every block sees the same draws, so the runs compared for one image are compared under the same noise."""
+        return torch.cat([relative_residual(self.view_.send, x[i : i + block], z[i : i + block], self.seed)
+                          for i in range(0, x.shape[0], block)])
 
     def config(self) -> dict:
         return {"name": self.name, "iters": self.iters, "lr": self.lr, "tv": self.tv, "l2": self.l2,
