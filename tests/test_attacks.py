@@ -299,10 +299,13 @@ def test_query_free_auto_keeps_per_image_the_shadow_that_fits_the_observed_featu
     assert torch.equal(auto.chosen_, best)
     torch.testing.assert_close(chosen, torch.stack(runs)[best, torch.arange(len(x))])
     torch.testing.assert_close(auto.residual_, residual.min(0).values)
+    # The engine stores which shadow each image kept (measure's kept: rows) from kept().
+    assert auto.kept()[0] == ("match_traffic=0", "match_traffic=3") and torch.equal(auto.kept()[1], best)
+    assert singles[0].kept() is None
     # Without traffic there is nothing to match: He et al.'s shadow alone.
     alone = ss.QueryFreeInversion(match_traffic="auto", **common).fit(
         ss.Victim(target, threat="query_free", aux=mnist5k.holdout))
-    assert alone.match_traffic_ == (0.0,) and len(alone.shadow_heads_) == 1
+    assert alone.match_traffic_ == (0.0,) and len(alone.shadow_heads_) == 1 and alone.kept() is None
 
 
 BAD_PARAMETERS = [

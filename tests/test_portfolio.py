@@ -174,6 +174,6 @@ def test_the_engine_records_per_image_which_member_was_kept(tmp_path, one_thread
     for name, share in means.items():
         assert share == pytest.approx(np.mean([v[name] for v in per_image.values()]))
     md = build_report(db, tmp_path / "report").markdown.read_text()
-    assert "a portfolio's images, by the member it kept" in md
+    assert "images, by the alternative kept (a portfolio's member, a query-free shadow)" in md
     shares = sorted(means.items(), key=lambda t: -t[1])
     assert ", ".join(f"{n.removeprefix('kept:')} {100 * s:.1f} %" for n, s in shares) in md

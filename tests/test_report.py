@@ -106,6 +106,15 @@ def test_report_files_are_self_contained_and_images_valid(db, tmp_path):
     assert "| white_box | – | – | 0.800 | 20.00 | 11.5 |" in md and "| black_box | – | – | 0.600 | 15.00 | 21.5 |" in md
 
 
+def test_a_reconstruction_file_not_on_disk_is_named_not_silently_dropped(db, tmp_path):
+    (db.parent / "artifacts" / "cell11.safetensors").unlink()  # noise 0.5, black_box
+    files = build_report(db, tmp_path / "report")
+    md = files.markdown.read_text()
+    assert "Not in the reconstruction figures: gaussian_noise(sigma=0.5) · black_box." in md
+    assert md.count("Not in the reconstruction figures") == 1
+    assert len(files.figures) == 1 + 2  # the noise grid is still drawn, from the rows it has
+
+
 def test_report_of_missing_or_empty_store_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         build_report(tmp_path / "nope.db", tmp_path / "out")

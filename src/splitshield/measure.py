@@ -287,19 +287,18 @@ def _reid_rows(data: Dataset, x: torch.Tensor, x_hat: torch.Tensor, labels: torc
 
 
 def _kept_rows(attack: InversionAttack) -> list[tuple[str, int, float]]:
-    """For a portfolio (``strongest``), which member's reconstruction it kept: per member ``kept:NAME`` rows, 1 or 0
-    per image and the share of the images as the mean; no rows for any other attack."""
-    from .attacks import StrongestAttack
-
-    if not isinstance(attack, StrongestAttack):
+    """For an attack that keeps each image from one of several alternatives (:meth:`InversionAttack.kept`: a
+    portfolio's members, the query-free attack's shadows), per alternative ``kept:NAME`` rows, 1 or 0 per image,
+    and the share of the images as the mean; no rows for any other attack."""
+    kept = attack.kept()
+    if kept is None:
         return []
-    names = [member.name for member in attack.members_]
+    names, chosen = kept
     rows = []
     for k, name in enumerate(names):
-        label = f"kept:{name}" if names.count(name) == 1 else f"kept:{k}:{name}"
-        chosen = (attack.chosen_.cpu() == k).double()
-        rows += [(label, i, float(v)) for i, v in enumerate(chosen)]
-        rows.append((label, -1, float(chosen.mean())))
+        hit = (chosen.cpu() == k).double()
+        rows += [(f"kept:{name}", i, float(v)) for i, v in enumerate(hit)]
+        rows.append((f"kept:{name}", -1, float(hit.mean())))
     return rows
 
 

@@ -328,7 +328,7 @@ def _attack_table(section: Section) -> tuple[list[str], list[list[str]]] | None:
     header += ["seconds per cell (fit + invert)"]
     kept = any(k.startswith("kept:") for r in section.rows for c in r.cells for k in c["metrics"])
     if kept:
-        header.append("a portfolio's images, by the member it kept")
+        header.append("images, by the alternative kept (a portfolio's member, a query-free shadow)")
     body = []
     for a in section.inversion_attacks:
         cells = [c for r in section.rows for c in r.cells if c["attack_label"] == a]
@@ -347,7 +347,8 @@ def _attack_table(section: Section) -> tuple[list[str], list[list[str]]] | None:
 
 
 def _kept_text(cells: list[dict[str, Any]]) -> str:
-    """``rmle 62 %, inverse_network 38 %``: a portfolio's share of images per member, averaged over ``cells``."""
+    """``rmle 62 %, inverse_network 38 %``: the share of images per alternative an attack kept (a portfolio's
+    members, a query-free attack's shadows), averaged over ``cells``."""
     members = sorted({k for c in cells for k in c["metrics"] if k.startswith("kept:")})
     shares = [(m.removeprefix("kept:"), _mean(c["metrics"].get(m) for c in cells)) for m in members]
     return ", ".join(f"{name} {_pct(share)}" for name, share in sorted(shares, key=lambda t: -(t[1] or 0))) or "–"
@@ -574,9 +575,11 @@ def _load_reconstruction(cell: dict[str, Any]) -> tuple[torch.Tensor, torch.Tens
 GRID_IMAGES = 10
 
 
-def reconstruction_grids(section: Section, folder: Path) -> list[Path]:
+def reconstruction_grids(section: Section, folder: Path) -> tuple[list[Path], list[str]]:
     """One grid per defense family and evaluated image set: the originals, the undefended rows, then a row per
-    (defense strength, attack); first seed only, at most :data:`GRID_IMAGES` images."""
+    (defense strength, attack); first seed only, at most :data:`GRID_IMAGES` images. Also the rows left out
+    because their cell recorded a reconstruction file that is not on disk (``"defense · attack"``): artifacts
+    stay with the checkout that measured them, so a store copied elsewhere draws only what it has."""
     from .figures import reconstruction_grid
 
     seed = section.seeds[0]
@@ -584,7 +587,8 @@ def reconstruction_grids(section: Section, folder: Path) -> list[Path]:
     for r in section.rows:
         families[r.family].append(r)
     baseline = families.get("none", [])
-    paths = []
+    paths: list[Path] = []
+    missing: list[str] = []
     for family, members in families.items():
         if family == "none" and len(families) > 1:
             continue  # the undefended rows open every other family's grid
@@ -597,6 +601,8 @@ def reconstruction_grids(section: Section, folder: Path) -> list[Path]:
                 cell = next((c for c in r.cells if c["attack_label"] == attack and c["seed"] == seed), None)
                 loaded = _load_reconstruction(cell) if cell else None
                 if loaded is None:
+                    if cell and cell["artifacts"].get("reconstruction") and f"{r.label} · {attack}" not in missing:
+                        missing.append(f"{r.label} · {attack}")
                     continue
                 originals, reconstruction = loaded[0][:GRID_IMAGES], loaded[1][:GRID_IMAGES]
                 ssim = cell["metrics"].get("ssim")
@@ -607,7 +613,7 @@ def reconstruction_grids(section: Section, folder: Path) -> list[Path]:
             suffix = f"-{i + 1}" if len(grids) > 1 else ""
             paths.append(reconstruction_grid(originals, rows, folder / f"{section.slug}-grid-{name}{suffix}.png",
                                              title=f"{section.title} · {family} (seed {seed})"))
-    return paths
+    return paths, missing
 
 
 # --------------------------------------------------------------------------------------------------
@@ -700,13 +706,19 @@ def build_report(db: str | Path, out_dir: str | Path, title: str | None = None,
             body += ["<h3>Paired comparisons: with and without a plug-in</h3>",
                      f"<p class='meta'>{html.escape(explanation)}</p>", _html_table(paired_header, paired_rows)]
         plot = privacy_utility_plot(section, figures_dir / f"{section.slug}-privacy-utility.png")
-        grids = reconstruction_grids(section, figures_dir)
+        grids, missing = reconstruction_grids(section, figures_dir)
         for fig, caption in [*([(plot, "Privacy–utility trade-off")] if plot else []),
                              *((g, "Reconstructions") for g in grids)]:
             figures.append(fig)
             rel = fig.relative_to(out).as_posix()
             md += ["", f"![{caption}]({rel})"]
             body.append(f"<img alt='{html.escape(caption)}' src='{_data_uri(fig)}'>")
+        if missing:
+            absent = (f"Not in the reconstruction figures: {', '.join(missing)}. Their cells recorded reconstruction "
+                      "files that are not on this disk (artifacts stay with the checkout that measured them); "
+                      "their numbers above are the stored ones.")
+            md += ["", absent]
+            body.append(f"<p class='meta'>{html.escape(absent)}</p>")
     md_path, html_path = write_pages(out / "report", md, body, f"{name} — splitshield report")
     return ReportFiles(md_path, html_path, figures, sections)
 

@@ -317,6 +317,12 @@ class InversionAttack(Attack):
         """Reconstruct images [B, C, H, W] in [0, 1] from observed features ``z`` [B, ...]."""
         raise NotImplementedError
 
+    def kept(self) -> tuple[tuple[str, ...], torch.Tensor] | None:
+        """For an attack that keeps each image's reconstruction from one of several alternatives, after
+        ``invert``: the alternatives' names (distinct) and per image [B] the index of the one kept; ``None``
+        (the default) for an attack that makes no such choice."""
+        return None
+
 
 class CompletionAttack(Attack):
     """Infers the label from a feature: ``predict(z) -> logits``."""

@@ -158,6 +158,12 @@ class StrongestAttack(InversionAttack):
         stacked = torch.stack(candidates)  # [K, B, C, H, W]
         return stacked[self.chosen_.to(stacked.device), torch.arange(z.shape[0], device=stacked.device)]
 
+    def kept(self) -> tuple[tuple[str, ...], torch.Tensor]:
+        """The members' names (``k:name`` where a name repeats) and per image the index of the member kept."""
+        self._check_fitted()
+        names = [member.name for member in self.members_]
+        return tuple(n if names.count(n) == 1 else f"{k}:{n}" for k, n in enumerate(names)), self.chosen_
+
     @torch.no_grad()
     def _log_residual(self, oracle: Callable[[torch.Tensor], torch.Tensor], x_hat: torch.Tensor,
                       z: torch.Tensor) -> torch.Tensor:

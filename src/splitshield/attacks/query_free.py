@@ -232,6 +232,14 @@ class QueryFreeInversion(InversionAttack):
         self.residual_ = residual.gather(0, self.chosen_[None]).squeeze(0)
         return torch.stack(runs)[self.chosen_, torch.arange(z.shape[0], device=z.device)]
 
+    def kept(self) -> tuple[tuple[str, ...], torch.Tensor] | None:
+        """With several shadows (``match_traffic="auto"``): ``match_traffic=β`` per shadow, and per image the
+        index of the shadow kept; ``None`` with one shadow."""
+        self._check_fitted()
+        if len(self.match_traffic_) < 2:
+            return None
+        return tuple(f"match_traffic={w:g}" for w in self.match_traffic_), self.chosen_
+
     def config(self) -> dict:
         shadow = self.shadow if isinstance(self.shadow, str) else type(self.shadow).__name__
         return {"name": self.name, "shadow": shadow, "steps": self.steps, "batch_size": self.batch_size,
