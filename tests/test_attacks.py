@@ -11,8 +11,8 @@ import torch
 import splitshield as ss
 from splitshield import metrics
 from splitshield.attacks._rmle import rmle, total_variation
+from splitshield.attacks.query_free import HE2019_DIFFERENT_HEADS, _moment_distance, he2019_different_head
 from splitshield.attacks.query_free import TRAFFIC_WEIGHTS as QF_TRAFFIC_WEIGHTS
-from splitshield.attacks.query_free import _moment_distance
 from splitshield.errors import ConfigError, ThreatModelError
 
 
@@ -306,6 +306,31 @@ def test_query_free_auto_keeps_per_image_the_shadow_that_fits_the_observed_featu
     alone = ss.QueryFreeInversion(match_traffic="auto", **common).fit(
         ss.Victim(target, threat="query_free", aux=mnist5k.holdout))
     assert alone.match_traffic_ == (0.0,) and len(alone.shadow_heads_) == 1 and alone.kept() is None
+
+
+@pytest.mark.parametrize(("model", "shape"), [("lenet", (1, 28, 28)), ("cifar-cnn", (3, 32, 32))])
+def test_he2019_diff_nets_send_what_the_head_sends_at_their_points(model, shape):
+    net = ss.build_model(model, num_classes=10, input_shape=shape, seed=0)
+    points = [p.name for p in ss.split_points(net, shape) if p.name in HE2019_DIFFERENT_HEADS]
+    assert points == (["conv1", "ReLU2"] if model == "lenet" else ["conv11", "ReLU22", "ReLU32"])
+    x = torch.rand(2, *shape)
+    for point in points:
+        target = ss.split(net, point, input_shape=shape)
+        head = he2019_different_head(point, shape, target.feature_shape())
+        assert head(x).shape == target.head(x).shape
+        # A ReLU cut ends in a ReLU, a convolution's cut in a convolution, as the head does.
+        assert isinstance(list(head)[-1], torch.nn.ReLU) == point.startswith("ReLU")
+
+
+def test_he2019_shadow_refuses_a_point_it_has_no_net_for_before_training(trained_lenet, mnist5k):
+    victim = ss.Victim(ss.split(trained_lenet, "pool2", input_shape=(1, 28, 28)), threat="query_free",
+                       aux=mnist5k.holdout)
+    with pytest.raises(ConfigError, match="not for split point 'pool2'; use shadow 'different'"):
+        ss.QueryFreeInversion(shadow="he2019", steps=10**6, progress=False).fit(victim)
+    with pytest.raises(ConfigError, match="maps \\(1, 28, 28\\) images to \\(8, 24, 24\\), but this head sends"):
+        he2019_different_head("conv1", (1, 28, 28), (16, 8, 8))
+    with pytest.raises(ConfigError, match="shadow must be an nn.Module or one of 'same', 'different', 'he2019'"):
+        ss.QueryFreeInversion(shadow="he2020")
 
 
 BAD_PARAMETERS = [

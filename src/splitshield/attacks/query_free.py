@@ -31,13 +31,15 @@ better image. It uses the observed feature alone, never the private image.
 The shadow head is either the
 head's own architecture, freshly initialised (``shadow="same"``, He et al.'s "same net"), or a
 different one built from the shapes (``shadow="different"``: 3×3 convolutions with pooling, He et al.'s
-"diff net" idea generalised to any split), or any module the user gives.
+"diff net" idea generalised to any split), or He et al.'s own "diff net" for their split points
+(``shadow="he2019"``, :data:`HE2019_DIFFERENT_HEADS`), or any module the user gives.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import ImageSet
+from ..errors import ConfigError
 from ._params import flag, module_or, non_negative, non_negative_int, one_of, positive, positive_int
 from ._rmle import rmle
 from .base import FeatureMoments, InversionAttack, QueryFreeView, seeded
@@ -60,6 +63,53 @@ from .whitebox import (
 
 #: The moment-matching weights β ``match_traffic="auto"`` trains a shadow for: He et al.'s and the default.
 TRAFFIC_WEIGHTS = (0.0, 3.0)
+
+
+def _he2019_lenet(in_channels: int, point: str) -> nn.Sequential:
+    # "3×3 convs in place of the 5×5 convs": two unpadded 3×3 convolutions see what one 5×5 saw and give its
+    # output size; no activation inside a pair (our reading: the layer list is otherwise the head's).
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, 8, 3), nn.Conv2d(8, 8, 3)]
+    if point == "ReLU2":
+        layers += [nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _he2019_cifar(in_channels: int, point: str) -> nn.Sequential:
+    if point == "conv11":
+        return nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1), nn.Conv2d(16, 64, 3, padding=1))
+    # One 5×5 convolution per block of the head's two 3×3 ones, then its pooling.
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for block, width in enumerate((64, 128) if point == "ReLU22" else (64, 128, 128)):
+        layers += [*([nn.MaxPool2d(2)] if block else []), nn.Conv2d(channels, width, 5, padding=2), nn.ReLU()]
+        channels = width
+    return nn.Sequential(*layers)
+
+
+#: He et al.'s "diff net" shadow heads (their Table 5 and ``*Alternative*`` classes, ALGORITHMS §A.4) per split
+#: point of their LeNet and CIFAR-10 network, each a builder of the input's channel count. The first
+#: convolution's weights and bias absorb the head's input normalisation (an affine map per channel).
+HE2019_DIFFERENT_HEADS: dict[str, Callable[[int], nn.Sequential]] = {
+    **{point: partial(_he2019_lenet, point=point) for point in ("conv1", "ReLU2")},
+    **{point: partial(_he2019_cifar, point=point) for point in ("conv11", "ReLU22", "ReLU32")},
+}
+
+
+def he2019_different_head(point: str, input_shape: tuple[int, int, int],
+                          feature_shape: tuple[int, ...]) -> nn.Sequential:
+    """He et al.'s "diff net" for ``point`` (:data:`HE2019_DIFFERENT_HEADS`); ``ConfigError`` for a point they
+    have none for, or when it does not map ``input_shape`` to ``feature_shape`` (another model's point)."""
+    if point not in HE2019_DIFFERENT_HEADS:
+        raise ConfigError(f"shadow 'he2019': He et al. give a diff net for {', '.join(HE2019_DIFFERENT_HEADS)}, "
+                          f"not for split point {point!r}; use shadow 'different' there")
+    head = HE2019_DIFFERENT_HEADS[point](input_shape[0])
+    with torch.no_grad():
+        shape = tuple(head(torch.zeros(1, *input_shape)).shape[1:])
+    if shape != tuple(feature_shape):
+        raise ConfigError(f"shadow 'he2019': He et al.'s diff net for {point} maps {tuple(input_shape)} images to "
+                          f"{shape}, but this head sends {tuple(feature_shape)} (not their LeNet or CIFAR-10 "
+                          "network); use shadow 'different'")
+    return head
 
 
 def different_head(input_shape: tuple[int, int, int], feature_shape: tuple[int, ...],
@@ -88,8 +138,9 @@ class QueryFreeInversion(InversionAttack):
     Parameters
     ----------
     shadow:
-        ``"same"`` (the head's architecture), ``"different"`` (built from shapes) or an ``nn.Module`` (trained
-        as a copy: the module given is left untouched).
+        ``"same"`` (the head's architecture), ``"different"`` (built from shapes), ``"he2019"`` (He et al.'s
+        diff net for their split points: :func:`he2019_different_head`) or an ``nn.Module`` (trained as a
+        copy: the module given is left untouched).
     steps, batch_size, lr:
         Shadow training (each > 0): Adam (amsgrad, eps 1e-3), cosine-decayed learning rate.
     match_traffic:
@@ -137,7 +188,7 @@ class QueryFreeInversion(InversionAttack):
                  lr: float = 1e-3, match_traffic: float | str = 3.0, iters: int | None = None,
                  rmle_lr: float | None = None, tv: float | None = None, l2: float | None = None,
                  search: str | None = None, seed: int = 0, progress: bool = True):
-        self.shadow = module_or("shadow", shadow, ("same", "different"))
+        self.shadow = module_or("shadow", shadow, ("same", "different", "he2019"))
         self.steps, self.batch_size = positive_int("steps", steps), positive_int("batch_size", batch_size)
         self.lr = positive("lr", lr)
         self.match_traffic = (match_traffic if isinstance(match_traffic, str) and one_of(
@@ -182,6 +233,8 @@ class QueryFreeInversion(InversionAttack):
                 head = view.head_architecture()
             elif self.shadow == "different":
                 head = different_head(view.input_shape, view.feature_shape, view.head_final_activation)
+            elif self.shadow == "he2019":
+                head = he2019_different_head(view.point, view.input_shape, view.feature_shape)
             else:
                 head = copy.deepcopy(self.shadow)
         opt = torch.optim.Adam(head.parameters(), lr=self.lr, eps=1e-3, amsgrad=True)
