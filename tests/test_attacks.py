@@ -318,8 +318,26 @@ def test_he2019_diff_nets_send_what_the_head_sends_at_their_points(model, shape)
         target = ss.split(net, point, input_shape=shape)
         head = he2019_different_head(point, shape, target.feature_shape())
         assert head(x).shape == target.head(x).shape
-        # A ReLU cut ends in a ReLU, a convolution's cut in a convolution, as the head does.
-        assert isinstance(list(head)[-1], torch.nn.ReLU) == point.startswith("ReLU")
+        assert [_layer(m) for m in head] == HE2019_LAYERS[point]
+
+
+def _layer(m: torch.nn.Module) -> tuple:
+    if isinstance(m, torch.nn.Conv2d):
+        return ("conv", m.in_channels, m.out_channels, m.kernel_size[0], m.padding[0])
+    return ("pool", m.kernel_size) if isinstance(m, torch.nn.MaxPool2d) else (type(m).__name__,)
+
+
+#: The layer lists of He et al.'s code (net.py: LeNetAlternativeconv1Archi2, LeNetAlternativeReLU2Archi2,
+#: CIFAR10CNNAlternativeconv11Archi2, ...ReLU22Archi2, ...ReLU32Archi2), transcribed by hand.
+HE2019_LAYERS = {
+    "conv1": [("conv", 1, 8, 3, 0), ("conv", 8, 8, 3, 0)],
+    "ReLU2": [("conv", 1, 8, 3, 0), ("conv", 8, 16, 3, 0), ("pool", 2), ("conv", 16, 16, 3, 0),
+              ("conv", 16, 16, 3, 0), ("ReLU",)],
+    "conv11": [("conv", 3, 16, 3, 1), ("conv", 16, 64, 3, 1)],
+    "ReLU22": [("conv", 3, 64, 5, 2), ("ReLU",), ("pool", 2), ("conv", 64, 128, 5, 2), ("ReLU",)],
+    "ReLU32": [("conv", 3, 64, 5, 2), ("ReLU",), ("pool", 2), ("conv", 64, 128, 5, 2), ("ReLU",), ("pool", 2),
+               ("conv", 128, 128, 5, 2), ("ReLU",)],
+}
 
 
 def test_he2019_shadow_refuses_a_point_it_has_no_net_for_before_training(trained_lenet, mnist5k):

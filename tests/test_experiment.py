@@ -73,6 +73,13 @@ def test_unknown_split_lists_the_legal_points():
         plan(parse_spec({**TINY, "splits": ["ReLU9"]}))
 
 
+def test_a_he2019_shadow_at_a_point_without_their_net_fails_at_plan_not_mid_sweep():
+    attacks = [{"name": "rmle"}, {"name": "shadow_head", "shadow": ["same", "he2019"]}]
+    with pytest.raises(ConfigError, match=r"spec field attacks\[1\] \(shadow_head\): shadow 'he2019'.*'pool2'"):
+        plan(parse_spec({**TINY, "splits": ["conv1", "pool2"], "attacks": attacks}))
+    assert plan(parse_spec({**TINY, "splits": ["conv1", "ReLU2"], "attacks": attacks}))  # their points: fine
+
+
 def test_run_stores_every_cell_once_and_rerun_skips(tmp_path):
     spec = parse_spec(TINY)
     db = tmp_path / "results.db"

@@ -177,3 +177,22 @@ def test_the_engine_records_per_image_which_member_was_kept(tmp_path, one_thread
     assert "images, by the alternative kept (a portfolio's member, a query-free shadow)" in md
     shares = sorted(means.items(), key=lambda t: -t[1])
     assert ", ".join(f"{n.removeprefix('kept:')} {100 * s:.1f} %" for n, s in shares) in md
+
+
+def test_kept_rows_name_each_alternative_and_number_repeated_members():
+    from types import SimpleNamespace
+
+    from splitshield.measure import _kept_rows
+
+    portfolio = ss.StrongestAttack()
+    portfolio.members_ = [SimpleNamespace(name=n) for n in ("rmle", "rmle", "inverse_network")]
+    portfolio.chosen_ = torch.tensor([2, 0, 2, 1])
+    rows = {(name, i): v for name, i, v in _kept_rows(portfolio)}
+    assert {name for name, _ in rows} == {"kept:0:rmle", "kept:1:rmle", "kept:inverse_network"}
+    assert [rows["kept:inverse_network", i] for i in range(4)] == [1.0, 0.0, 1.0, 0.0]
+    assert rows["kept:inverse_network", -1] == 0.5 and rows["kept:0:rmle", -1] == 0.25
+    shadows = ss.QueryFreeInversion()
+    shadows.match_traffic_, shadows.chosen_ = (0.0, 3.0), torch.tensor([1, 1, 0])
+    assert {name for name, _, _ in _kept_rows(shadows)} == {"kept:match_traffic=0", "kept:match_traffic=3"}
+    shadows.match_traffic_ = (3.0,)
+    assert _kept_rows(shadows) == []

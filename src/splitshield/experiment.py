@@ -33,7 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ from .config import DEFAULT_THREAT, ExperimentSpec
 from .errors import CheckpointError, ConfigError, SplitError, SplitShieldError
 from .measure import attack_seed, config_hash, measure_attack, measure_target, through_wire
 from .store import CellRecord, ResultStore
+
+if TYPE_CHECKING:
+    from .models.split import ModelCuts
 
 #: Bumped whenever a change to splitshield changes the numbers an existing cell would give (training, an
 #: attack's or a defense's default behaviour, a metric). It is part of every target and cell hash, so a store
@@ -230,6 +233,22 @@ def _check_splits(spec: ExperimentSpec) -> None:
                         cuts.split(s)
                     except SplitError as exc:
                         raise ConfigError(f"spec field splits: {exc}") from None
+                else:
+                    _check_he2019_shadows(spec, cuts, s, shape)
+
+
+def _check_he2019_shadows(spec: ExperimentSpec, cuts: ModelCuts, point: str, shape: tuple[int, ...]) -> None:
+    """Before any training: a ``shadow_head`` entry with ``shadow: he2019`` needs He et al.'s net for ``point`` of
+    the model ``cuts`` cuts."""
+    from .attacks.query_free import he2019_different_head
+
+    for i, entry in enumerate(spec.attacks):
+        shadow = (entry.model_extra or {}).get("shadow")
+        if entry.name == "shadow_head" and "he2019" in (shadow if isinstance(shadow, list) else [shadow]):
+            try:
+                he2019_different_head(point, shape, cuts.split(point).feature_shape())
+            except ConfigError as exc:
+                raise ConfigError(f"spec field attacks[{i}] (shadow_head): {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------------

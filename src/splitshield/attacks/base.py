@@ -318,9 +318,10 @@ class InversionAttack(Attack):
         raise NotImplementedError
 
     def kept(self) -> tuple[tuple[str, ...], torch.Tensor] | None:
-        """For an attack that keeps each image's reconstruction from one of several alternatives, after
-        ``invert``: the alternatives' names (distinct) and per image [B] the index of the one kept; ``None``
-        (the default) for an attack that makes no such choice."""
+        """For an attack that keeps each image's reconstruction from one of several alternatives worth naming
+        (a portfolio's members, shadows trained differently), after ``invert``: their names (distinct) and per
+        image [B] the index of the one kept. ``None`` (the default) otherwise, also where the alternatives are
+        interchangeable draws (restarts, step sizes)."""
         return None
 
 

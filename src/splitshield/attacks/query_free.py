@@ -66,12 +66,12 @@ TRAFFIC_WEIGHTS = (0.0, 3.0)
 
 
 def _he2019_lenet(in_channels: int, point: str) -> nn.Sequential:
-    # "3×3 convs in place of the 5×5 convs": two unpadded 3×3 convolutions see what one 5×5 saw and give its
-    # output size; no activation inside a pair (our reading: the layer list is otherwise the head's).
-    layers: list[nn.Module] = [nn.Conv2d(in_channels, 8, 3), nn.Conv2d(8, 8, 3)]
-    if point == "ReLU2":
-        layers += [nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3), nn.ReLU()]
-    return nn.Sequential(*layers)
+    # Two unpadded 3×3 convolutions in place of each 5×5 one (same receptive field and output size), with no
+    # activation between them; at ReLU2 neither a ReLU before the first pooling, and other widths.
+    if point == "conv1":
+        return nn.Sequential(nn.Conv2d(in_channels, 8, 3), nn.Conv2d(8, 8, 3))
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3), nn.Conv2d(8, 16, 3), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 16, 3), nn.Conv2d(16, 16, 3), nn.ReLU())
 
 
 def _he2019_cifar(in_channels: int, point: str) -> nn.Sequential:
@@ -86,9 +86,10 @@ def _he2019_cifar(in_channels: int, point: str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-#: He et al.'s "diff net" shadow heads (their Table 5 and ``*Alternative*`` classes, ALGORITHMS §A.4) per split
-#: point of their LeNet and CIFAR-10 network, each a builder of the input's channel count. The first
-#: convolution's weights and bias absorb the head's input normalisation (an affine map per channel).
+#: He et al.'s "diff net" shadow heads (their Table 5; the layer lists of their code's ``*AlternativeXArchi2``
+#: classes, ALGORITHMS §A.4) per split point of their LeNet and CIFAR-10 network, each a builder of the input's
+#: channel count. Without the head's input normalisation: the first convolution's weights and bias absorb it
+#: (exactly for the unpadded LeNet convolutions; up to the zero padding at the borders of the CIFAR ones).
 HE2019_DIFFERENT_HEADS: dict[str, Callable[[int], nn.Sequential]] = {
     **{point: partial(_he2019_lenet, point=point) for point in ("conv1", "ReLU2")},
     **{point: partial(_he2019_cifar, point=point) for point in ("conv11", "ReLU22", "ReLU32")},
