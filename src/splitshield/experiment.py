@@ -239,7 +239,7 @@ def _check_splits(spec: ExperimentSpec) -> None:
 
 def _check_he2019_shadows(spec: ExperimentSpec, cuts: ModelCuts, point: str, shape: tuple[int, ...]) -> None:
     """Before any training: a ``shadow_head`` entry with ``shadow: he2019`` needs He et al.'s net for ``point`` of
-    the model ``cuts`` cuts."""
+    the model that ``cuts`` splits (input ``shape``)."""
     from .attacks.query_free import he2019_different_head
 
     for i, entry in enumerate(spec.attacks):

@@ -67,7 +67,8 @@ TRAFFIC_WEIGHTS = (0.0, 3.0)
 
 def _he2019_lenet(in_channels: int, point: str) -> nn.Sequential:
     # Two unpadded 3×3 convolutions in place of each 5×5 one (same receptive field and output size), with no
-    # activation between them; at ReLU2 neither a ReLU before the first pooling, and other widths.
+    # activation between them. At ReLU2 their net also has no ReLU before the pooling, and 16 channels from the
+    # second convolution on.
     if point == "conv1":
         return nn.Sequential(nn.Conv2d(in_channels, 8, 3), nn.Conv2d(8, 8, 3))
     return nn.Sequential(nn.Conv2d(in_channels, 8, 3), nn.Conv2d(8, 16, 3), nn.MaxPool2d(2),
