@@ -80,6 +80,16 @@ def test_a_he2019_shadow_at_a_point_without_their_net_fails_at_plan_not_mid_swee
     assert plan(parse_spec({**TINY, "splits": ["conv1", "ReLU2"], "attacks": attacks}))  # their points: fine
 
 
+@pytest.mark.parametrize("i, entry", [(0, {"name": "rmle", "search": "he2019"}),
+                                      (1, {"name": "strongest", "members": {"rmle": {"search": "he2019"}}})])
+def test_rmle_at_he2019s_setting_at_a_point_they_did_not_attack_fails_at_plan(i, entry):
+    attacks = [{"name": "rmle"}, entry] if i else [entry]
+    name = entry["name"]
+    with pytest.raises(ConfigError, match=rf"spec field attacks\[{i}\] \({name}\): search='he2019'.*not 'pool2'"):
+        plan(parse_spec({**TINY, "splits": ["ReLU2", "pool2"], "attacks": attacks}))
+    assert plan(parse_spec({**TINY, "splits": ["conv1", "ReLU2"], "attacks": attacks}))
+
+
 def test_run_stores_every_cell_once_and_rerun_skips(tmp_path):
     spec = parse_spec(TINY)
     db = tmp_path / "results.db"

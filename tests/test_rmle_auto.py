@@ -135,7 +135,7 @@ def test_explicit_settings_run_once_as_before(trained_lenet, mnist5k, one_thread
     assert no_aux.calibration_ == {} and (no_aux.tv_, no_aux.l2_) == (1.0, 0.0)  # the table's priors for ReLU2
     no_aux.invert(z)  # without aux data, the lr is chosen per image among the searched ones
     assert set(no_aux.chosen_[:, 2].tolist()) <= set(no_aux.lr_) and len(no_aux.lr_) == 3
-    with pytest.raises(ConfigError, match=r"^search must be one of 'auto', None, got 'grid'$"):
+    with pytest.raises(ConfigError, match=r"^search must be one of 'auto', 'he2019', None, got 'grid'$"):
         ss.WhiteBoxInversion(search="grid")
 
 

@@ -42,7 +42,11 @@ def conv_head() -> ss.SplitModel:
 
 
 def test_the_view_holds_the_architecture_and_nothing_else(mnist5k):
-    target = ss.split(ss.build_model("lenet"), "ReLU2", input_shape=(1, 28, 28))
+    net = ss.build_model("lenet")
+    with torch.no_grad():  # weights no fresh initialisation can give, whatever state the global RNG is in
+        for p in net.parameters():
+            p.add_(1.0)
+    target = ss.split(net, "ReLU2", input_shape=(1, 28, 28))
     view = ss.Victim(target, threat="architecture_only", aux=mnist5k.holdout, traffic=mnist5k.test).view()
     assert isinstance(view, ArchitectureOnlyView) and view.aux is None
     for forbidden in ("head", "tail", "query", "send", "traffic"):

@@ -234,21 +234,30 @@ def _check_splits(spec: ExperimentSpec) -> None:
                     except SplitError as exc:
                         raise ConfigError(f"spec field splits: {exc}") from None
                 else:
-                    _check_he2019_shadows(spec, cuts, s, shape)
+                    _check_he2019_settings(spec, cuts, s, shape)
 
 
-def _check_he2019_shadows(spec: ExperimentSpec, cuts: ModelCuts, point: str, shape: tuple[int, ...]) -> None:
+def _check_he2019_settings(spec: ExperimentSpec, cuts: ModelCuts, point: str, shape: tuple[int, ...]) -> None:
     """Before any training: a ``shadow_head`` entry with ``shadow: he2019`` needs He et al.'s net for ``point`` of
-    the model that ``cuts`` splits (input ``shape``)."""
+    the model that ``cuts`` splits (input ``shape``), an ``rmle`` with ``search: he2019`` (alone or in a portfolio)
+    their setting for ``point``."""
+    from torch import nn
+
     from .attacks.query_free import he2019_different_head
+    from .attacks.whitebox import he2019_pixel_settings
 
     for i, entry in enumerate(spec.attacks):
-        shadow = (entry.model_extra or {}).get("shadow")
-        if entry.name == "shadow_head" and "he2019" in (shadow if isinstance(shadow, list) else [shadow]):
-            try:
+        extra = entry.model_extra or {}
+        shadow = extra.get("shadow")
+        members = extra.get("members") if entry.name == "strongest" else None
+        rmle = extra if entry.name == "rmle" else (members or {}).get("rmle") if isinstance(members, dict) else None
+        try:
+            if entry.name == "shadow_head" and "he2019" in (shadow if isinstance(shadow, list) else [shadow]):
                 he2019_different_head(point, shape, cuts.split(point).feature_shape())
-            except ConfigError as exc:
-                raise ConfigError(f"spec field attacks[{i}] (shadow_head): {exc}") from None
+            if isinstance(rmle, dict) and rmle.get("search") == "he2019":
+                he2019_pixel_settings(point, nn.Identity())
+        except ConfigError as exc:
+            raise ConfigError(f"spec field attacks[{i}] ({entry.name}): {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------------

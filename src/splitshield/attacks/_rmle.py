@@ -21,9 +21,13 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return dh + dw
 
 
+#: Adam's eps in He et al.'s code, for images in their normalised space.
+EPS = 1e-3
+
+
 def rmle(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input_shape: tuple[int, ...], *,
          iters: int, lr: float | torch.Tensor, tv: float | torch.Tensor, l2: float | torch.Tensor, init: float = 0.5,
-         start: torch.Tensor | None = None, eps: float = 1e-3, progress: bool = False,
+         start: torch.Tensor | None = None, eps: float = EPS, progress: bool = False,
          desc: str = "rMLE") -> torch.Tensor:
     """Find x in [0, 1] minimising ``mean((forward(x) - z)²) + tv·TV(x) + l2·mean((x - init)²)``.
 
