@@ -20,8 +20,8 @@ less leakage; the issue asks for ρ ≥ 0.9).
 The model is trained once and cached (``--cache``); data come from ``--data-dir`` (``../shared/data``: MNIST, and
 CIFAR-10 as JPEG quality 75, about 30 dB from the original pixels: say so with CIFAR numbers). ``--scale`` scales
 every full-budget attack's steps (0.3: a quicker run, labelled as such in the output). ``--rmle-search none`` runs
-white-box rMLE at He et al.'s setting per point instead of its own setting search, which on the CIFAR network
-costs hours per deep point; the output's settings say which.
+white-box rMLE at the table's setting on [0, 1] pixels (He et al.'s values at their points, a fallback elsewhere)
+instead of its own setting search, which on the CIFAR network costs hours per deep point; the output says which.
 """
 
 from __future__ import annotations
@@ -136,8 +136,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default per model)")
     parser.add_argument("--scale", type=float, default=1.0, help="scale the full-budget attacks' steps")
     parser.add_argument("--rmle-search", choices=("auto", "none"), default="auto",
-                        help="white-box rMLE's setting: its own search (auto, the default attack) or He et al.'s "
-                             "per point (none: minutes instead of CPU-hours per deep point of the CIFAR network)")
+                        help="white-box rMLE's setting: its own search (auto, the default attack) or the table's "
+                             "on [0, 1] pixels (none: minutes instead of CPU-hours per deep point of the CIFAR "
+                             "network)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "splitshield" / "advisor-validity")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="an undefended trained checkpoint of --model to use instead of training one, e.g. the "
@@ -164,7 +165,7 @@ def main() -> None:
     done = previous_rows(args.json, args, accuracy, settings)
     label = "full budget" if args.scale == 1 else f"budget × {args.scale:g} (NOT the full budget)"
     if args.rmle_search == "none":
-        label += ", rMLE at He et al.'s setting (no own search)"
+        label += ", rMLE at the table's setting (no own search)"
     lossy = " on JPEG-lossy CIFAR-10" if dataset == "cifar10" else ""
     print(f"\n{args.model} on {dataset} (test accuracy {accuracy:.2%}); attacks at {label}, "
           f"first test image of each class; SSIM (7×7 uniform window){lossy}")

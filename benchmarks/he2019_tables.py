@@ -5,8 +5,8 @@ Every undefended cell of He et al.'s models (LeNet on MNIST at ``conv1`` and ``R
 white-box rMLE (Table 3), the inverse network trained on the target's training set, the same distribution or
 noise (Table 4), and the query-free shadow head on the same or another set with the same or another
 architecture (Table 6); the attacks their tables do not have (UnSplit, the learned prior, the portfolio) are
-listed with no paper row. One row per cell, so a spec that measured an attack twice (He et al.'s rMLE settings
-and splitshield's own search, say) shows both. Grouped by the evaluated images: He et al.'s ten (the first test
+listed with no paper row. One row per cell, so a spec that measured an attack twice (rMLE at the table's
+setting and with splitshield's own search, say) shows both. Grouped by the evaluated images: He et al.'s ten (the first test
 image of each class) and the first N. The paper's figures are ALGORITHMS §A.6; on CIFAR-10 ours are measured on
 a JPEG (quality 75) copy of the images.
 

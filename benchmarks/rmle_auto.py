@@ -3,7 +3,8 @@
 For LeNet and two small custom CNNs, each trained one epoch on the built-in digits (mnist-5k), at every
 cut: PSNR/SSIM of the first N test images inverted with
 
-- table: ``search=None``, He et al.'s setting for the cut's name, else the fallback (λ_TV = 1, lr 1e-2);
+- table: ``search=None``, He et al.'s values for the cut's name on [0, 1] pixels, else the fallback (λ_TV = 1,
+  lr 1e-2);
 - best fixed: every (λ_TV, lr) of the auto search's grid run alone, the best by mean PSNR on the private
   images (hindsight: the ground truth picks it, which no attacker can do);
 - auto: ``search="auto"``, the default (λ_TV, λ_l2 and lr chosen on the attacker's aux images).

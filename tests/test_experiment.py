@@ -80,14 +80,18 @@ def test_a_he2019_shadow_at_a_point_without_their_net_fails_at_plan_not_mid_swee
     assert plan(parse_spec({**TINY, "splits": ["conv1", "ReLU2"], "attacks": attacks}))  # their points: fine
 
 
-@pytest.mark.parametrize("i, entry", [(0, {"name": "rmle", "search": "he2019"}),
-                                      (1, {"name": "strongest", "members": {"rmle": {"search": "he2019"}}})])
-def test_rmle_at_he2019s_setting_at_a_point_they_did_not_attack_fails_at_plan(i, entry):
-    attacks = [{"name": "rmle"}, entry] if i else [entry]
-    name = entry["name"]
-    with pytest.raises(ConfigError, match=rf"spec field attacks\[{i}\] \({name}\): search='he2019'.*not 'pool2'"):
-        plan(parse_spec({**TINY, "splits": ["ReLU2", "pool2"], "attacks": attacks}))
-    assert plan(parse_spec({**TINY, "splits": ["conv1", "ReLU2"], "attacks": attacks}))
+@pytest.mark.parametrize("field, entry", [
+    ("attacks[0]", {"name": "rmle", "search": "he2019"}),
+    ("attacks[0]", {"name": "white_box", "search": ["auto", "he2019"]}),  # an alias, a grid
+    ("attacks[0].members.rmle", {"name": "strongest", "members": {"white_box": {"search": "he2019"}}}),
+    ("attacks[0].members.rmle", {"name": "strongest", "members": [{"rmle": {}}, {"rmle": {"search": "he2019"}}]}),
+])
+def test_rmle_at_he2019s_setting_at_a_point_they_did_not_attack_fails_at_plan(field, entry):
+    field = field.replace("[", r"\[").replace("]", r"\]")
+    with pytest.raises(ConfigError, match=rf"^spec field {field}\.search: search='he2019' at 'pool2': He et al.*"
+                                          r"lenet: conv1, ReLU2.*, or remove split 'pool2'$"):
+        plan(parse_spec({**TINY, "splits": ["ReLU2", "pool2"], "attacks": [entry]}))
+    assert plan(parse_spec({**TINY, "splits": ["conv1", "ReLU2"], "attacks": [entry]}))
 
 
 def test_run_stores_every_cell_once_and_rerun_skips(tmp_path):

@@ -1,4 +1,5 @@
-"""rMLE with ``search="he2019"`` is He et al.'s attack as their code runs it, in their normalised image space."""
+"""rMLE with ``search="he2019"`` optimises the normalised image as He et al.'s code does, so their settings mean what
+they meant to them; it refuses a head that is not their network cut at one of their points."""
 
 from __future__ import annotations
 
@@ -9,18 +10,11 @@ import torch
 from torch import nn
 
 import splitshield as ss
-from splitshield.attacks.whitebox import HE2019_SETTINGS
+from splitshield.attacks._rmle import rmle
 from splitshield.errors import ConfigError
-from splitshield.models import Normalize
+from splitshield.models.zoo import IMAGENET_MEAN, IMAGENET_STD
 
-MEAN, STD = 0.45, 0.3
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(OrderedDict(
-        normalize=Normalize((MEAN,) * 3, (STD,) * 3), conv11=nn.Conv2d(3, 4, 3, padding=1), ReLU22=nn.ReLU(),
-        flatten=nn.Flatten(), fc2=nn.Linear(4 * 8 * 8, 10))).eval()
+SHAPE = (3, 32, 32)
 
 
 def _tv(x: torch.Tensor) -> torch.Tensor:
@@ -28,52 +22,94 @@ def _tv(x: torch.Tensor) -> torch.Tensor:
 
 
 def _their_rmle(f: nn.Module, z: torch.Tensor, iters: int, lr: float, tv: float, l2: float) -> torch.Tensor:
-    """He et al.'s loop, one image at a time in their normalised space x' = (x − m)/s: start at x' = 0, Adam
-    (amsgrad, eps 1e-3) on the mean feature error + λ_TV·TV(x') + λ_l2·mean(x'²); kept inside the box that
-    maps to [0, 1] (the projection our pixel-space attack applies)."""
-    out = []
-    for zi in z:
-        xn = torch.zeros(1, 3, 8, 8, requires_grad=True)
-        opt = torch.optim.Adam([xn], lr=lr, eps=1e-3, amsgrad=True)
-        for _ in range(iters):
-            loss = (f(xn * STD + MEAN) - zi[None]).pow(2).mean() + tv * _tv(xn) + l2 * xn.pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                xn.clamp_(-MEAN / STD, (1 - MEAN) / STD)
-        out.append(xn.detach() * STD + MEAN)
-    return torch.cat(out)
+    """He et al.'s loop (ALGORITHMS §A.2) in their space x' = (x − m)/s, per-channel ImageNet statistics: start at
+    x' = 0, Adam (amsgrad, eps 1e-3) on the mean feature error + λ_TV·TV(x') + λ_l2·mean(x'²) of each image. One
+    change, ours: x' is kept in the box that maps to [0, 1] after every step (their code clips the result).
+
+    Their code runs one image at a time; here the images' losses are summed, which Adam (element-wise) turns into
+    the same steps, so that the head's arithmetic is the batch's: a max-pool window whose inputs tie to the last
+    bit (clipped pixels do) sends its gradient where rounding decides, and one image alone rounds otherwise."""
+    m, s = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    xn = torch.zeros(z.shape[0], *SHAPE, requires_grad=True)
+    opt = torch.optim.Adam([xn], lr=lr, eps=1e-3, amsgrad=True)
+    for _ in range(iters):
+        errors = (f(xn * s + m) - z).pow(2)
+        loss = sum(errors[i].mean() + tv * _tv(xn[i : i + 1]) + l2 * xn[i].pow(2).mean() for i in range(len(z)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            xn.copy_(torch.maximum(torch.minimum(xn, (1 - m) / s), -m / s))
+    return (xn.detach() * s + m).clamp(0, 1)
 
 
-@pytest.mark.parametrize("point", ["ReLU22", "fc2"])
-def test_he2019_in_pixels_is_their_loop_in_normalised_space(point):
-    model = _model()
-    target = ss.split(model, point, input_shape=(3, 8, 8))
-    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+@pytest.fixture(scope="module")
+def cifar_cnn() -> nn.Module:
+    """Their CIFAR-10 network, weights doubled: untrained, its input gradients are far below Adam's eps."""
+    model = ss.build_model("cifar-cnn", input_shape=SHAPE, seed=0).eval()
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                layer.weight.mul_(2.0)
+    return model
+
+
+@pytest.mark.parametrize("point, lr, tv, l2", [("ReLU22", 0.3, 10.0, 0.0), ("fc2", 3.0, 0.0, 1e-3)])
+def test_he2019_is_their_loop_in_their_normalised_space(cifar_cnn, point, lr, tv, l2):
+    target = ss.split(cifar_cnn, point, input_shape=SHAPE)
+    x = (torch.rand(2, *SHAPE, generator=torch.Generator().manual_seed(1)) > 0.5).float()
     victim = ss.Victim(target, threat="white_box")
     z = victim.observe(x)
-    attack = ss.WhiteBoxInversion(iters=40, search="he2019", progress=False).fit(victim)
-    _, lr, tv, l2 = HE2019_SETTINGS[point]
-    assert (attack.lr_, attack.tv_, attack.l2_, attack.init_) == pytest.approx((lr * STD, tv / STD**2, l2 / STD**2,
-                                                                                MEAN))
+    attack = ss.WhiteBoxInversion(iters=25, lr=lr, tv=tv, l2=l2, search="he2019", progress=False).fit(victim)
     ours = attack.invert(z)
-    theirs = _their_rmle(target.head, z, 40, lr, tv, l2)
-    assert (ours - x).abs().max() > 0.05  # 40 steps do not invert: the runs are compared mid-way
-    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
+    theirs = _their_rmle(target.head, z, 25, lr, tv, l2)
+    start = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    assert (ours - start).abs().amax() > 0.1  # the runs moved from their start
+    assert ((ours == 0) | (ours == 1)).float().mean() > 0.05  # the walls are hit: their mapping is tested too
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(attack.normalised_[1], torch.tensor(IMAGENET_STD))
 
 
-def test_on_lenet_their_mnist_setting_is_four_times_the_tv_at_half_the_step():
+def test_in_one_channel_their_setting_is_four_times_the_tv_at_half_the_step_on_pixels():
+    """The README's reading of their MNIST setting: λ_TV 1, lr ℓ (eps 1e-3) on (x − ½)/½ are λ_TV 4, lr ℓ/2
+    (eps 2e-3) on x."""
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+    x = torch.rand(3, 1, 12, 12)
+    with torch.no_grad():
+        z = head(x)
+    theirs = rmle(head, z, (1, 12, 12), iters=60, lr=1e-1, tv=1.0, l2=0.0,
+                  normalised=(torch.tensor([0.5]), torch.tensor([0.5])))
+    pixels = rmle(head, z, (1, 12, 12), iters=60, lr=5e-2, tv=4.0, l2=0.0, eps=2e-3, init=0.5)
+    assert (theirs - 0.5).abs().max() > 0.05  # the runs moved
+    torch.testing.assert_close(theirs, pixels, atol=1e-5, rtol=0)
+
+
+def test_the_settings_are_the_tables_as_their_code_states_them():
     lenet = ss.build_model("lenet", input_shape=(1, 28, 28))
     victim = ss.Victim(ss.split(lenet, "ReLU2", input_shape=(1, 28, 28)), threat="white_box")
     attack = ss.WhiteBoxInversion(search="he2019", progress=False).fit(victim)
-    assert (attack.iters_, attack.lr_, attack.tv_, attack.eps_, attack.init_) == pytest.approx((5000, 5e-3, 4.0,
-                                                                                                2e-3, 0.5))
-    given = ss.WhiteBoxInversion(search="he2019", tv=1.0, progress=False).fit(victim)
-    assert (given.lr_, given.tv_) == pytest.approx((5e-3, 1.0))  # a given value is used as given
+    assert (attack.iters_, attack.lr_, attack.tv_, attack.l2_) == (5000, 1e-2, 1.0, 0.0)
+    assert [t.tolist() for t in attack.normalised_] == [[0.5], [0.5]]
+    assert ss.WhiteBoxInversion(search=None, progress=False).fit(victim).normalised_ is None
 
 
-def test_he2019_at_a_point_they_did_not_attack_names_theirs():
-    victim = ss.Victim(ss.split(_model(), "flatten", input_shape=(3, 8, 8)), threat="white_box")
-    with pytest.raises(ConfigError, match="search='he2019'.*ReLU22.*not 'flatten'"):
+def test_he2019_refuses_heads_that_are_not_theirs(cifar_cnn):
+    def fit(model: nn.Module, point: str, shape: tuple[int, ...] = SHAPE) -> None:
+        victim = ss.Victim(ss.split(model, point, input_shape=shape), threat="white_box")
         ss.WhiteBoxInversion(search="he2019", progress=False).fit(victim)
+
+    with pytest.raises(ConfigError, match=r"^search='he2019' at 'pool1': .*cifar-cnn: conv11, ReLU22.*'auto' or none$"):
+        fit(cifar_cnn, "pool1")
+    mine = nn.Sequential(OrderedDict(conv11=nn.Conv2d(3, 4, 3), ReLU22=nn.ReLU()))
+    with pytest.raises(ConfigError, match=r"at 'ReLU22': this head is not their cifar-cnn \(no input normalisation\)"):
+        fit(mine, "ReLU22")
+    vgg = ss.build_model("vgg11-bottleneck", input_shape=SHAPE)
+    conv1 = next(p.name for p in ss.split_points(vgg, SHAPE) if p.name == "conv1")
+    with pytest.raises(ConfigError, match=r"at 'conv1': this head is not their lenet \(features \["):
+        fit(vgg, conv1)
+
+
+def test_the_query_free_shadow_has_no_he2019_search():
+    with pytest.raises(ConfigError, match="search must be one of 'auto', None, got 'he2019'"):
+        ss.QueryFreeInversion(search="he2019")

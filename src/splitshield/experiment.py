@@ -239,25 +239,30 @@ def _check_splits(spec: ExperimentSpec) -> None:
 
 def _check_he2019_settings(spec: ExperimentSpec, cuts: ModelCuts, point: str, shape: tuple[int, ...]) -> None:
     """Before any training: a ``shadow_head`` entry with ``shadow: he2019`` needs He et al.'s net for ``point`` of
-    the model that ``cuts`` splits (input ``shape``), an ``rmle`` with ``search: he2019`` (alone or in a portfolio)
-    their setting for ``point``."""
-    from torch import nn
-
+    the model that ``cuts`` splits (input ``shape``); an ``rmle`` with ``search: he2019``, alone or in a
+    portfolio, their network cut there."""
+    from .attacks.portfolio import member_specs
     from .attacks.query_free import he2019_different_head
-    from .attacks.whitebox import he2019_pixel_settings
+    from .attacks.whitebox import he2019_normalisation
 
     for i, entry in enumerate(spec.attacks):
-        extra = entry.model_extra or {}
-        shadow = extra.get("shadow")
-        members = extra.get("members") if entry.name == "strongest" else None
-        rmle = extra if entry.name == "rmle" else (members or {}).get("rmle") if isinstance(members, dict) else None
+        shadow = (entry.model_extra or {}).get("shadow")
         try:
             if entry.name == "shadow_head" and "he2019" in (shadow if isinstance(shadow, list) else [shadow]):
                 he2019_different_head(point, shape, cuts.split(point).feature_shape())
-            if isinstance(rmle, dict) and rmle.get("search") == "he2019":
-                he2019_pixel_settings(point, nn.Identity())
         except ConfigError as exc:
-            raise ConfigError(f"spec field attacks[{i}] ({entry.name}): {exc}") from None
+            raise ConfigError(f"spec field attacks[{i}] (shadow_head): {exc}") from None
+        for setting in entry.settings():
+            params = setting["params"]
+            field, rmle = f"attacks[{i}]", [params] if entry.name == "rmle" else []
+            if entry.name == "strongest":
+                field += ".members.rmle"
+                rmle = [m for m in member_specs(params.get("members")) or [] if m["name"] == "rmle"]
+            if any(r.get("search") == "he2019" for r in rmle):
+                try:
+                    he2019_normalisation(point, cuts.split(point).head, shape)
+                except ConfigError as exc:
+                    raise ConfigError(f"spec field {field}.search: {exc}, or remove split {point!r}") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,13 +21,10 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return dh + dw
 
 
-#: Adam's eps in He et al.'s code, for images in their normalised space.
-EPS = 1e-3
-
-
 def rmle(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input_shape: tuple[int, ...], *,
          iters: int, lr: float | torch.Tensor, tv: float | torch.Tensor, l2: float | torch.Tensor, init: float = 0.5,
-         start: torch.Tensor | None = None, eps: float = EPS, progress: bool = False,
+         start: torch.Tensor | None = None, eps: float = 1e-3,
+         normalised: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = False,
          desc: str = "rMLE") -> torch.Tensor:
     """Find x in [0, 1] minimising ``mean((forward(x) - z)²) + tv·TV(x) + l2·mean((x - init)²)``.
 
@@ -46,6 +43,10 @@ def rmle(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input
     init, start:
         The optimisation starts from the grey image ``init``, or from the images ``start`` [B, C, H, W] in
         [0, 1] when given (a warm start, used as given: no restart below).
+    normalised:
+        ``(m, s)``, per-channel tensors [C]: optimise u = (x − m)/s instead of x, as He et al.'s code does.
+        Adam steps in u, TV and the L2 term act on u, the L2 term pulls towards u = 0 and the start is u = 0
+        (x = m; ``init`` is unused). u is projected every step onto the box that maps to x in [0, 1].
 
     ``lr``, ``tv`` and ``l2`` are each a number or a tensor [B] of one value per image, so that one
     batched run optimises several settings side by side (rows with one ``lr`` share an Adam parameter
@@ -61,9 +62,15 @@ def rmle(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input
     z = z.detach()
     rows = z.shape[0]
     tv, l2 = _per_row(tv, rows, z), _per_row(l2, rows, z)
+    # x is the optimised variable; with ``normalised`` it is u, and the box [lo, hi] maps to [0, 1].
+    send, lo, hi = forward, 0.0, 1.0
+    if normalised is not None:
+        m, s = (t.to(z).view(1, -1, 1, 1) for t in normalised)
+        send, lo, hi, init = _from_normalised(forward, m, s), -m / s, (1 - m) / s, 0.0
+        start = None if start is None else (start - m) / s
     if start is None:
         start = torch.full((rows, *input_shape), init, device=z.device, requires_grad=True)
-        _restart_dead_starts(forward, z, start)
+        _restart_dead_starts(send, z, start, lo, hi)
     else:
         start = start.detach().clone().requires_grad_(True)
     if isinstance(lr, torch.Tensor):
@@ -83,7 +90,7 @@ def rmle(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input
 
     for _ in tqdm(range(iters), desc=desc, disable=not progress, leave=False):
         x = assemble()
-        loss = (forward(x) - z).pow(2).flatten(1).mean(1)
+        loss = (send(x) - z).pow(2).flatten(1).mean(1)
         if tv is not None:
             loss = loss + tv * total_variation(x)
         if l2 is not None:
@@ -93,8 +100,15 @@ def rmle(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input
         opt.step()
         with torch.no_grad():
             for part in parts:
-                part.clamp_(0.0, 1.0)
-    return assemble().detach()
+                part.clamp_(lo, hi)
+    x = assemble().detach()
+    return x if normalised is None else (x * s + m).clamp(0.0, 1.0)
+
+
+def _from_normalised(forward: Callable[[torch.Tensor], torch.Tensor], m: torch.Tensor,
+                     s: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``forward`` of images given normalised, u = (x − m)/s."""
+    return lambda u: forward(u * s + m)
 
 
 def _per_row(weight: float | torch.Tensor, rows: int, like: torch.Tensor) -> float | torch.Tensor | None:
@@ -106,8 +120,9 @@ def _per_row(weight: float | torch.Tensor, rows: int, like: torch.Tensor) -> flo
     return weight.to(like) if bool(weight.any()) else None
 
 
-def _restart_dead_starts(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, x: torch.Tensor) -> None:
-    """Re-draw, uniformly in [0, 1], the start of every image whose feature loss has a zero gradient."""
+def _restart_dead_starts(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, x: torch.Tensor,
+                         lo: float | torch.Tensor, hi: float | torch.Tensor) -> None:
+    """Re-draw, uniformly in the box [lo, hi], the start of every image whose feature loss has a zero gradient."""
     with torch.enable_grad():
         loss = (forward(x) - z).pow(2).flatten(1).mean(1).sum()
         (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
@@ -116,4 +131,4 @@ def _restart_dead_starts(forward: Callable[[torch.Tensor], torch.Tensor], z: tor
     if dead.any():
         g = torch.Generator(device=x.device).manual_seed(0)
         with torch.no_grad():
-            x[dead] = torch.rand(x[dead].shape, generator=g, device=x.device, dtype=x.dtype)
+            x[dead] = lo + (hi - lo) * torch.rand(x[dead].shape, generator=g, device=x.device, dtype=x.dtype)

@@ -53,7 +53,6 @@ from ._rmle import rmle
 from .base import FeatureMoments, InversionAttack, QueryFreeView, seeded
 from .whitebox import (
     CALIBRATION_IMAGES,
-    SEARCHES,
     calibrate,
     check_rmle_params,
     relative_residual,
@@ -196,7 +195,8 @@ class QueryFreeInversion(InversionAttack):
         self.match_traffic = (match_traffic if isinstance(match_traffic, str) and one_of(
             "match_traffic", match_traffic, ("auto",)) else non_negative("match_traffic", match_traffic))
         self.iters, self.rmle_lr, self.tv, self.l2 = check_rmle_params(iters, rmle_lr, tv, l2, lr_field="rmle_lr")
-        self.search = one_of("search", search, SEARCHES)
+        # Not "he2019": their setting is for their heads, not a shadow trained to stand in for one.
+        self.search = one_of("search", search, ("auto", None))
         self.seed = non_negative_int("seed", seed)
         self.progress = flag("progress", progress)
 

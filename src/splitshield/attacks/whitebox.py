@@ -6,12 +6,12 @@ The attacker holds the head's weights f1 and an observed feature z0, and solves
 
 with Adam from a grey image. Against a defended model the attack is adaptive: f1 is followed by the
 defense's obfuscation, re-sampled at every step (an expectation-over-transformation estimate).
-The table's settings per split are the authors' values (ALGORITHMS §A.2) applied as they are to x in [0, 1].
-Their code optimises the normalised image x' = (x − m)/s instead, so the same values there mean λ_TV/s²
-and an Adam step (and eps) of lr·s (eps/s) here: on MNIST (s = ½) their λ_TV = 1, lr 1e-2 is λ_TV = 4,
-lr 5e-3 on pixels. ``search=None`` uses the values as they are; ``search="he2019"`` translates them through
-the head's own input normalisation and so runs their attack; the default search's grid (λ_TV over decades,
-lr × 0.1, 1, 10) brackets both readings.
+The table's settings per split are the authors' values (ALGORITHMS §A.2). Their code optimises the normalised
+image x' = (x − m)/s, where the values mean on pixels λ_TV/s² and an Adam step of lr·s (on MNIST, s = ½:
+their λ_TV = 1, lr 1e-2 are λ_TV = 4, lr 5e-3 on x). ``search=None`` applies them to x in [0, 1] as they
+stand; ``search="he2019"`` optimises x' as their code does, with the head's own normalisation, so their values
+mean what they meant to them. Either way x is projected onto [0, 1] after every step, where their code clips
+only the result.
 
 By default (``search="auto"``) the attacker tunes the attack to the model it holds, never looking at the
 private images: the setting (λ_TV, λ_l2, lr) is the one that inverts the attacker's own auxiliary images
@@ -33,7 +33,7 @@ from .. import metrics
 from ..errors import ConfigError
 from ..models.zoo import Normalize
 from ._params import flag, non_negative, non_negative_int, one_of, optional, positive, positive_int
-from ._rmle import EPS, rmle, total_variation
+from ._rmle import rmle, total_variation
 from .base import InversionAttack, WhiteBoxView, seeded
 
 #: He et al.'s per-split (iterations, lr, λ_TV, λ_l2) for their named split points, as their code states them
@@ -74,24 +74,32 @@ def rmle_settings(point: str, iters: int | None, lr: float | None, tv: float | N
     return tuple(d if v is None else v for v, d in zip(given, defaults, strict=True))  # type: ignore[return-value]
 
 
-def he2019_pixel_settings(point: str, head: nn.Module) -> tuple[int, float, float, float, float, float]:
-    """He et al.'s attack at their split ``point`` as it runs on images in [0, 1]: (iters, lr, λ_TV, λ_l2, Adam's
-    eps, start grey level).
+#: The network of He et al.'s that each of the table's split points belongs to (zoo names).
+HE2019_NETWORKS = {"conv1": "lenet", "ReLU2": "lenet", "conv11": "cifar-cnn", "ReLU22": "cifar-cnn",
+                   "ReLU32": "cifar-cnn", "fc1": "cifar-cnn", "fc2": "cifar-cnn"}
 
-    Their code optimises x' = (x − m)/s from x' = 0 with Adam (lr, eps) on mean((f(x) − z)²) + λ_TV·TV(x') +
-    λ_l2·mean(x'²). Adam's step is unchanged by a gradient's scale up to eps, so on x this is lr·s, eps/s,
-    λ_TV/s², λ_l2/s², started (and pulled by the L2 term) at the grey level m. m and s are the head's
-    ``Normalize`` layer's (the zoo's first layer), averaged over channels: exact for one channel, close for
-    ImageNet's statistics (stds within 2 % of each other; the start grey differs from theirs by up to 0.04 per
-    channel). A head without one is taken as normalised by m = 0, s = 1.
-    """
-    if point not in HE2019_SETTINGS:
-        raise ConfigError(f"search='he2019' runs He et al.'s setting for one of their split points "
-                          f"({', '.join(HE2019_SETTINGS)}), not {point!r}: use search='auto' or None")
-    iters, lr, tv, l2 = HE2019_SETTINGS[point]
+
+def he2019_normalisation(point: str, head: nn.Module, input_shape: tuple[int, ...]) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """The per-channel (mean, std) [C] of ``head``'s input normalisation, in which ``search="he2019"`` optimises;
+    ``ConfigError`` unless ``head`` (images ``input_shape``) is He et al.'s network cut at one of the table's
+    points (the name, a ``Normalize`` layer, and the features their network has there)."""
+    from ..models import build_model, split
+
+    points = "; ".join(f"{net}: {', '.join(p for p, n in HE2019_NETWORKS.items() if n == net)}"
+                       for net in dict.fromkeys(HE2019_NETWORKS.values()))
+    fix = f"He et al.'s setting exists for their networks' split points ({points}): use search 'auto' or none"
+    network = HE2019_NETWORKS.get(point)
+    if network is None:
+        raise ConfigError(f"search='he2019' at {point!r}: {fix}")
     norm = next((m for m in head.modules() if isinstance(m, Normalize)), None)
-    m, s = (float(norm.mean.mean()), float(norm.std.mean())) if norm is not None else (0.0, 1.0)
-    return iters, lr * s, tv / s**2, l2 / s**2, EPS / s, m
+    with torch.no_grad():
+        ours = tuple(head(torch.zeros(1, *input_shape)).shape[1:])
+    theirs = split(build_model(network, input_shape=input_shape), point, input_shape=input_shape).feature_shape()
+    if norm is None or ours != tuple(theirs):
+        found = "no input normalisation" if norm is None else f"features {list(ours)}, not {list(theirs)}"
+        raise ConfigError(f"search='he2019' at {point!r}: this head is not their {network} ({found}); {fix}")
+    return norm.mean.flatten(), norm.std.flatten()
 
 
 def search_grid(point: str, lr: float | None, tv: float | None,
@@ -110,10 +118,10 @@ def search_grid(point: str, lr: float | None, tv: float | None,
 
 def run_settings(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input_shape: tuple[int, ...],
                  settings: Sequence[tuple[float, float, float]], *, iters: int, seed: int, progress: bool = False,
-                 desc: str = "rMLE", eps: float = EPS, init: float = 0.5) -> torch.Tensor:
+                 desc: str = "rMLE", normalised: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """rMLE through ``forward`` of every setting (λ_TV, λ_l2, lr) on every feature of ``z`` [B, ...], as one
-    batched run (Adam's ``eps``, started at the grey level ``init``): reconstructions [K·B, C, H, W] in [0, 1],
-    setting-major."""
+    batched run (in the normalised space ``normalised`` when given, see :func:`rmle`): reconstructions
+    [K·B, C, H, W] in [0, 1], setting-major."""
     grid = torch.tensor(settings, dtype=torch.float64)  # [K, 3]
     k = len(grid)
     zz = z.detach().repeat(k, *([1] * (z.dim() - 1)))
@@ -121,7 +129,7 @@ def run_settings(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tenso
     with seeded(seed):
         return rmle(forward, zz, input_shape, iters=iters, lr=lr if k > 1 else float(lr[0]),
                     tv=tv.float() if k > 1 else float(tv[0]), l2=l2.float() if k > 1 else float(l2[0]),
-                    init=init, eps=eps, progress=progress, desc=desc)
+                    normalised=normalised, progress=progress, desc=desc)
 
 
 def calibrate(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -175,10 +183,11 @@ class WhiteBoxInversion(InversionAttack):
         Without aux data, the table's priors, and per image the lr whose run reaches the lowest objective
         (feature mean-squared error, averaged over ``OBJECTIVE_DRAWS`` draws of the defense's noise, plus
         the priors), all lrs in one batched run. A given ``tv``, ``l2`` or ``lr`` is not searched.
-        ``"he2019"``: He et al.'s attack at one of their split points, one run: the table's values translated
-        to images in [0, 1] through the head's input normalisation (:func:`he2019_pixel_settings`); a given
-        ``iters``, ``lr``, ``tv`` or ``l2`` is used as given. ``ConfigError`` at ``fit`` at another point.
-        ``None``: the table's settings above as they are, one run.
+        ``"he2019"``: He et al.'s setting as their code means it, one run: the table's values (or the given
+        ones) for the normalised image, optimised in the head's own normalised space
+        (:func:`he2019_normalisation`; ``ConfigError`` at ``fit`` unless the head is their network cut at one
+        of the table's points).
+        ``None``: the table's settings above applied to [0, 1] pixels as they stand, one run.
     seed:
         Seeds the defense's noise the adaptive attacker draws while it optimises.
     progress:
@@ -189,8 +198,8 @@ class WhiteBoxInversion(InversionAttack):
     iters_, lr_, tv_, l2_:
         The settings in use, ``None`` resolved for the victim's split point; with ``search="auto"`` and
         no aux data, ``lr_`` is the tuple of step sizes ``invert`` tries per image.
-    eps_, init_:
-        Adam's eps and the grey level the optimisation starts from (and the L2 term pulls towards).
+    normalised_:
+        ``search="he2019"``: the per-channel (mean, std) of the space the attack optimises in, else ``None``.
     calibration_:
         ``search="auto"`` with aux data: {(λ_TV, λ_l2, lr): mean PSNR in dB (capped at 100) on the aux
         images} of every setting tried, else ``{}``.
@@ -213,12 +222,8 @@ class WhiteBoxInversion(InversionAttack):
 
     def _fit(self, view: WhiteBoxView) -> WhiteBoxInversion:  # type: ignore[override]
         self.iters_, self.lr_, self.tv_, self.l2_ = rmle_settings(view.point, self.iters, self.lr, self.tv, self.l2)
-        self.eps_, self.init_ = EPS, 0.5
-        if self.search == "he2019":
-            *table, self.eps_, self.init_ = he2019_pixel_settings(view.point, view.head)
-            given = (self.iters, self.lr, self.tv, self.l2)
-            self.iters_, self.lr_, self.tv_, self.l2_ = (t if g is None else g
-                                                         for g, t in zip(given, table, strict=True))
+        self.normalised_ = (he2019_normalisation(view.point, view.head, view.input_shape)
+                            if self.search == "he2019" else None)
         self.view_ = view
         self.calibration_: dict[tuple[float, float, float], float] = {}
         if self.search == "auto":
@@ -238,14 +243,14 @@ class WhiteBoxInversion(InversionAttack):
         lrs = self.lr_ if isinstance(self.lr_, tuple) else (self.lr_,)
         settings = tuple((self.tv_, self.l2_, r) for r in lrs)
         x = run_settings(self.view_.send, z, self.view_.input_shape, settings, iters=self.iters_,
-                         seed=self.seed, progress=self.progress, desc="white-box rMLE", eps=self.eps_,
-                         init=self.init_)
+                         seed=self.seed, progress=self.progress, desc="white-box rMLE",
+                         normalised=self.normalised_)
         b = z.shape[0]
         residual = self._residual(x, z.detach().repeat(len(settings), *([1] * (z.dim() - 1))), b)
         grid = torch.tensor(settings, dtype=torch.float64).repeat_interleave(b, 0)  # [K·B, 3]
         if len(settings) > 1:  # per image, the lr whose run reaches the lowest objective
             objective = (residual * z.detach().pow(2).flatten(1).mean(1).repeat(len(settings))
-                         + self.tv_ * total_variation(x) + self.l2_ * (x - self.init_).pow(2).flatten(1).mean(1))
+                         + self.tv_ * total_variation(x) + self.l2_ * (x - 0.5).pow(2).flatten(1).mean(1))
             rows = (objective.view(len(settings), b).argmin(0).cpu() * b + torch.arange(b)).to(x.device)
             x, grid, residual = x[rows], grid[rows.cpu()], residual[rows]
         self.chosen_, self.residual_ = grid, residual
