@@ -1,6 +1,6 @@
 """The faces table: every inversion cell that measured re-identification, from a results store.
 
-One table per dataset and model (and per test order, when cells of both orders are stored): a row per split
+One table per dataset and model (and per test order and seed, when the store holds several): a row per split
 point and attack, a column per kind of auxiliary faces the attacker holds (the victims' own other photos, or
 other people's: Yang et al.'s background knowledge, KA). Each entry is PSNR (dB) / SSIM / re-identified, the
 share of reconstructions an evaluator face classifier, trained by the auditor on the true images, names the
@@ -37,35 +37,39 @@ def _pct(value: float | None) -> str:
 
 
 def tables(cells: list[dict[str, Any]]) -> str:
-    """Markdown: per dataset, model and test order, PSNR / SSIM / re-identified per split, attack and aux kind."""
+    """Markdown: per dataset, model, test order and seed, PSNR / SSIM / re-identified per split, attack and aux kind."""
     from splitshield.data import get_dataset_info
 
     mine = [c for c in cells if c["defense_label"] == "none" and "reid_accuracy" in c["metrics"]]
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
     for c in mine:
         order = c["config"].get("test_order", "file order")
-        groups.setdefault((c["dataset"], c["model"], order), []).append(c)
+        groups.setdefault((c["dataset"], c["model"], order, c["seed"]), []).append(c)
     out = []
-    for (dataset, model, order), group in groups.items():
+    for (dataset, model, order, seed), group in groups.items():
         columns = list(dict.fromkeys(_aux(c["attack"]) for c in group))
+        splits = list(dict.fromkeys(c["split"] for c in group))
         rows: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-        for c in group:
+        for c in sorted(group, key=lambda c: splits.index(c["split"])):
             rows.setdefault((c["split"], _attack(c["attack"])), {})[_aux(c["attack"])] = c["metrics"]
-        m = group[0]["metrics"]
-        classes = get_dataset_info(dataset).num_classes
-        several = sum(1 for d, mm, _ in groups if (d, mm) == (dataset, model)) > 1
-        title = f"### {dataset} · {model}" + (f" · test order {order}" if several else "")
+        ceilings = sorted({_pct(c["metrics"].get("reid_ceiling")) for c in group})
+        others = [k for k in groups if k[:2] == (dataset, model) and k != (dataset, model, order, seed)]
+        title = f"### {dataset} · {model}"
+        title += f" · test order {order}" if any(k[2] != order for k in others) else ""
+        title += f" · seed {seed}" if any(k[3] != seed for k in others) else ""
         out += [title, "",
-                f"Target accuracy {_pct(m.get('accuracy'))}; the evaluator names {_pct(m.get('reid_ceiling'))} of "
-                f"the true victim images; chance {_pct(1 / classes)}. Entries: PSNR (dB) / SSIM / re-identified.",
-                "", "| split | attack | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
+                f"The evaluator names {' / '.join(ceilings)} of the true victim images; chance "
+                f"{_pct(1 / get_dataset_info(dataset).num_classes)}. Entries: PSNR (dB) / SSIM / re-identified.",
+                "", "| split | target accuracy | attack | " + " | ".join(columns) + " |",
+                "|---|---:|---|" + "---:|" * len(columns)]
         for (split, attack), by_aux in rows.items():
             entries = []
             for column in columns:
                 v = by_aux.get(column)
                 entries.append("–" if v is None else
                                f"{v['psnr']:.2f} / {v['ssim']:.3f} / {_pct(v.get('reid_accuracy'))}")
-            out.append(f"| {split} | {attack} | " + " | ".join(entries) + " |")
+            accuracy = _pct(next(iter(by_aux.values())).get("accuracy"))
+            out.append(f"| {split} | {accuracy} | {attack} | " + " | ".join(entries) + " |")
         out.append("")
     return "\n".join(out) if out else "No undefended cell with re-identification is in the store.\n"
 

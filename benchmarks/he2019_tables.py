@@ -6,9 +6,9 @@ white-box rMLE (Table 3), the inverse network trained on the target's training s
 noise (Table 4), and the query-free shadow head on the same or another set with the same or another
 architecture (Table 6); the attacks their tables do not have (UnSplit, the learned prior, the portfolio) are
 listed with no paper row. One row per cell, so a spec that measured an attack twice (rMLE at the table's
-setting and with splitshield's own search, say) shows both. Grouped by the evaluated images: He et al.'s ten (the first test
-image of each class) and the first N. The paper's figures are ALGORITHMS §A.6; on CIFAR-10 ours are measured on
-a JPEG (quality 75) copy of the images.
+setting and with splitshield's own search, say) shows both. Grouped by the evaluated images: He et al.'s ten
+(the first test image of each class) and the first N. The paper's figures are ALGORITHMS §A.6; on CIFAR-10
+ours are measured on a JPEG (quality 75) copy of the images.
 
     PYTHONPATH=src python benchmarks/he2019_tables.py [--db benchmarks/results/results.db] [--out FILE.md]
 """
