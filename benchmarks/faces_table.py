@@ -52,7 +52,7 @@ def tables(cells: list[dict[str, Any]]) -> str:
         rows: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         for c in sorted(group, key=lambda c: splits.index(c["split"])):
             rows.setdefault((c["split"], _attack(c["attack"])), {})[_aux(c["attack"])] = c["metrics"]
-        ceilings = sorted({_pct(c["metrics"].get("reid_ceiling")) for c in group})
+        ceilings = [_pct(v) for v in sorted({c["metrics"].get("reid_ceiling") or 0.0 for c in group})]
         others = [k for k in groups if k[:2] == (dataset, model) and k != (dataset, model, order, seed)]
         title = f"### {dataset} · {model}"
         title += f" · test order {order}" if any(k[2] != order for k in others) else ""

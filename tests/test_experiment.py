@@ -94,6 +94,11 @@ def test_rmle_at_he2019s_setting_at_a_point_they_did_not_attack_fails_at_plan(fi
     assert plan(parse_spec({**TINY, "splits": ["conv1", "ReLU2"], "attacks": [entry]}))
 
 
+def test_rmle_at_he2019s_setting_on_a_u_shaped_split_fails_at_plan():
+    with pytest.raises(ConfigError, match=r"^spec field attacks\[0\]\.search: search='he2019' at 'conv1\.\.fc3'"):
+        plan(parse_spec({**TINY, "splits": ["conv1..fc3"], "attacks": [{"name": "rmle", "search": "he2019"}]}))
+
+
 def test_run_stores_every_cell_once_and_rerun_skips(tmp_path):
     spec = parse_spec(TINY)
     db = tmp_path / "results.db"

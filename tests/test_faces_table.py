@@ -42,6 +42,14 @@ def test_rows_are_split_and_attack_columns_the_attackers_faces():
     assert len(rows) == 2
 
 
+def test_rows_of_one_split_stay_together_in_the_order_the_splits_came():
+    cells = [_cell("conv1", "rmle", "same_distribution", 120.0, 0.95),
+             _cell("ReLU2", "rmle", "same_distribution", 27.0, 0.95),
+             _cell("conv1", "inverse_network", "same_distribution", 32.0, 0.95)]
+    rows = [line.split(" | ")[0:3] for line in faces_table.tables(cells).splitlines()[6:]]
+    assert rows == [["| conv1", "85 %", "rmle"], ["| conv1", "85 %", "inverse_network"], ["| ReLU2", "85 %", "rmle"]]
+
+
 def test_seeds_are_tables_of_their_own_not_one_row_overwriting_another():
     cells = [_cell("conv1", "rmle", "same_distribution", 121.0, 0.95),
              _cell("conv1", "rmle", "same_distribution", 60.0, 0.9, seed=1)]

@@ -12,7 +12,7 @@ from torch import nn
 import splitshield as ss
 from splitshield.attacks._rmle import rmle
 from splitshield.errors import ConfigError
-from splitshield.models.zoo import IMAGENET_MEAN, IMAGENET_STD
+from splitshield.models.zoo import IMAGENET_MEAN, IMAGENET_STD, Normalize
 
 SHAPE = (3, 32, 32)
 
@@ -85,6 +85,18 @@ def test_in_one_channel_their_setting_is_four_times_the_tv_at_half_the_step_on_p
     torch.testing.assert_close(theirs, pixels, atol=1e-5, rtol=0)
 
 
+def test_a_dead_start_restarts_anywhere_in_the_box_of_valid_pixels():
+    """A head whose ReLUs are all off at x = m has no gradient there: the start is redrawn uniformly in the box of u
+    that maps to [0, 1] (not in [0, 1] of u, which maps to [m, m + s])."""
+    head = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU())
+    with torch.no_grad():
+        head[0].bias.fill_(-100.0)  # off for every image: no gradient anywhere, the start is what comes back
+    z = torch.zeros(2, 2, 8, 8)
+    x = rmle(head, z, (3, 8, 8), iters=3, lr=0.1, tv=0.0, l2=0.0,
+             normalised=(torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)))
+    assert x.amin() < 0.05 and x.amax() > 0.95 and x.std() > 0.2
+
+
 def test_the_settings_are_the_tables_as_their_code_states_them():
     lenet = ss.build_model("lenet", input_shape=(1, 28, 28))
     victim = ss.Victim(ss.split(lenet, "ReLU2", input_shape=(1, 28, 28)), threat="white_box")
@@ -99,11 +111,15 @@ def test_he2019_refuses_heads_that_are_not_theirs(cifar_cnn):
         victim = ss.Victim(ss.split(model, point, input_shape=shape), threat="white_box")
         ss.WhiteBoxInversion(search="he2019", progress=False).fit(victim)
 
-    with pytest.raises(ConfigError, match=r"^search='he2019' at 'pool1': .*cifar-cnn: conv11, ReLU22.*'auto' or none$"):
+    with pytest.raises(ConfigError, match=r"^search='he2019' at 'pool1': .*cifar-cnn: conv11, ReLU22.*"
+                                          r"'auto' or None \(null in a spec\)$"):
         fit(cifar_cnn, "pool1")
     mine = nn.Sequential(OrderedDict(conv11=nn.Conv2d(3, 4, 3), ReLU22=nn.ReLU()))
     with pytest.raises(ConfigError, match=r"at 'ReLU22': this head is not their cifar-cnn \(no input normalisation\)"):
         fit(mine, "ReLU22")
+    grey = nn.Sequential(OrderedDict(normalize=Normalize((0.5,), (0.5,)), conv1=nn.Conv2d(1, 4, 3)))
+    with pytest.raises(ConfigError, match=r"at 'conv1': this head is not their lenet \(.*12.*\); He et al"):
+        fit(grey, "conv1", (1, 12, 12))  # their LeNet cannot take 12x12 images: still a he2019 error
     vgg = ss.build_model("vgg11-bottleneck", input_shape=SHAPE)
     conv1 = next(p.name for p in ss.split_points(vgg, SHAPE) if p.name == "conv1")
     with pytest.raises(ConfigError, match=r"at 'conv1': this head is not their lenet \(features \["):

@@ -233,8 +233,7 @@ def _check_splits(spec: ExperimentSpec) -> None:
                         cuts.split(s)
                     except SplitError as exc:
                         raise ConfigError(f"spec field splits: {exc}") from None
-                else:
-                    _check_he2019_settings(spec, cuts, s, shape)
+                _check_he2019_settings(spec, cuts, s, shape)
 
 
 def _check_he2019_settings(spec: ExperimentSpec, cuts: ModelCuts, point: str, shape: tuple[int, ...]) -> None:

@@ -26,7 +26,8 @@ def rmle(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input
          start: torch.Tensor | None = None, eps: float = 1e-3,
          normalised: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = False,
          desc: str = "rMLE") -> torch.Tensor:
-    """Find x in [0, 1] minimising ``mean((forward(x) - z)²) + tv·TV(x) + l2·mean((x - init)²)``.
+    """Find x in [0, 1] minimising ``mean((forward(x) - z)²) + tv·TV(x) + l2·mean((x - init)²)`` (with
+    ``normalised``, the same objective of u = (x − m)/s, the L2 term towards u = 0).
 
     Parameters
     ----------
@@ -46,13 +47,14 @@ def rmle(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input
     normalised:
         ``(m, s)``, per-channel tensors [C]: optimise u = (x − m)/s instead of x, as He et al.'s code does.
         Adam steps in u, TV and the L2 term act on u, the L2 term pulls towards u = 0 and the start is u = 0
-        (x = m; ``init`` is unused). u is projected every step onto the box that maps to x in [0, 1].
+        (x = m; ``init`` is unused), or ``start`` (pixels, mapped to u). u is projected every step onto the box
+        that maps to x in [0, 1]; a dead start (below) restarts uniformly in that box.
 
     ``lr``, ``tv`` and ``l2`` are each a number or a tensor [B] of one value per image, so that one
     batched run optimises several settings side by side (rows with one ``lr`` share an Adam parameter
     group; Adam acts element-wise, so each row's optimisation is the one it would have alone).
 
-    Images whose feature loss has no gradient at the grey start (a head whose ReLUs are all off there,
+    Images whose feature loss has no gradient at the start (grey, or x = m) (a head whose ReLUs are all off there,
     as NoPeek can train) would never move: they restart from uniform noise (seeded, so runs repeat).
 
     Returns
@@ -65,7 +67,7 @@ def rmle(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input
     # x is the optimised variable; with ``normalised`` it is u, and the box [lo, hi] maps to [0, 1].
     send, lo, hi = forward, 0.0, 1.0
     if normalised is not None:
-        m, s = (t.to(z).view(1, -1, 1, 1) for t in normalised)
+        m, s = (t.to(device=z.device, dtype=torch.get_default_dtype()).view(1, -1, 1, 1) for t in normalised)
         send, lo, hi, init = _from_normalised(forward, m, s), -m / s, (1 - m) / s, 0.0
         start = None if start is None else (start - m) / s
     if start is None:

@@ -84,21 +84,30 @@ def he2019_normalisation(point: str, head: nn.Module, input_shape: tuple[int, ..
     """The per-channel (mean, std) [C] of ``head``'s input normalisation, in which ``search="he2019"`` optimises;
     ``ConfigError`` unless ``head`` (images ``input_shape``) is He et al.'s network cut at one of the table's
     points (the name, a ``Normalize`` layer, and the features their network has there)."""
+    from ..errors import SplitError
     from ..models import build_model, split
 
     points = "; ".join(f"{net}: {', '.join(p for p, n in HE2019_NETWORKS.items() if n == net)}"
                        for net in dict.fromkeys(HE2019_NETWORKS.values()))
-    fix = f"He et al.'s setting exists for their networks' split points ({points}): use search 'auto' or none"
+    fix = (f"He et al.'s setting exists for their networks' split points ({points}): use search 'auto' or None "
+           "(null in a spec)")
     network = HE2019_NETWORKS.get(point)
     if network is None:
         raise ConfigError(f"search='he2019' at {point!r}: {fix}")
-    norm = next((m for m in head.modules() if isinstance(m, Normalize)), None)
+    norm = next((layer for layer in head.modules() if isinstance(layer, Normalize)), None)
+    if norm is None:
+        raise ConfigError(f"search='he2019' at {point!r}: this head is not their {network} (no input "
+                          f"normalisation); {fix}")
+    try:
+        theirs = tuple(split(build_model(network, input_shape=input_shape), point,
+                             input_shape=input_shape).feature_shape())
+    except (ConfigError, SplitError) as exc:
+        raise ConfigError(f"search='he2019' at {point!r}: this head is not their {network} ({exc}); {fix}") from None
     with torch.no_grad():
-        ours = tuple(head(torch.zeros(1, *input_shape)).shape[1:])
-    theirs = split(build_model(network, input_shape=input_shape), point, input_shape=input_shape).feature_shape()
-    if norm is None or ours != tuple(theirs):
-        found = "no input normalisation" if norm is None else f"features {list(ours)}, not {list(theirs)}"
-        raise ConfigError(f"search='he2019' at {point!r}: this head is not their {network} ({found}); {fix}")
+        ours = tuple(head(torch.zeros(1, *input_shape, device=norm.mean.device)).shape[1:])
+    if ours != theirs:
+        raise ConfigError(f"search='he2019' at {point!r}: this head is not their {network} (features {list(ours)}, "
+                          f"not {list(theirs)}); {fix}")
     return norm.mean.flatten(), norm.std.flatten()
 
 
