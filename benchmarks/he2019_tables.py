@@ -92,7 +92,8 @@ def tables(cells: list[dict[str, Any]]) -> str:
             groups.setdefault(_images(c["config"]["evaluation"]), []).append(c)
         for images, group in sorted(groups.items()):
             group.sort(key=lambda c: (splits.index(c["split"]), order.index(row) if (row := paper_row(
-                c["config"]["attack"])) else len(order), attack_label(c["config"]["attack"])))
+                c["config"]["attack"])) else len(order), attack_label(c["config"]["attack"]),
+                c["config"].get("seed", 0)))
             out += [f"### {dataset} · {model} · {images}", "",
                     f"| split | He et al.'s row | our attack | paper PSNR / SSIM | ours PSNR / SSIM | Δ PSNR "
                     f"| ≥ paper + {MARGIN_DB:g} dB |", "|---|---|---|---:|---:|---:|---|"]
@@ -101,6 +102,7 @@ def tables(cells: list[dict[str, Any]]) -> str:
                 paper = PAPER[row].get(c["split"]) if row else None
                 ours = f"{c['metrics']['psnr']:.2f} / {c['metrics']['ssim']:.3f}"
                 label = attack_label(c["config"]["attack"])
+                label += f", seed {seed}" if (seed := c["config"].get("seed", 0)) else ""  # seed 0: every spec's
                 if paper is None:
                     out.append(f"| {c['split']} | — | {label} | — | {ours} | — | — |")
                     continue

@@ -53,3 +53,10 @@ def test_an_attack_reads_with_every_setting_it_ran_with():
         "inverse_network(aux=same_set, refit=True)"
     assert label({"name": "inverse_network", "aux": "same_set", "params": {}}) == "inverse_network(aux=same_set)"
     assert label({"name": "rmle", "aux": "same_distribution", "params": {}}) == "rmle"
+
+
+def test_a_cell_of_another_seed_says_so_beside_seed_0():
+    cells = [_cell("conv11", {"name": "rmle", "aux": "same_distribution"}, 108.0)]
+    cells.append({**cells[0], "metrics": {"psnr": 100.0, "ssim": 0.5}, "config": {**cells[0]["config"], "seed": 2}})
+    rows = [line for line in he2019_tables.tables(cells).splitlines() if line.startswith("| conv11")]
+    assert [r.split(" | ")[2] for r in rows] == ["rmle", "rmle, seed 2"]
