@@ -54,8 +54,8 @@ def rmle(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, input
     batched run optimises several settings side by side (rows with one ``lr`` share an Adam parameter
     group; Adam acts element-wise, so each row's optimisation is the one it would have alone).
 
-    Images whose feature loss has no gradient at the start (grey, or x = m) (a head whose ReLUs are all off there,
-    as NoPeek can train) would never move: they restart from uniform noise (seeded, so runs repeat).
+    Images whose feature loss has no gradient at the start, grey or x = m (a head whose ReLUs are all off
+    there, as NoPeek can train), would never move: they restart from uniform noise (seeded, so runs repeat).
 
     Returns
     -------

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .. import metrics
-from ..errors import ConfigError
+from ..errors import ConfigError, SplitError
 from ..models.zoo import Normalize
 from ._params import flag, non_negative, non_negative_int, one_of, optional, positive, positive_int
 from ._rmle import rmle, total_variation
@@ -84,7 +84,6 @@ def he2019_normalisation(point: str, head: nn.Module, input_shape: tuple[int, ..
     """The per-channel (mean, std) [C] of ``head``'s input normalisation, in which ``search="he2019"`` optimises;
     ``ConfigError`` unless ``head`` (images ``input_shape``) is He et al.'s network cut at one of the table's
     points (the name, a ``Normalize`` layer, and the features their network has there)."""
-    from ..errors import SplitError
     from ..models import build_model, split
 
     points = "; ".join(f"{net}: {', '.join(p for p, n in HE2019_NETWORKS.items() if n == net)}"
