@@ -363,6 +363,11 @@ BAD_PARAMETERS = [
     (ss.QueryFreeInversion, "match_traffic", "best"),
     (ss.QueryFreeInversion, "iters", -5), (ss.QueryFreeInversion, "rmle_lr", 0), (ss.QueryFreeInversion, "tv", -0.1),
     (ss.QueryFreeInversion, "l2", -1), (ss.QueryFreeInversion, "seed", "0"),
+    (ss.ModelReconstruction, "shadow", "same"), (ss.ModelReconstruction, "steps", 0),
+    (ss.ModelReconstruction, "batch_size", 0), (ss.ModelReconstruction, "lr", -1.0),
+    (ss.ModelReconstruction, "iters", 0), (ss.ModelReconstruction, "rmle_lr", 0.0),
+    (ss.ModelReconstruction, "tv", -1.0), (ss.ModelReconstruction, "seed", -1),
+    (ss.ModelReconstruction, "progress", 1),
     (ss.ModelCompletion, "n_labels", 0), (ss.ModelCompletion, "hidden", 0), (ss.ModelCompletion, "steps", -1),
     (ss.ModelCompletion, "lr", 0.0), (ss.ModelCompletion, "weight_decay", -1e-4), (ss.ModelCompletion, "seed", -2),
 ]
@@ -377,7 +382,7 @@ def test_attacks_reject_a_bad_parameter_when_built(cls, field, value):
 
 def test_registry_names_say_what_the_attack_is_and_old_names_still_resolve():
     assert set(ss.attacks.ATTACKS) == {"rmle", "inverse_network", "shadow_head", "model_completion", "strongest",
-                                      "unsplit", "prior_inversion"}
+                                      "unsplit", "prior_inversion", "model_reconstruction"}
     assert all(cls.name == name for name, cls in ss.attacks.ATTACKS.items())
     resolve = ss.attacks.attack_name
     assert [resolve(n) for n in ("white_box", "black_box", "query_free")] == ["rmle", "inverse_network", "shadow_head"]
@@ -391,6 +396,8 @@ ATTACKS = {
     "inverse_network": (lambda seed: ss.InverseNetwork(steps=5, seed=seed, progress=False), "black_box"),
     "shadow_head": (lambda seed: ss.QueryFreeInversion(steps=5, iters=5, seed=seed, progress=False), "query_free"),
     "model_completion": (lambda seed: ss.ModelCompletion(steps=5, seed=seed, progress=False), "black_box"),
+    "model_reconstruction": (lambda seed: ss.ModelReconstruction(steps=5, iters=5, seed=seed, progress=False),
+                             "black_box"),
     "unsplit": (lambda seed: ss.attacks.UnSplit(rounds=2, input_iters=3, model_iters=3, restarts=2, seed=seed,
                                                 progress=False), "architecture_only"),
     "prior_inversion": (lambda seed: ss.attacks.PriorInversion(

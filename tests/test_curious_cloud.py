@@ -122,6 +122,7 @@ def test_load_cloud_keeps_the_architecture_not_the_weights(cloud_setup) -> None:
     (["--attack", "rmle"], ["white_box", "head's weights", "full checkpoint"]),
     (["--attack", "inverse_network"], ["black_box", "queries", "full checkpoint"]),
     (["--attack", "model_completion"], ["black_box", "queries"]),
+    (["--attack", "model_reconstruction"], ["black_box", "queries"]),  # it rebuilds the head from queries
     (["--attack", "inverse_network", "--threat", "white_box"], ["white_box", "head's weights"]),
     (["--attack", "shadow_head", "--image-shape", "3,32,32"], ["--dataset", "--image-shape"]),
 ])

@@ -73,9 +73,17 @@ def test_unknown_split_lists_the_legal_points():
         plan(parse_spec({**TINY, "splits": ["ReLU9"]}))
 
 
-def test_a_he2019_shadow_at_a_point_without_their_net_fails_at_plan_not_mid_sweep():
-    attacks = [{"name": "rmle"}, {"name": "shadow_head", "shadow": ["same", "he2019"]}]
-    with pytest.raises(ConfigError, match=r"spec field attacks\[1\] \(shadow_head\): shadow 'he2019'.*'pool2'"):
+@pytest.mark.parametrize("field, entry", [
+    ("attacks[1]", {"name": "shadow_head", "shadow": ["same", "he2019"]}),  # a grid
+    ("attacks[1]", {"name": "model_reconstruction", "shadow": "he2019"}),
+    ("attacks[1].members.model_reconstruction", {"name": "strongest", "threat": "black_box",
+                                                 "members": {"model_reconstruction": {"shadow": "he2019"}}}),
+])
+def test_a_he2019_shadow_at_a_point_without_their_net_fails_at_plan_not_mid_sweep(field, entry):
+    attacks = [{"name": "rmle"}, entry]
+    field = field.replace("[", r"\[").replace("]", r"\]")
+    with pytest.raises(ConfigError, match=rf"^spec field {field}\.shadow: shadow 'he2019'.*'pool2'.*"
+                                          r", or remove split 'pool2'$"):
         plan(parse_spec({**TINY, "splits": ["conv1", "pool2"], "attacks": attacks}))
     assert plan(parse_spec({**TINY, "splits": ["conv1", "ReLU2"], "attacks": attacks}))  # their points: fine
 

@@ -26,6 +26,8 @@ def test_attacks_map_to_he_et_als_rows():
     assert row({"name": "shadow_head", "aux": "same_distribution", "params": {"shadow": "different"}}) == \
         "query-free, other set, other net"
     assert row({"name": "shadow_head", "aux": "same_set"}) == "query-free, same set, same net"  # default: same net
+    assert row({"name": "model_reconstruction", "aux": "same_set"}) == "black-box, model reconstruction"  # Table 8
+    assert row({"name": "model_reconstruction", "aux": "noise"}) is None  # Table 8 has the training set only
     assert row({"name": "unsplit", "aux": "same_distribution"}) is None
 
 

@@ -10,6 +10,7 @@ from .advisor import Advice, advise
 from .attacks import (
     InverseNetwork,
     ModelCompletion,
+    ModelReconstruction,
     PriorInversion,
     QueryFreeInversion,
     StrongestAttack,
@@ -57,6 +58,7 @@ __all__ = [
     "ImageSet",
     "InverseNetwork",
     "ModelCompletion",
+    "ModelReconstruction",
     "NoDefense",
     "PriorInversion",
     "QueryFreeInversion",

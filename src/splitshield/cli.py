@@ -229,8 +229,9 @@ def attack(
     checkpoint: Annotated[Path, typer.Argument(
         help="NAME.safetensors written by `splitshield train`, or an artifact of `splitshield export`: the edge's "
              "(head + defense), or the cloud's (tail only: what a curious cloud holds; needs --transcript).")],
-    attack_choice: Annotated[str, typer.Option("--attack", help="rmle, inverse_network, shadow_head, unsplit, "
-                                               "model_completion (or the old names white_box, black_box, query_free).")
+    attack_choice: Annotated[str, typer.Option("--attack", help="rmle, inverse_network, model_reconstruction, "
+                                               "shadow_head, unsplit, prior_inversion, strongest, model_completion "
+                                               "(or the old names white_box, black_box, query_free).")
                              ] = "inverse_network",
     dataset: Annotated[str, typer.Option(help="Dataset of the private images and the attacker's aux data.")
                        ] = BUILTIN,
@@ -479,10 +480,18 @@ def check_transcript_options(name: str, transcript: Path | None, limit: int | No
             raise ConfigError("--limit counts recorded features: it needs --transcript PATH")
         return
     if not issubclass(ATTACKS[name], InversionAttack):
-        raise ConfigError("--transcript: choose an inversion attack (rmle, inverse_network, shadow_head, unsplit)")
+        raise _not_an_inversion()
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit: a positive number of recorded features, got {limit}")
     check_transcript(transcript, feature_shape)
+
+
+def _not_an_inversion() -> ConfigError:
+    from .attacks import ATTACKS
+    from .attacks.base import InversionAttack
+
+    names = ", ".join(name for name, cls in ATTACKS.items() if issubclass(cls, InversionAttack))
+    return ConfigError(f"--transcript: choose an inversion attack ({names})")
 
 
 def attack_transcript(instance: Any, transcript: Path, feature_shape: tuple[int, ...], out: Path,
@@ -492,7 +501,7 @@ def attack_transcript(instance: Any, transcript: Path, feature_shape: tuple[int,
     from .runtime.transcript import invert_transcript, save_reconstructions
 
     if not isinstance(instance, InversionAttack):
-        raise ConfigError("--transcript: choose an inversion attack (rmle, inverse_network, shadow_head, unsplit)")
+        raise _not_an_inversion()
     images, stamps = invert_transcript(instance, transcript, feature_shape, limit=limit)
     tensors, png = save_reconstructions(images, stamps, out)
     console.print(f"reconstructed {len(images)} images from {transcript}; wrote {tensors} and {png}")

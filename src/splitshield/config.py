@@ -46,7 +46,7 @@ DEFAULT_METRICS: tuple[str, ...] = tuple(m for m in METRICS if m != "reid_accura
 #: The threat model an attack runs under when the spec does not say.
 DEFAULT_THREAT = {"rmle": "white_box", "inverse_network": "black_box", "shadow_head": "query_free",
                   "model_completion": "black_box", "strongest": "white_box", "unsplit": "architecture_only",
-                  "prior_inversion": "white_box"}
+                  "prior_inversion": "white_box", "model_reconstruction": "black_box"}
 # Per-attack settings the experiment owns: the executor sets them, so a spec may not.
 RESERVED_ATTACK_PARAMS = ("progress", "seed", "decoder")
 
@@ -447,6 +447,7 @@ QUICK_ATTACK_BUDGETS: dict[str, dict[str, Any]] = {
     "rmle": {"iters": 20},
     "inverse_network": {"steps": 20},
     "shadow_head": {"steps": 20, "iters": 20},
+    "model_reconstruction": {"steps": 20, "iters": 20},
     "unsplit": {"rounds": 2, "restarts": 1},
     "prior_inversion": {"steps": 20, "latent_iters": 10, "refine_iters": 0, "restarts": 1},
     "model_completion": {"steps": 20},

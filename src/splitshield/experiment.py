@@ -237,31 +237,30 @@ def _check_splits(spec: ExperimentSpec) -> None:
 
 
 def _check_he2019_settings(spec: ExperimentSpec, cuts: ModelCuts, point: str, shape: tuple[int, ...]) -> None:
-    """Before any training: a ``shadow_head`` entry with ``shadow: he2019`` needs He et al.'s net for ``point`` of
-    the model that ``cuts`` splits (input ``shape``); an ``rmle`` with ``search: he2019``, alone or in a
-    portfolio, their network cut there."""
+    """Before any training: a ``shadow_head`` or ``model_reconstruction`` with ``shadow: he2019`` needs He et al.'s
+    net for ``point`` of the model that ``cuts`` splits (input ``shape``); an ``rmle`` with ``search: he2019``
+    their network cut there; alone or as a portfolio's member."""
     from .attacks.portfolio import member_specs
     from .attacks.query_free import he2019_different_head
     from .attacks.whitebox import he2019_normalisation
 
     for i, entry in enumerate(spec.attacks):
-        shadow = (entry.model_extra or {}).get("shadow")
-        try:
-            if entry.name == "shadow_head" and "he2019" in (shadow if isinstance(shadow, list) else [shadow]):
-                he2019_different_head(point, shape, cuts.split(point).feature_shape())
-        except ConfigError as exc:
-            raise ConfigError(f"spec field attacks[{i}] (shadow_head): {exc}") from None
         for setting in entry.settings():
             params = setting["params"]
-            field, rmle = f"attacks[{i}]", [params] if entry.name == "rmle" else []
+            checked = [(f"attacks[{i}]", entry.name, params)]
             if entry.name == "strongest":
-                field += ".members.rmle"
-                rmle = [m for m in member_specs(params.get("members")) or [] if m["name"] == "rmle"]
-            if any(r.get("search") == "he2019" for r in rmle):
+                checked += [(f"attacks[{i}].members.{m['name']}", m["name"], m)
+                            for m in member_specs(params.get("members")) or []]
+            for where, name, p in checked:
                 try:
-                    he2019_normalisation(point, cuts.split(point).head, shape)
+                    if name in ("shadow_head", "model_reconstruction") and p.get("shadow") == "he2019":
+                        where += ".shadow"
+                        he2019_different_head(point, shape, cuts.split(point).feature_shape())
+                    if name == "rmle" and p.get("search") == "he2019":
+                        where += ".search"
+                        he2019_normalisation(point, cuts.split(point).head, shape)
                 except ConfigError as exc:
-                    raise ConfigError(f"spec field {field}.search: {exc}, or remove split {point!r}") from None
+                    raise ConfigError(f"spec field {where}: {exc}, or remove split {point!r}") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -878,9 +878,10 @@ def bar_setters(store: ResultStore, metrics: Iterable[str], hashes: Iterable[str
 #: The minimums are where the attacks stop improving, measured on LeNet at ``ReLU2`` (mnist-5k, undefended,
 #: 10 images): rMLE's SSIM is 0.67 at 300 iterations, 0.71 at 500, 0.752 at 1000 and 0.757 at 3000 and 5000
 #: (He et al. run 5000 at most split points: the default); the inverse network's SSIM is 0.65 at 300 steps
-#: and 0.67 at 1000 and 3000 (default 3000; cem_lenet.yaml trains 1000 steps of 128); the shadow head trains
-#: like the inverse network and then runs rMLE. A batch under 32 images, or fewer than 256 auxiliary images
-#: (where the inverse network warns that it overfits), makes a decoder that under-reports leakage. Model
+#: and 0.67 at 1000 and 3000 (default 3000; cem_lenet.yaml trains 1000 steps of 128); the shadow head and
+#: model reconstruction train like the inverse network and then run rMLE. A batch under 32 images, or fewer
+#: than 256 auxiliary images (where the inverse network warns that it overfits), makes a decoder (or stand-in
+#: head) that under-reports leakage. Model
 #: completion's default is its minimum, 500 full-batch steps on 40 labels (InfoScissors' count): its accuracy
 #: is not monotone in the steps (76 % at 50, 69-71 % at 100-300, 77 % at 500, 68 % at 2000: 40 labels
 #: overfit), so the gate asks for the setting it was designed with. UnSplit's defaults are its minimums too
@@ -892,6 +893,7 @@ MIN_AUDIT_BUDGETS: dict[str, dict[str, int]] = {
     "rmle": {"iters": 1000},
     "inverse_network": {"steps": 1000, "batch_size": 32, "aux_n": 256},
     "shadow_head": {"steps": 1000, "batch_size": 32, "iters": 1000, "aux_n": 256},
+    "model_reconstruction": {"steps": 1000, "batch_size": 32, "iters": 1000, "aux_n": 256},
     "model_completion": {"steps": 500, "n_labels": 40},
     "unsplit": {"rounds": 50, "restarts": 4},
     "prior_inversion": {"steps": 1000, "latent_iters": 200, "aux_n": 256},

@@ -1,5 +1,5 @@
-"""Attacks on split inference: model inversion (rMLE, inverse network, shadow head, UnSplit, learned-prior
-inversion) and model completion.
+"""Attacks on split inference: model inversion (rMLE, inverse network, model reconstruction, shadow head, UnSplit,
+learned-prior inversion) and model completion.
 
 Each attack receives only what its threat model allows: see :class:`Victim`. The registry names say what
 an attack does; the threat model it runs under is a separate setting (each class's ``threats``).
@@ -20,6 +20,7 @@ from .base import (
 from .decoders import build_decoder, he2019_decoder
 from .inverse_network import InverseNetwork
 from .model_completion import ModelCompletion
+from .model_reconstruction import ModelReconstruction
 from .portfolio import StrongestAttack
 from .prior_inversion import PriorInversion
 from .query_free import QueryFreeInversion, different_head
@@ -29,7 +30,7 @@ from .whitebox import HE2019_SETTINGS, WhiteBoxInversion
 #: Every attack by its name (its class's ``name``).
 ATTACKS: dict[str, type[Attack]] = {
     cls.name: cls for cls in (WhiteBoxInversion, InverseNetwork, QueryFreeInversion, ModelCompletion,
-                               StrongestAttack, UnSplit, PriorInversion)
+                               StrongestAttack, UnSplit, PriorInversion, ModelReconstruction)
 }
 #: Names of earlier versions, which named the attacks after the threat model each was first written for.
 ATTACK_ALIASES = {"white_box": "rmle", "black_box": "inverse_network", "query_free": "shadow_head"}
@@ -52,6 +53,7 @@ __all__ = [
     "InverseNetwork",
     "InversionAttack",
     "ModelCompletion",
+    "ModelReconstruction",
     "PriorInversion",
     "QueryFreeInversion",
     "QueryFreeView",

@@ -133,6 +133,24 @@ def different_head(input_shape: tuple[int, int, int], feature_shape: tuple[int, 
     return nn.Sequential(*layers)
 
 
+def build_shadow(shadow: str | nn.Module, point: str, input_shape: tuple[int, int, int],
+                 feature_shape: tuple[int, ...], final_activation: type[nn.Module] | None,
+                 same: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """A new, untrained stand-in for the head at ``point``, initialised from the global RNG (the caller seeds it):
+    ``"same"`` from ``same`` (the head's architecture, where the attacker knows it), ``"different"``
+    (:func:`different_head`), ``"he2019"`` (:func:`he2019_different_head`), or a copy of the module given."""
+    if shadow == "same":
+        if same is None:
+            raise ConfigError("shadow 'same' needs the head's architecture, which this attacker does not hold; "
+                              "use shadow 'different'")
+        return same()
+    if shadow == "different":
+        return different_head(input_shape, feature_shape, final_activation)
+    if shadow == "he2019":
+        return he2019_different_head(point, input_shape, feature_shape)
+    return copy.deepcopy(shadow)
+
+
 class QueryFreeInversion(InversionAttack):
     """Shadow-head training through the frozen tail, then rMLE on the shadow head.
 
@@ -231,14 +249,8 @@ class QueryFreeInversion(InversionAttack):
         # Not the attack's seed itself: with seed 0 a fresh head would start from the weights build_model(seed=0)
         # gave the victim, a head start no attacker has.
         with seeded(derived_seed(self.seed, "shadow head")):
-            if self.shadow == "same":
-                head = view.head_architecture()
-            elif self.shadow == "different":
-                head = different_head(view.input_shape, view.feature_shape, view.head_final_activation)
-            elif self.shadow == "he2019":
-                head = he2019_different_head(view.point, view.input_shape, view.feature_shape)
-            else:
-                head = copy.deepcopy(self.shadow)
+            head = build_shadow(self.shadow, view.point, view.input_shape, view.feature_shape,
+                                view.head_final_activation, same=view.head_architecture)
         opt = torch.optim.Adam(head.parameters(), lr=self.lr, eps=1e-3, amsgrad=True)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.steps, eta_min=self.lr * 0.01)
         x_all, y_all = aux.tensors()
