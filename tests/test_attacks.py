@@ -11,8 +11,9 @@ import torch
 import splitshield as ss
 from splitshield import metrics
 from splitshield.attacks._rmle import rmle, total_variation
-from splitshield.attacks.query_free import HE2019_DIFFERENT_HEADS, _moment_distance, he2019_different_head
 from splitshield.attacks.query_free import TRAFFIC_WEIGHTS as QF_TRAFFIC_WEIGHTS
+from splitshield.attacks.query_free import _moment_distance
+from splitshield.attacks.stand_in import HE2019_DIFFERENT_HEADS, he2019_different_head
 from splitshield.errors import ConfigError, ThreatModelError
 
 

@@ -8,7 +8,6 @@ import torch
 
 import splitshield as ss
 from splitshield import metrics
-from splitshield.attacks import portfolio
 from splitshield.attacks.portfolio import _fit_line, allowed_members
 from splitshield.config import parse_spec
 from splitshield.errors import ConfigError, ThreatModelError
@@ -52,17 +51,13 @@ def test_the_same_seed_gives_the_same_reconstructions(relu2, one_thread):
 
 
 def test_default_members_are_every_inversion_attack_the_threat_allows():
-    # rMLE needs the head, the shadow no queries; model reconstruction builds its own head from queries
-    assert allowed_members("black_box") == ["inverse_network", "model_reconstruction"]
-    assert "model_reconstruction" not in allowed_members("white_box")  # it would rebuild the head it holds
+    # rMLE needs the head, the shadow no queries; model reconstruction runs when named (OPT_IN_MEMBERS)
+    assert allowed_members("black_box") == ["inverse_network"]
     assert set(allowed_members("white_box")) >= {"rmle", "inverse_network"}
     assert "strongest" not in allowed_members("white_box") and "model_completion" not in allowed_members("white_box")
 
 
-def test_the_default_black_box_member_solves_a_linear_decoder(trained_lenet, mnist5k, one_thread, monkeypatch):
-    # The inverse network alone (model reconstruction's rMLE would make this test minutes long): the default
-    # member gets MEMBER_DEFAULTS, a member the user names does not.
-    monkeypatch.setattr(portfolio, "allowed_members", lambda threat: ["inverse_network"])
+def test_the_default_black_box_member_solves_a_linear_decoder(trained_lenet, mnist5k, one_thread):
     target = ss.split(trained_lenet, "ReLU2", input_shape=(1, 28, 28))
     victim = ss.Victim(target, threat="black_box", aux=mnist5k.holdout.take(300))
     attack = ss.StrongestAttack(progress=False).fit(victim)

@@ -241,7 +241,7 @@ def _check_he2019_settings(spec: ExperimentSpec, cuts: ModelCuts, point: str, sh
     net for ``point`` of the model that ``cuts`` splits (input ``shape``); an ``rmle`` with ``search: he2019``
     their network cut there; alone or as a portfolio's member."""
     from .attacks.portfolio import member_specs
-    from .attacks.query_free import he2019_different_head
+    from .attacks.stand_in import he2019_different_head
     from .attacks.whitebox import he2019_normalisation
 
     for i, entry in enumerate(spec.attacks):

@@ -879,10 +879,11 @@ def bar_setters(store: ResultStore, metrics: Iterable[str], hashes: Iterable[str
 #: 10 images): rMLE's SSIM is 0.67 at 300 iterations, 0.71 at 500, 0.752 at 1000 and 0.757 at 3000 and 5000
 #: (He et al. run 5000 at most split points: the default); the inverse network's SSIM is 0.65 at 300 steps
 #: and 0.67 at 1000 and 3000 (default 3000; cem_lenet.yaml trains 1000 steps of 128); the shadow head and
-#: model reconstruction train like the inverse network and then run rMLE. A batch under 32 images, or fewer
-#: than 256 auxiliary images (where the inverse network warns that it overfits), makes a decoder (or stand-in
-#: head) that under-reports leakage. Model
-#: completion's default is its minimum, 500 full-batch steps on 40 labels (InfoScissors' count): its accuracy
+#: model reconstruction train like the inverse network and then run rMLE (their minimums are the shadow head's,
+#: not measured for model reconstruction on its own). A batch under 32 images, or fewer than 256 auxiliary
+#: images (where the inverse network warns that it overfits), makes a decoder (or stand-in head) that
+#: under-reports leakage. Model completion's default is its minimum, 500 full-batch steps on 40 labels
+#: (InfoScissors' count): its accuracy
 #: is not monotone in the steps (76 % at 50, 69-71 % at 100-300, 77 % at 500, 68 % at 2000: 40 labels
 #: overfit), so the gate asks for the setting it was designed with. UnSplit's defaults are its minimums too
 #: (4 restarts of 50 rounds; where it stops improving is not measured yet): with fewer restarts its result

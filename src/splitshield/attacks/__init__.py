@@ -23,7 +23,8 @@ from .model_completion import ModelCompletion
 from .model_reconstruction import ModelReconstruction
 from .portfolio import StrongestAttack
 from .prior_inversion import PriorInversion
-from .query_free import QueryFreeInversion, different_head
+from .query_free import QueryFreeInversion
+from .stand_in import different_head
 from .unsplit import UnSplit
 from .whitebox import HE2019_SETTINGS, WhiteBoxInversion
 

@@ -1,9 +1,9 @@
 """Regularised maximum-likelihood inversion (He et al. 2019, Algorithm 1), batched.
 
-Shared by the white-box attack (against the real head), the query-free attack (against a shadow
-head) and UnSplit (against a clone of the head it fits in turn, warm-started). Each image's loss is summed
-over the batch, never averaged: with Adam's large ``eps`` a batch mean would shrink every gradient by the
-batch size and silently weaken the attack (ALGORITHMS §F.4).
+Shared by the white-box attack (against the real head), the query-free attack and model reconstruction
+(against a stand-in head) and UnSplit (against a clone of the head it fits in turn, warm-started). Each
+image's loss is summed over the batch, never averaged: with Adam's large ``eps`` a batch mean would shrink
+every gradient by the batch size and silently weaken the attack (ALGORITHMS §F.4).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ then runs rMLE against f1' with the observed feature as the target, as the white
 He et al. compare it with the inverse network in their Table 8 ("model reconstruction").
 
 A black-box attacker knows the image and feature shapes, not the head's architecture, so the stand-in is
-built from the shapes (``shadow="different"``, :func:`~splitshield.attacks.query_free.different_head`, ending in
+built from the shapes (``shadow="different"``, :func:`~splitshield.attacks.stand_in.different_head`, ending in
 a ReLU when every queried feature is non-negative), or is He et al.'s "diff net" at their split points
 (``shadow="he2019"``), or any module the user gives (an attacker who guesses the architecture). Against a
 defended device the oracle returns defended features, so the stand-in learns the defended map; rMLE then
@@ -21,16 +21,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ._params import flag, module_or, non_negative_int, positive, positive_int
 from ._rmle import rmle
 from .base import BlackBoxView, InversionAttack, seeded
-from .query_free import build_shadow
-from .whitebox import check_rmle_params, relative_residual, rmle_settings
+from .stand_in import build_stand_in, train_stand_in
+from .whitebox import check_rmle_params, rmle_settings
 
-#: The first auxiliary images, queried before training: the features' range and the fit error are read on them.
-_PROBE = 512
+#: Auxiliary images per oracle call.
+_QUERY_BATCH = 512
 
 
 class ModelReconstruction(InversionAttack):
@@ -57,8 +56,8 @@ class ModelReconstruction(InversionAttack):
     shadow_head_:
         The trained stand-in (frozen).
     fit_error_:
-        Its relative error ``Σ‖f1'(x) − f1(x)‖² / Σ‖f1(x)‖²`` on the first ``_PROBE`` auxiliary images: how
-        closely it reproduces the device's map on the attacker's own images.
+        Its relative error ``Σ‖f1'(x) − f1(x)‖² / Σ‖f1(x)‖²`` on the auxiliary images: how closely it
+        reproduces the device's answers to the attacker's queries.
     iters_, rmle_lr_, tv_, l2_:
         The rMLE settings in use, ``None`` resolved for the victim's split point.
     input_shape_:
@@ -85,34 +84,22 @@ class ModelReconstruction(InversionAttack):
 
         aux = view.require_aux(type(self).__name__)
         x_all, _ = aux.tensors()
-        # Queried batch by batch as training goes (features of a whole training set need not fit in memory);
-        # the first batch also tells what the attacker sees of the features' range.
-        probe = x_all[:_PROBE]
-        z_probe = view.query(probe)
-        device = z_probe.device  # the oracle's: where the observed features will arrive too
-        # Never negative means the head most likely ends in a ReLU.
-        final = nn.ReLU if bool((z_probe >= 0).all()) else None
+        # One query per auxiliary image, as the inverse network asks: the two black-box attacks spend one budget.
+        z_all = torch.cat([view.query(x_all[i : i + _QUERY_BATCH]) for i in range(0, len(x_all), _QUERY_BATCH)])
+        x_all = x_all.to(z_all.device)  # the oracle's device, where the observed features will arrive too
+        # The attacker sees the features: never negative means the head most likely ends in a ReLU.
+        final = nn.ReLU if bool((z_all >= 0).all()) else None
         with seeded(derived_seed(self.seed, "shadow head")):
-            head = build_shadow(self.shadow, view.point, view.input_shape, view.feature_shape, final).to(device)
-        opt = torch.optim.Adam(head.parameters(), lr=self.lr, eps=1e-3, amsgrad=True)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.steps, eta_min=self.lr * 0.01)
-        g = torch.Generator().manual_seed(self.seed)
-        head.train()
-        for _ in tqdm(range(self.steps), desc="reconstruct the head", disable=not self.progress, leave=False):
-            idx = torch.randint(len(x_all), (min(self.batch_size, len(x_all)),), generator=g)
-            x = x_all[idx].to(device)
-            loss = F.mse_loss(head(x), view.query(x))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        head.eval()
-        for p in head.parameters():
-            p.requires_grad_(False)
+            head = build_stand_in(self.shadow, view.point, view.input_shape, view.feature_shape, final)
+        head = head.to(z_all.device)
+        self.shadow_head_ = train_stand_in(
+            head, lambda _, idx: F.mse_loss(head(x_all[idx]), z_all[idx]), len(x_all), steps=self.steps,
+            batch_size=self.batch_size, lr=self.lr, seed=self.seed, desc="reconstruct the head",
+            progress=self.progress)
         with torch.no_grad():
-            error = float((head(probe.to(device)) - z_probe).pow(2).sum())
-        self.fit_error_ = error / max(float(z_probe.pow(2).sum()), 1e-30)
-        self.shadow_head_ = head
+            error = sum(float((head(x) - z).pow(2).sum())
+                        for x, z in zip(x_all.split(_QUERY_BATCH), z_all.split(_QUERY_BATCH), strict=True))
+        self.fit_error_ = error / max(float(z_all.pow(2).sum()), 1e-30)
         self.iters_, self.rmle_lr_, self.tv_, self.l2_ = rmle_settings(
             view.point, self.iters, self.rmle_lr, self.tv, self.l2)
         self.input_shape_ = view.input_shape
@@ -123,9 +110,11 @@ class ModelReconstruction(InversionAttack):
         self._check_fitted()
         z = z.detach()
         with seeded(self.seed):
-            x = rmle(self.shadow_head_, z, self.input_shape_, iters=self.iters_, lr=self.rmle_lr_,
-                     tv=self.tv_, l2=self.l2_, progress=self.progress, desc="model-reconstruction rMLE")
-        self.residual_ = relative_residual(self.shadow_head_, x, z, self.seed)
+            x = rmle(self.shadow_head_, z, self.input_shape_, iters=self.iters_, lr=self.rmle_lr_, tv=self.tv_,
+                     l2=self.l2_, progress=self.progress, desc="model-reconstruction rMLE")
+        with torch.no_grad():
+            self.residual_ = ((self.shadow_head_(x) - z).pow(2).flatten(1).sum(1)
+                              / z.pow(2).flatten(1).sum(1).clamp_min(1e-30))
         return x
 
     def config(self) -> dict:

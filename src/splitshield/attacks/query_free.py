@@ -28,29 +28,25 @@ relative residual ‖f1'(x̂) − z‖² / ‖z‖²). The residual measures how
 that shadow can produce: a proxy for how much the shadow resembles the device's head, not a guarantee of the
 better image. It uses the observed feature alone, never the private image.
 
-The shadow head is either the
-head's own architecture, freshly initialised (``shadow="same"``, He et al.'s "same net"), or a
-different one built from the shapes (``shadow="different"``: 3×3 convolutions with pooling, He et al.'s
-"diff net" idea generalised to any split), or He et al.'s own "diff net" for their split points
-(``shadow="he2019"``, :data:`HE2019_DIFFERENT_HEADS`), or any module the user gives.
+The shadow head (:mod:`.stand_in`) is either the head's own architecture, freshly initialised
+(``shadow="same"``, He et al.'s "same net"), or a different one built from the shapes (``shadow="different"``:
+3×3 convolutions with pooling, He et al.'s "diff net" idea generalised to any split), or He et al.'s own
+"diff net" for their split points (``shadow="he2019"``), or any module the user gives.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data import ImageSet
-from ..errors import ConfigError
 from ._params import flag, module_or, non_negative, non_negative_int, one_of, positive, positive_int
 from ._rmle import rmle
 from .base import FeatureMoments, InversionAttack, QueryFreeView, seeded
+from .stand_in import build_stand_in, train_stand_in
 from .whitebox import (
     CALIBRATION_IMAGES,
     calibrate,
@@ -64,93 +60,6 @@ from .whitebox import (
 TRAFFIC_WEIGHTS = (0.0, 3.0)
 
 
-def _he2019_lenet(in_channels: int, point: str) -> nn.Sequential:
-    # Two unpadded 3×3 convolutions in place of each 5×5 one (same receptive field and output size), with no
-    # activation between them. At ReLU2 their net also has no ReLU before the pooling, and 16 channels from the
-    # second convolution on.
-    if point == "conv1":
-        return nn.Sequential(nn.Conv2d(in_channels, 8, 3), nn.Conv2d(8, 8, 3))
-    return nn.Sequential(nn.Conv2d(in_channels, 8, 3), nn.Conv2d(8, 16, 3), nn.MaxPool2d(2),
-                         nn.Conv2d(16, 16, 3), nn.Conv2d(16, 16, 3), nn.ReLU())
-
-
-def _he2019_cifar(in_channels: int, point: str) -> nn.Sequential:
-    if point == "conv11":
-        return nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1), nn.Conv2d(16, 64, 3, padding=1))
-    # One 5×5 convolution per block of the head's two 3×3 ones, then its pooling.
-    layers: list[nn.Module] = []
-    channels = in_channels
-    for block, width in enumerate((64, 128) if point == "ReLU22" else (64, 128, 128)):
-        layers += [*([nn.MaxPool2d(2)] if block else []), nn.Conv2d(channels, width, 5, padding=2), nn.ReLU()]
-        channels = width
-    return nn.Sequential(*layers)
-
-
-#: He et al.'s "diff net" shadow heads (their Table 5; the layer lists of their code's ``*AlternativeXArchi2``
-#: classes, ALGORITHMS §A.4) per split point of their LeNet and CIFAR-10 network, each a builder of the input's
-#: channel count. Without the head's input normalisation: the first convolution's weights and bias absorb it
-#: (exactly for the unpadded LeNet convolutions; up to the zero padding at the borders of the CIFAR ones).
-HE2019_DIFFERENT_HEADS: dict[str, Callable[[int], nn.Sequential]] = {
-    **{point: partial(_he2019_lenet, point=point) for point in ("conv1", "ReLU2")},
-    **{point: partial(_he2019_cifar, point=point) for point in ("conv11", "ReLU22", "ReLU32")},
-}
-
-
-def he2019_different_head(point: str, input_shape: tuple[int, int, int],
-                          feature_shape: tuple[int, ...]) -> nn.Sequential:
-    """He et al.'s "diff net" for ``point`` (:data:`HE2019_DIFFERENT_HEADS`); ``ConfigError`` for a point they
-    have none for, or when it does not map ``input_shape`` to ``feature_shape`` (another model's point)."""
-    if point not in HE2019_DIFFERENT_HEADS:
-        raise ConfigError(f"shadow 'he2019': He et al. give a diff net for {', '.join(HE2019_DIFFERENT_HEADS)}, "
-                          f"not for split point {point!r}; use shadow 'different' there")
-    head = HE2019_DIFFERENT_HEADS[point](input_shape[0])
-    with torch.no_grad():
-        shape = tuple(head(torch.zeros(1, *input_shape)).shape[1:])
-    if shape != tuple(feature_shape):
-        raise ConfigError(f"shadow 'he2019': He et al.'s diff net for {point} maps {tuple(input_shape)} images to "
-                          f"{shape}, but this head sends {tuple(feature_shape)} (not their LeNet or CIFAR-10 "
-                          "network); use shadow 'different'")
-    return head
-
-
-def different_head(input_shape: tuple[int, int, int], feature_shape: tuple[int, ...],
-                   final_activation: type[nn.Module] | None = None, width: int = 32) -> nn.Sequential:
-    """A shadow head of another architecture mapping images of ``input_shape`` to ``feature_shape``."""
-    cin, height, _ = input_shape
-    layers: list[nn.Module] = [nn.Conv2d(cin, width, 3, padding=1), nn.ReLU()]
-    size = height
-    target = feature_shape[1] if len(feature_shape) == 3 else 4
-    c = width
-    while size >= 2 * target:
-        layers += [nn.MaxPool2d(2), nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU()]
-        size, c = size // 2, 2 * c
-    if len(feature_shape) == 3:
-        layers += [nn.AdaptiveAvgPool2d(feature_shape[1:]), nn.Conv2d(c, feature_shape[0], 3, padding=1)]
-    else:
-        layers += [nn.AdaptiveAvgPool2d(target), nn.Flatten(), nn.Linear(c * target * target, feature_shape[0])]
-    if final_activation is not None:
-        layers.append(final_activation())
-    return nn.Sequential(*layers)
-
-
-def build_shadow(shadow: str | nn.Module, point: str, input_shape: tuple[int, int, int],
-                 feature_shape: tuple[int, ...], final_activation: type[nn.Module] | None,
-                 same: Callable[[], nn.Module] | None = None) -> nn.Module:
-    """A new, untrained stand-in for the head at ``point``, initialised from the global RNG (the caller seeds it):
-    ``"same"`` from ``same`` (the head's architecture, where the attacker knows it), ``"different"``
-    (:func:`different_head`), ``"he2019"`` (:func:`he2019_different_head`), or a copy of the module given."""
-    if shadow == "same":
-        if same is None:
-            raise ConfigError("shadow 'same' needs the head's architecture, which this attacker does not hold; "
-                              "use shadow 'different'")
-        return same()
-    if shadow == "different":
-        return different_head(input_shape, feature_shape, final_activation)
-    if shadow == "he2019":
-        return he2019_different_head(point, input_shape, feature_shape)
-    return copy.deepcopy(shadow)
-
-
 class QueryFreeInversion(InversionAttack):
     """Shadow-head training through the frozen tail, then rMLE on the shadow head.
 
@@ -158,8 +67,8 @@ class QueryFreeInversion(InversionAttack):
     ----------
     shadow:
         ``"same"`` (the head's architecture), ``"different"`` (built from shapes), ``"he2019"`` (He et al.'s
-        diff net for their split points: :func:`he2019_different_head`) or an ``nn.Module`` (trained as a
-        copy: the module given is left untouched).
+        diff net for their split points: :func:`~splitshield.attacks.stand_in.he2019_different_head`) or an
+        ``nn.Module`` (trained as a copy: the module given is left untouched).
     steps, batch_size, lr:
         Shadow training (each > 0): Adam (amsgrad, eps 1e-3), cosine-decayed learning rate.
     match_traffic:
@@ -249,32 +158,26 @@ class QueryFreeInversion(InversionAttack):
         # Not the attack's seed itself: with seed 0 a fresh head would start from the weights build_model(seed=0)
         # gave the victim, a head start no attacker has.
         with seeded(derived_seed(self.seed, "shadow head")):
-            head = build_shadow(self.shadow, view.point, view.input_shape, view.feature_shape,
-                                view.head_final_activation, same=view.head_architecture)
-        opt = torch.optim.Adam(head.parameters(), lr=self.lr, eps=1e-3, amsgrad=True)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.steps, eta_min=self.lr * 0.01)
+            head = build_stand_in(self.shadow, view.point, view.input_shape, view.feature_shape,
+                                  view.head_final_activation, same=view.head_architecture)
         x_all, y_all = aux.tensors()
-        g = torch.Generator().manual_seed(self.seed)
         moments = view.traffic if weight > 0 else None
-        head.train()
         correct = seen = 0
-        for step in tqdm(range(self.steps), desc="train shadow head", disable=not self.progress, leave=False):
-            idx = torch.randint(len(x_all), (min(self.batch_size, len(x_all)),), generator=g)
+
+        def batch_loss(step: int, idx: torch.Tensor) -> torch.Tensor:
+            nonlocal correct, seen
             features = view.obfuscate(head(view.perturb(x_all[idx])))
             logits = view.tail(features)
             loss = F.cross_entropy(logits, y_all[idx])
             if moments is not None:
                 loss = loss + weight * _moment_distance(features, moments)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
             if step >= self.steps - 100:  # accuracy over the last 100 batches, for the record
                 correct += int((logits.argmax(1) == y_all[idx]).sum())
                 seen += len(idx)
-        head.eval()
-        for p in head.parameters():
-            p.requires_grad_(False)
+            return loss
+
+        train_stand_in(head, batch_loss, len(x_all), steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                       seed=self.seed, desc="train shadow head", progress=self.progress)
         return head, correct / max(seen, 1)
 
     def _through(self, head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
