@@ -2,7 +2,7 @@
 
 The issue's two cases, on CIFAR-10 images (3×32×32):
 
-    python benchmarks/advise_speed.py --case resnet18        # all 23 points with the fast attack: ≤ 10 minutes
+    python benchmarks/advise_speed.py --case resnet18        # all 23 points with the fast attacks: ≤ 10 minutes
     python benchmarks/advise_speed.py --case mobilenet_v2    # all 73 points, --no-attack: ≤ 2 minutes
 
 Timing does not depend on the weights' values, so the model is used as built (randomly initialised) unless

@@ -16,9 +16,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 import splitshield as ss
-from splitshield.advisor import FastAttack, PointAdvice, gpz_radius, pareto_front
+from splitshield.advisor import FastAttack, FastWhiteBox, PointAdvice, gpz_radius, pareto_front
 from splitshield.advisor.costs import multiply_adds, parameter_count, weight_megabytes
-from splitshield.advisor.leakage import ce_floor, gpz_zone, held_out_index, relative_drops
+from splitshield.advisor.leakage import ce_floor, fast_inversion, gpz_zone, held_out_index, relative_drops
 from splitshield.advisor.recommend import best_cut
 from splitshield.advisor.wire import wire_cost
 from splitshield.cli import app
@@ -26,8 +26,9 @@ from splitshield.errors import SplitError
 from splitshield.runtime.codec import CodecOptions, WireFormat, encode, wire_roundtrip
 
 #: A budget small enough for tests: numbers are not meaningful, only their plumbing.
-TINY = FastAttack(aux_images=256, steps=15, batch_size=32, images=10)
-SMALL = dict(fast=TINY, images=300, progress=False)
+TINY = FastAttack(aux_images=256, steps=15, batch_size=32)
+TINY_WHITE_BOX = FastWhiteBox(iters=30)
+SMALL = dict(fast=(TINY, TINY_WHITE_BOX), images=300, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,12 +198,51 @@ def test_advise_on_a_trained_lenet(lenet_advice):
     assert fc3.tail_macs == 0 and fc3.head_macs == conv1.head_macs + conv2 + fcs
     assert conv1.head_params == 8 * 25 + 8 and conv1.bytes_float32 == 20 + 4 * 4 + 4 * 8 * 24 * 24
     assert conv1.ssim > fc3.ssim and conv1.psnr > fc3.psnr  # the first convolution leaks more than the logits
+    for r in advice:  # the strongest of the two fast attacks, and which one it was
+        assert r.ssim == max(r.black_box_ssim, r.white_box_ssim)
+        assert (r.psnr, r.ssim) == (getattr(r, f"{r.strongest_threat}_psnr"), getattr(r, f"{r.strongest_threat}_ssim"))
+    assert conv1.white_box_ssim > 0.9  # LeNet's conv1 is invertible: 30 gradient steps through it recover the image
+    assert fc3.strongest_threat == "black_box"  # 10 logits: without a prior, gradient steps find no digit
     assert conv1.gpz_r2_norm > fc3.gpz_r2_norm and conv1.gpz_drop is None and pool2.gpz_drop is not None
     assert abs(fc3.accuracy_8bit - advice.meta["accuracy"]) < 0.02  # 8-bit logits classify as the float ones
     assert advice.ranking == "ssim" and advice.ruled_out == {"conv1": f"{conv1.wire_kbytes:.3g} kB > 1 kB"}
     assert advice.recommended == min(["pool2", "fc3"], key=lambda p: advice.row(p).ssim)
     assert advice.originals.shape == (8, 1, 28, 28) and advice.reconstructions["pool2"].shape == (8, 1, 28, 28)
-    assert set(advice.timings) == {"inputs", "split", "compute", "features", "wire", "statistics", "attack"}
+    assert set(advice.timings) == {"inputs", "split", "compute", "features", "wire", "statistics",
+                                   "attack (black_box)", "attack (white_box)"}
+    assert {"SSIM", "SSIM black box", "SSIM white box"} <= set(advice.table()[0])
+
+
+def test_strips_are_the_strongest_fast_attacks_reconstructions(lenet_advice, trained_lenet, mnist5k):
+    # Each strip against the same attack run on its own: the strongest at that cut, on the first 8 of its images.
+    for point in lenet_advice.points:
+        row = lenet_advice.row(point)
+        budget = {"black_box": TINY, "white_box": TINY_WHITE_BOX}[row.strongest_threat]
+        alone = fast_inversion(ss.split(copy.deepcopy(trained_lenet), point, (1, 28, 28)).eval(), mnist5k, budget, 0)
+        assert alone.ssim == pytest.approx(row.ssim, abs=1e-6)
+        assert torch.allclose(lenet_advice.reconstructions[point], alone.reconstructions[:8], atol=1e-5)
+        assert torch.equal(lenet_advice.originals, alone.originals[:8])
+
+
+def test_one_fast_attack_and_bad_budgets(trained_lenet, mnist5k):
+    advice = ss.advise(trained_lenet, mnist5k, points=["conv1", "fc3"], fast=TINY_WHITE_BOX, attack_images=3,
+                       images=50, progress=False)
+    row = advice.rows[0]
+    assert row.black_box_ssim is None and row.ssim == row.white_box_ssim and row.strongest_threat == "white_box"
+    assert list(advice.meta["fast_attacks"]) == ["white_box"] and advice.meta["fast_images"] == 3
+    assert advice.originals.shape[0] == 3 and all(len(x) == 3 for x in advice.reconstructions.values())
+    header = advice.table()[0]
+    assert "SSIM" in header and "SSIM white box" not in header  # one attack: its column would repeat the best's
+    with pytest.raises(ss.ConfigError, match="one budget per threat"):
+        ss.advise(trained_lenet, mnist5k, points=["conv1"], fast=[TINY, TINY], progress=False)
+    for wrong in (["inverse_network"], "white_box", FastWhiteBox):
+        with pytest.raises(ss.ConfigError, match="fast must be a FastAttack, a FastWhiteBox or a sequence of them"):
+            ss.advise(trained_lenet, mnist5k, points=["conv1"], fast=wrong, progress=False)
+    for lr in (0, float("inf")):
+        with pytest.raises(ss.ConfigError, match="FastWhiteBox.lr must be a positive finite number"):
+            FastWhiteBox(lr=lr)
+    with pytest.raises(ss.ConfigError, match="FastWhiteBox.iters must be a positive integer"):
+        FastWhiteBox(iters=2.5)
 
 
 def test_advise_is_deterministic_with_the_seed(lenet_advice, trained_lenet, mnist5k):
@@ -292,6 +332,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
     one_line_error(run("lenet", "--points", "conv1,nope"), "'nope'", "legal points: normalize")
     one_line_error(run("lenet", "--max-edge-ms", "-1"), "--max-edge-ms")
     one_line_error(run("lenet", "--rank-by", "vibes"), "--rank-by", "ssim")
+    one_line_error(run("lenet", "--threats", "black_box,grey_box"), "--threats", "'grey_box' unknown", "white_box")
     one_line_error(run("lenet", "--device", "bogus"), "--device")
     one_line_error(run("resnet99"), "unknown model 'resnet99'")
     checkpoint = ss.save_checkpoint(tmp_path / "lenet", ss.split(ss.build_model("lenet"), "ReLU2", (1, 28, 28)))
@@ -313,3 +354,11 @@ def test_cli_with_a_checkpoint_writes_the_report(trained_lenet, tmp_path):
     assert "Cut at " in result.output and "GPZ R̄²/V" in result.output and "CE floor" in result.output
     assert (tmp_path / "out" / "advice.html").is_file()
     assert (tmp_path / "out" / "figures" / "pareto-bytes.png").is_file()
+
+
+def test_cli_threats_picks_the_fast_attacks(trained_lenet, tmp_path):
+    checkpoint = ss.save_checkpoint(tmp_path / "lenet", ss.split(trained_lenet, "ReLU2", (1, 28, 28)))
+    result = run("lenet", "--checkpoint", checkpoint, "--data", "mnist-5k", "--points", "conv1", "--images", "50",
+                 "--threats", "white_box")
+    assert result.exit_code == 0, result.output
+    assert "attack (white_box)" in result.output and "attack (black_box)" not in result.output

@@ -372,6 +372,9 @@ def advise_cmd(
     max_kbytes: Annotated[float | None, typer.Option(
         help="Budget: kB per image on the wire, 8-bit + zstd coded (float32 without --data).")] = None,
     no_attack: Annotated[bool, typer.Option("--no-attack", help="Costs and statistics only: no fast attack.")] = False,
+    threats: Annotated[str, typer.Option(
+        help="Comma-separated threats of the fast attacks: black_box (inverse network), white_box (rMLE through the "
+             "head's weights); a cut's leakage is the best of them.")] = "black_box,white_box",
     images: Annotated[int, typer.Option(
         help="Test images (balanced over the classes) bytes, accuracy and statistics are measured on.")] = 1000,
     noise: Annotated[float, typer.Option(
@@ -386,6 +389,7 @@ def advise_cmd(
 ) -> None:
     """Where should I cut? Score every split point for edge cost, bytes and leakage, and recommend one."""
     from .advisor import RANKINGS, advise
+    from .advisor.leakage import FAST_ATTACKS
     from .advisor.table import TABLE_GROUPS
 
     for field, value in (("--max-edge-ms", max_edge_ms), ("--max-kbytes", max_kbytes), ("--noise", noise),
@@ -394,6 +398,12 @@ def advise_cmd(
             raise ConfigError(f"{field}: a positive number, got {value:g}")
     if rank_by is not None and rank_by not in RANKINGS:
         raise ConfigError(f"--rank-by: {rank_by!r} unknown; use {', '.join(RANKINGS)}")
+    budgets = {a.threat: a for a in FAST_ATTACKS}
+    chosen = list(dict.fromkeys(t.strip() for t in threats.split(",") if t.strip()))
+    unknown = [t for t in chosen if t not in budgets]
+    if unknown or not chosen:
+        raise ConfigError(f"--threats: {', '.join(map(repr, unknown)) + ' unknown' if unknown else 'none given'}; "
+                          f"use one or both of {', '.join(budgets)}, or --no-attack")
     wanted = [p.strip() for p in points.split(",") if p.strip()] if points is not None else None
     if wanted == []:
         raise ConfigError("--points: name at least one split point, e.g. --points conv1,ReLU2")
@@ -416,8 +426,8 @@ def advise_cmd(
         raise ConfigError(f"--data: {data} has {loaded.num_classes} classes but the checkpoint's model "
                           f"{net.model_spec['num_classes']}; pass the data it was trained on")
     advice = advise(net, loaded, points=wanted, trained=checkpoint is not None, attack=not no_attack, noise=noise,
-                    rank_by=rank_by, max_edge_ms=max_edge_ms, max_kbytes=max_kbytes, images=images, device=device,
-                    seed=seed)
+                    fast=[budgets[t] for t in chosen], rank_by=rank_by, max_edge_ms=max_edge_ms, max_kbytes=max_kbytes,
+                    images=images, device=device, seed=seed)
     size = "×".join(map(str, advice.meta["input_shape"]))
     # One table where the terminal is wide enough, else one per column group.
     for groups in [TABLE_GROUPS] if console.width >= 180 else [[group] for group in TABLE_GROUPS]:

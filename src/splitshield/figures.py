@@ -19,13 +19,14 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: str | Path) -> Path:
-    """Lay out ``fig``, write it as a PNG to ``path`` (creating its folder), close it; returns the path."""
+def _save(fig: Any, path: str | Path, top: float = 1.0) -> Path:
+    """Lay out ``fig`` below ``top`` (a fraction of its height: the space above is left to a title), write it as a
+    PNG to ``path`` (creating its folder), close it; returns the path."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, top))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -47,8 +48,9 @@ def reconstruction_grid(originals: torch.Tensor, rows: Sequence[tuple[str, torch
     plt = _pyplot()
     all_rows = [("original", originals), *rows]
     n = originals.shape[0]
-    fig, axes = plt.subplots(len(all_rows), n, figsize=(0.9 * n + 2.6, 0.95 * len(all_rows) + (0.4 if title else 0)),
-                             squeeze=False)
+    title_inches = 0.4 if title else 0.0
+    height = 0.95 * len(all_rows) + title_inches
+    fig, axes = plt.subplots(len(all_rows), n, figsize=(0.9 * n + 2.6, height), squeeze=False)
     for r, (label, images) in enumerate(all_rows):
         if images.shape != originals.shape:
             raise ValueError(f"row {label!r}: shape {tuple(images.shape)} differs from {tuple(originals.shape)}")
@@ -64,9 +66,9 @@ def reconstruction_grid(originals: torch.Tensor, rows: Sequence[tuple[str, torch
             for spine in ax.spines.values():
                 spine.set_visible(False)
         axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    if title:  # in its own strip: tight_layout alone lets a tall grid's first row run into it
+        fig.suptitle(title, fontsize=10, y=1 - 0.05 / height, va="top")
+    return _save(fig, path, top=1 - title_inches / height)
 
 
 def pareto_plot(costs: Sequence[float], leakage: Sequence[float], labels: Sequence[str], front: Sequence[int],

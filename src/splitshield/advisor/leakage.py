@@ -1,8 +1,11 @@
-"""How much a cut leaks: a fast black-box attack, the conditional-entropy floor and the GPZ statistic.
+"""How much a cut leaks: two fast attacks, the conditional-entropy floor and the GPZ statistic.
 
-- **Fast inverse network**: the black-box attack of ``splitshield attack --attack inverse_network``, fitted by the
-  one measurement pipeline (:func:`~splitshield.measure.fit_attack`) with a small fixed budget
-  (:class:`FastAttack`); PSNR/SSIM of its reconstructions of held-out test images.
+- **Fast attacks**, each fitted by the one measurement pipeline (:func:`~splitshield.measure.fit_attack`) with a
+  small fixed budget and scored by PSNR/SSIM of its reconstructions of the same held-out test images:
+  the black-box inverse network of ``splitshield attack --attack inverse_network`` (:class:`FastAttack`), and
+  white-box rMLE with the head's weights (:class:`FastWhiteBox`). Both, because they can part ways with depth: on
+  a residual network the input survives deep into the head, where full-budget white-box rMLE still finds it but a
+  black-box decoder trained briefly no longer does (``benchmarks/advisor_validity.py``).
 - **CE floor**: the conditional-entropy MSE floor (:func:`~splitshield.metrics.conditional_entropy_floor`) for
   Gaussian noise of ``noise`` times the feature's standard deviation, so that one setting is the same
   signal-to-noise ratio at every point. Fitted on a small sample, it is an estimate for comparing points.
@@ -14,9 +17,10 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -26,9 +30,17 @@ from ..metrics import conditional_entropy_floor, psnr, ssim
 from ..models.split import SplitModel
 
 
+def _check_budget(budget: Any, names: tuple[str, ...]) -> None:
+    """``ConfigError`` unless each field of ``names`` of the frozen dataclass ``budget`` is a positive integer."""
+    for name in names:
+        value = getattr(budget, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{type(budget).__name__}.{name} must be a positive integer, got {value!r}")
+
+
 @dataclass(frozen=True)
 class FastAttack:
-    """The fixed budget of the fast inverse-network estimate.
+    """The fixed budget of the fast black-box estimate: the inverse network (the black-box one of the fast attacks).
 
     Attributes
     ----------
@@ -36,31 +48,71 @@ class FastAttack:
         The attacker's auxiliary images: the first of the dataset's holdout (same distribution, never trained on).
     steps, batch_size:
         The decoder's optimiser steps and batch size.
-    images:
-        Test images reconstructed and scored (:func:`held_out_index`: balanced over the classes).
     """
 
+    threat: ClassVar[str] = "black_box"
     aux_images: int = 512
     steps: int = 300
     batch_size: int = 32
-    images: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("aux_images", "steps", "batch_size", "images"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"FastAttack.{name} must be a positive integer, got {value!r}")
+        _check_budget(self, ("aux_images", "steps", "batch_size"))
 
     def setting(self) -> dict[str, Any]:
         """The attack setting (as an experiment spec states it) that :func:`~splitshield.measure.fit_attack` fits."""
-        return {"name": "inverse_network", "threat": "black_box", "aux": "same_distribution",
+        return {"name": "inverse_network", "threat": self.threat, "aux": "same_distribution",
                 "aux_n": self.aux_images, "adaptive": True,
                 "params": {"steps": self.steps, "batch_size": self.batch_size}}
+
+    def describe(self) -> str:
+        return f"inverse network (black box), {self.steps} steps on {self.aux_images} auxiliary images"
+
+
+@dataclass(frozen=True)
+class FastWhiteBox:
+    """The fixed budget of the fast white-box estimate: rMLE through the head's weights from a grey image, without
+    priors (λ_TV = λ_l2 = 0), Adam with step ``lr`` on [0, 1] pixels. Adam's step does not scale with the
+    gradient, so one ``lr`` serves heads whose features have any scale.
+
+    Attributes
+    ----------
+    iters, lr:
+        Adam's steps and step size. Every step runs the head forward and back on the scored images, so the cost
+        grows with the head's depth.
+    """
+
+    threat: ClassVar[str] = "white_box"
+    iters: int = 100
+    lr: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check_budget(self, ("iters",))
+        lr = self.lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"FastWhiteBox.lr must be a positive finite number, got {lr!r}")
+
+    def setting(self) -> dict[str, Any]:
+        """The attack setting (as an experiment spec states it) that :func:`~splitshield.measure.fit_attack` fits;
+        its auxiliary images are not used (no setting search)."""
+        return {"name": "rmle", "threat": self.threat, "aux": "same_distribution", "aux_n": 1, "adaptive": True,
+                "params": {"iters": self.iters, "lr": float(self.lr), "tv": 0.0, "l2": 0.0, "search": None}}
+
+    def describe(self) -> str:
+        return f"rMLE through the head's weights (white box), {self.iters} steps of lr {self.lr:g}"
+
+
+#: A fast attack's budget.
+FastBudget = FastAttack | FastWhiteBox
+#: The fast attacks ``advise`` runs by default.
+FAST_ATTACKS: tuple[FastBudget, ...] = (FastAttack(), FastWhiteBox())
+#: Held-out test images every fast attack scores by default: one per class of a 10-class dataset
+#: (:func:`held_out_index`), the protocol of He et al. and of ``benchmarks/advisor_validity.py``.
+FAST_IMAGES = 10
 
 
 @dataclass(frozen=True)
 class Inversion:
-    """The fast attack's result: mean PSNR (dB) and SSIM (7×7 uniform window) over the scored images, the
+    """A fast attack's result: mean PSNR (dB) and SSIM (7×7 uniform window) over the scored images, the
     images [N, C, H, W] and their reconstructions [N, C, H, W], both in [0, 1]."""
 
     psnr: float
@@ -77,15 +129,15 @@ def held_out_index(test: ImageSet, n: int) -> list[int]:
     return order[:n]
 
 
-def fast_inversion(target: SplitModel, data: Dataset, attack: FastAttack, seed: int,
+def fast_inversion(target: SplitModel, data: Dataset, attack: FastBudget, seed: int, images: int = FAST_IMAGES,
                    device: str | torch.device = "cpu") -> Inversion:
-    """Fit the fast inverse network on ``target`` (no defense) through the measurement pipeline, seeded as
-    ``splitshield attack`` seeds it, and score it on :func:`held_out_index`'s test images."""
+    """Fit the fast ``attack`` on ``target`` (no defense) through the measurement pipeline, seeded as
+    ``splitshield attack`` seeds it, and score it on :func:`held_out_index`'s first ``images`` test images."""
     from ..measure import attack_seed, fit_attack  # the experiment layer (pydantic) on first use only
 
     setting = attack.setting()
     fitted = fit_attack(target, None, data, setting, images=1, seed=attack_seed(seed, setting))
-    x, _ = data.test.subset(held_out_index(data.test, attack.images)).tensors(device)
+    x, _ = data.test.subset(held_out_index(data.test, images)).tensors(device)
     x_hat = fitted.attack.invert(fitted.victim.observe(x)).detach().cpu()
     x = x.cpu()
     return Inversion(float(psnr(x_hat, x)), float(ssim(x_hat, x)), x, x_hat)

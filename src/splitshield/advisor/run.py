@@ -6,7 +6,7 @@ import dataclasses
 import math
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -14,14 +14,24 @@ from tqdm.auto import tqdm
 
 from ..data import Dataset, load_dataset
 from ..errors import ConfigError, DataError, SplitError
-from ..models.split import ModelCuts, SplitPoint, _modes_kept
+from ..models.split import ModelCuts, SplitModel, SplitPoint, _modes_kept
 from .costs import LATENCY_BATCHES, compute_cost
-from .leakage import FastAttack, ce_floor, fast_inversion, gpz_radius, held_out_index, relative_drops
+from .leakage import (
+    FAST_ATTACKS,
+    FAST_IMAGES,
+    FastBudget,
+    Inversion,
+    ce_floor,
+    fast_inversion,
+    gpz_radius,
+    held_out_index,
+    relative_drops,
+)
 from .recommend import RANKINGS
 from .table import Advice, PointAdvice
 from .wire import CHUNK, eight_bit_options, wire_cost
 
-#: Held-out images shown per cut in the reconstruction strips.
+#: Held-out images shown per cut in the reconstruction strips (fewer when the fast attacks score fewer).
 STRIP_IMAGES = 8
 
 
@@ -60,13 +70,49 @@ def _input_shape(model: nn.Module, data: Dataset | None, input_shape: Sequence[i
     return shape
 
 
+def _fast_attacks(fast: FastBudget | Sequence[FastBudget] | None) -> tuple[FastBudget, ...]:
+    """``fast`` as a tuple of fast attacks, one per threat (the defaults for ``None``)."""
+    fix = "a FastAttack, a FastWhiteBox or a sequence of them (one per threat)"
+    if fast is None:
+        return FAST_ATTACKS
+    if isinstance(fast, FastBudget):
+        return (fast,)
+    if isinstance(fast, (str, bytes)) or not isinstance(fast, Sequence):
+        raise ConfigError(f"fast must be {fix}, got {fast!r}")
+    chosen = tuple(fast)
+    wrong = [a for a in chosen if not isinstance(a, FastBudget)]
+    if wrong or not chosen:
+        raise ConfigError(f"fast must be {fix}, got {wrong[0] if wrong else fast!r}")
+    threats = [a.threat for a in chosen]
+    if len(set(threats)) < len(threats):
+        raise ConfigError(f"fast: one budget per threat, got {', '.join(threats)}")
+    return chosen
+
+
+def _leakage(target: SplitModel, data: Dataset, fast: tuple[FastBudget, ...], images: int, seed: int,
+             device: str | torch.device, lap: Callable[[str], None]) -> tuple[dict[str, float | str], Inversion]:
+    """Every fast attack's PSNR/SSIM at ``target``'s cut, all on the same ``images`` held-out images; the strongest
+    attack's (the highest mean SSIM: ``strongest_threat``, its ``psnr`` and ``ssim``), and its :class:`Inversion`."""
+    leak: dict[str, float | str] = {}
+    results = {}
+    for attack in fast:
+        results[attack.threat] = inversion = fast_inversion(target, data, attack, seed, images, device)
+        leak |= {f"{attack.threat}_psnr": inversion.psnr, f"{attack.threat}_ssim": inversion.ssim}
+        lap(f"attack ({attack.threat})")
+    # A diverged attack (NaN) is the weakest, wherever it comes in the order.
+    strongest = max(results, key=lambda t: results[t].ssim if math.isfinite(results[t].ssim) else -math.inf)
+    best = results[strongest]
+    leak |= {"psnr": best.psnr, "ssim": best.ssim, "strongest_threat": strongest}
+    return leak, best
+
+
 def _ranking(rank_by: str | None, attacked: bool, measured: bool) -> str | None:
     if rank_by is None:
         return "ssim" if attacked else "gpz" if measured else None
     if rank_by not in RANKINGS:
         raise ConfigError(f"rank_by must be one of {', '.join(RANKINGS)}, got {rank_by!r}")
     if rank_by in ("ssim", "psnr") and not attacked and measured:
-        raise ConfigError(f"rank_by={rank_by!r} needs the fast attack: rank by ce_floor or gpz with attack=False")
+        raise ConfigError(f"rank_by={rank_by!r} needs the fast attacks: rank by ce_floor or gpz with attack=False")
     return rank_by if measured else None
 
 
@@ -127,15 +173,15 @@ def _notes(data: Dataset | None, trained: bool, inputs: _Inputs, meta: dict) -> 
 def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: Sequence[int] | None = None,
            points: Sequence[str] | None = None, trained: bool = True, attack: bool = True, noise: float = 0.5,
            rank_by: str | None = None, max_edge_ms: float | None = None, max_kbytes: float | None = None,
-           fast: FastAttack | None = None, images: int = 1000, device: str | torch.device = "cpu", seed: int = 0,
-           progress: bool = True) -> Advice:
+           fast: FastBudget | Sequence[FastBudget] | None = None, attack_images: int = FAST_IMAGES,
+           images: int = 1000, device: str | torch.device = "cpu", seed: int = 0, progress: bool = True) -> Advice:
     """Score every legal cut of ``model`` (or ``points``) for edge cost, wire bytes and leakage; recommend one.
 
     Per cut: head and tail multiply-adds, head parameters, MB and latency (batch 1 and 32, measured here); bytes
     per image as float32, float16 and 8-bit + zstd frames, and the accuracy on decoded 8-bit features; leakage as
-    the fast inverse network's PSNR/SSIM on held-out test images, the CE floor at ``noise`` and the GPZ
-    statistic (:mod:`~splitshield.advisor.leakage`). The recommended cut is the one within budgets that leaks
-    least.
+    the PSNR/SSIM of fast attacks (black-box inverse network, white-box rMLE) on held-out test images and the
+    strongest of them, the CE floor at ``noise`` and the GPZ statistic (:mod:`~splitshield.advisor.leakage`). The
+    recommended cut is the one within budgets that leaks least.
 
     Parameters
     ----------
@@ -153,17 +199,23 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
         ``False`` for a model that was never trained: costs (and 8-bit bytes) only, since the leakage and accuracy of
         random weights say nothing about a trained model.
     attack:
-        Run the fast inverse network (the slow part); ``False``: costs and statistics only.
+        Run the fast attacks (the slow part); ``False``: costs and statistics only.
     noise:
         The CE floor's Gaussian noise, in units of the feature's standard deviation (> 0).
     rank_by:
-        What cuts are ranked by: ``ssim`` or ``psnr`` (the fast attack), ``ce_floor``, ``gpz`` (R̄²/V); default
-        ``ssim`` with the attack, else ``gpz``, which ranked LeNet's cuts closer to the full attacks than the CE
-        floor did (``benchmarks/advisor_validity.py``).
+        What cuts are ranked by: ``ssim`` or ``psnr`` (the strongest fast attack's), ``ce_floor``, ``gpz``
+        (R̄²/V); default ``ssim`` with the attacks, else ``gpz``, which ranked LeNet's cuts closer to the full
+        attacks than the CE floor did (``benchmarks/advisor_validity.py``).
     max_edge_ms, max_kbytes:
         Budgets: head milliseconds per image at batch 1, and kB (10³ bytes) per image on the wire (8-bit coded).
     fast:
-        The fast attack's budget (default :class:`FastAttack`'s).
+        The fast attacks and their budgets, one per threat: a :class:`FastAttack` (black box), a
+        :class:`FastWhiteBox` (white box) or both (the default, with their default budgets). A cut's leakage is
+        the strongest one's (the highest mean SSIM): the cloud may hold the head's weights (a public pretrained
+        backbone) or only query it.
+    attack_images:
+        Held-out test images every fast attack reconstructs and is scored on, the same for all of them (balanced
+        over the classes: :func:`~splitshield.advisor.leakage.held_out_index`).
     images:
         Test images the bytes, the 8-bit accuracy, the CE floor and the GPZ statistic are measured on (balanced over
         the classes: :func:`~splitshield.advisor.leakage.held_out_index`); the first 32 also time the heads.
@@ -183,7 +235,9 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
         _check_positive(name, value)
     if isinstance(images, bool) or not isinstance(images, int) or images < 2:
         raise ConfigError(f"images must be an integer of at least 2 test images, got {images!r}")
-    fast = fast or FastAttack()
+    if isinstance(attack_images, bool) or not isinstance(attack_images, int) or attack_images < 1:
+        raise ConfigError(f"attack_images must be a positive integer, got {attack_images!r}")
+    fast = _fast_attacks(fast)
     data = load_dataset(data) if isinstance(data, str) else data
     shape = _input_shape(model, data, input_shape)
     model_name = (getattr(model, "model_spec", None) or {}).get("name", type(model).__name__)
@@ -194,9 +248,12 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
     options, wire_label = eight_bit_options()
     meta = {"model": model_name, "input_shape": shape, "data": data.name if data is not None else None,
             "device": str(device), "threads": torch.get_num_threads(), "seed": seed, "wire_8bit": wire_label,
-            "noise": noise, "fast_attack": dataclasses.asdict(fast) if measured and attack else None}
+            "noise": noise,
+            "fast_attacks": {a.threat: a.describe() for a in fast} if measured and attack else None,
+            "fast_images": attack_images}
     watch = _Stopwatch()
     rows, originals, strips = [], None, {}
+    shown = min(STRIP_IMAGES, attack_images)
     with _modes_kept(model):
         model.to(device).eval()
         inputs = _inputs(model, data, shape, images, seed, device)
@@ -211,7 +268,7 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
             lap("split")
             compute = compute_cost(target, inputs.cost)
             lap("compute")
-            leak: dict[str, float | None] = {}
+            leak: dict[str, float | str | None] = {}
             if inputs.test is None:
                 wire = wire_cost(p.feature_shape)
             else:
@@ -225,11 +282,10 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
                     leak = _statistics(x, z, y, predicted, noise)
                     lap("statistics")
             if measured and attack:
-                inversion = fast_inversion(target, data, fast, seed, device)
-                leak |= {"psnr": inversion.psnr, "ssim": inversion.ssim}
-                originals = inversion.originals[:STRIP_IMAGES]
-                strips[p.name] = inversion.reconstructions[:STRIP_IMAGES]
-                lap("attack")
+                scores, strongest = _leakage(target, data, fast, attack_images, seed, device, lap)
+                leak |= scores
+                originals = strongest.originals[:shown]  # every attack scores the same images
+                strips[p.name] = strongest.reconstructions[:shown]
             rows.append(PointAdvice(p.name, tuple(p.feature_shape), **dataclasses.asdict(compute),
                                     **dataclasses.asdict(wire), **leak))
     drops = relative_drops([r.gpz_r2 for r in rows])

@@ -32,8 +32,11 @@ class PointAdvice:
         Bytes per image on the wire (codec frames with headers); 8-bit is the mean over measured images.
     accuracy_8bit:
         Task accuracy in [0, 1] with the tail on decoded 8-bit features.
-    psnr, ssim:
-        The fast inverse network's mean PSNR (dB) and SSIM on held-out images.
+    black_box_psnr, black_box_ssim, white_box_psnr, white_box_ssim:
+        Each fast attack's mean PSNR (dB) and SSIM on held-out images: the black-box inverse network
+        (:class:`~splitshield.advisor.FastAttack`) and white-box rMLE (:class:`~splitshield.advisor.FastWhiteBox`).
+    psnr, ssim, strongest_threat:
+        The strongest fast attack's (the highest mean SSIM) PSNR and SSIM, and its threat.
     ce_floor:
         Conditional-entropy MSE floor at the advisor's noise level (squared pixel units).
     gpz_r2, gpz_r2_norm:
@@ -54,8 +57,13 @@ class PointAdvice:
     bytes_float16: int | None
     bytes_8bit: float | None
     accuracy_8bit: float | None = None
+    black_box_psnr: float | None = None
+    black_box_ssim: float | None = None
+    white_box_psnr: float | None = None
+    white_box_ssim: float | None = None
     psnr: float | None = None
     ssim: float | None = None
+    strongest_threat: str | None = None
     ce_floor: float | None = None
     gpz_r2: float | None = None
     gpz_r2_norm: float | None = None
@@ -111,9 +119,11 @@ class Advice:
     notes:
         What the user should know (e.g. why leakage was not measured).
     timings:
-        Seconds per stage: ``inputs``, ``split``, ``compute``, ``features``, ``wire``, ``statistics``, ``attack``.
+        Seconds per stage: ``inputs``, ``split``, ``compute``, ``features``, ``wire``, ``statistics``, and
+        ``attack (THREAT)`` per fast attack.
     originals, reconstructions:
-        The held-out images [N, C, H, W] and, per cut, the fast attack's reconstructions of them, in [0, 1].
+        The held-out images [N, C, H, W] and, per cut, the strongest fast attack's reconstructions of them (the
+        one with the highest SSIM there: :attr:`PointAdvice.strongest_threat`), in [0, 1].
     """
 
     rows: list[PointAdvice]
@@ -253,7 +263,8 @@ class Advice:
         """The table as text: a header and one row of cells per cut, the cut's name first.
 
         ``groups`` picks the columns (:data:`TABLE_GROUPS`): ``edge`` (head compute and latency), ``wire`` (feature
-        shape, tail compute, bytes, accuracy on 8-bit features), ``leakage`` (measures present, then the advice
+        shape, tail compute, bytes, accuracy on 8-bit features), ``leakage`` (measures present, each fast attack's
+        SSIM beside the strongest's when more than one ran, then the advice
         marks: ★ recommended, ``ms`` / ``kB`` on the Pareto front of leakage vs head latency / bytes, ``GPZ`` in
         Liu et al.'s zone, from the cut after the largest drop of R̄²). Columns never measured are left out.
         """
@@ -278,6 +289,8 @@ class Advice:
             ("wire", f"accuracy {wire}", "accuracy_8bit", lambda r: _pct(r.accuracy_8bit)),
             ("leakage", "PSNR", "psnr", lambda r: _num(r.psnr, ".2f")),
             ("leakage", "SSIM", "ssim", lambda r: _num(r.ssim, ".3f")),
+            ("leakage", "SSIM black box", "black_box_ssim", lambda r: _num(r.black_box_ssim, ".3f")),
+            ("leakage", "SSIM white box", "white_box_ssim", lambda r: _num(r.white_box_ssim, ".3f")),
             ("leakage", "CE floor", "ce_floor", lambda r: _num(r.ce_floor, ".3g")),
             ("leakage", "R̄²", "gpz_r2", lambda r: _num(r.gpz_r2, ".3g")),
             ("leakage", "R̄²/V", "gpz_r2_norm", lambda r: _num(r.gpz_r2_norm, ".3f")),
@@ -285,8 +298,15 @@ class Advice:
         ]
         if self.ranking is not None:
             columns.append(("leakage", "advice", None, marks))
+
+        def measured(field: str) -> bool:
+            return any(getattr(r, field) is not None for r in self.rows)
+
+        # With one fast attack, its own column would repeat the strongest's.
+        per_threat = {"black_box_ssim", "white_box_ssim"}
+        several = sum(measured(f) for f in per_threat) > 1
         shown = [(name, cell) for group, name, field, cell in columns if group in groups
-                 and (field is None or any(getattr(r, field) is not None for r in self.rows))]
+                 and (field is None or measured(field) and (several or field not in per_threat))]
         return ["point", *(name for name, _ in shown)], [[r.point, *(cell(r) for _, cell in shown)] for r in self.rows]
 
     def write_report(self, out: str | Path) -> list[Path]:
