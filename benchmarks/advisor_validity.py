@@ -18,6 +18,8 @@ less leakage; the issue asks for ρ ≥ 0.9).
                                           # ResNet-20 / CIFAR-10, TARGET the engine's undefended target of
                                           # examples/infoscissors_ushaped.yaml (benchmarks/results/artifacts/targets/…)
 
+``benchmarks/advisor_validity_table.py`` turns the JSON files (``--json``) into one Markdown table per model.
+
 The model is trained once and cached (``--cache``); data come from ``--data-dir`` (``../shared/data``: MNIST, and
 CIFAR-10 as JPEG quality 75, about 30 dB from the original pixels: say so with CIFAR numbers). ``--scale`` scales
 every full-budget attack's steps (0.3: a quicker run, labelled as such in the output). ``--rmle-search none`` runs
@@ -197,14 +199,14 @@ def main() -> None:
                      "best": max(v for v in ssim.values() if v is not None),
                      "seconds": earlier.get("seconds", 0.0) + time.perf_counter() - clock})
         if args.json:
-            write(args.json, args, accuracy, settings, label, rows, {}, advice)
+            write(args.json, args, accuracy, settings, label, rows, {}, advice, len(points))
         cells = " ".join(f"{v:15.3f}" if v is not None else f"{'–':>15}" for v in ssim.values())
         print(f"{point:14} {row.black_box_ssim:7.3f} {row.white_box_ssim:7.3f} {row.ce_floor or float('nan'):9.3g} "
               f"{row.gpz_r2_norm:6.3f} | {cells} | "
               f"{rows[-1]['best']:6.3f} {rows[-1]['seconds']:5.0f}", flush=True)
 
     best = [r["best"] for r in rows]
-    measures = {"fast SSIM (best of both)": [r["fast_ssim"] for r in rows],
+    measures = {"fast SSIM (strongest of the two)": [r["fast_ssim"] for r in rows],
                 "fast black-box SSIM": [r["fast_black_box_ssim"] for r in rows],
                 "fast white-box SSIM": [r["fast_white_box_ssim"] for r in rows],
                 "GPZ R̄²/V": [r["gpz_r2_norm"] for r in rows],
@@ -222,13 +224,13 @@ def main() -> None:
         rho = spearman([a for a, _ in alone], [b for _, b in alone])
         print(f"  (full-budget {name} alone vs the best, {len(alone)} points: ρ = {rho:+.3f})")
     if args.json:
-        write(args.json, args, accuracy, settings, label, rows, correlations, advice)
+        write(args.json, args, accuracy, settings, label, rows, correlations, advice, len(points))
 
 
 def write(path: Path, args: argparse.Namespace, accuracy: float, settings: dict, label: str, rows: list[dict],
-          correlations: dict[str, float], advice: ss.Advice) -> None:
+          correlations: dict[str, float], advice: ss.Advice, planned: int) -> None:
     path.write_text(json.dumps({"model": args.model, "seed": args.seed, "accuracy": accuracy, "settings": settings,
-                                "budget": label, "rows": rows, "spearman": correlations,
+                                "budget": label, "points": planned, "rows": rows, "spearman": correlations,
                                 "advisor_timings": advice.timings}, indent=2))
 
 
