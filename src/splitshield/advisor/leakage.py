@@ -65,6 +65,7 @@ class FastAttack:
                 "params": {"steps": self.steps, "batch_size": self.batch_size}}
 
     def describe(self) -> str:
+        """The budget in words, as the report states it."""
         return f"inverse network (black box), {self.steps} steps on {self.aux_images} auxiliary images"
 
 
@@ -98,6 +99,7 @@ class FastWhiteBox:
                 "params": {"iters": self.iters, "lr": float(self.lr), "tv": 0.0, "l2": 0.0, "search": None}}
 
     def describe(self) -> str:
+        """The budget in words, as the report states it."""
         return f"rMLE through the head's weights (white box), {self.iters} steps of lr {self.lr:g}"
 
 
