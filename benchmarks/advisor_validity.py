@@ -46,6 +46,10 @@ from _common import add_common_args  # noqa: E402
 #: (dataset, epochs) per model.
 MODELS = {"lenet": ("mnist", 3), "cifar-cnn": ("cifar10", 20), "resnet18": ("cifar10", 15),
           "resnet20": ("cifar10", 10)}
+#: The fast measures ρ is computed for: (row key, label, sign: +1 when a higher value means more leakage).
+MEASURES = (("fast_ssim", "fast SSIM, strongest of the two", 1), ("fast_black_box_ssim", "fast black-box SSIM", 1),
+            ("fast_white_box_ssim", "fast white-box SSIM", 1), ("gpz_r2_norm", "GPZ R̄²/V", 1),
+            ("gpz_r2", "GPZ R̄² (raw)", 1), ("ce_floor", "CE floor (negated)", -1))
 #: The full budgets: the attacks' own defaults (rMLE iterations None: He et al.'s per point, else 3000).
 FULL = {"rmle_iters": 3000, "decoder_steps": 3000, "shadow_steps": 3000}
 
@@ -206,12 +210,8 @@ def main() -> None:
               f"{rows[-1]['best']:6.3f} {rows[-1]['seconds']:5.0f}", flush=True)
 
     best = [r["best"] for r in rows]
-    measures = {"fast SSIM (strongest of the two)": [r["fast_ssim"] for r in rows],
-                "fast black-box SSIM": [r["fast_black_box_ssim"] for r in rows],
-                "fast white-box SSIM": [r["fast_white_box_ssim"] for r in rows],
-                "GPZ R̄²/V": [r["gpz_r2_norm"] for r in rows],
-                "GPZ R̄² (raw)": [r["gpz_r2"] for r in rows],
-                "CE floor (negated)": [-(r["ce_floor"] if r["ce_floor"] is not None else float("nan")) for r in rows]}
+    measures = {label: [sign * (r[key] if r[key] is not None else float("nan")) for r in rows]
+                for key, label, sign in MEASURES}
     print(f"\nSpearman ρ with the full-budget best SSIM over {len(rows)} points ({label}):")
     correlations = {}
     for name, values in measures.items():

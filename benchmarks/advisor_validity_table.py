@@ -15,13 +15,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from advisor_validity import spearman  # noqa: E402
+from advisor_validity import MEASURES, spearman  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-#: The fast measures (row key, label, sign: +1 when higher means more leakage).
-MEASURES = (("fast_ssim", "fast SSIM, strongest of the two", 1), ("fast_black_box_ssim", "fast black-box SSIM", 1),
-            ("fast_white_box_ssim", "fast white-box SSIM", 1), ("gpz_r2_norm", "GPZ R̄²/V", 1),
-            ("gpz_r2", "GPZ R̄² (raw)", 1), ("ce_floor", "CE floor (negated)", -1))
 
 
 def _num(value: float | None, spec: str = ".3f") -> str:
