@@ -333,6 +333,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
     one_line_error(run("lenet", "--max-edge-ms", "-1"), "--max-edge-ms")
     one_line_error(run("lenet", "--rank-by", "vibes"), "--rank-by", "ssim")
     one_line_error(run("lenet", "--threats", "black_box,grey_box"), "--threats", "'grey_box' unknown", "white_box")
+    one_line_error(run("lenet", "--threats", "white_box", "--no-attack"), "--threats", "--no-attack")
     one_line_error(run("lenet", "--device", "bogus"), "--device")
     one_line_error(run("resnet99"), "unknown model 'resnet99'")
     checkpoint = ss.save_checkpoint(tmp_path / "lenet", ss.split(ss.build_model("lenet"), "ReLU2", (1, 28, 28)))

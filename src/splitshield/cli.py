@@ -372,9 +372,9 @@ def advise_cmd(
     max_kbytes: Annotated[float | None, typer.Option(
         help="Budget: kB per image on the wire, 8-bit + zstd coded (float32 without --data).")] = None,
     no_attack: Annotated[bool, typer.Option("--no-attack", help="Costs and statistics only: no fast attack.")] = False,
-    threats: Annotated[str, typer.Option(
+    threats: Annotated[str | None, typer.Option(
         help="Comma-separated threats of the fast attacks: black_box (inverse network), white_box (rMLE through the "
-             "head's weights); a cut's leakage is the best of them.")] = "black_box,white_box",
+             "head's weights); a cut's leakage is the best of them (default: both).")] = None,
     images: Annotated[int, typer.Option(
         help="Test images (balanced over the classes) bytes, accuracy and statistics are measured on.")] = 1000,
     noise: Annotated[float, typer.Option(
@@ -399,7 +399,9 @@ def advise_cmd(
     if rank_by is not None and rank_by not in RANKINGS:
         raise ConfigError(f"--rank-by: {rank_by!r} unknown; use {', '.join(RANKINGS)}")
     budgets = {a.threat: a for a in FAST_ATTACKS}
-    chosen = list(dict.fromkeys(t.strip() for t in threats.split(",") if t.strip()))
+    if threats is not None and no_attack:
+        raise ConfigError("--threats: picks the fast attacks, which --no-attack turns off; drop one of the two")
+    chosen = list(dict.fromkeys(t.strip() for t in (threats or ",".join(budgets)).split(",") if t.strip()))
     unknown = [t for t in chosen if t not in budgets]
     if unknown or not chosen:
         raise ConfigError(f"--threats: {', '.join(map(repr, unknown)) + ' unknown' if unknown else 'none given'}; "
