@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -19,10 +20,10 @@ import splitshield as ss
 from splitshield.advisor import FastAttack, FastWhiteBox, PointAdvice, gpz_radius, pareto_front
 from splitshield.advisor.costs import multiply_adds, parameter_count, weight_megabytes
 from splitshield.advisor.leakage import ce_floor, fast_inversion, gpz_zone, held_out_index, relative_drops
-from splitshield.advisor.recommend import best_cut
+from splitshield.advisor.recommend import best_cut, budget_reasons
 from splitshield.advisor.wire import wire_cost
 from splitshield.cli import app
-from splitshield.errors import SplitError
+from splitshield.errors import ConfigError, SplitError
 from splitshield.runtime.codec import CodecOptions, WireFormat, encode, wire_roundtrip
 
 #: A budget small enough for tests: numbers are not meaningful, only their plumbing.
@@ -92,6 +93,15 @@ def test_gpz_radius_on_known_radii():
     assert gpz_radius(z.view(4, 1, 2), torch.tensor([0, 0, 1, 1]))[0] == pytest.approx(5.0)  # features are flattened
 
 
+def test_gpz_radius_is_a_mean_over_classes_without_lone_members():
+    # Class 0: radius² 1 (2 members); class 1: (10, 6) ± (0, 6) and ± (0, 2), radius² (36+4+4+36)/4 = 20 (4 members);
+    # class 2: one member, radius 0 whatever the features. Mean over classes 0 and 1: 10.5 (size-weighted: 13.7;
+    # with the lone member: 7).
+    z = torch.tensor([[0.0, 0.0], [2.0, 0.0], [10.0, 0.0], [10.0, 4.0], [10.0, 8.0], [10.0, 12.0], [50.0, 50.0]])
+    assert gpz_radius(z, torch.tensor([0, 0, 1, 1, 1, 1, 2]))[0] == pytest.approx(10.5)
+    assert gpz_radius(z[:3], torch.tensor([0, 1, 2]))[0] is None  # no class with two members: no radius
+
+
 def test_gpz_zone_spans_to_the_second_largest_drop_only_through_large_drops():
     # Largest drop at 2; the second largest (at 4) is reached through a drop of 0.3 > 0.2: the zone is 2..4.
     assert gpz_zone([None, 0.1, 0.7, 0.3, 0.5, 0.0]) == [2, 3, 4]
@@ -115,7 +125,10 @@ def test_ce_floor_is_relative_to_the_feature_scale(mnist5k):
     assert floor is not None and floor > 0
     assert ce_floor(x, 100 * z, labels, 0.5) == pytest.approx(floor, rel=1e-4)  # the same signal-to-noise ratio
     assert ce_floor(x, z, labels, 2.0) > floor  # more noise, a higher floor
-    assert ce_floor(x, torch.ones_like(z), labels, 0.5) is None  # a constant feature: no noise scale
+    with pytest.raises(ConfigError, match="constant"):  # no noise scale
+        ce_floor(x, torch.ones_like(z), labels, 0.5)
+    with pytest.raises(ConfigError, match="class 7 has 1 sample.*more test images"):
+        ce_floor(x[:3], z[:3], torch.tensor([0, 0, 7]), 0.5)
 
 
 def test_held_out_images_are_balanced_whatever_the_order():
@@ -127,8 +140,8 @@ def test_held_out_images_are_balanced_whatever_the_order():
 # the recommendation on hand-made tables
 
 
-def _row(point: str, macs: int, ms: float, nbytes: float, ssim: float | None) -> PointAdvice:
-    return PointAdvice(point, (1,), macs, 0, 0, 0.0, ms, ms, 0, None, nbytes, ssim=ssim)
+def _row(point: str, macs: int, ms: float, nbytes: float, ssim: float | None, tail_macs: int = 100) -> PointAdvice:
+    return PointAdvice(point, (1,), macs, tail_macs, 0, 0.0, ms, ms, 0, None, nbytes, ssim=ssim)
 
 
 def test_pareto_front_on_a_hand_made_table():
@@ -151,8 +164,8 @@ def test_advice_recommends_within_budgets_and_says_why_cuts_are_ruled_out():
     assert advice.pareto_latency == ["a", "b", "c"] and advice.pareto_bytes == ["c"]  # c: fewest bytes, least leakage
     sentence = advice.sentence()
     assert sentence.startswith("Cut at b: 0.5 ms per image on this CPU, 1 kB per image after 8-bit + zstd")
-    assert "fast-attack SSIM 0.6" in sentence and "every cheaper cut (fewer head multiply-adds) has" in sentence
-    assert "≥ 0.9" in sentence
+    assert sentence.endswith(", fast-attack SSIM 0.6; every cheaper cut within the budgets (fewer head multiply-adds) "
+                             "has fast-attack SSIM ≥ 0.9; c would leak less but breaks the budgets.")
     strict = ss.Advice(rows, "ssim", max_edge_ms=0.05, max_kbytes=0.5)
     assert not strict.budgets_met and strict.recommended is None
     assert strict.ruled_out == {"a": "head 0.1 ms > 0.05 ms and 3 kB > 0.5 kB",
@@ -161,6 +174,37 @@ def test_advice_recommends_within_budgets_and_says_why_cuts_are_ruled_out():
     floor = ss.Advice([dataclasses.replace(r, ce_floor=f) for r, f in zip(rows, (1e-3, 2e-3, 5e-3), strict=True)],
                       "ce_floor")
     assert floor.recommended == "c"  # a higher floor leaks less
+
+
+def test_sentence_never_hides_a_cheaper_cut_that_leaks_less():
+    # a is cheaper and leaks far less than the recommended b, but is ruled out on bytes: the sentence must not claim
+    # that every cheaper cut leaks more, and must name a.
+    rows = [_row("a", 0, 0.1, 50_000, 0.05), _row("b", 10, 0.5, 1000, 0.6), _row("c", 20, 2.0, 900, 0.7)]
+    sentence = ss.Advice(rows, "ssim", max_kbytes=2).sentence()
+    assert sentence.startswith("Cut at b:") and "every cheaper cut" not in sentence
+    assert sentence.endswith("fast-attack SSIM 0.6; a would leak less but breaks the budgets.")
+    # Without budgets every cheaper cut counts, and the last cut says that the device then runs the whole model.
+    rows = [_row("a", 0, 0.1, 50_000, 0.8), _row("b", 10, 0.5, 1000, 0.6), _row("c", 20, 2.0, 900, 0.1, tail_macs=0)]
+    assert ss.Advice(rows, "ssim").sentence().endswith(
+        "fast-attack SSIM 0.1 (there the device runs the whole model: the tail has no multiply-adds); every cheaper "
+        "cut (fewer head multiply-adds) has fast-attack SSIM ≥ 0.6.")
+
+
+def test_a_diverged_attack_is_never_recommended():
+    rows = [_row("a", 0, 0.1, 1000, math.nan), _row("b", 10, 0.5, 1000, 0.6)]
+    advice = ss.Advice(rows, "ssim")
+    assert advice.leaks() == [None, 0.6] and advice.recommended == "b" and advice.pareto_latency == ["b"]
+
+
+def test_large_numbers_and_budget_breaks_read_without_exponents():
+    # 5.004 ms against a 5 ms budget must not read "5 ms > 5 ms"; 3.2 MB must not read "3.21e+03 kB".
+    assert budget_reasons(5.004, 16.0004, 5, 16) == ["head 5.004 ms > 5 ms", "16.0004 kB > 16 kB"]
+    assert budget_reasons(123.4, 3214.6, 1, 16) == ["head 123 ms > 1 ms", "3,215 kB > 16 kB"]
+    advice = ss.Advice([_row("a", 4_321_000_000, 123.4, 3_214_600, 0.5)], "ssim")
+    header, body = advice.table(["edge", "wire"])
+    cells = dict(zip(header, body[0], strict=True))
+    assert cells["head MMAC"] == "4,321" and cells["head ms (b=1)"] == "123" and cells["kB float32"] == "0"
+    assert "123 ms per image" in advice.sentence() and "3,215 kB per image" in advice.sentence()
 
 
 def test_advice_is_dataframe_like():
@@ -298,7 +342,20 @@ def test_npz_data_with_statistics_only(trained_lenet, mnist5k, tmp_path):
     advice = ss.advise(trained_lenet, f"npz:{path}", points=["ReLU2", "fc3"], attack=False, **SMALL)
     assert advice.ranking == "gpz" and advice.meta["data"] == f"npz:{path}"
     assert all(r.ce_floor is not None and r.gpz_r2 is not None and r.ssim is None for r in advice)
-    assert advice.recommended in ("ReLU2", "fc3") and "SSIM" not in advice.table()[0]
+    assert advice.recommended == min(advice.points, key=lambda p: advice.row(p).gpz_r2_norm)
+    assert "SSIM" not in advice.table()[0] and {"R̄² drop", "R̄²/V drop"} <= set(advice.table()[0])
+    assert any("Ranked by R̄²/V, a statistic of the features, not an attack" in n for n in advice.notes)
+    assert any("R̄² drops are between neighbouring rows of this table" in n for n in advice.notes)
+
+
+def test_a_missing_ce_floor_is_explained(trained_lenet, mnist5k):
+    # 15 balanced test images leave 5 of the 10 classes with one image: no mixture component for them.
+    advice = ss.advise(trained_lenet, mnist5k, points=["ReLU2", "fc3"], attack=False, rank_by="ce_floor",
+                       **{**SMALL, "images": 15})
+    assert advice["ce_floor"] == [None, None] and advice.recommended is None
+    assert any(n.startswith("CE floor not computed at ReLU2, fc3: class ") and "more test images" in n
+               for n in advice.notes), advice.notes
+    assert advice.sentence() == "No cut has a CE floor (MSE) value (see the notes), so no cut is recommended."
 
 
 def test_imagefolder_data(mnist5k, tmp_path):
@@ -334,6 +391,10 @@ def test_cli_bad_input_is_one_line(tmp_path):
     one_line_error(run("lenet", "--rank-by", "vibes"), "--rank-by", "ssim")
     one_line_error(run("lenet", "--threats", "black_box,grey_box"), "--threats", "'grey_box' unknown", "white_box")
     one_line_error(run("lenet", "--threats", "white_box", "--no-attack"), "--threats", "--no-attack")
+    one_line_error(run("lenet", "--rank-by", "ssim", "--no-attack"), "--rank-by", "--no-attack", "gpz")
+    one_line_error(run("lenet", "--images", "1"), "--images", "at least 2")
+    one_line_error(run("lenet", "--max-kbytes", "inf"), "--max-kbytes", "inf")
+    one_line_error(run("lenet", "--input-shape", "1,8,8"), "--image-shape")  # the hint names a flag advise takes
     one_line_error(run("lenet", "--device", "bogus"), "--device")
     one_line_error(run("resnet99"), "unknown model 'resnet99'")
     checkpoint = ss.save_checkpoint(tmp_path / "lenet", ss.split(ss.build_model("lenet"), "ReLU2", (1, 28, 28)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -361,6 +362,7 @@ def advise_cmd(
              "from shapes only).")] = None,
     data_dir: DataDir = None,
     input_shape: Annotated[str | None, typer.Option(
+        "--input-shape", "--image-shape",
         help="C,H,W of one image (default: the checkpoint's, else the data's, else the model's native shape); the "
              "data are converted to it.")] = None,
     checkpoint: Annotated[Path | None, typer.Option(
@@ -392,12 +394,16 @@ def advise_cmd(
     from .advisor.leakage import FAST_ATTACKS
     from .advisor.table import TABLE_GROUPS
 
-    for field, value in (("--max-edge-ms", max_edge_ms), ("--max-kbytes", max_kbytes), ("--noise", noise),
-                         ("--images", images)):
-        if value is not None and not value > 0:
-            raise ConfigError(f"{field}: a positive number, got {value:g}")
+    for field, value in (("--max-edge-ms", max_edge_ms), ("--max-kbytes", max_kbytes), ("--noise", noise)):
+        if value is not None and not 0 < value < math.inf:
+            raise ConfigError(f"{field}: a positive finite number, got {value:g}")
+    if images < 2:
+        raise ConfigError(f"--images: at least 2 test images, got {images}")
     if rank_by is not None and rank_by not in RANKINGS:
         raise ConfigError(f"--rank-by: {rank_by!r} unknown; use {', '.join(RANKINGS)}")
+    if rank_by in ("ssim", "psnr") and no_attack:
+        raise ConfigError(f"--rank-by: {rank_by} needs the fast attacks, which --no-attack turns off; rank by "
+                          "ce_floor or gpz, or drop --no-attack")
     budgets = {a.threat: a for a in FAST_ATTACKS}
     if threats is not None and no_attack:
         raise ConfigError("--threats: picks the fast attacks, which --no-attack turns off; drop one of the two")

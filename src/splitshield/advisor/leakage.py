@@ -146,7 +146,7 @@ def fast_inversion(target: SplitModel, data: Dataset, attack: FastBudget, seed: 
 
 
 @torch.no_grad()
-def gpz_radius(z: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+def gpz_radius(z: torch.Tensor, labels: torch.Tensor) -> tuple[float | None, float]:
     """The GPZ statistic of one batch of features.
 
     Parameters
@@ -159,8 +159,9 @@ def gpz_radius(z: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     Returns
     -------
     r2, variance:
-        R̄², the mean over the classes present of mean_{i∈c} ‖z_i − μ_c‖², and the total variance
-        V = mean_i ‖z_i − μ‖², both in squared feature units.
+        R̄², the mean over the classes with at least 2 members of mean_{i∈c} ‖z_i − μ_c‖² (``None`` when there is
+        none: a lone member's radius is 0 whatever the features), and the total variance V = mean_i ‖z_i − μ‖²,
+        both in squared feature units.
     """
     flat = z.flatten(1)
     labels = labels.to(flat.device)
@@ -174,7 +175,8 @@ def gpz_radius(z: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     mean = sum(w * m for w, m in zip(weights, means, strict=True))
     # The law of total variance: the spread within the classes plus the spread of the class means.
     variance = sum(w * (r + float((m - mean).pow(2).sum())) for w, r, m in zip(weights, radii, means, strict=True))
-    return sum(radii) / len(radii), variance
+    spread = [r for r, k in zip(radii, counts, strict=True) if k > 1]
+    return (sum(spread) / len(spread) if spread else None), variance
 
 
 def relative_drops(values: Sequence[float | None]) -> list[float | None]:
@@ -209,17 +211,21 @@ def gpz_zone(drops: Sequence[float | None]) -> list[int]:
 
 
 @torch.no_grad()
-def ce_floor(x: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, noise: float) -> float | None:
+def ce_floor(x: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, noise: float) -> float:
     """The conditional-entropy MSE floor of features ``z`` [N, ...] of images ``x`` [N, C, H, W] in [0, 1] sent with
     Gaussian noise of standard deviation ``noise`` × std(z), one mixture component per class of ``labels`` [N].
 
-    Returns the floor in squared pixel units (comparable to :func:`~splitshield.metrics.mse`), or ``None`` for a
-    constant feature or a class with fewer than 2 images.
+    Returns the floor in squared pixel units (comparable to :func:`~splitshield.metrics.mse`).
+
+    Raises
+    ------
+    ConfigError
+        A constant feature (no noise scale), or a class with fewer than 2 images (no mixture component).
     """
     sigma = noise * float(z.float().std())
     if sigma <= 0:
-        return None
+        raise ConfigError("the feature is constant, so noise relative to it is 0")
     try:
         return float(conditional_entropy_floor(x.cpu(), z.cpu(), sigma, labels=labels.cpu())["mse_floor"])
-    except ConfigError:
-        return None
+    except ConfigError as exc:  # a class with too few images: more images give it a mixture component
+        raise ConfigError(f"{exc}; measure on more test images (images, --images)") from exc

@@ -55,14 +55,30 @@ def pareto_front(costs: Sequence[float], leaks: Sequence[float | None]) -> list[
     return [i for i in known if not dominated(i)]
 
 
+def fixed(value: float, digits: int = 3) -> str:
+    """``value`` to ``digits`` significant digits without an exponent from 10^digits on: 0.0123 -> '0.0123',
+    123.4 -> '123', 3214.6 -> '3,215' (where ``format(value, '.3g')`` gives '3.21e+03')."""
+    text = f"{value:.{digits}g}"
+    return f"{value:,.0f}" if "e+" in text else text
+
+
+def _over(value: float, limit: float) -> str:
+    """``value`` with as many digits as it takes to read as more than ``limit`` (5.004 against 5 -> '5.004')."""
+    for digits in range(3, 16):
+        text = fixed(value, digits)
+        if float(text.replace(",", "")) > limit:
+            return text
+    return repr(value)
+
+
 def budget_reasons(head_ms: float, kbytes: float, max_edge_ms: float | None,
                    max_kbytes: float | None) -> list[str]:
     """Which budgets a cut breaks, in words (empty when it meets them all)."""
     reasons = []
     if max_edge_ms is not None and head_ms > max_edge_ms:
-        reasons.append(f"head {head_ms:.3g} ms > {max_edge_ms:g} ms")
+        reasons.append(f"head {_over(head_ms, max_edge_ms)} ms > {max_edge_ms:g} ms")
     if max_kbytes is not None and kbytes > max_kbytes:
-        reasons.append(f"{kbytes:.3g} kB > {max_kbytes:g} kB")
+        reasons.append(f"{_over(kbytes, max_kbytes)} kB > {max_kbytes:g} kB")
     return reasons
 
 

@@ -151,10 +151,15 @@ def _inputs(model: nn.Module, data: Dataset | None, shape: tuple[int, ...], imag
 
 
 def _statistics(x: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor,
-                noise: float) -> dict[str, float | None]:
+                noise: float) -> tuple[dict[str, float | None], str | None]:
+    """The GPZ statistic and the CE floor of one cut's features, and why the floor is missing (``None`` if not)."""
     r2, variance = gpz_radius(z, predicted)
-    return {"gpz_r2": r2, "gpz_r2_norm": r2 / variance if variance > 0 else None,
-            "ce_floor": ce_floor(x, z, labels, noise)}
+    try:
+        floor, missing = ce_floor(x, z, labels, noise), None
+    except ConfigError as exc:
+        floor, missing = None, str(exc)
+    return {"gpz_r2": r2, "gpz_r2_norm": r2 / variance if r2 is not None and variance > 0 else None,
+            "ce_floor": floor}, missing
 
 
 def _notes(data: Dataset | None, trained: bool, inputs: _Inputs, meta: dict) -> list[str]:
@@ -253,6 +258,7 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
             "fast_images": attack_images}
     watch = _Stopwatch()
     rows, originals, strips = [], None, {}
+    no_floor: dict[str, list[str]] = {}  # why the CE floor is missing -> the cuts
     shown = min(STRIP_IMAGES, attack_images)
     with _modes_kept(model):
         model.to(device).eval()
@@ -279,7 +285,9 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
                 wire = wire_cost(p.feature_shape, z, target.tail if measured else None, y, options)
                 lap("wire")
                 if measured:
-                    leak = _statistics(x, z, y, predicted, noise)
+                    leak, missing = _statistics(x, z, y, predicted, noise)
+                    if missing is not None:
+                        no_floor.setdefault(missing, []).append(p.name)
                     lap("statistics")
             if measured and attack:
                 scores, strongest = _leakage(target, data, fast, attack_images, seed, device, lap)
@@ -292,4 +300,11 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
     drops_norm = relative_drops([r.gpz_r2_norm for r in rows])
     rows = [dataclasses.replace(r, gpz_drop=d, gpz_drop_norm=dn)
             for r, d, dn in zip(rows, drops, drops_norm, strict=True)]
+    notes += [f"CE floor not computed at {', '.join(names)}: {why}." for why, names in no_floor.items()]
+    if points is not None and len(chosen) < len(cuts.points) and measured:
+        notes.append("R̄² drops are between neighbouring rows of this table, a subset of the legal cuts: Liu et al.'s "
+                     "zone is defined over neighbouring layers, so score every cut for it.")
+    if ranking == "gpz":
+        notes.append("Ranked by R̄²/V, a statistic of the features, not an attack: it can misrank deep cuts (see "
+                     "benchmarks/results/advisor_validity.md); run the fast attacks for a measured ranking.")
     return Advice(rows, ranking, max_edge_ms, max_kbytes, meta, notes, dict(watch.totals), originals, strips)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from .leakage import gpz_zone
-from .recommend import RANKINGS, Ranking, best_cut, budget_reasons, pareto_front
+from .recommend import RANKINGS, Ranking, best_cut, budget_reasons, fixed, pareto_front
 
 #: The column groups of :meth:`Advice.table`.
 TABLE_GROUPS = ("edge", "wire", "leakage")
@@ -42,7 +43,8 @@ class PointAdvice:
     gpz_r2, gpz_r2_norm:
         GPZ intra-class radius R̄² (squared feature units) and R̄² divided by the total variance V.
     gpz_drop, gpz_drop_norm:
-        Relative drop of R̄² (and of R̄²/V) from the previous cut of the table.
+        Relative drop of R̄² (and of R̄²/V) from the previous cut of the table (the previous legal cut when every
+        cut is scored; with a subset of ``points``, the previous one of the subset).
     """
 
     point: str
@@ -80,9 +82,14 @@ def _num(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _sig(value: float | None) -> str:
+    """Three significant digits, no exponent above 1000 (:func:`~splitshield.advisor.recommend.fixed`)."""
+    return "–" if value is None else fixed(value)
+
+
 def _kb(size: float | None) -> str:
     """Bytes as kB (10³ bytes)."""
-    return _num(None if size is None else size / 1000, ".3g")
+    return _sig(None if size is None else size / 1000)
 
 
 def _pct(value: float | None, spec: str = ".1f") -> str:
@@ -172,9 +179,13 @@ class Advice:
         return RANKINGS[self.ranking] if self.ranking else None
 
     def leaks(self) -> list[float | None]:
-        """Each cut's leakage, oriented so that higher means more (``None`` where unmeasured or costs only)."""
+        """Each cut's leakage, oriented so that higher means more (``None`` where unmeasured, not finite (a diverged
+        attack) or costs only)."""
         rank = self.rank
-        return [None if rank is None else rank.leak(getattr(r, rank.column)) for r in self.rows]
+        if rank is None:
+            return [None] * len(self.rows)
+        values = [getattr(r, rank.column) for r in self.rows]
+        return [rank.leak(v) if v is not None and math.isfinite(v) else None for v in values]
 
     @property
     def pareto_latency(self) -> list[str]:
@@ -220,25 +231,36 @@ class Advice:
         """The advice in one plain-language sentence."""
         rank = self.rank
         if not self.budgets_met:
-            return f"No cut meets the budgets ({self._budget_words()}): each breaks one, as listed."
+            return f"No cut meets the budgets ({self._budget_words()}): each breaks at least one, as listed."
         if rank is None:
             within = [r.point for r in self.rows if r.point not in self.ruled_out]
             budgets = f"; within the budgets: {', '.join(within)}" if self._budget_words() else ""
             return f"Costs only: leakage was not measured, so no cut is recommended{budgets}."
-        best = self.recommended
+        best, ruled_out = self.recommended, self.ruled_out
         if best is None:
-            return "Leakage was measured at no cut within the budgets, so no cut is recommended."
+            within = " within the budgets" if ruled_out else ""
+            return f"No cut{within} has a {rank.label} value (see the notes), so no cut is recommended."
         r = self.row(best)
         where = "this CPU" if str(self.meta.get("device", "cpu")) == "cpu" else str(self.meta["device"])
         wire = self.meta.get("wire_8bit", "8-bit coding") if r.bytes_8bit is not None else "float32"
-        text = (f"Cut at {best}: {r.head_ms:.2g} ms per image on {where}, {r.wire_kbytes:.3g} kB per image after "
-                f"{wire}, {rank.label} {getattr(r, rank.column):.3g}")
-        cheaper = [getattr(c, rank.column) for c in self.rows
-                   if c.head_macs < r.head_macs and getattr(c, rank.column) is not None]
+        text = (f"Cut at {best}: {fixed(r.head_ms, 2)} ms per image on {where}, {fixed(r.wire_kbytes)} kB per image "
+                f"after {wire}, {rank.label} {fixed(getattr(r, rank.column))}")
+        if r.tail_macs == 0:
+            text += " (there the device runs the whole model: the tail has no multiply-adds)"
+        leaks = dict(zip(self.points, self.leaks(), strict=True))
+        # What the extra head compute buys: every cheaper alternative leaks at least this much.
+        cheaper = [c for c in self.rows if c.head_macs < r.head_macs and leaks[c.point] is not None
+                   and c.point not in ruled_out]
         if cheaper:
-            worst = min(cheaper) if rank.higher_leaks else max(cheaper)
-            bound = "≥" if rank.higher_leaks else "≤"
-            text += f"; every cheaper cut (fewer head multiply-adds) has {rank.label} {bound} {worst:.3g}"
+            least = getattr(min(cheaper, key=lambda c: leaks[c.point]), rank.column)
+            scope = "every cheaper cut within the budgets" if ruled_out else "every cheaper cut"
+            text += (f"; {scope} (fewer head multiply-adds) has {rank.label} {'≥' if rank.higher_leaks else '≤'} "
+                     f"{fixed(least)}")
+        # Cuts that would leak less are ruled out by a budget, not forgotten: name them.
+        tighter = [p for p in ruled_out if leaks[p] is not None and leaks[p] < leaks[best]]
+        if tighter:
+            verb = "breaks" if len(tighter) == 1 else "break"
+            text += f"; {', '.join(tighter)} would leak less but {verb} the budgets"
         return text + "."
 
     def ruled_out_lines(self) -> list[str]:
@@ -276,13 +298,13 @@ class Advice:
                                             ("kB", r.point in fronts[1]), ("GPZ", r.point in zone)) if on)
 
         columns: list[tuple[str, str, str | None, Callable[[PointAdvice], str]]] = [
-            ("edge", "head MMAC", None, lambda r: f"{r.head_macs / 1e6:.3g}"),
+            ("edge", "head MMAC", None, lambda r: fixed(r.head_macs / 1e6)),
             ("edge", "head params", None, lambda r: _count(r.head_params)),
-            ("edge", "head MB", None, lambda r: f"{r.head_mb:.3g}"),
-            ("edge", "head ms (b=1)", None, lambda r: f"{r.head_ms:.3g}"),
-            ("edge", "head ms/img (b=32)", None, lambda r: f"{r.head_ms_b32:.3g}"),
+            ("edge", "head MB", None, lambda r: fixed(r.head_mb)),
+            ("edge", "head ms (b=1)", None, lambda r: fixed(r.head_ms)),
+            ("edge", "head ms/img (b=32)", None, lambda r: fixed(r.head_ms_b32)),
             ("wire", "feature", None, lambda r: "×".join(map(str, r.feature_shape))),
-            ("wire", "tail MMAC", None, lambda r: f"{r.tail_macs / 1e6:.3g}"),
+            ("wire", "tail MMAC", None, lambda r: fixed(r.tail_macs / 1e6)),
             ("wire", "kB float32", None, lambda r: _kb(r.bytes_float32)),
             ("wire", "kB float16", None, lambda r: _kb(r.bytes_float16)),
             ("wire", f"kB {wire}", "bytes_8bit", lambda r: _kb(r.bytes_8bit)),
@@ -291,10 +313,11 @@ class Advice:
             ("leakage", "SSIM", "ssim", lambda r: _num(r.ssim, ".3f")),
             ("leakage", "SSIM black box", "black_box_ssim", lambda r: _num(r.black_box_ssim, ".3f")),
             ("leakage", "SSIM white box", "white_box_ssim", lambda r: _num(r.white_box_ssim, ".3f")),
-            ("leakage", "CE floor", "ce_floor", lambda r: _num(r.ce_floor, ".3g")),
-            ("leakage", "R̄²", "gpz_r2", lambda r: _num(r.gpz_r2, ".3g")),
+            ("leakage", "CE floor", "ce_floor", lambda r: _sig(r.ce_floor)),
+            ("leakage", "R̄²", "gpz_r2", lambda r: _sig(r.gpz_r2)),
             ("leakage", "R̄²/V", "gpz_r2_norm", lambda r: _num(r.gpz_r2_norm, ".3f")),
             ("leakage", "R̄² drop", "gpz_drop", lambda r: _pct(r.gpz_drop, ".0f")),
+            ("leakage", "R̄²/V drop", "gpz_drop_norm", lambda r: _pct(r.gpz_drop_norm, ".0f")),
         ]
         if self.ranking is not None:
             columns.append(("leakage", "advice", None, marks))
