@@ -252,7 +252,7 @@ def test_advise_on_a_trained_lenet(lenet_advice):
     assert advice.ranking == "ssim" and advice.ruled_out == {"conv1": f"{conv1.wire_kbytes:.3g} kB > 1 kB"}
     assert advice.recommended == min(["pool2", "fc3"], key=lambda p: advice.row(p).ssim)
     assert advice.originals.shape == (8, 1, 28, 28) and advice.reconstructions["pool2"].shape == (8, 1, 28, 28)
-    assert set(advice.timings) == {"inputs", "split", "compute", "features", "wire", "statistics",
+    assert set(advice.timings) == {"trace", "inputs", "split", "compute", "features", "wire", "statistics",
                                    "attack (black_box)", "attack (white_box)"}
     assert {"SSIM", "SSIM black box", "SSIM white box"} <= set(advice.table()[0])
 

@@ -246,6 +246,7 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
     data = load_dataset(data) if isinstance(data, str) else data
     shape = _input_shape(model, data, input_shape)
     model_name = (getattr(model, "model_spec", None) or {}).get("name", type(model).__name__)
+    watch = _Stopwatch()
     cuts = ModelCuts(model, shape)  # one trace for the points, the cuts and the chain through them
     chosen = select_points(cuts.points, points, model_name)
     measured = trained and data is not None
@@ -256,7 +257,7 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
             "noise": noise,
             "fast_attacks": {a.threat: a.describe() for a in fast} if measured and attack else None,
             "fast_images": attack_images}
-    watch = _Stopwatch()
+    watch.lap("trace")
     rows, originals, strips = [], None, {}
     no_floor: dict[str, list[str]] = {}  # why the CE floor is missing -> the cuts
     shown = min(STRIP_IMAGES, attack_images)

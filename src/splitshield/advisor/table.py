@@ -126,8 +126,8 @@ class Advice:
     notes:
         What the user should know (e.g. why leakage was not measured).
     timings:
-        Seconds per stage: ``inputs``, ``split``, ``compute``, ``features``, ``wire``, ``statistics``, and
-        ``attack (THREAT)`` per fast attack.
+        Seconds per stage: ``trace`` (the model's graph), ``inputs``, ``split``, ``compute``, ``features``,
+        ``wire``, ``statistics``, and ``attack (THREAT)`` per fast attack.
     originals, reconstructions:
         The held-out images [N, C, H, W] and, per cut, the strongest fast attack's reconstructions of them (the
         one with the highest SSIM there: :attr:`PointAdvice.strongest_threat`), in [0, 1].
