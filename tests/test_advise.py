@@ -348,6 +348,13 @@ def test_npz_data_with_statistics_only(trained_lenet, mnist5k, tmp_path):
     assert any("R̄² drops are between neighbouring rows of this table" in n for n in advice.notes)
 
 
+def test_the_fast_attacks_warnings_reach_the_notes(mnist5k):
+    # An inverse network on 100 auxiliary images warns that it under-reports leakage: the report must say so too.
+    advice = ss.advise(ss.build_model("lenet"), mnist5k, points=["fc3"], fast=FastAttack(aux_images=100, steps=2),
+                       images=20, progress=False)
+    assert sum("auxiliary set has only 100 images" in n for n in advice.notes) == 1, advice.notes
+
+
 def test_a_missing_ce_floor_is_explained(trained_lenet, mnist5k):
     # 15 balanced test images leave 5 of the 10 classes with one image: no mixture component for them.
     advice = ss.advise(trained_lenet, mnist5k, points=["ReLU2", "fc3"], attack=False, rank_by="ce_floor",

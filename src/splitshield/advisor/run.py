@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -261,7 +263,8 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
     rows, originals, strips = [], None, {}
     no_floor: dict[str, list[str]] = {}  # why the CE floor is missing -> the cuts
     shown = min(STRIP_IMAGES, attack_images)
-    with _modes_kept(model):
+    with _modes_kept(model), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)  # every fast attack's warnings go into the notes, once each
         model.to(device).eval()
         inputs = _inputs(model, data, shape, images, seed, device)
         notes = _notes(data, trained, inputs, meta)
@@ -301,6 +304,9 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
     drops_norm = relative_drops([r.gpz_r2_norm for r in rows])
     rows = [dataclasses.replace(r, gpz_drop=d, gpz_drop_norm=dn)
             for r, d, dn in zip(rows, drops, drops_norm, strict=True)]
+    package = str(Path(__file__).parents[1])
+    notes += list(dict.fromkeys(str(w.message) for w in caught
+                                if issubclass(w.category, UserWarning) and w.filename.startswith(package)))
     notes += [f"CE floor not computed at {', '.join(names)}: {why}." for why, names in no_floor.items()]
     if points is not None and len(chosen) < len(cuts.points) and measured:
         notes.append("R̄² drops are between neighbouring rows of this table, a subset of the legal cuts: Liu et al.'s "
