@@ -355,6 +355,14 @@ def test_the_fast_attacks_warnings_reach_the_notes(mnist5k):
     assert sum("auxiliary set has only 100 images" in n for n in advice.notes) == 1, advice.notes
 
 
+def test_too_many_images_for_the_memory_are_refused_before_work(trained_lenet, mnist5k, monkeypatch):
+    monkeypatch.setattr(ss.advisor.run, "_free_memory", lambda: 10_000_000)  # 10 MB free
+    # 300 images × (12 B × 784 pixels + 16 B × 8×24×24 conv1 values) = 25 MB: too much; 80 % of 10 MB fits 96.
+    with pytest.raises(ConfigError, match=r"images: 300 test images would take about 25 MB at conv1 \(8×24×24 per "
+                                          r"image\) and 10 MB are free; pass images=96 or fewer \(--images\)"):
+        ss.advise(trained_lenet, mnist5k, points=["conv1", "fc3"], **SMALL)
+
+
 def test_a_missing_ce_floor_is_explained(trained_lenet, mnist5k):
     # 15 balanced test images leave 5 of the 10 classes with one image: no mixture component for them.
     advice = ss.advise(trained_lenet, mnist5k, points=["ReLU2", "fc3"], attack=False, rank_by="ce_floor",

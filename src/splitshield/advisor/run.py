@@ -164,6 +164,33 @@ def _statistics(x: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, predicte
             "ce_floor": floor}, missing
 
 
+def _free_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable); ``None`` where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _check_memory(shape: tuple[int, ...], chosen: Sequence[SplitPoint], images: int, statistics: bool) -> None:
+    """``ConfigError`` before any work when the test images and the widest cut's features would not fit in memory:
+    held in float32, the features twice (a cut's and the previous cut's), and with ``statistics`` once more each in
+    the CE floor's float64 copy."""
+    free = _free_memory()
+    widest = max(chosen, key=lambda p: math.prod(p.feature_shape))
+    pixel, value = (12, 16) if statistics else (4, 8)
+    per_image = pixel * math.prod(shape) + value * math.prod(widest.feature_shape)
+    if free is not None and images * per_image > 0.8 * free:
+        raise ConfigError(f"images: {images} test images would take about {_size(images * per_image)} at "
+                          f"{widest.name} ({'×'.join(map(str, widest.feature_shape))} per image) and {_size(free)} "
+                          f"are free; pass images={max(2, int(0.8 * free / per_image))} or fewer (--images)")
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.0f} MB"
+
+
 def _notes(data: Dataset | None, trained: bool, inputs: _Inputs, meta: dict) -> list[str]:
     if not trained:
         return ["Untrained model (no checkpoint): costs only. Leakage and accuracy need a trained model."]
@@ -252,6 +279,8 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
     cuts = ModelCuts(model, shape)  # one trace for the points, the cuts and the chain through them
     chosen = select_points(cuts.points, points, model_name)
     measured = trained and data is not None
+    if data is not None:
+        _check_memory(shape, chosen, images, statistics=measured)
     ranking = _ranking(rank_by, measured and attack, measured)
     options, wire_label = eight_bit_options()
     meta = {"model": model_name, "input_shape": shape, "data": data.name if data is not None else None,
