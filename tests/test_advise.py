@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,13 @@ def test_a_diverged_attack_is_never_recommended():
     rows = [_row("a", 0, 0.1, 1000, math.nan), _row("b", 10, 0.5, 1000, 0.6)]
     advice = ss.Advice(rows, "ssim")
     assert advice.leaks() == [None, 0.6] and advice.recommended == "b" and advice.pareto_latency == ["b"]
+    # A cheaper cut without a value is named, not silently left out of the bound.
+    rows.append(_row("c", 20, 0.9, 1000, 0.5))
+    assert ss.Advice(rows, "ssim").sentence().endswith(
+        "every cheaper cut but a (no value) (fewer head multiply-adds) has fast-attack SSIM ≥ 0.6.")
+    # An infinite PSNR is an exact reconstruction: the most leakage, not a missing value.
+    exact = [dataclasses.replace(_row("a", 0, 0.1, 1000, 0.9), psnr=math.inf), _row("b", 10, 0.5, 1000, 0.6)]
+    assert ss.Advice(exact, "psnr").leaks()[0] == math.inf
 
 
 def test_large_numbers_and_budget_breaks_read_without_exponents():
@@ -203,8 +211,10 @@ def test_large_numbers_and_budget_breaks_read_without_exponents():
     advice = ss.Advice([_row("a", 4_321_000_000, 123.4, 3_214_600, 0.5)], "ssim")
     header, body = advice.table(["edge", "wire"])
     cells = dict(zip(header, body[0], strict=True))
-    assert cells["head MMAC"] == "4,321" and cells["head ms (b=1)"] == "123" and cells["kB float32"] == "0"
+    assert cells["head MMAC"] == "4,321" and cells["head ms (b=1)"] == "123" and cells["kB 8-bit"] == "3,215"
     assert "123 ms per image" in advice.sentence() and "3,215 kB per image" in advice.sentence()
+    assert budget_reasons(0, 2.5e6, None, 1e6) == ["2,500,000 kB > 1,000,000 kB"]
+    assert budget_reasons(0, 1300, None, 1234.5678) == ["1,300 kB > 1234.57 kB"]
 
 
 def test_advice_is_dataframe_like():
@@ -249,7 +259,7 @@ def test_advise_on_a_trained_lenet(lenet_advice):
     assert fc3.strongest_threat == "black_box"  # 10 logits: without a prior, gradient steps find no digit
     assert conv1.gpz_r2_norm > fc3.gpz_r2_norm and conv1.gpz_drop is None and pool2.gpz_drop is not None
     assert abs(fc3.accuracy_8bit - advice.meta["accuracy"]) < 0.02  # 8-bit logits classify as the float ones
-    assert advice.ranking == "ssim" and advice.ruled_out == {"conv1": f"{conv1.wire_kbytes:.3g} kB > 1 kB"}
+    assert advice.ranking == "ssim" and advice.ruled_out == {"conv1": budget_reasons(0, conv1.wire_kbytes, None, 1)[0]}
     assert advice.recommended == min(["pool2", "fc3"], key=lambda p: advice.row(p).ssim)
     assert advice.originals.shape == (8, 1, 28, 28) and advice.reconstructions["pool2"].shape == (8, 1, 28, 28)
     assert set(advice.timings) == {"trace", "inputs", "split", "compute", "features", "wire", "statistics",
@@ -348,19 +358,37 @@ def test_npz_data_with_statistics_only(trained_lenet, mnist5k, tmp_path):
     assert any("R̄² drops are between neighbouring rows of this table" in n for n in advice.notes)
 
 
-def test_the_fast_attacks_warnings_reach_the_notes(mnist5k):
-    # An inverse network on 100 auxiliary images warns that it under-reports leakage: the report must say so too.
-    advice = ss.advise(ss.build_model("lenet"), mnist5k, points=["fc3"], fast=FastAttack(aux_images=100, steps=2),
-                       images=20, progress=False)
+def test_the_fast_attacks_warnings_reach_the_notes(mnist5k, monkeypatch):
+    # An inverse network on 100 auxiliary images warns that it under-reports leakage, at each of the two cuts: the
+    # report says so once. A warning from outside splitshield still reaches the user as a warning.
+    compute_cost = ss.advisor.run.compute_cost
+
+    def noisy(*args, **kwargs):
+        warnings.warn_explicit("outside", UserWarning, "/elsewhere/lib.py", 1)
+        return compute_cost(*args, **kwargs)
+
+    monkeypatch.setattr(ss.advisor.run, "compute_cost", noisy)
+    with pytest.warns(UserWarning, match="outside"):
+        advice = ss.advise(ss.build_model("lenet"), mnist5k, points=["pool2", "fc3"],
+                           fast=FastAttack(aux_images=100, steps=2), images=20, progress=False)
     assert sum("auxiliary set has only 100 images" in n for n in advice.notes) == 1, advice.notes
+    assert not any("outside" in n for n in advice.notes)
 
 
 def test_too_many_images_for_the_memory_are_refused_before_work(trained_lenet, mnist5k, monkeypatch):
-    monkeypatch.setattr(ss.advisor.run, "_free_memory", lambda: 10_000_000)  # 10 MB free
-    # 300 images × (12 B × 784 pixels + 16 B × 8×24×24 conv1 values) = 25 MB: too much; 80 % of 10 MB fits 96.
-    with pytest.raises(ConfigError, match=r"images: 300 test images would take about 25 MB at conv1 \(8×24×24 per "
-                                          r"image\) and 10 MB are free; pass images=96 or fewer \(--images\)"):
+    monkeypatch.setattr(ss.advisor.run, "free_memory", lambda: 20_000_000)  # 20 MB free
+    # 300 images × (12 B × 784 pixels + 24 B × 8×24×24 conv1 values) = 36 MB: too much; 80 % of 20 MB fits 133.
+    with pytest.raises(ConfigError, match=r"images: 300 test images would take about 36 MB at conv1 \(8×24×24 per "
+                                          r"image\) and 20 MB are free; pass images=133 or fewer \(--images\)"):
         ss.advise(trained_lenet, mnist5k, points=["conv1", "fc3"], **SMALL)
+    # Costs only (untrained): no float64 copies, 4 B per pixel and 16 per value; 300 images take 23 MB, still too
+    # much. The images the test split holds count, not the ones asked for: its 20 images fit.
+    with pytest.raises(ConfigError, match=r"300 test images would take about 23 MB .* pass images=208 or fewer"):
+        ss.advise(trained_lenet, mnist5k, points=["conv1"], trained=False, images=300, progress=False)
+    small = ss.Dataset("few", mnist5k.train, mnist5k.holdout, mnist5k.test.take(20))
+    assert len(ss.advise(trained_lenet, small, points=["conv1"], trained=False, images=300, progress=False)) == 1
+    monkeypatch.setattr(ss.advisor.run, "free_memory", lambda: None)  # unknown (not Linux): no check
+    assert len(ss.advise(trained_lenet, mnist5k, points=["conv1"], trained=False, progress=False)) == 1
 
 
 def test_a_missing_ce_floor_is_explained(trained_lenet, mnist5k):

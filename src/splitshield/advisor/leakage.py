@@ -228,4 +228,4 @@ def ce_floor(x: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, noise: floa
     try:
         return float(conditional_entropy_floor(x.cpu(), z.cpu(), sigma, labels=labels.cpu())["mse_floor"])
     except ConfigError as exc:  # a class with too few images: more images give it a mixture component
-        raise ConfigError(f"{exc}; measure on more test images (images, --images)") from exc
+        raise ConfigError(f"{exc}; measure on more test images (images, --images), or a larger test split") from exc

@@ -56,8 +56,9 @@ def pareto_front(costs: Sequence[float], leaks: Sequence[float | None]) -> list[
 
 
 def fixed(value: float, digits: int = 3) -> str:
-    """``value`` to ``digits`` significant digits without an exponent from 10^digits on: 0.0123 -> '0.0123',
-    123.4 -> '123', 3214.6 -> '3,215' (where ``format(value, '.3g')`` gives '3.21e+03')."""
+    """``value`` to ``digits`` significant digits, but whole and without an exponent from 10^digits on:
+    0.0123 -> '0.0123', 123.4 -> '123', 3214.6 -> '3,215' (where ``format(value, '.3g')`` gives '3.21e+03').
+    Small values keep their exponent (7.9e-07: an MSE floor)."""
     text = f"{value:.{digits}g}"
     return f"{value:,.0f}" if "e+" in text else text
 
@@ -76,9 +77,9 @@ def budget_reasons(head_ms: float, kbytes: float, max_edge_ms: float | None,
     """Which budgets a cut breaks, in words (empty when it meets them all)."""
     reasons = []
     if max_edge_ms is not None and head_ms > max_edge_ms:
-        reasons.append(f"head {_over(head_ms, max_edge_ms)} ms > {max_edge_ms:g} ms")
+        reasons.append(f"head {_over(head_ms, max_edge_ms)} ms > {fixed(max_edge_ms, 6)} ms")
     if max_kbytes is not None and kbytes > max_kbytes:
-        reasons.append(f"{_over(kbytes, max_kbytes)} kB > {max_kbytes:g} kB")
+        reasons.append(f"{_over(kbytes, max_kbytes)} kB > {fixed(max_kbytes, 6)} kB")
     return reasons
 
 

@@ -29,6 +29,7 @@ from .leakage import (
     held_out_index,
     relative_drops,
 )
+from .memory import check_memory, free_memory
 from .recommend import RANKINGS
 from .table import Advice, PointAdvice
 from .wire import CHUNK, eight_bit_options, wire_cost
@@ -164,31 +165,18 @@ def _statistics(x: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, predicte
             "ce_floor": floor}, missing
 
 
-def _free_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux's MemAvailable); ``None`` where unknown."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
-def _check_memory(shape: tuple[int, ...], chosen: Sequence[SplitPoint], images: int, statistics: bool) -> None:
-    """``ConfigError`` before any work when the test images and the widest cut's features would not fit in memory:
-    held in float32, the features twice (a cut's and the previous cut's), and with ``statistics`` once more each in
-    the CE floor's float64 copy."""
-    free = _free_memory()
-    widest = max(chosen, key=lambda p: math.prod(p.feature_shape))
-    pixel, value = (12, 16) if statistics else (4, 8)
-    per_image = pixel * math.prod(shape) + value * math.prod(widest.feature_shape)
-    if free is not None and images * per_image > 0.8 * free:
-        raise ConfigError(f"images: {images} test images would take about {_size(images * per_image)} at "
-                          f"{widest.name} ({'×'.join(map(str, widest.feature_shape))} per image) and {_size(free)} "
-                          f"are free; pass images={max(2, int(0.8 * free / per_image))} or fewer (--images)")
-
-
-def _size(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.0f} MB"
+def _warnings_to_notes(caught: Sequence[warnings.WarningMessage]) -> list[str]:
+    """splitshield's own UserWarnings (e.g. an attack on too few auxiliary images) as notes, once each; every other
+    warning shown as it would have been, once per place."""
+    package = Path(__file__).parents[1]
+    notes, shown = [], set()
+    for w in caught:
+        if issubclass(w.category, UserWarning) and Path(w.filename).is_relative_to(package):
+            notes.append(str(w.message))
+        elif (key := (str(w.message), w.category, w.filename, w.lineno)) not in shown:
+            shown.add(key)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # through the caller's filters
+    return list(dict.fromkeys(notes))
 
 
 def _notes(data: Dataset | None, trained: bool, inputs: _Inputs, meta: dict) -> list[str]:
@@ -280,7 +268,9 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
     chosen = select_points(cuts.points, points, model_name)
     measured = trained and data is not None
     if data is not None:
-        _check_memory(shape, chosen, images, statistics=measured)
+        # On a GPU the features live in its memory, which torch reports when it runs out.
+        check_memory(shape, chosen, min(images, len(data.test)), measured,
+                     free_memory() if torch.device(device).type == "cpu" else None)
     ranking = _ranking(rank_by, measured and attack, measured)
     options, wire_label = eight_bit_options()
     meta = {"model": model_name, "input_shape": shape, "data": data.name if data is not None else None,
@@ -333,14 +323,15 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
     drops_norm = relative_drops([r.gpz_r2_norm for r in rows])
     rows = [dataclasses.replace(r, gpz_drop=d, gpz_drop_norm=dn)
             for r, d, dn in zip(rows, drops, drops_norm, strict=True)]
-    package = str(Path(__file__).parents[1])
-    notes += list(dict.fromkeys(str(w.message) for w in caught
-                                if issubclass(w.category, UserWarning) and w.filename.startswith(package)))
+    notes += _warnings_to_notes(caught)
     notes += [f"CE floor not computed at {', '.join(names)}: {why}." for why, names in no_floor.items()]
     if points is not None and len(chosen) < len(cuts.points) and measured:
         notes.append("R̄² drops are between neighbouring rows of this table, a subset of the legal cuts: Liu et al.'s "
                      "zone is defined over neighbouring layers, so score every cut for it.")
-    if ranking == "gpz":
+    diverged = [r.point for r in rows if r.ssim is not None and math.isnan(r.ssim)]
+    if diverged:
+        notes.append(f"Every fast attack diverged (NaN) at {', '.join(diverged)}: the leakage there is unknown.")
+    if ranking == "gpz" and not attack:
         notes.append("Ranked by R̄²/V, a statistic of the features, not an attack: it can misrank deep cuts (see "
                      "benchmarks/results/advisor_validity.md); run the fast attacks for a measured ranking.")
     return Advice(rows, ranking, max_edge_ms, max_kbytes, meta, notes, dict(watch.totals), originals, strips)

@@ -94,7 +94,10 @@ def _kb(size: float | None) -> str:
 
 def _pct(value: float | None, spec: str = ".1f") -> str:
     """A fraction as a percentage: 0.912 -> '91.2%' ('91%' with spec '.0f')."""
-    return "–" if value is None else f"{100 * value:{spec}}%"
+    if value is None:
+        return "–"
+    text = f"{100 * value:{spec}}"
+    return f"{text.lstrip('-') if float(text) == 0 else text}%"  # a drop of -0.2 % reads 0 %, not -0 %
 
 
 def _count(value: float) -> str:
@@ -179,13 +182,13 @@ class Advice:
         return RANKINGS[self.ranking] if self.ranking else None
 
     def leaks(self) -> list[float | None]:
-        """Each cut's leakage, oriented so that higher means more (``None`` where unmeasured, not finite (a diverged
-        attack) or costs only)."""
+        """Each cut's leakage, oriented so that higher means more (``None`` where unmeasured, NaN (a diverged attack)
+        or costs only; an infinite PSNR, an exact reconstruction, is the most leakage there is)."""
         rank = self.rank
         if rank is None:
             return [None] * len(self.rows)
         values = [getattr(r, rank.column) for r in self.rows]
-        return [rank.leak(v) if v is not None and math.isfinite(v) else None for v in values]
+        return [rank.leak(v) if v is not None and not math.isnan(v) else None for v in values]
 
     @property
     def pareto_latency(self) -> list[str]:
@@ -249,11 +252,13 @@ class Advice:
             text += " (there the device runs the whole model: the tail has no multiply-adds)"
         leaks = dict(zip(self.points, self.leaks(), strict=True))
         # What the extra head compute buys: every cheaper alternative leaks at least this much.
-        cheaper = [c for c in self.rows if c.head_macs < r.head_macs and leaks[c.point] is not None
-                   and c.point not in ruled_out]
-        if cheaper:
-            least = getattr(min(cheaper, key=lambda c: leaks[c.point]), rank.column)
+        cheaper = [c.point for c in self.rows if c.head_macs < r.head_macs and c.point not in ruled_out]
+        valued = [p for p in cheaper if leaks[p] is not None]
+        if valued:
+            least = getattr(self.row(min(valued, key=lambda p: leaks[p])), rank.column)
             scope = "every cheaper cut within the budgets" if ruled_out else "every cheaper cut"
+            unknown = [p for p in cheaper if leaks[p] is None]
+            scope += f" but {', '.join(unknown)} (no value)" if unknown else ""
             text += (f"; {scope} (fewer head multiply-adds) has {rank.label} {'≥' if rank.higher_leaks else '≤'} "
                      f"{fixed(least)}")
         # Cuts that would leak less are ruled out by a budget, not forgotten: name them.
