@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 import splitshield as ss
+from splitshield.attacks.decoders import he2019_decoder, wants_dense_decoder
 from splitshield.measure import attack_seed, measure_attack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -187,6 +188,9 @@ def main() -> None:
         clock = time.perf_counter()
         earlier = done.get(point, {})
         ssim: dict[str, float | None] = earlier.get("attacks", {})
+        decoder = decoder_kind(point, target, data.image_shape)
+        if earlier and earlier["decoder"] != decoder:  # the inverse network builds another decoder now: run it again
+            ssim = {name: v for name, v in ssim.items() if settings[name]["name"] != "inverse_network"}
         for name, setting in settings.items():
             if name in ssim:
                 continue
@@ -197,9 +201,9 @@ def main() -> None:
                                     seed=attack_seed(args.seed, setting), metrics=("ssim", "psnr"))
             ssim[name] = next(v for metric, i, v in result.metrics if metric == "ssim" and i == -1)
         row = advice.row(point)
-        rows.append({"point": point, "fast_ssim": row.ssim, "fast_black_box_ssim": row.black_box_ssim,
-                     "fast_white_box_ssim": row.white_box_ssim, "ce_floor": row.ce_floor,
-                     "gpz_r2_norm": row.gpz_r2_norm, "gpz_r2": row.gpz_r2, "attacks": ssim,
+        rows.append({"point": point, "decoder": decoder, "fast_ssim": row.ssim,
+                     "fast_black_box_ssim": row.black_box_ssim, "fast_white_box_ssim": row.white_box_ssim,
+                     "ce_floor": row.ce_floor, "gpz_r2_norm": row.gpz_r2_norm, "gpz_r2": row.gpz_r2, "attacks": ssim,
                      "best": max(v for v in ssim.values() if v is not None),
                      "seconds": earlier.get("seconds", 0.0) + time.perf_counter() - clock})
         if args.json:
@@ -227,6 +231,15 @@ def main() -> None:
         write(args.json, args, accuracy, settings, label, rows, correlations, advice, len(points))
 
 
+def decoder_kind(point: str, target: ss.SplitModel, image_shape: tuple[int, int, int]) -> str:
+    """The decoder the inverse network builds at ``point``: He et al.'s hand-made one, the dense or the
+    convolutional one (:func:`~splitshield.attacks.decoders.build_decoder`)."""
+    feature = tuple(target.head(torch.zeros(1, *image_shape)).shape[1:])
+    if he2019_decoder(point, feature) is not None:
+        return "he2019"
+    return "dense" if wants_dense_decoder(feature, image_shape) else "conv"
+
+
 def write(path: Path, args: argparse.Namespace, accuracy: float, settings: dict, label: str, rows: list[dict],
           correlations: dict[str, float], advice: ss.Advice, planned: int) -> None:
     path.write_text(json.dumps({"model": args.model, "seed": args.seed, "accuracy": accuracy, "settings": settings,
@@ -237,7 +250,7 @@ def write(path: Path, args: argparse.Namespace, accuracy: float, settings: dict,
 def previous_rows(path: Path | None, args: argparse.Namespace, accuracy: float,
                   settings: dict) -> dict[str, dict]:
     """Per point of an earlier run of the same model, seed, accuracy and attack settings: its full-budget SSIMs
-    (``attacks``) and the seconds they took (``seconds``)."""
+    (``attacks``), the seconds they took (``seconds``) and the inverse network's decoder (``decoder``)."""
     if path is None or not path.is_file():
         return {}
     old = json.loads(path.read_text())
@@ -245,7 +258,8 @@ def previous_rows(path: Path | None, args: argparse.Namespace, accuracy: float,
             args.model, args.seed, accuracy, json.loads(json.dumps(settings))):
         return {}
     print(f"resuming: {len(old['rows'])} points from {path}", flush=True)
-    return {row["point"]: {"attacks": row["attacks"], "seconds": row["seconds"]} for row in old["rows"]}
+    return {row["point"]: {"attacks": row["attacks"], "seconds": row["seconds"], "decoder": row["decoder"]}
+            for row in old["rows"]}
 
 
 if __name__ == "__main__":

@@ -115,9 +115,8 @@ def test_standardised_inverse_network_is_blind_to_the_feature_scale(trained_lene
 def test_standardisation_follows_the_decoder_actually_used():
     from splitshield.attacks.decoders import build_decoder, he2019_decoder, standardize_dims
 
-    # He et al.'s ReLU32 decoder is convolutional although the shape rule alone would pick a dense one.
     assert standardize_dims((128, 8, 8), he2019_decoder("ReLU32", (128, 8, 8))) == (0, 2, 3)
-    assert standardize_dims((128, 8, 8), build_decoder((128, 8, 8), (3, 32, 32))) == (0,)
+    assert standardize_dims((16, 4, 4), build_decoder((16, 4, 4), (1, 28, 28))) == (0,)  # dense: per value
     assert standardize_dims((64,), build_decoder((64,), (1, 28, 28))) == (0,)
 
 
@@ -193,9 +192,12 @@ def test_observe_is_seeded(trained_lenet, digits):
     ("feature", "image", "dense"),
     [
         ((16, 8, 8), (1, 28, 28), True),  # LeNet ReLU2: a coarse map mixing a large receptive field
+        ((8, 12, 12), (1, 28, 28), False),  # LeNet pool1: only half the resolution
         ((8, 24, 24), (1, 28, 28), False),  # LeNet conv1: nearly full resolution, local
         ((120,), (1, 28, 28), True),  # flat
-        ((8, 8, 8), (3, 32, 32), True),  # CEM's VGG bottleneck
+        ((3072,), (3, 32, 32), True),  # flat, whatever the image
+        ((8, 8, 8), (3, 32, 32), False),  # CEM's VGG bottleneck: coarse, but a colour image
+        ((64, 16, 16), (3, 32, 32), False),  # ResNet-18's conv1 at 32×32
         ((128, 16, 16), (3, 32, 32), False),  # too many values for a dense first layer
     ],
 )

@@ -32,22 +32,26 @@ def he2019_decoder(point: str, feature_shape: tuple[int, ...]) -> nn.Module | No
 
 #: Largest feature (in values) given the fully connected decoder; beyond it the first layer gets too big.
 DENSE_MAX_FEATURES = 16384
+#: Largest image (in values) a feature map is decoded to by the fully connected decoder: 28×28 grey digits are
+#: below it, 32×32 colour images and faces above (``benchmarks/decoder_choice.py``).
+DENSE_MAX_IMAGE = 1024
 
 
 def build_decoder(feature_shape: tuple[int, ...], image_shape: tuple[int, int, int], width: int = 64,
                   fine: int = 32, hidden: int = 1024, kind: str = "auto") -> nn.Module:
     """A decoder from features of ``feature_shape`` to images of ``image_shape`` (C, H, W).
 
-    Flat features, and feature maps at half the image's resolution or less, get the fully connected
-    :func:`dense_decoder` (while they have at most :data:`DENSE_MAX_FEATURES` values): after two
-    poolings every feature mixes a large receptive field, which a dense map inverts better and faster than
-    upsampling convolutions (compared in ``benchmarks/decoders.py``). Finer or larger feature maps get the
-    convolutional decoder: widened to ``width`` channels and doubled in size by transposed convolutions
-    (halving the channels) while they fit; a remaining size gap of up to 8 pixels is closed by one transposed
-    convolution of the exact kernel (e.g. LeNet ``conv1``: 24 -> 28 with a 5×5 kernel, the shape
-    inverse of the layer), a larger one by bilinear resizing and a 3×3 conv. Its cost stays at low
-    resolution: only ``fine`` channels and one output conv run at full size. ``kind`` forces one of the
-    two (``"dense"`` or ``"conv"``); ``"auto"`` chooses as above.
+    Flat features, and feature maps at a third of the image's resolution or less of images of at most
+    :data:`DENSE_MAX_IMAGE` values, get the fully connected :func:`dense_decoder` (while they have at most
+    :data:`DENSE_MAX_FEATURES` values): after two poolings every feature of a digit mixes a large receptive
+    field, which a dense map inverts better and faster than upsampling convolutions (``benchmarks/decoders.py``).
+    Every other feature map gets the convolutional decoder, which inverts a map at half the resolution, or any
+    map of a colour image, far better than the dense one (``benchmarks/decoder_choice.py``): widened to
+    ``width`` channels and doubled in size by transposed convolutions (halving the channels) while they fit;
+    a remaining size gap of up to 8 pixels is closed by one transposed convolution of the exact kernel (e.g.
+    LeNet ``conv1``: 24 -> 28 with a 5×5 kernel, the shape inverse of the layer), a larger one by bilinear
+    resizing and a 3×3 conv. Its cost stays at low resolution: only ``fine`` channels and one output conv run
+    at full size. ``kind`` forces one of the two (``"dense"`` or ``"conv"``); ``"auto"`` chooses as above.
     """
     choice("decoder kind", kind, ("auto", "dense", "conv"))
     if kind == "dense" or (kind == "auto" and wants_dense_decoder(feature_shape, image_shape)):
@@ -89,9 +93,11 @@ def dense_width(aux_images: int, widest: int = 1024) -> int:
 
 
 def wants_dense_decoder(feature_shape: tuple[int, ...], image_shape: tuple[int, int, int]) -> bool:
-    """Whether a feature is flat or at most half the image's resolution, and small enough for a dense decoder."""
+    """Whether a feature gets the dense decoder: flat, or a map at a third of the image's resolution or less of an
+    image of at most :data:`DENSE_MAX_IMAGE` values; and at most :data:`DENSE_MAX_FEATURES` values."""
     coarse = len(feature_shape) != 3 or (
-        feature_shape[1] * 2 <= image_shape[1] and feature_shape[2] * 2 <= image_shape[2]
+        feature_shape[1] * 3 <= image_shape[1] and feature_shape[2] * 3 <= image_shape[2]
+        and math.prod(image_shape) <= DENSE_MAX_IMAGE
     )
     return coarse and math.prod(feature_shape) <= DENSE_MAX_FEATURES
 

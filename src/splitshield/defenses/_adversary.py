@@ -25,9 +25,9 @@ def light_decoder(feature_shape: tuple[int, ...], image_shape: tuple[int, ...], 
                   sigmoid: bool = True, standardize: bool = True) -> nn.Module:
     """A small decoder from features to images, in (0, 1) with ``sigmoid`` (as CEM's decoders).
 
-    Flat or coarse features (at most half the image's resolution) get the attack's fully connected
-    decoder with ``8 * width`` hidden units, as the inverse-network attack would
-    (:func:`~splitshield.attacks.decoders.build_decoder`; imported late: the attacks package imports
+    Features the inverse-network attack decodes with its fully connected decoder (flat ones, coarse maps of
+    small images: :func:`~splitshield.attacks.decoders.wants_dense_decoder`) get it here too, with ``8 * width``
+    hidden units (:func:`~splitshield.attacks.decoders.build_decoder`; imported late: the attacks package imports
     ``defenses.base``). Finer convolutional features: conv 3×3, bilinear resize to half the image size,
     conv 3×3, a stride-2 transposed conv to full size, conv 3×3 to the image channels — about a quarter
     of the attack's convolutional decoder, because an online adversary runs twice per training step.
