@@ -200,6 +200,7 @@ def main() -> None:
             result = measure_attack(target, None, data, setting, images="first_per_class",
                                     seed=attack_seed(args.seed, setting), metrics=("ssim", "psnr"))
             ssim[name] = next(v for metric, i, v in result.metrics if metric == "ssim" and i == -1)
+        ssim = {name: ssim[name] for name in settings}  # in the settings' order, whichever ran again
         row = advice.row(point)
         rows.append({"point": point, "decoder": decoder, "fast_ssim": row.ssim,
                      "fast_black_box_ssim": row.black_box_ssim, "fast_white_box_ssim": row.white_box_ssim,
