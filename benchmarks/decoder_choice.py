@@ -1,11 +1,14 @@
 """Which decoder should the inverse network build at a cut: the dense one or the convolutional one?
 
-``build_decoder``'s ``auto`` rule gives a fully connected decoder to flat features and to feature maps at half the
-image's resolution or less, a convolutional one to finer maps. That rule was chosen on MNIST's ``ReLU2``
-(``benchmarks/decoders.py``). This benchmark trains both kinds (``kind="dense"`` and ``kind="conv"``) through the
-one attack pipeline (``fit_attack``, the inverse network with everything else at its defaults) at each given cut of
-a trained model, with the same auxiliary images, steps and seed, and scores both on the first test image of each
-class (He et al.'s protocol), with the time of each as a ratio to the dense one.
+``build_decoder``'s ``auto`` rule (``wants_dense_decoder``, the ``auto`` column) gives the fully connected decoder to
+flat features and to feature maps at a third of the resolution or less of small images (digits), the convolutional
+one to every other map. The cases this benchmark measured set that rule; the one before it, chosen on MNIST's
+``ReLU2`` alone (``benchmarks/decoders.py``), gave the dense decoder to every map at half the resolution or less,
+which reconstructs little more than the mean image at CIFAR-10's pooled cuts. This benchmark trains both kinds
+(``kind="dense"`` and ``kind="conv"``) through the one attack pipeline (``fit_attack``, the inverse network with
+everything else at its defaults) at each given cut of a trained model, with the same auxiliary images, steps and
+seed, and scores both on the first test image of each class (He et al.'s protocol), with the time of each as a
+ratio to the dense one.
 
     python benchmarks/decoder_choice.py --data cifar10 --model cifar-cnn \\
         --checkpoint benchmarks/results/artifacts/targets/HASH --points pool1,conv31

@@ -377,10 +377,19 @@ def test_the_fast_attacks_warnings_reach_the_notes(mnist5k, monkeypatch):
 
 def test_too_many_images_for_the_memory_are_refused_before_work(trained_lenet, mnist5k, monkeypatch):
     monkeypatch.setattr(ss.advisor.run, "free_memory", lambda: 20_000_000)  # 20 MB free
-    # 300 images × (12 B × 784 pixels + 24 B × 8×24×24 conv1 values) = 36 MB: too much; 80 % of 20 MB fits 133.
-    with pytest.raises(ConfigError, match=r"images: 300 test images would take about 36 MB at conv1 \(8×24×24 per "
-                                          r"image\) and 20 MB are free; pass images=133 or fewer \(--images\)"):
+    # 300 images × (12 B × 784 pixels + 24 B × 8×24×24 conv1 values) = 36 MB, and the inverse network's 256
+    # auxiliary images × (4 B × 784 + 8 B × 4,608) = 10.24 MB: too much; 80 % of 20 MB less 10.24 MB fits 48 images.
+    with pytest.raises(ConfigError, match=r"images: 300 test images and 256 auxiliary images would take about 46 MB at "
+                                          r"conv1 \(8×24×24 per image\) and 20 MB are free; pass images=48 or fewer "
+                                          r"\(--images\)"):
         ss.advise(trained_lenet, mnist5k, points=["conv1", "fc3"], **SMALL)
+    # Without the inverse network (white box only) its auxiliary images do not count: 133 images fit.
+    with pytest.raises(ConfigError, match=r"300 test images would take about 36 MB .* pass images=133 or fewer"):
+        ss.advise(trained_lenet, mnist5k, points=["conv1", "fc3"], **{**SMALL, "fast": TINY_WHITE_BOX})
+    # 1,000 auxiliary images at conv1 (40 MB) alone overfill the 16 MB usable: the fix names them.
+    with pytest.raises(ConfigError, match=r"and 1000 auxiliary images .* give the inverse network fewer auxiliary "
+                                          r"images \(FastAttack\(aux_images=…\)\)"):
+        ss.advise(trained_lenet, mnist5k, points=["conv1"], **{**SMALL, "fast": FastAttack(aux_images=5000)})
     # Costs only (untrained): no float64 copies, 4 B per pixel and 16 per value; 300 images take 23 MB, still too
     # much. The images the test split holds count, not the ones asked for: its 20 images fit.
     with pytest.raises(ConfigError, match=r"300 test images would take about 23 MB .* pass images=208 or fewer"):

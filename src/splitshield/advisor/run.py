@@ -21,6 +21,7 @@ from .costs import LATENCY_BATCHES, compute_cost
 from .leakage import (
     FAST_ATTACKS,
     FAST_IMAGES,
+    FastAttack,
     FastBudget,
     Inversion,
     ce_floor,
@@ -269,8 +270,9 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
     measured = trained and data is not None
     if data is not None:
         # On a GPU the features live in its memory, which torch reports when it runs out.
+        aux = max((min(a.aux_images, len(data.holdout)) for a in fast if isinstance(a, FastAttack)), default=0)
         check_memory(shape, chosen, min(images, len(data.test)), measured,
-                     free_memory() if torch.device(device).type == "cpu" else None)
+                     free_memory() if torch.device(device).type == "cpu" else None, aux if measured and attack else 0)
     ranking = _ranking(rank_by, measured and attack, measured)
     options, wire_label = eight_bit_options()
     meta = {"model": model_name, "input_shape": shape, "data": data.name if data is not None else None,

@@ -78,18 +78,15 @@ class PointAdvice:
         return (self.bytes_8bit if self.bytes_8bit is not None else self.bytes_float32) / 1000
 
 
-def _num(value: float | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def _sig(value: float | None) -> str:
-    """Three significant digits, no exponent above 1000 (:func:`~splitshield.advisor.recommend.fixed`)."""
-    return "–" if value is None else fixed(value)
+def _num(value: float | None, spec: str | None = None) -> str:
+    """``value`` formatted by ``spec``; by default three significant digits with no exponent above 1000
+    (:func:`~splitshield.advisor.recommend.fixed`); a dash when missing."""
+    return "–" if value is None else fixed(value) if spec is None else format(value, spec)
 
 
 def _kb(size: float | None) -> str:
     """Bytes as kB (10³ bytes)."""
-    return _sig(None if size is None else size / 1000)
+    return _num(None if size is None else size / 1000)
 
 
 def _pct(value: float | None, spec: str = ".1f") -> str:
@@ -318,8 +315,8 @@ class Advice:
             ("leakage", "SSIM", "ssim", lambda r: _num(r.ssim, ".3f")),
             ("leakage", "SSIM black box", "black_box_ssim", lambda r: _num(r.black_box_ssim, ".3f")),
             ("leakage", "SSIM white box", "white_box_ssim", lambda r: _num(r.white_box_ssim, ".3f")),
-            ("leakage", "CE floor", "ce_floor", lambda r: _sig(r.ce_floor)),
-            ("leakage", "R̄²", "gpz_r2", lambda r: _sig(r.gpz_r2)),
+            ("leakage", "CE floor", "ce_floor", lambda r: _num(r.ce_floor)),
+            ("leakage", "R̄²", "gpz_r2", lambda r: _num(r.gpz_r2)),
             ("leakage", "R̄²/V", "gpz_r2_norm", lambda r: _num(r.gpz_r2_norm, ".3f")),
             ("leakage", "R̄² drop", "gpz_drop", lambda r: _pct(r.gpz_drop, ".0f")),
             ("leakage", "R̄²/V drop", "gpz_drop_norm", lambda r: _pct(r.gpz_drop_norm, ".0f")),
