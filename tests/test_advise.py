@@ -278,6 +278,21 @@ def test_strips_are_the_strongest_fast_attacks_reconstructions(lenet_advice, tra
         assert torch.equal(lenet_advice.originals, alone.originals[:8])
 
 
+def test_the_strongest_attack_is_chosen_by_the_ranking_measure(trained_lenet, mnist5k, monkeypatch):
+    # Where the black box reconstructs structure (higher SSIM) and the white box pixel values (higher PSNR), a PSNR
+    # ranking takes the white box's PSNR: the leakage it ranks by is the highest PSNR an attack reached.
+    def fake(target, data, attack, seed, images, device):
+        psnr, ssim = {"black_box": (12.0, 0.6), "white_box": (20.0, 0.4)}[attack.threat]
+        x = mnist5k.test.images[:images].float() / 255
+        return ss.advisor.leakage.Inversion(psnr, ssim, x, x * 0)
+
+    monkeypatch.setattr(ss.advisor.run, "fast_inversion", fake)
+    rows = {by: ss.advise(trained_lenet, mnist5k, points=["pool2"], rank_by=by, images=20, progress=False).rows[0]
+            for by in ("ssim", "psnr")}
+    assert (rows["ssim"].strongest_threat, rows["ssim"].psnr, rows["ssim"].ssim) == ("black_box", 12.0, 0.6)
+    assert (rows["psnr"].strongest_threat, rows["psnr"].psnr, rows["psnr"].ssim) == ("white_box", 20.0, 0.4)
+
+
 def test_one_fast_attack_and_bad_budgets(trained_lenet, mnist5k):
     advice = ss.advise(trained_lenet, mnist5k, points=["conv1", "fc3"], fast=TINY_WHITE_BOX, attack_images=3,
                        images=50, progress=False)

@@ -94,17 +94,25 @@ def _fast_attacks(fast: FastBudget | Sequence[FastBudget] | None) -> tuple[FastB
 
 
 def _leakage(target: SplitModel, data: Dataset, fast: tuple[FastBudget, ...], images: int, seed: int,
-             device: str | torch.device, lap: Callable[[str], None]) -> tuple[dict[str, float | str], Inversion]:
+             device: str | torch.device, lap: Callable[[str], None], by: str = "ssim",
+             ) -> tuple[dict[str, float | str], Inversion]:
     """Every fast attack's PSNR/SSIM at ``target``'s cut, all on the same ``images`` held-out images; the strongest
-    attack's (the highest mean SSIM: ``strongest_threat``, its ``psnr`` and ``ssim``), and its :class:`Inversion`."""
+    attack's (the highest mean ``by``, ``ssim`` or ``psnr``: ``strongest_threat``, its ``psnr`` and ``ssim``), and
+    its :class:`Inversion`."""
     leak: dict[str, float | str] = {}
     results = {}
     for attack in fast:
         results[attack.threat] = inversion = fast_inversion(target, data, attack, seed, images, device)
         leak |= {f"{attack.threat}_psnr": inversion.psnr, f"{attack.threat}_ssim": inversion.ssim}
         lap(f"attack ({attack.threat})")
-    # A diverged attack (NaN) is the weakest, wherever it comes in the order.
-    strongest = max(results, key=lambda t: results[t].ssim if math.isfinite(results[t].ssim) else -math.inf)
+
+    def strength(threat: str) -> float:
+        # A diverged attack (NaN) is the weakest, wherever it comes in the order; an exact one (PSNR +inf) the
+        # strongest.
+        value = getattr(results[threat], by)
+        return -math.inf if math.isnan(value) else value
+
+    strongest = max(results, key=strength)
     best = results[strongest]
     leak |= {"psnr": best.psnr, "ssim": best.ssim, "strongest_threat": strongest}
     return leak, best
@@ -226,7 +234,8 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
     noise:
         The CE floor's Gaussian noise, in units of the feature's standard deviation (> 0).
     rank_by:
-        What cuts are ranked by: ``ssim`` or ``psnr`` (the strongest fast attack's), ``ce_floor``, ``gpz``
+        What cuts are ranked by: ``ssim`` or ``psnr`` (the strongest fast attack's by that measure), ``ce_floor``,
+        ``gpz``
         (R̄²/V); default ``ssim`` with the attacks, else ``gpz``, which ranked LeNet's cuts closer to the full
         attacks than the CE floor did (``benchmarks/advisor_validity.py``).
     max_edge_ms, max_kbytes:
@@ -234,8 +243,8 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
     fast:
         The fast attacks and their budgets, one per threat: a :class:`FastAttack` (black box), a
         :class:`FastWhiteBox` (white box) or both (the default, with their default budgets). A cut's leakage is
-        the strongest one's (the highest mean SSIM): the cloud may hold the head's weights (a public pretrained
-        backbone) or only query it.
+        the strongest one's (the highest mean SSIM; the highest mean PSNR with ``rank_by="psnr"``): the cloud may
+        hold the head's weights (a public pretrained backbone) or only query it.
     attack_images:
         Held-out test images every fast attack reconstructs and is scored on, the same for all of them (balanced
         over the classes: :func:`~splitshield.advisor.leakage.held_out_index`).
@@ -315,7 +324,8 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
                         no_floor.setdefault(missing, []).append(p.name)
                     lap("statistics")
             if measured and attack:
-                scores, strongest = _leakage(target, data, fast, attack_images, seed, device, lap)
+                scores, strongest = _leakage(target, data, fast, attack_images, seed, device, lap,
+                                             "psnr" if ranking == "psnr" else "ssim")
                 leak |= scores
                 originals = strongest.originals[:shown]  # every attack scores the same images
                 strips[p.name] = strongest.reconstructions[:shown]

@@ -37,7 +37,8 @@ class PointAdvice:
         Each fast attack's mean PSNR (dB) and SSIM on held-out images: the black-box inverse network
         (:class:`~splitshield.advisor.FastAttack`) and white-box rMLE (:class:`~splitshield.advisor.FastWhiteBox`).
     psnr, ssim, strongest_threat:
-        The strongest fast attack's (the highest mean SSIM) PSNR and SSIM, and its threat.
+        The strongest fast attack's PSNR and SSIM, and its threat: the one with the highest mean SSIM, or PSNR
+        when the advice ranks by PSNR.
     ce_floor:
         Conditional-entropy MSE floor at the advisor's noise level (squared pixel units).
     gpz_r2, gpz_r2_norm:
@@ -129,8 +130,8 @@ class Advice:
         Seconds per stage: ``trace`` (the model's graph), ``inputs``, ``split``, ``compute``, ``features``,
         ``wire``, ``statistics``, and ``attack (THREAT)`` per fast attack.
     originals, reconstructions:
-        The held-out images [N, C, H, W] and, per cut, the strongest fast attack's reconstructions of them (the
-        one with the highest SSIM there: :attr:`PointAdvice.strongest_threat`), in [0, 1].
+        The held-out images [N, C, H, W] and, per cut, the strongest fast attack's reconstructions of them
+        (:attr:`PointAdvice.strongest_threat`), in [0, 1].
     """
 
     rows: list[PointAdvice]
