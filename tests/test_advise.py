@@ -278,7 +278,7 @@ def test_strips_are_the_strongest_fast_attacks_reconstructions(lenet_advice, tra
         assert torch.equal(lenet_advice.originals, alone.originals[:8])
 
 
-def test_the_strongest_attack_is_chosen_by_the_ranking_measure(trained_lenet, mnist5k, monkeypatch):
+def test_the_strongest_attack_is_chosen_by_the_ranking_measure(trained_lenet, mnist5k, monkeypatch, tmp_path):
     # Where the black box reconstructs structure (higher SSIM) and the white box pixel values (higher PSNR), a PSNR
     # ranking takes the white box's PSNR: the leakage it ranks by is the highest PSNR an attack reached.
     def fake(target, data, attack, seed, images, device):
@@ -287,10 +287,14 @@ def test_the_strongest_attack_is_chosen_by_the_ranking_measure(trained_lenet, mn
         return ss.advisor.leakage.Inversion(psnr, ssim, x, x * 0)
 
     monkeypatch.setattr(ss.advisor.run, "fast_inversion", fake)
-    rows = {by: ss.advise(trained_lenet, mnist5k, points=["pool2"], rank_by=by, images=20, progress=False).rows[0]
-            for by in ("ssim", "psnr")}
-    assert (rows["ssim"].strongest_threat, rows["ssim"].psnr, rows["ssim"].ssim) == ("black_box", 12.0, 0.6)
-    assert (rows["psnr"].strongest_threat, rows["psnr"].psnr, rows["psnr"].ssim) == ("white_box", 20.0, 0.4)
+    advice = {by: ss.advise(trained_lenet, mnist5k, points=["pool2"], rank_by=by, images=20, progress=False)
+              for by in ("ssim", "psnr")}
+    ssim_row, psnr_row = advice["ssim"].rows[0], advice["psnr"].rows[0]
+    assert (ssim_row.strongest_threat, ssim_row.psnr, ssim_row.ssim) == ("black_box", 12.0, 0.6)
+    assert (psnr_row.strongest_threat, psnr_row.psnr, psnr_row.ssim) == ("white_box", 20.0, 0.4)
+    for by, word in (("ssim", "SSIM"), ("psnr", "PSNR")):  # the page says which measure chose the strongest
+        page = advice[by].write_report(tmp_path / by)[0].read_text()
+        assert f"PSNR and SSIM are the strongest attack's (the highest {word})" in page
 
 
 def test_one_fast_attack_and_bad_budgets(trained_lenet, mnist5k):

@@ -10,11 +10,12 @@ from ..figures import pareto_plot, reconstruction_grid
 from ..report import _data_uri, _html_table, _markdown_table, output_folder, write_pages
 from .table import Advice
 
+#: How the table was measured; ``{by}`` is what the strongest fast attack is chosen by (SSIM or PSNR).
 HOW = ("Costs are per image. Multiply-adds are PyTorch's FLOP counter's (matrix products and convolutions; "
        "element-wise work is not counted); head milliseconds are measured on this machine, the fastest of a few "
        "runs. Bytes are codec frames with their headers, one image per frame; 8-bit frames are quantised over each "
        "image's range. Leakage: fast attacks with small fixed budgets (stated above) reconstruct the same held-out "
-       "test images; PSNR and SSIM are the strongest attack's (the highest SSIM), beside each attack's SSIM when "
+       "test images; PSNR and SSIM are the strongest attack's (the highest {by}), beside each attack's SSIM when "
        "several ran. Then the conditional-entropy MSE floor (an estimate for comparing cuts) and the GPZ intra-class"
        " radius R̄² of the features (R̄²/V: divided by their total variance; drop: from the previous cut). Marks: ★ "
        "recommended, ms / kB on the Pareto front of leakage against head latency / bytes, GPZ in Liu et al.'s zone "
@@ -66,14 +67,15 @@ def write_report(advice: Advice, out: str | Path) -> list[Path]:
     folder = output_folder(out)
     title = f"Where to cut {advice.meta['model']}"
     header, body = advice.table()
+    how = HOW.format(by="PSNR" if advice.ranking == "psnr" else "SSIM")
     timing = " · ".join(f"{stage} {seconds:.1f} s" for stage, seconds in advice.timings.items())
     summary = [advice.sentence(), *advice.ruled_out_lines(), *advice.notes]
     figures = _figures(advice, folder / "figures")
     md = [f"# {title}", "", _meta(advice), "", "## Advice", "", *(f"- {s}" for s in summary), "",
-          "## Every cut", "", HOW, "", _markdown_table(header, body), "", f"Time: {timing}."]
+          "## Every cut", "", how, "", _markdown_table(header, body), "", f"Time: {timing}."]
     page = [f"<h1>{html.escape(title)}</h1>", f"<p class='meta'>{html.escape(_meta(advice))}</p>", "<h2>Advice</h2>",
             "<div class='summary'><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in summary) + "</ul></div>",
-            "<h2>Every cut</h2>", f"<p class='meta'>{html.escape(HOW)}</p>", _html_table(header, body),
+            "<h2>Every cut</h2>", f"<p class='meta'>{html.escape(how)}</p>", _html_table(header, body),
             f"<p class='meta'>Time: {html.escape(timing)}.</p>"]
     for path, caption in figures:
         md += ["", f"![{caption}]({path.relative_to(folder).as_posix()})"]
