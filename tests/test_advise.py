@@ -21,6 +21,7 @@ import splitshield as ss
 from splitshield.advisor import FastAttack, FastWhiteBox, PointAdvice, gpz_radius, pareto_front
 from splitshield.advisor.costs import multiply_adds, parameter_count, weight_megabytes
 from splitshield.advisor.leakage import ce_floor, fast_inversion, gpz_zone, held_out_index, relative_drops
+from splitshield.advisor.pages import _plottable
 from splitshield.advisor.recommend import best_cut, budget_reasons
 from splitshield.advisor.wire import wire_cost
 from splitshield.cli import app
@@ -281,8 +282,10 @@ def test_strips_are_the_strongest_fast_attacks_reconstructions(lenet_advice, tra
 def test_the_strongest_attack_is_chosen_by_the_ranking_measure(trained_lenet, mnist5k, monkeypatch, tmp_path):
     # Where the black box reconstructs structure (higher SSIM) and the white box pixel values (higher PSNR), a PSNR
     # ranking takes the white box's PSNR: the leakage it ranks by is the highest PSNR an attack reached.
+    scores = {"black_box": (12.0, 0.6), "white_box": (20.0, 0.4)}
+
     def fake(target, data, attack, seed, images, device):
-        psnr, ssim = {"black_box": (12.0, 0.6), "white_box": (20.0, 0.4)}[attack.threat]
+        psnr, ssim = scores[attack.threat]
         x = mnist5k.test.images[:images].float() / 255
         return ss.advisor.leakage.Inversion(psnr, ssim, x, x * 0)
 
@@ -292,9 +295,16 @@ def test_the_strongest_attack_is_chosen_by_the_ranking_measure(trained_lenet, mn
     ssim_row, psnr_row = advice["ssim"].rows[0], advice["psnr"].rows[0]
     assert (ssim_row.strongest_threat, ssim_row.psnr, ssim_row.ssim) == ("black_box", 12.0, 0.6)
     assert (psnr_row.strongest_threat, psnr_row.psnr, psnr_row.ssim) == ("white_box", 20.0, 0.4)
+    assert "PSNR black box" in advice["psnr"].table()[0] and "SSIM black box" in advice["ssim"].table()[0]
     for by, word in (("ssim", "SSIM"), ("psnr", "PSNR")):  # the page says which measure chose the strongest
         page = advice[by].write_report(tmp_path / by)[0].read_text()
-        assert f"PSNR and SSIM are the strongest attack's (the highest {word})" in page
+        assert f"PSNR and SSIM are the strongest attack's (the highest {word}), beside each attack's {word}" in page
+    # A diverged attack (NaN) never wins; an exact one (PSNR +inf) always does, and its cut is plotted.
+    scores.update(black_box=(math.nan, 0.6), white_box=(math.inf, 0.4))
+    exact = ss.advise(trained_lenet, mnist5k, points=["pool2"], rank_by="psnr", images=20, progress=False)
+    assert (exact.rows[0].strongest_threat, exact.rows[0].psnr) == ("white_box", math.inf)
+    assert len(exact.write_report(tmp_path / "exact")) == 5  # pages, two Pareto plots, the strips
+    assert _plottable([1.0, math.inf, 3.0, -math.inf]) == pytest.approx([1.0, 3.2, 3.0, 0.8])
 
 
 def test_one_fast_attack_and_bad_budgets(trained_lenet, mnist5k):
@@ -396,18 +406,28 @@ def test_the_fast_attacks_warnings_reach_the_notes(mnist5k, monkeypatch):
 
 def test_too_many_images_for_the_memory_are_refused_before_work(trained_lenet, mnist5k, monkeypatch):
     monkeypatch.setattr(ss.advisor.run, "free_memory", lambda: 20_000_000)  # 20 MB free
-    # 300 images × (12 B × 784 pixels + 24 B × 8×24×24 conv1 values) = 36 MB, and the inverse network's 256
-    # auxiliary images × (4 B × 784 + 8 B × 4,608) = 10.24 MB: too much; 80 % of 20 MB less 10.24 MB fits 48 images.
-    with pytest.raises(ConfigError, match=r"images: 300 test images and 256 auxiliary images would take about 46 MB at "
-                                          r"conv1 \(8×24×24 per image\) and 20 MB are free; pass images=48 or fewer "
+    # Two peaks at conv1 (784 pixels, 8×24×24 = 4,608 values). First the test images with every copy of their
+    # features: 300 × (12 B × 784 + 24 B × 4,608 = 120,000 B) = 36 MB. Then, while the inverse network trains, the
+    # test images and features that stay, 300 × (4 B × 784 + 4 B × 4,608 = 21,568 B) = 6.5 MB, and its 256
+    # auxiliary images, 256 × (5 B × 784 + 8 B × 4,608 = 40,784 B) = 10.4 MB. 80 % of 20 MB = 16 MB: the first peak
+    # is too much and fits 133 images; the second fits (16 MB − 10.4 MB) / 21,568 B = 257.
+    with pytest.raises(ConfigError, match=r"images: 300 test images and 256 auxiliary images would take about 36 MB at "
+                                          r"conv1 \(8×24×24 per image\) and 20 MB are free; pass images=133 or fewer "
                                           r"\(--images\)"):
         ss.advise(trained_lenet, mnist5k, points=["conv1", "fc3"], **SMALL)
-    # Without the inverse network (white box only) its auxiliary images do not count: 133 images fit.
-    with pytest.raises(ConfigError, match=r"300 test images would take about 36 MB .* pass images=133 or fewer"):
-        ss.advise(trained_lenet, mnist5k, points=["conv1", "fc3"], **{**SMALL, "fast": TINY_WHITE_BOX})
-    # 1,000 auxiliary images at conv1 (40 MB) alone overfill the 16 MB usable: the fix names them.
-    with pytest.raises(ConfigError, match=r"and 1000 auxiliary images .* give the inverse network fewer auxiliary "
-                                          r"images \(FastAttack\(aux_images=…\)\)"):
+    # 350 auxiliary images (14.3 MB) leave room for (16 MB − 14.27 MB) / 21,568 B = 80 test images beside them.
+    with pytest.raises(ConfigError, match=r"300 test images and 350 auxiliary images would take about 36 MB .* pass "
+                                          r"images=80 or fewer"):
+        ss.advise(trained_lenet, mnist5k, points=["conv1", "fc3"], **{**SMALL, "fast": FastAttack(aux_images=350)})
+    # Without the inverse network (white box only, or no attack) no auxiliary images are counted.
+    for no_aux in ({"fast": TINY_WHITE_BOX}, {"attack": False}):
+        with pytest.raises(ConfigError, match=r"300 test images would take about 36 MB .* pass images=133 or fewer"):
+            ss.advise(trained_lenet, mnist5k, points=["conv1", "fc3"], **{**SMALL, **no_aux})
+    # 5,000 asked, the 1,000 of the holdout used: 40.8 MB alone overfill the 16 MB; (16 MB − 2 × 21,568 B) / 40,784 B
+    # = 391 fit beside two test images, and the second peak, 6.5 + 40.8 MB, is the larger one.
+    with pytest.raises(ConfigError, match=r"and 1000 auxiliary images would take about 47 MB .* the inverse network's "
+                                          r"auxiliary images fill it: pass fast=FastAttack\(aux_images=391\) or fewer, "
+                                          r"or run the white-box attack alone \(--threats white_box\)"):
         ss.advise(trained_lenet, mnist5k, points=["conv1"], **{**SMALL, "fast": FastAttack(aux_images=5000)})
     # Costs only (untrained): no float64 copies, 4 B per pixel and 16 per value; 300 images take 23 MB, still too
     # much. The images the test split holds count, not the ones asked for: its 20 images fit.

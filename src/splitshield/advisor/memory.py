@@ -13,9 +13,12 @@ from ..models.split import SplitPoint
 #: twice (a cut's and the previous cut's) plus the 8-bit codec's float copies; with the statistics, the CE floor's
 #: and the GPZ statistic's float64 copies as well.
 BYTES_PER_VALUE = {False: (4, 16), True: (12, 24)}
-#: Bytes per pixel of an auxiliary image of the fast inverse network, and per value of its features: float32, the
-#: features twice while the queried chunks are joined.
-AUX_BYTES_PER_VALUE = (4, 8)
+#: Bytes per pixel of a test image, and per value of its features at the cut, that stay while the fast attacks run
+#: (float32; the other copies above are freed by then).
+RESIDENT_BYTES_PER_VALUE = (4, 4)
+#: Bytes per pixel of an auxiliary image of the fast inverse network (the uint8 subset and its float32 copy), and
+#: per value of its features (float32, twice while the queried chunks are joined).
+AUX_BYTES_PER_VALUE = (5, 8)
 #: The share of the free memory advise may plan to fill (the decoders' weights and Python need the rest).
 USABLE = 0.8
 
@@ -45,27 +48,34 @@ def _size(nbytes: float) -> str:
 
 def check_memory(shape: Sequence[int], points: Sequence[SplitPoint], images: int, statistics: bool,
                  free: int | None, aux_images: int = 0) -> None:
-    """``ConfigError`` when ``images`` test images of ``shape`` (C, H, W) and their features at the widest of
-    ``points``, plus the fast inverse network's ``aux_images`` auxiliary images and their features there, would take
-    more than :data:`USABLE` of ``free`` bytes (:func:`free_memory`; ``None``: unknown, no check), naming how many
-    images fit."""
+    """``ConfigError`` when ``advise``'s peak at the widest of ``points`` would take more than :data:`USABLE` of
+    ``free`` bytes (:func:`free_memory`; ``None``: unknown, no check), naming how many images fit.
+
+    Two peaks, one after the other: ``images`` test images of ``shape`` (C, H, W) with their features and every
+    copy the wire and the statistics make; then, while the fast inverse network trains, the test images and
+    features that stay plus its ``aux_images`` auxiliary images and their features.
+    """
     if free is None:
         return
     widest = max(points, key=lambda p: math.prod(p.feature_shape))
     pixels, values = math.prod(shape), math.prod(widest.feature_shape)
-    pixel, value = BYTES_PER_VALUE[statistics]
-    per_image = pixel * pixels + value * values
-    aux = aux_images * (AUX_BYTES_PER_VALUE[0] * pixels + AUX_BYTES_PER_VALUE[1] * values)
-    if images * per_image + aux <= USABLE * free:
+
+    def per(bytes_per_value: tuple[int, int]) -> int:
+        return bytes_per_value[0] * pixels + bytes_per_value[1] * values
+
+    per_image, resident, aux = per(BYTES_PER_VALUE[statistics]), per(RESIDENT_BYTES_PER_VALUE), per(AUX_BYTES_PER_VALUE)
+    usable = USABLE * free
+    need = max(images * per_image, images * resident + aux_images * aux)
+    if need <= usable:
         return
-    fit = int((USABLE * free - aux) / per_image)
+    fit = min(int(usable / per_image), int((usable - aux_images * aux) / resident))
     if fit >= 2:
         fix = f"pass images={fit} or fewer (--images)"
-    elif aux:
-        fix = "give the inverse network fewer auxiliary images (FastAttack(aux_images=…)), or score deeper cuts only"
+    elif usable >= 2 * per_image and (aux_fit := int((usable - 2 * resident) / aux)) >= 1:
+        fix = (f"the inverse network's auxiliary images fill it: pass fast=FastAttack(aux_images={aux_fit}) or fewer, "
+               "or run the white-box attack alone (--threats white_box), or score deeper cuts only (--points)")
     else:
         fix = "free memory, or score deeper cuts only (--points)"
-    held = f" and {aux_images} auxiliary images" if aux else ""
-    raise ConfigError(f"images: {images} test images{held} would take about {_size(images * per_image + aux)} at "
-                      f"{widest.name} ({'×'.join(map(str, widest.feature_shape))} per image) and {_size(free)} are "
-                      f"free; {fix}")
+    held = f" and {aux_images} auxiliary image{'s' if aux_images != 1 else ''}" if aux_images else ""
+    raise ConfigError(f"images: {images} test images{held} would take about {_size(need)} at {widest.name} "
+                      f"({'×'.join(map(str, widest.feature_shape))} per image) and {_size(free)} are free; {fix}")

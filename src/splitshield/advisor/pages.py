@@ -4,6 +4,7 @@ and the strongest fast attack's reconstruction strips, built with the report's o
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 
 from ..figures import pareto_plot, reconstruction_grid
@@ -15,7 +16,7 @@ HOW = ("Costs are per image. Multiply-adds are PyTorch's FLOP counter's (matrix 
        "element-wise work is not counted); head milliseconds are measured on this machine, the fastest of a few "
        "runs. Bytes are codec frames with their headers, one image per frame; 8-bit frames are quantised over each "
        "image's range. Leakage: fast attacks with small fixed budgets (stated above) reconstruct the same held-out "
-       "test images; PSNR and SSIM are the strongest attack's (the highest {by}), beside each attack's SSIM when "
+       "test images; PSNR and SSIM are the strongest attack's (the highest {by}), beside each attack's {by} when "
        "several ran. Then the conditional-entropy MSE floor (an estimate for comparing cuts) and the GPZ intra-class"
        " radius R̄² of the features (R̄²/V: divided by their total variance; drop: from the previous cut). Marks: ★ "
        "recommended, ms / kB on the Pareto front of leakage against head latency / bytes, GPZ in Liu et al.'s zone "
@@ -35,13 +36,28 @@ def _meta(advice: Advice) -> str:
     return "; ".join(parts) + "."
 
 
+def _plottable(values: list[float]) -> list[float]:
+    """``values`` with ±inf moved just beyond the finite ones (a tenth of their range), so that a plot can show them."""
+    finite = [v for v in values if math.isfinite(v)] or [0.0]
+    margin = 0.1 * (max(finite) - min(finite)) or 1.0
+    return [max(finite) + margin if v == math.inf else min(finite) - margin if v == -math.inf else v for v in values]
+
+
+def _score(advice: Advice, point: str) -> str:
+    """The measure the strongest fast attack at ``point`` was chosen by, as a strip's label: 'SSIM 0.62'."""
+    row = advice.row(point)
+    return f"PSNR {row.psnr:.1f} dB" if advice.strongest_by == "psnr" else f"SSIM {row.ssim:.2f}"
+
+
 def _figures(advice: Advice, folder: Path) -> list[tuple[Path, str]]:
     figures = []
     rank = advice.rank
     if rank is not None:
-        known = [i for i, r in enumerate(advice.rows) if getattr(r, rank.column) is not None]
+        # Diverged attacks (NaN) have no value to plot; an exact reconstruction (PSNR +inf) is drawn above the rest.
+        known = [i for i, v in enumerate(advice.leaks()) if v is not None]
         rows = [advice.rows[i] for i in known]
-        leakage = [getattr(r, rank.column) for r in rows]
+        leakage = _plottable([getattr(r, rank.column) for r in rows])
+        names = [r.point + (" (∞)" if math.isinf(getattr(r, rank.column)) else "") for r in rows]
         direction = "higher" if rank.higher_leaks else "lower"
         best = advice.recommended
         highlight = next((i for i, r in enumerate(rows) if r.point == best), None)
@@ -49,12 +65,12 @@ def _figures(advice: Advice, folder: Path) -> list[tuple[Path, str]]:
                 ("latency", [r.head_ms for r in rows], advice.pareto_latency, "head ms per image (batch 1)"),
                 ("bytes", [r.wire_kbytes for r in rows], advice.pareto_bytes, "kB per image on the wire")):
             on_front = [i for i, r in enumerate(rows) if r.point in front]
-            path = pareto_plot(costs, leakage, [r.point for r in rows], on_front, folder / f"pareto-{name}.png",
+            path = pareto_plot(costs, leakage, names, on_front, folder / f"pareto-{name}.png",
                                xlabel, f"{rank.label} ({direction} = more leakage)",
                                f"{advice.meta['model']}: leakage vs {xlabel.split(' per')[0]}", highlight)
             figures.append((path, f"Pareto front: leakage vs {xlabel}"))
     if advice.originals is not None and advice.reconstructions:
-        strips = [(f"{p}\nSSIM {advice.row(p).ssim:.2f}\n{advice.row(p).strongest_threat.replace('_', ' ')}", x)
+        strips = [(f"{p}\n{_score(advice, p)}\n{advice.row(p).strongest_threat.replace('_', ' ')}", x)
                   for p, x in advice.reconstructions.items()]
         path = reconstruction_grid(advice.originals, strips, folder / "reconstructions.png", title="The strongest "
                                    "fast attack per cut: held-out images (top) and their reconstructions")
@@ -67,7 +83,7 @@ def write_report(advice: Advice, out: str | Path) -> list[Path]:
     folder = output_folder(out)
     title = f"Where to cut {advice.meta['model']}"
     header, body = advice.table()
-    how = HOW.format(by="PSNR" if advice.ranking == "psnr" else "SSIM")
+    how = HOW.format(by=advice.strongest_by.upper())
     timing = " · ".join(f"{stage} {seconds:.1f} s" for stage, seconds in advice.timings.items())
     summary = [advice.sentence(), *advice.ruled_out_lines(), *advice.notes]
     figures = _figures(advice, folder / "figures")

@@ -235,9 +235,8 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
         The CE floor's Gaussian noise, in units of the feature's standard deviation (> 0).
     rank_by:
         What cuts are ranked by: ``ssim`` or ``psnr`` (the strongest fast attack's by that measure), ``ce_floor``,
-        ``gpz``
-        (R̄²/V); default ``ssim`` with the attacks, else ``gpz``, which ranked LeNet's cuts closer to the full
-        attacks than the CE floor did (``benchmarks/advisor_validity.py``).
+        ``gpz`` (R̄²/V); default ``ssim`` with the attacks, else ``gpz``, which ranked LeNet's cuts closer to the
+        full attacks than the CE floor did (``benchmarks/advisor_validity.py``).
     max_edge_ms, max_kbytes:
         Budgets: head milliseconds per image at batch 1, and kB (10³ bytes) per image on the wire (8-bit coded).
     fast:

@@ -179,6 +179,12 @@ class Advice:
     def rank(self) -> Ranking | None:
         return RANKINGS[self.ranking] if self.ranking else None
 
+    @property
+    def strongest_by(self) -> str:
+        """What each cut's strongest fast attack was chosen by: ``psnr`` when the cuts are ranked by PSNR, else
+        ``ssim``."""
+        return "psnr" if self.ranking == "psnr" else "ssim"
+
     def leaks(self) -> list[float | None]:
         """Each cut's leakage, oriented so that higher means more (``None`` where unmeasured, NaN (a diverged attack)
         or costs only; an infinite PSNR, an exact reconstruction, is the most leakage there is)."""
@@ -289,16 +295,21 @@ class Advice:
 
         ``groups`` picks the columns (:data:`TABLE_GROUPS`): ``edge`` (head compute and latency), ``wire`` (feature
         shape, tail compute, bytes, accuracy on 8-bit features), ``leakage`` (measures present, each fast attack's
-        SSIM beside the strongest's when more than one ran, then the advice
+        SSIM, or PSNR when ranked by it, beside the strongest's when more than one ran, then the advice
         marks: ★ recommended, ``ms`` / ``kB`` on the Pareto front of leakage vs head latency / bytes, ``GPZ`` in
         Liu et al.'s zone, from the cut after the largest drop of R̄²). Columns never measured are left out.
         """
         wire = self.meta.get("wire_8bit", "8-bit").split(" (")[0]
+        by, spec = self.strongest_by, {"ssim": ".3f", "psnr": ".2f"}[self.strongest_by]
         fronts, best, zone = (set(self.pareto_latency), set(self.pareto_bytes)), self.recommended, self.gpz_zone
 
         def marks(r: PointAdvice) -> str:
             return " ".join(m for m, on in (("★", r.point == best), ("ms", r.point in fronts[0]),
                                             ("kB", r.point in fronts[1]), ("GPZ", r.point in zone)) if on)
+
+        def per_attack(threat: str) -> tuple[str, str, str, Callable[[PointAdvice], str]]:
+            field = f"{threat}_{by}"
+            return "leakage", f"{by.upper()} {threat.replace('_', ' ')}", field, lambda r: _num(getattr(r, field), spec)
 
         columns: list[tuple[str, str, str | None, Callable[[PointAdvice], str]]] = [
             ("edge", "head MMAC", None, lambda r: fixed(r.head_macs / 1e6)),
@@ -314,8 +325,8 @@ class Advice:
             ("wire", f"accuracy {wire}", "accuracy_8bit", lambda r: _pct(r.accuracy_8bit)),
             ("leakage", "PSNR", "psnr", lambda r: _num(r.psnr, ".2f")),
             ("leakage", "SSIM", "ssim", lambda r: _num(r.ssim, ".3f")),
-            ("leakage", "SSIM black box", "black_box_ssim", lambda r: _num(r.black_box_ssim, ".3f")),
-            ("leakage", "SSIM white box", "white_box_ssim", lambda r: _num(r.white_box_ssim, ".3f")),
+            per_attack("black_box"),
+            per_attack("white_box"),
             ("leakage", "CE floor", "ce_floor", lambda r: _num(r.ce_floor)),
             ("leakage", "R̄²", "gpz_r2", lambda r: _num(r.gpz_r2)),
             ("leakage", "R̄²/V", "gpz_r2_norm", lambda r: _num(r.gpz_r2_norm, ".3f")),
@@ -329,7 +340,7 @@ class Advice:
             return any(getattr(r, field) is not None for r in self.rows)
 
         # With one fast attack, its own column would repeat the strongest's.
-        per_threat = {"black_box_ssim", "white_box_ssim"}
+        per_threat = {f"black_box_{by}", f"white_box_{by}"}
         several = sum(measured(f) for f in per_threat) > 1
         shown = [(name, cell) for group, name, field, cell in columns if group in groups
                  and (field is None or measured(field) and (several or field not in per_threat))]
