@@ -40,12 +40,13 @@ def table(run: dict, source: str) -> str:
     stale = stale_points(run)
     attacks = list(run["settings"])
     points = len(rows)
-    out = [f"## {run['model']} ({points} points, test accuracy {100 * run['accuracy']:.2f} %)", "",
+    counted = f"{points} point{'s' if points != 1 else ''}"
+    out = [f"## {run['model']} ({counted}, test accuracy {100 * run['accuracy']:.2f} %)", "",
            f"`{source}`; full-budget attacks: {run['budget']}. SSIM on the first test image of each class.", ""]
     header = ["point", "fast BB", "fast WB", "CE floor", "R̄²/V", *attacks, "decoder", "best", "s"]
     out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r["point"], _num(r.get("fast_black_box_ssim")), _num(r.get("fast_white_box_ssim")),
+        cells = [r["point"], _num(r["fast_black_box_ssim"]), _num(r["fast_white_box_ssim"]),
                  _num(r["ce_floor"], ".3g"), _num(r["gpz_r2_norm"]), *(_num(r["attacks"][a]) for a in attacks),
                  r["decoder"] + (" (stale)" if r["point"] in stale else ""), _num(r["best"]), f"{r['seconds']:.0f}"]
         out.append("| " + " | ".join(cells) + " |")
@@ -53,12 +54,8 @@ def table(run: dict, source: str) -> str:
     best = [r["best"] for r in rows]
     expected = run.get("points")
     partial = expected is not None and points < expected
-    # Runs of the advisor before its white-box estimate stored one fast SSIM: the black-box one (on 64 images).
-    earlier = not any("fast_black_box_ssim" in r for r in rows)
     for key, label, sign in MEASURES:
         values = [r.get(key) for r in rows]
-        if earlier and key == "fast_ssim":
-            label = "fast black-box SSIM (an earlier advisor: black box only, 64 images)"
         if any(v is None for v in values):
             out.append(f"| {label} | not measured in this run | |")
         elif points < 3:
