@@ -19,6 +19,12 @@ less leakage; the issue asks for ρ ≥ 0.9).
                                           # examples/infoscissors_ushaped.yaml (benchmarks/results/artifacts/targets/…)
 
 ``benchmarks/advisor_validity_table.py`` turns the JSON files (``--json``) into one Markdown table per model.
+A point takes 10–40 minutes on the CIFAR-10 models (one thread), so a long run can be split over processes (or
+machines) and joined; each process resumes from its own JSON:
+
+    python benchmarks/advisor_validity.py --model resnet18 --points 8 --threads 1 --shard 0/2 --json r0.json
+    python benchmarks/advisor_validity.py --model resnet18 --points 8 --threads 1 --shard 1/2 --json r1.json
+    python benchmarks/advisor_validity.py --model resnet18 --points 8 --json all.json --merge r0.json r1.json
 
 The model is trained once and cached (``--cache``); data come from ``--data-dir`` (``../shared/data``: MNIST, and
 CIFAR-10 as JPEG quality 75, about 30 dB from the original pixels: say so with CIFAR numbers). ``--scale`` scales
@@ -154,7 +160,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None,
                         help="write every number to this JSON file after each point; a rerun with the same settings "
                              "keeps the points it already holds (resume a long run)")
+    parser.add_argument("--shard", default="0/1", metavar="K/N",
+                        help="measure only every N-th point from the K-th (K = 0 … N-1), to run N processes side by "
+                             "side, each with its own --json; then join them with --merge")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[], metavar="JSON",
+                        help="take the points these JSON files of the same settings hold (other shards) as measured")
     args = parser.parse_args()
+    shard, shards = parse_shard(args.shard)
     torch.set_num_threads(args.threads)
     dataset, epochs = MODELS[args.model]
     epochs = args.epochs or epochs
@@ -170,7 +182,9 @@ def main() -> None:
           f"({', '.join(f'{k} {v:.0f} s' for k, v in advice.timings.items())})", flush=True)
 
     settings = full_attacks(args)
-    done = previous_rows(args.json, args, accuracy, settings)
+    done: dict[str, dict] = {}
+    for path in [*args.merge, args.json]:  # the own file last: its rows win
+        done |= previous_rows(path, args, accuracy, settings)
     label = "full budget" if args.scale == 1 else f"budget × {args.scale:g} (NOT the full budget)"
     if args.rmle_search == "none":
         label += ", rMLE at the table's setting (no own search)"
@@ -183,12 +197,15 @@ def main() -> None:
     print("-" * len(header))
     rows = []
     net.eval()
-    for point in points:
+    for index, point in enumerate(points):
+        mine = index % shards == shard
+        earlier = done.get(point, {})
+        if not (mine or earlier):
+            continue  # another shard's
         target = ss.split(net, point, input_shape=data.image_shape)
         clock = time.perf_counter()
-        earlier = done.get(point, {})
         ssim: dict[str, float | None] = earlier.get("attacks", {})
-        decoder = decoder_kind(point, target, data.image_shape)
+        decoder = earlier["decoder"] if earlier and not mine else decoder_kind(point, target, data.image_shape)
         if earlier and earlier["decoder"] != decoder:  # the inverse network builds another decoder now: run it again
             ssim = {name: v for name, v in ssim.items() if settings[name]["name"] != "inverse_network"}
         for name, setting in settings.items():
@@ -214,6 +231,10 @@ def main() -> None:
               f"{row.gpz_r2_norm:6.3f} | {cells} | "
               f"{rows[-1]['best']:6.3f} {rows[-1]['seconds']:5.0f}", flush=True)
 
+    if len(rows) < len(points):
+        print(f"\n{len(rows)} of {len(points)} points measured (shard {args.shard}); join the shards' JSON files with "
+              "--merge for the rank correlations.")
+        return
     best = [r["best"] for r in rows]
     measures = {label: [sign * (r[key] if r[key] is not None else float("nan")) for r in rows]
                 for key, label, sign in MEASURES}
@@ -230,6 +251,17 @@ def main() -> None:
         print(f"  (full-budget {name} alone vs the best, {len(alone)} points: ρ = {rho:+.3f})")
     if args.json:
         write(args.json, args, accuracy, settings, label, rows, correlations, advice, len(points))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` as (K, N), with 0 ≤ K < N; exits with a one-line error otherwise."""
+    try:
+        shard, shards = (int(part) for part in text.split("/"))
+    except ValueError:
+        shard, shards = -1, 0
+    if not 0 <= shard < shards:
+        sys.exit(f"--shard: K/N with 0 <= K < N, e.g. 0/2 and 1/2 for two processes; got {text!r}")
+    return shard, shards
 
 
 def decoder_kind(point: str, target: ss.SplitModel, image_shape: tuple[int, int, int]) -> str:
