@@ -267,7 +267,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 def decoder_kind(point: str, target: ss.SplitModel, image_shape: tuple[int, int, int]) -> str:
     """The decoder the inverse network builds at ``point``: He et al.'s hand-made one, the dense or the
     convolutional one (:func:`~splitshield.attacks.decoders.build_decoder`)."""
-    feature = tuple(target.head(torch.zeros(1, *image_shape)).shape[1:])
+    feature = target.feature_shape(image_shape)  # in eval mode: a 1×1 map after BatchNorm would not run in train
     if he2019_decoder(point, feature) is not None:
         return "he2019"
     return "dense" if wants_dense_decoder(feature, image_shape) else "conv"
