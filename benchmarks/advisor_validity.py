@@ -167,6 +167,9 @@ def main() -> None:
                         help="take the points these JSON files of the same settings hold (other shards) as measured")
     args = parser.parse_args()
     shard, shards = parse_shard(args.shard)
+    settings = full_attacks(args)
+    for path in [*args.merge, args.json]:  # before any training: a file of another run is refused, never overwritten
+        previous_rows(path, args, settings)
     torch.set_num_threads(args.threads)
     dataset, epochs = MODELS[args.model]
     epochs = args.epochs or epochs
@@ -181,10 +184,9 @@ def main() -> None:
     print(f"advisor: {len(points)} points in {time.perf_counter() - start:.0f} s "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in advice.timings.items())})", flush=True)
 
-    settings = full_attacks(args)
     done: dict[str, dict] = {}
     for path in [*args.merge, args.json]:  # the own file last: its rows win
-        done |= previous_rows(path, args, accuracy, settings)
+        done |= previous_rows(path, args, settings, accuracy)
     label = "full budget" if args.scale == 1 else f"budget × {args.scale:g} (NOT the full budget)"
     if args.rmle_search == "none":
         label += ", rMLE at the table's setting (no own search)"
@@ -280,15 +282,28 @@ def write(path: Path, args: argparse.Namespace, accuracy: float, settings: dict,
                                 "advisor_timings": advice.timings}, indent=2))
 
 
-def previous_rows(path: Path | None, args: argparse.Namespace, accuracy: float,
-                  settings: dict) -> dict[str, dict]:
-    """Per point of an earlier run of the same model, seed, accuracy and attack settings: its full-budget SSIMs
-    (``attacks``), the seconds they took (``seconds``) and the inverse network's decoder (``decoder``)."""
+def previous_rows(path: Path | None, args: argparse.Namespace, settings: dict,
+                  accuracy: float | None = None) -> dict[str, dict]:
+    """Per point of an earlier run in ``path`` (``--json`` or ``--merge``): its full-budget SSIMs (``attacks``), the
+    seconds they took (``seconds``) and the inverse network's decoder (``decoder``). Exits with a one-line error
+    when the file holds a run of another model, seed, attack settings or (once known) test accuracy, so that no
+    earlier run is overwritten or mixed in."""
+    flag = "--merge" if path in args.merge else "--json"
     if path is None or not path.is_file():
+        if flag == "--merge":
+            sys.exit(f"--merge: {path} does not exist; name the JSON files the other shards wrote")
         return {}
     old = json.loads(path.read_text())
-    if (old.get("model"), old.get("seed"), old.get("accuracy"), old.get("settings")) != (
-            args.model, args.seed, accuracy, json.loads(json.dumps(settings))):
+    ours = {"model": args.model, "seed": args.seed, "settings": json.loads(json.dumps(settings)),
+            "accuracy": accuracy}
+    words = {"model": "model", "seed": "seed", "settings": "attack settings", "accuracy": "test accuracy"}
+    other = [words[key] for key, value in ours.items() if value is not None and old.get(key) != value]
+    if other:
+        fix = ("merge only the shards of this run" if flag == "--merge"
+               else "pass another --json file, or delete this one to start afresh")
+        set_by = ", set by --scale and --rmle-search" if "attack settings" in other else ""
+        sys.exit(f"{flag}: {path} holds another run (different {', '.join(other)}{set_by}); {fix}")
+    if accuracy is None:
         return {}
     print(f"resuming: {len(old['rows'])} points from {path}", flush=True)
     return {row["point"]: {"attacks": row["attacks"], "seconds": row["seconds"], "decoder": row["decoder"]}
