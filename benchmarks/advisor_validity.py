@@ -26,6 +26,9 @@ machines) and joined; each process resumes from its own JSON:
     python benchmarks/advisor_validity.py --model resnet18 --points 8 --threads 1 --shard 1/2 --json r1.json
     python benchmarks/advisor_validity.py --model resnet18 --points 8 --json all.json --merge r0.json r1.json
 
+Give the shards a trained model first (``--checkpoint``, or one run that trains and caches it): shards started
+together would each train it and write the same cache file.
+
 The model is trained once and cached (``--cache``); data come from ``--data-dir`` (``../shared/data``: MNIST, and
 CIFAR-10 as JPEG quality 75, about 30 dB from the original pixels: say so with CIFAR numbers). ``--scale`` scales
 every full-budget attack's steps (0.3: a quicker run, labelled as such in the output). ``--rmle-search none`` runs
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -167,9 +171,17 @@ def main() -> None:
                         help="take the points these JSON files of the same settings hold (other shards) as measured")
     args = parser.parse_args()
     shard, shards = parse_shard(args.shard)
+    if shards > 1 and args.json is None:
+        sys.exit("--shard: a shard needs --json FILE to keep its rows for --merge")
+    if args.json is not None and args.json in args.merge:
+        sys.exit(f"--merge: {args.json} is this run's own --json; name the other shards' files")
+    if args.json is not None and not args.json.parent.is_dir():
+        sys.exit(f"--json: the folder {args.json.parent} does not exist; create it or pass another path")
     settings = full_attacks(args)
-    for path in [*args.merge, args.json]:  # before any training: a file of another run is refused, never overwritten
-        previous_rows(path, args, settings)
+    # The own file last: its rows win.
+    sources = [*((path, "--merge") for path in args.merge), *([(args.json, "--json")] if args.json else [])]
+    for path, flag in sources:  # before any training: a file of another run is refused, never overwritten
+        previous_rows(path, flag, args, settings)
     torch.set_num_threads(args.threads)
     dataset, epochs = MODELS[args.model]
     epochs = args.epochs or epochs
@@ -178,15 +190,15 @@ def main() -> None:
     net, accuracy = trained_model(args.model, data, epochs, args.seed, args.cache, args.checkpoint)
     legal = [p.name for p in ss.split_points(net, data.image_shape)]
     points = spaced(legal, args.points) if args.points else legal
+    done: dict[str, dict] = {}
+    for path, flag in sources:
+        done |= previous_rows(path, flag, args, settings, accuracy, points)
 
     start = time.perf_counter()
     advice = ss.advise(net, data, points=points, seed=args.seed, progress=False)
     print(f"advisor: {len(points)} points in {time.perf_counter() - start:.0f} s "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in advice.timings.items())})", flush=True)
 
-    done: dict[str, dict] = {}
-    for path in [*args.merge, args.json]:  # the own file last: its rows win
-        done |= previous_rows(path, args, settings, accuracy)
     label = "full budget" if args.scale == 1 else f"budget × {args.scale:g} (NOT the full budget)"
     if args.rmle_search == "none":
         label += ", rMLE at the table's setting (no own search)"
@@ -197,7 +209,7 @@ def main() -> None:
         f"{k:>15}" for k in settings) + f" | {'best':>6} {'s':>5}"
     print(header)
     print("-" * len(header))
-    rows = []
+    rows, stale = [], []
     net.eval()
     for index, point in enumerate(points):
         mine = index % shards == shard
@@ -207,9 +219,13 @@ def main() -> None:
         target = ss.split(net, point, input_shape=data.image_shape)
         clock = time.perf_counter()
         ssim: dict[str, float | None] = earlier.get("attacks", {})
-        decoder = earlier["decoder"] if earlier and not mine else decoder_kind(point, target, data.image_shape)
-        if earlier and earlier["decoder"] != decoder:  # the inverse network builds another decoder now: run it again
-            ssim = {name: v for name, v in ssim.items() if settings[name]["name"] != "inverse_network"}
+        decoder = decoder_kind(point, target, data.image_shape)
+        if earlier and earlier["decoder"] != decoder:  # the inverse network builds another decoder now
+            if mine:  # run it again
+                ssim = {name: v for name, v in ssim.items() if settings[name]["name"] != "inverse_network"}
+            else:  # another shard's row, kept as it is: no rank correlation from it
+                stale.append(point)
+                decoder = earlier["decoder"]
         for name, setting in settings.items():
             if name in ssim:
                 continue
@@ -233,8 +249,9 @@ def main() -> None:
               f"{row.gpz_r2_norm:6.3f} | {cells} | "
               f"{rows[-1]['best']:6.3f} {rows[-1]['seconds']:5.0f}", flush=True)
 
-    if len(rows) < len(points):
-        print(f"\n{len(rows)} of {len(points)} points measured (shard {args.shard}); join the shards' JSON files with "
+    if len(rows) < len(points) or stale:
+        why = f" ({', '.join(stale)}: another shard's, with a decoder today's code no longer builds)" if stale else ""
+        print(f"\n{len(rows) - len(stale)} of {len(points)} points measured{why}; join the shards' JSON files with "
               "--merge for the rank correlations.")
         return
     best = [r["best"] for r in rows]
@@ -277,23 +294,29 @@ def decoder_kind(point: str, target: ss.SplitModel, image_shape: tuple[int, int,
 
 def write(path: Path, args: argparse.Namespace, accuracy: float, settings: dict, label: str, rows: list[dict],
           correlations: dict[str, float], advice: ss.Advice, planned: int) -> None:
-    path.write_text(json.dumps({"model": args.model, "seed": args.seed, "accuracy": accuracy, "settings": settings,
-                                "budget": label, "points": planned, "rows": rows, "spearman": correlations,
-                                "advisor_timings": advice.timings}, indent=2))
+    """Replace ``path`` in one step, so that a killed run or a shard reading it never sees half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"model": args.model, "seed": args.seed, "accuracy": accuracy, "settings": settings,
+                                   "budget": label, "points": planned, "rows": rows, "spearman": correlations,
+                                   "advisor_timings": advice.timings}, indent=2))
+    os.replace(partial, path)
 
 
-def previous_rows(path: Path | None, args: argparse.Namespace, settings: dict,
-                  accuracy: float | None = None) -> dict[str, dict]:
-    """Per point of an earlier run in ``path`` (``--json`` or ``--merge``): its full-budget SSIMs (``attacks``), the
-    seconds they took (``seconds``) and the inverse network's decoder (``decoder``). Exits with a one-line error
-    when the file holds a run of another model, seed, attack settings or (once known) test accuracy, so that no
+def previous_rows(path: Path, flag: str, args: argparse.Namespace, settings: dict, accuracy: float | None = None,
+                  points: list[str] | None = None) -> dict[str, dict]:
+    """Per point of an earlier run in ``path`` (given by ``flag``, ``--json`` or ``--merge``): its full-budget SSIMs
+    (``attacks``), the seconds they took (``seconds``) and the inverse network's decoder (``decoder``); nothing until
+    ``accuracy`` is known. Exits with a one-line error when the file holds a run of another model, seed, attack
+    settings or test accuracy, or (the own ``--json``, which is rewritten) points outside ``points``, so that no
     earlier run is overwritten or mixed in."""
-    flag = "--merge" if path in args.merge else "--json"
-    if path is None or not path.is_file():
+    if not path.is_file():
         if flag == "--merge":
             sys.exit(f"--merge: {path} does not exist; name the JSON files the other shards wrote")
         return {}
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        sys.exit(f"{flag}: {path} is not a complete JSON file ({exc}); restore it, or delete it to start afresh")
     ours = {"model": args.model, "seed": args.seed, "settings": json.loads(json.dumps(settings)),
             "accuracy": accuracy}
     words = {"model": "model", "seed": "seed", "settings": "attack settings", "accuracy": "test accuracy"}
@@ -305,6 +328,10 @@ def previous_rows(path: Path | None, args: argparse.Namespace, settings: dict,
         sys.exit(f"{flag}: {path} holds another run (different {', '.join(other)}{set_by}); {fix}")
     if accuracy is None:
         return {}
+    outside = [row["point"] for row in old["rows"] if row["point"] not in (points or [])]
+    if flag == "--json" and outside:
+        sys.exit(f"--json: {path} holds points this run does not plan ({', '.join(outside)}); pass the same "
+                 "--points as before, or another --json file")
     print(f"resuming: {len(old['rows'])} points from {path}", flush=True)
     return {row["point"]: {"attacks": row["attacks"], "seconds": row["seconds"], "decoder": row["decoder"]}
             for row in old["rows"]}

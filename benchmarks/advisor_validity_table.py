@@ -68,8 +68,8 @@ def table(run: dict, source: str) -> str:
         out += ["", f"Stale: at {', '.join(stale)} the inverse network ran with a decoder today's code no longer "
                 "builds there (decoder column); a rerun of the same command measures it again. No verdict until then."]
     if partial:
-        out += ["", f"Partial: {points} of {expected} points so far; a rerun of the same command resumes it. No "
-                "verdict until every point is measured."]
+        out += ["", f"Partial: {points} of {expected} points so far; a rerun of the same command resumes it (a "
+                "shard's file: join the shards with --merge). No verdict until every point is measured."]
     return "\n".join(out)
 
 
