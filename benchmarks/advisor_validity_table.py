@@ -62,7 +62,9 @@ def table(run: dict, source: str) -> str:
             out.append(f"| {label} | too few points for a rank correlation | |")
         else:
             rho = spearman([sign * v for v in values], best)
-            verdict = "(partial run)" if partial else "(stale rows)" if stale else "yes" if rho >= 0.9 else "**no**"
+            reduced = not run["budget"].startswith("full budget")  # a quick run (--scale) gives no verdict
+            verdict = ("(partial run)" if partial else "(stale rows)" if stale else "(reduced budget)" if reduced
+                       else "yes" if rho >= 0.9 else "**no**")
             out.append(f"| {label} | {rho:+.3f} | {verdict} |")
     if stale:
         out += ["", f"Stale: at {', '.join(stale)} the inverse network ran with a decoder today's code no longer "
