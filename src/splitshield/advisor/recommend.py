@@ -40,6 +40,12 @@ RANKINGS: dict[str, Ranking] = {
 }
 
 
+def strongest_measure(ranking: str | None) -> str:
+    """What each cut's strongest fast attack is chosen by: ``psnr`` when the cuts are ranked by PSNR, else
+    ``ssim``."""
+    return "psnr" if ranking == "psnr" else "ssim"
+
+
 def pareto_front(costs: Sequence[float], leaks: Sequence[float | None]) -> list[int]:
     """Indices of the cuts no other cut beats on both cost and leakage (lower is better for both).
 

@@ -31,7 +31,7 @@ from .leakage import (
     relative_drops,
 )
 from .memory import check_memory, free_memory
-from .recommend import RANKINGS
+from .recommend import RANKINGS, strongest_measure
 from .table import Advice, PointAdvice
 from .wire import CHUNK, eight_bit_options, wire_cost
 
@@ -324,7 +324,7 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
                     lap("statistics")
             if measured and attack:
                 scores, strongest = _leakage(target, data, fast, attack_images, seed, device, lap,
-                                             "psnr" if ranking == "psnr" else "ssim")
+                                             strongest_measure(ranking))
                 leak |= scores
                 originals = strongest.originals[:shown]  # every attack scores the same images
                 strips[p.name] = strongest.reconstructions[:shown]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .leakage import gpz_zone
-from .recommend import RANKINGS, Ranking, best_cut, budget_reasons, fixed, pareto_front
+from .recommend import RANKINGS, Ranking, best_cut, budget_reasons, fixed, pareto_front, strongest_measure
 
 #: The column groups of :meth:`Advice.table`.
 TABLE_GROUPS = ("edge", "wire", "leakage")
@@ -181,9 +181,9 @@ class Advice:
 
     @property
     def strongest_by(self) -> str:
-        """What each cut's strongest fast attack was chosen by: ``psnr`` when the cuts are ranked by PSNR, else
-        ``ssim``."""
-        return "psnr" if self.ranking == "psnr" else "ssim"
+        """What each cut's strongest fast attack was chosen by, ``ssim`` or ``psnr``
+        (:func:`~splitshield.advisor.recommend.strongest_measure`)."""
+        return strongest_measure(self.ranking)
 
     def leaks(self) -> list[float | None]:
         """Each cut's leakage, oriented so that higher means more (``None`` where unmeasured, NaN (a diverged attack)
