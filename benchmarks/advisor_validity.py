@@ -304,7 +304,8 @@ def write(path: Path, args: argparse.Namespace, accuracy: float, settings: dict,
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps({"model": args.model, "seed": args.seed, "accuracy": accuracy, "settings": settings,
                                    "budget": label, "points": planned, "rows": rows, "spearman": correlations,
-                                   "advisor_timings": advice.timings}, indent=2))
+                                   "fast_attacks": advice.meta["fast_attacks"], "advisor_timings": advice.timings},
+                                  indent=2))
     os.replace(partial, path)
 
 
