@@ -422,24 +422,28 @@ def test_too_many_images_for_the_memory_are_refused_before_work(trained_lenet, m
     # Two peaks at conv1 (784 pixels, 8×24×24 = 4,608 values). First the test images with every copy of their
     # features: 300 × (12 B × 784 + 24 B × 4,608 = 120,000 B) = 36 MB. Then, while the inverse network trains, the
     # test images and features that stay, 300 × (4 B × 784 + 4 B × 4,608 = 21,568 B) = 6.5 MB, and its 256
-    # auxiliary images, 256 × (5 B × 784 + 8 B × 4,608 = 40,784 B) = 10.4 MB. 80 % of 20 MB = 16 MB: the first peak
-    # is too much and fits 133 images; the second fits (16 MB − 10.4 MB) / 21,568 B = 257.
+    # auxiliary images with the refit's copy of them, 256 × (9 B × 784 + 8 B × 4,608 = 43,920 B) = 11.2 MB. 80 % of
+    # 20 MB = 16 MB: the first peak is too much and fits 133 images; the second fits (16 MB − 11.2 MB) / 21,568 B
+    # = 220.
     with pytest.raises(ConfigError, match=r"images: 300 test images and 256 auxiliary images would take about 36 MB at "
                                           r"conv1 \(8×24×24 per image\) and 20 MB are free; pass images=133 or fewer "
                                           r"\(--images\)"):
         ss.advise(trained_lenet, mnist5k, points=["conv1", "fc3"], **SMALL)
-    # 350 auxiliary images (14.3 MB) leave room for (16 MB − 14.27 MB) / 21,568 B = 80 test images beside them.
-    with pytest.raises(ConfigError, match=r"300 test images and 350 auxiliary images would take about 36 MB .* pass "
-                                          r"images=80 or fewer"):
-        ss.advise(trained_lenet, mnist5k, points=["conv1", "fc3"], **{**SMALL, "fast": FastAttack(aux_images=350)})
+    # 350 auxiliary images (15.37 MB) leave room for (16 MB − 15.37 MB) / 21,568 B = 29 test images beside them;
+    # without the refit (5 B per pixel, 14.27 MB) for 80.
+    for refit, fit in ((True, 29), (False, 80)):
+        with pytest.raises(ConfigError, match=r"300 test images and 350 auxiliary images would take about 36 MB .* "
+                                              rf"pass images={fit} or fewer"):
+            ss.advise(trained_lenet, mnist5k, points=["conv1", "fc3"],
+                      **{**SMALL, "fast": FastAttack(aux_images=350, refit=refit)})
     # Without the inverse network (white box only, or no attack) no auxiliary images are counted.
     for no_aux in ({"fast": TINY_WHITE_BOX}, {"attack": False}):
         with pytest.raises(ConfigError, match=r"300 test images would take about 36 MB .* pass images=133 or fewer"):
             ss.advise(trained_lenet, mnist5k, points=["conv1", "fc3"], **{**SMALL, **no_aux})
-    # 5,000 asked, the 1,000 of the holdout used: 40.8 MB alone overfill the 16 MB; (16 MB − 2 × 21,568 B) / 40,784 B
-    # = 391 fit beside two test images, and the second peak, 6.5 + 40.8 MB, is the larger one.
-    with pytest.raises(ConfigError, match=r"and 1000 auxiliary images would take about 47 MB .* the inverse network's "
-                                          r"auxiliary images fill it: pass fast=FastAttack\(aux_images=391\) or fewer, "
+    # 5,000 asked, the 1,000 of the holdout used: 43.9 MB alone overfill the 16 MB; (16 MB − 2 × 21,568 B) / 43,920 B
+    # = 363 fit beside two test images, and the second peak, 6.5 + 43.9 MB, is the larger one.
+    with pytest.raises(ConfigError, match=r"and 1000 auxiliary images would take about 50 MB .* the inverse network's "
+                                          r"auxiliary images fill it: pass fast=FastAttack\(aux_images=363\) or fewer, "
                                           r"or run the white-box attack alone \(--threats white_box\)"):
         ss.advise(trained_lenet, mnist5k, points=["conv1"], **{**SMALL, "fast": FastAttack(aux_images=5000)})
     # Costs only (untrained): no float64 copies, 4 B per pixel and 16 per value; 300 images take 23 MB, still too

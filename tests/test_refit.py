@@ -109,3 +109,19 @@ def test_refit_is_named_in_the_config_only_when_on():
     assert ss.InverseNetwork(refit=True).config()["refit"] is True
     with pytest.raises(ss.ConfigError, match="refit must be true or false"):
         ss.InverseNetwork(refit="yes")
+
+
+def test_normal_equations_unfold_large_images_a_few_at_a_time():
+    # A 3×3 conv over 64×64 images gives 4,096 design rows per image: at most BATCH_ROWS // 4096 = 4 images are
+    # unfolded at a time, and the sums equal XᵀX and XᵀY built from all the rows at once.
+    from splitshield.attacks._refit import BATCH_ROWS, _rows, normal_equations
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(2, 1, 3, padding=1)
+    features, images = torch.randn(10, 2, 64, 64), torch.rand(10, 1, 64, 64)
+    batches = []
+    layer.register_forward_pre_hook(lambda _m, args: batches.append(len(args[0])))
+    gram, rhs = normal_equations(layer, layer, features, images)
+    assert max(batches) == BATCH_ROWS // 4096 == 4 and sum(batches) == 10
+    x, y = _rows(layer, features, images)
+    assert torch.allclose(gram, x.double().T @ x.double()) and torch.allclose(rhs, x.double().T @ y.double())

@@ -17,8 +17,10 @@ BYTES_PER_VALUE = {False: (4, 16), True: (12, 24)}
 #: (float32; the other copies above are freed by then).
 RESIDENT_BYTES_PER_VALUE = (4, 4)
 #: Bytes per pixel of an auxiliary image of the fast inverse network (the uint8 subset and its float32 copy), and
-#: per value of its features (float32, twice while the queried chunks are joined).
-AUX_BYTES_PER_VALUE = (5, 8)
+#: per value of its features (float32, twice while the queried chunks are joined); keyed by the attack's ``refit``,
+#: which copies the images and features once more into training and held-out ones (the features' copy fits in
+#: what their join needed).
+AUX_BYTES_PER_VALUE = {False: (5, 8), True: (9, 8)}
 #: The share of the free memory advise may plan to fill (the decoders' weights and Python need the rest).
 USABLE = 0.8
 
@@ -47,13 +49,14 @@ def _size(nbytes: float) -> str:
 
 
 def check_memory(shape: Sequence[int], points: Sequence[SplitPoint], images: int, statistics: bool,
-                 free: int | None, aux_images: int = 0) -> None:
+                 free: int | None, aux_images: int = 0, refit: bool = False) -> None:
     """``ConfigError`` when ``advise``'s peak at the widest of ``points`` would take more than :data:`USABLE` of
     ``free`` bytes (:func:`free_memory`; ``None``: unknown, no check), naming how many images fit.
 
     Two peaks, one after the other: ``images`` test images of ``shape`` (C, H, W) with their features and every
     copy the wire and the statistics make; then, while the fast inverse network trains, the test images and
-    features that stay plus its ``aux_images`` auxiliary images and their features.
+    features that stay plus its ``aux_images`` auxiliary images and their features (copied once more with
+    ``refit``).
     """
     if free is None:
         return
@@ -63,7 +66,8 @@ def check_memory(shape: Sequence[int], points: Sequence[SplitPoint], images: int
     def per(bytes_per_value: tuple[int, int]) -> int:
         return bytes_per_value[0] * pixels + bytes_per_value[1] * values
 
-    per_image, resident, aux = per(BYTES_PER_VALUE[statistics]), per(RESIDENT_BYTES_PER_VALUE), per(AUX_BYTES_PER_VALUE)
+    per_image, resident = per(BYTES_PER_VALUE[statistics]), per(RESIDENT_BYTES_PER_VALUE)
+    aux = per(AUX_BYTES_PER_VALUE[refit])
     usable = USABLE * free
     need = max(images * per_image, images * resident + aux_images * aux)
     if need <= usable:

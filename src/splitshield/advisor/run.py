@@ -278,9 +278,10 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
     measured = trained and data is not None
     if data is not None:
         # On a GPU the features live in its memory, which torch reports when it runs out.
-        aux = max((min(a.aux_images, len(data.holdout)) for a in fast if isinstance(a, FastAttack)), default=0)
+        inverse = next((a for a in fast if isinstance(a, FastAttack)), None)  # one budget per threat
+        aux = min(inverse.aux_images, len(data.holdout)) if inverse and measured and attack else 0
         check_memory(shape, chosen, min(images, len(data.test)), measured,
-                     free_memory() if torch.device(device).type == "cpu" else None, aux if measured and attack else 0)
+                     free_memory() if torch.device(device).type == "cpu" else None, aux, aux > 0 and inverse.refit)
     ranking = _ranking(rank_by, measured and attack, measured)
     options, wire_label = eight_bit_options()
     meta = {"model": model_name, "input_shape": shape, "data": data.name if data is not None else None,

@@ -18,6 +18,9 @@ from torch import nn
 
 #: Design rows (output positions of the last layer, over images) the normal equations are accumulated over.
 MAX_ROWS = 250_000
+#: Design rows unfolded at a time: a convolution gives one row per output pixel, so a batch of large images would
+#: otherwise unfold into gigabytes.
+BATCH_ROWS = 16_384
 
 #: Ridge strengths tried, relative to the mean diagonal of the Gram matrix.
 RIDGES = (1e-7, 1e-5, 1e-3)
@@ -88,8 +91,11 @@ def normal_equations(decode: Callable[[torch.Tensor], torch.Tensor], layer: nn.M
                      images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """``(XᵀX, XᵀY)`` in float64 for ``layer``'s inputs X when ``decode`` (which runs ``layer`` last) runs on
     ``features`` [N, ...], and the ``images`` [N, C, H, W] as targets Y; over the first images that give at
-    most :data:`MAX_ROWS` rows. Batches move to the layer's device one at a time."""
+    most :data:`MAX_ROWS` rows. Batches of at most ``batch_size`` images and :data:`BATCH_ROWS` rows (at least one
+    image) move to the layer's device one at a time."""
     device = layer.weight.device
+    rows_per_image = 1 if isinstance(layer, nn.Linear) else images[0, 0].numel()  # a conv: one per output pixel
+    batch_size = max(1, min(batch_size, BATCH_ROWS // rows_per_image))
     captured: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda _m, args, out: captured.append((args[0], out.shape)))
     gram = rhs = None
