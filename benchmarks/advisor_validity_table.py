@@ -41,7 +41,7 @@ def table(run: dict, source: str) -> str:
     attacks = list(run["settings"])
     points = len(rows)
     counted = f"{points} point{'s' if points != 1 else ''}"
-    fast = "; ".join(run.get("fast_attacks", {}).values()) or "not stored (a file from before they were)"
+    fast = "; ".join((run.get("fast_attacks") or {}).values()) or "not stored (a file from before they were)"
     out = [f"## {run['model']} ({counted}, test accuracy {100 * run['accuracy']:.2f} %)", "",
            f"`{source}`; full-budget attacks: {run['budget']}; fast attacks: {fast}. SSIM on the first test image of "
            "each class.", ""]

@@ -112,16 +112,38 @@ def test_refit_is_named_in_the_config_only_when_on():
 
 
 def test_normal_equations_unfold_large_images_a_few_at_a_time():
-    # A 3×3 conv over 64×64 images gives 4,096 design rows per image: at most BATCH_ROWS // 4096 = 4 images are
-    # unfolded at a time, and the sums equal XᵀX and XᵀY built from all the rows at once.
-    from splitshield.attacks._refit import BATCH_ROWS, _rows, normal_equations
+    # A 3×3 conv of 2 channels to 3 over 64×64 maps, reshaped into 3×64×64 images: 4,096 design rows of 2·9 + 1 = 19
+    # values each per image, so at most BATCH_VALUES // (4096 · 19) = 53 of the 70 images are unfolded at a time; the
+    # sums equal XᵀX and XᵀY built from all the rows at once.
+    from splitshield.attacks._refit import BATCH_VALUES, _rows, normal_equations
 
     torch.manual_seed(0)
-    layer = nn.Conv2d(2, 1, 3, padding=1)
-    features, images = torch.randn(10, 2, 64, 64), torch.rand(10, 1, 64, 64)
+    layer = nn.Conv2d(2, 3, 3, padding=1)
+    decoder = nn.Sequential(layer, nn.Flatten(), nn.Unflatten(1, (3, 64, 64)))
+    features, images = torch.randn(70, 2, 64, 64), torch.rand(70, 3, 64, 64)
     batches = []
     layer.register_forward_pre_hook(lambda _m, args: batches.append(len(args[0])))
-    gram, rhs = normal_equations(layer, layer, features, images)
-    assert max(batches) == BATCH_ROWS // 4096 == 4 and sum(batches) == 10
+    gram, rhs = normal_equations(decoder, layer, features, images)
+    assert max(batches) == BATCH_VALUES // (64 * 64 * 19) and sum(batches) == 70
     x, y = _rows(layer, features, images)
     assert torch.allclose(gram, x.double().T @ x.double()) and torch.allclose(rhs, x.double().T @ y.double())
+
+
+def test_a_linear_layer_over_positions_is_solved_per_position():
+    # A Linear applied to each of 16 positions of a [16, 5] input: 16 rows per image, not one of 80 values; the refit
+    # recovers the shared 5 -> 4 weights exactly from noiseless targets.
+    torch.manual_seed(0)
+    truth = nn.Linear(5, 4)
+    layer = nn.Linear(5, 4)
+    decoder = nn.Sequential(nn.Unflatten(1, (16, 5)), layer, nn.Flatten(), nn.Unflatten(1, (4, 4, 4)))
+    features = torch.randn(200, 80)
+    with torch.no_grad():
+        images = truth(features.reshape(200, 16, 5)).reshape(200, 4, 4, 4)
+    held = (features[:20], images[:20])
+
+    def error() -> float:
+        with torch.no_grad():
+            return (decoder(held[0]) - held[1]).pow(2).mean().item()
+
+    assert refit_last_layer(decoder, layer, (features[20:], images[20:]), held, error) is not None
+    assert torch.allclose(layer.weight, truth.weight, atol=1e-4) and torch.allclose(layer.bias, truth.bias, atol=1e-4)

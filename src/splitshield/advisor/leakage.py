@@ -49,10 +49,10 @@ class FastAttack:
     steps, batch_size:
         The decoder's optimiser steps and batch size.
     refit:
-        Then solve the decoder's last layer by least squares (:class:`~splitshield.attacks.InverseNetwork`'s
-        ``refit``). A few hundred steps leave a decoder far from its optimum where it is shallow: He et al.'s
-        single transposed convolution at the CIFAR network's ``conv11`` stays far from the
-        least-squares fit, which the refit reaches in one solve.
+        After training, solve the decoder's last layer by least squares (:class:`~splitshield.attacks.InverseNetwork`'s
+        ``refit``: a tenth of the auxiliary images is held out of training to choose the ridge). A few hundred steps
+        leave a shallow decoder far from its optimum: He et al.'s single transposed convolution at the CIFAR
+        network's ``conv11`` stays far from the least-squares fit, which the refit reaches in one solve.
     """
 
     threat: ClassVar[str] = "black_box"
@@ -74,7 +74,7 @@ class FastAttack:
 
     def describe(self) -> str:
         """The budget in words, as the report states it."""
-        refit = ", its last layer then solved by least squares" if self.refit else ""
+        refit = " (a tenth held out), its last layer then solved by least squares" if self.refit else ""
         return f"inverse network (black box), {self.steps} steps on {self.aux_images} auxiliary images{refit}"
 
 

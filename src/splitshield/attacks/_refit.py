@@ -10,6 +10,7 @@ unfolded patches (``F.unfold``) and its unknowns the kernel (plus bias) shared b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -18,9 +19,9 @@ from torch import nn
 
 #: Design rows (output positions of the last layer, over images) the normal equations are accumulated over.
 MAX_ROWS = 250_000
-#: Design rows unfolded at a time: a convolution gives one row per output pixel, so a batch of large images would
-#: otherwise unfold into gigabytes.
-BATCH_ROWS = 16_384
+#: Values of the design matrix unfolded at a time: a convolution gives one row per output pixel, so a batch of large
+#: images would otherwise unfold into gigabytes.
+BATCH_VALUES = 1 << 22
 
 #: Ridge strengths tried, relative to the mean diagonal of the Gram matrix.
 RIDGES = (1e-7, 1e-5, 1e-3)
@@ -58,8 +59,8 @@ def _solvable(layer: nn.Module) -> bool:
 def _rows(layer: nn.Module, inputs: torch.Tensor, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The design rows [R, D] (with a trailing 1 when the layer has a bias) and targets [R, C_out] of
     ``layer``, from its inputs and the outputs it should produce."""
-    if isinstance(layer, nn.Linear):
-        x, y = inputs.flatten(1), outputs.flatten(1)
+    if isinstance(layer, nn.Linear):  # one row per input vector: per image, or per position of a longer input
+        x, y = inputs.reshape(-1, layer.in_features), outputs.reshape(-1, layer.out_features)
     else:
         kernel = layer.kernel_size
         # A stride-1 transposed convolution is the convolution with the flipped kernel and padding k − 1 − p.
@@ -91,11 +92,15 @@ def normal_equations(decode: Callable[[torch.Tensor], torch.Tensor], layer: nn.M
                      images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """``(XᵀX, XᵀY)`` in float64 for ``layer``'s inputs X when ``decode`` (which runs ``layer`` last) runs on
     ``features`` [N, ...], and the ``images`` [N, C, H, W] as targets Y; over the first images that give at
-    most :data:`MAX_ROWS` rows. Batches of at most ``batch_size`` images and :data:`BATCH_ROWS` rows (at least one
-    image) move to the layer's device one at a time."""
+    most :data:`MAX_ROWS` rows. Batches of at most ``batch_size`` images and :data:`BATCH_VALUES` design values (at
+    least one image) move to the layer's device one at a time."""
     device = layer.weight.device
-    rows_per_image = 1 if isinstance(layer, nn.Linear) else images[0, 0].numel()  # a conv: one per output pixel
-    batch_size = max(1, min(batch_size, BATCH_ROWS // rows_per_image))
+    linear = isinstance(layer, nn.Linear)
+    # Only reshapes follow the layer: its output per image holds the image's values, one row per output vector.
+    rows_per_image = images[0].numel() // (layer.out_features if linear else layer.out_channels)
+    per_row = layer.in_features if linear else layer.in_channels * math.prod(layer.kernel_size)
+    per_row += layer.bias is not None
+    batch_size = max(1, min(batch_size, BATCH_VALUES // (rows_per_image * per_row)))
     captured: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda _m, args, out: captured.append((args[0], out.shape)))
     gram = rhs = None
