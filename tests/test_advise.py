@@ -522,6 +522,7 @@ def test_cli_with_a_checkpoint_writes_the_report(trained_lenet, tmp_path):
                  "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert "Cut at " in result.output and "GPZ R̄²/V" in result.output and "CE floor" in result.output
+    assert "…" not in result.output  # not a terminal: one table at its full width, no number cut short
     assert (tmp_path / "out" / "advice.html").is_file()
     assert (tmp_path / "out" / "figures" / "pareto-bytes.png").is_file()
 

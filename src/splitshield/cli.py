@@ -29,6 +29,14 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
+
+
+def _print_table(table: Table) -> None:
+    """Print ``table`` on the terminal, or whole into a file or a pipe: a console that is not a terminal is 80 columns
+    wide, and rich would cut the table's numbers short ("…") to fit it."""
+    (console if console.is_terminal else Console(width=100_000)).print(table)
+
+
 Seed = Annotated[int, typer.Option(help="Seed of every random choice; same seed, same numbers on CPU.")]
 Device = Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1, mps.")]
 SpecDevice = Annotated[str | None, typer.Option(
@@ -147,7 +155,7 @@ def demo(
             cells = [f"{row.attacks[a]['psnr']:.1f} / {row.attacks[a]['ssim']:.2f}" if a in row.attacks else "–"
                      for a in section.inversion_attacks]
             table.add_row(row.label, "–" if row.accuracy is None else f"{row.accuracy:.1%}", *cells)
-        console.print(table)
+        _print_table(table)
         console.print(summary_sentence(section), highlight=False)
     console.print(f"wrote {result.report.html} and {result.report.markdown} "
                   f"({len(result.report.figures)} figures) in {result.summary.seconds:.0f} s", highlight=False)
@@ -178,7 +186,7 @@ def split_points_cmd(
         for d in p.feature_shape or ():
             elements *= d
         table.add_row(str(i), p.name, "×".join(map(str, p.feature_shape or ())), str(elements), ", ".join(p.aliases))
-    console.print(table)
+    _print_table(table)
 
 
 @app.command()
@@ -437,8 +445,9 @@ def advise_cmd(
                     fast=[budgets[t] for t in chosen], rank_by=rank_by, max_edge_ms=max_edge_ms, max_kbytes=max_kbytes,
                     images=images, device=device, seed=seed)
     size = "×".join(map(str, advice.meta["input_shape"]))
-    # One table where the terminal is wide enough, else one per column group.
-    for groups in [TABLE_GROUPS] if console.width >= 180 else [[group] for group in TABLE_GROUPS]:
+    # A terminal gets one table where it is wide enough, else one per column group; a file or a pipe one table.
+    wide = console.width >= 180 or not console.is_terminal
+    for groups in [TABLE_GROUPS] if wide else [[group] for group in TABLE_GROUPS]:
         header, body = advice.table(groups)
         if len(header) == 1:
             continue  # nothing of this group was measured
@@ -449,7 +458,7 @@ def advise_cmd(
                              min_width=widest if i == 0 or name == "advice" else None)
         for row in body:
             table.add_row(*row)
-        console.print(table)
+        _print_table(table)
     console.print(advice.sentence(), highlight=False, soft_wrap=True)
     for line in advice.ruled_out_lines():
         console.print(f"  {line}", highlight=False, soft_wrap=True)
@@ -676,7 +685,7 @@ def infer(
         table.add_column(col, justify="right" if col != "image" else "left")
     for f, p in zip(files, probs, strict=True):
         table.add_row(str(f.relative_to(root)), str(int(p.argmax())), f"{float(p.max()):.3f}")
-    console.print(table)
+    _print_table(table)
 
 
 Db = Annotated[Path, typer.Option("--db", help="SQLite results store (created when missing; reruns resume).")]
