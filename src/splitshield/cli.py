@@ -30,7 +30,6 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-
 def _print_table(table: Table) -> None:
     """Print ``table`` on the terminal, or whole into a file or a pipe: a console that is not a terminal is 80 columns
     wide, and rich would cut the table's numbers short ("…") to fit it."""
