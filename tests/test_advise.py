@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import math
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 
 import splitshield as ss
 from splitshield.advisor import FastAttack, FastWhiteBox, PointAdvice, gpz_radius, pareto_front
-from splitshield.advisor.costs import multiply_adds, parameter_count, weight_megabytes
+from splitshield.advisor.costs import latency_ms, multiply_adds, parameter_count, weight_megabytes
 from splitshield.advisor.leakage import ce_floor, fast_inversion, gpz_zone, held_out_index, relative_drops
 from splitshield.advisor.pages import _plottable
 from splitshield.advisor.recommend import best_cut, budget_reasons
@@ -51,6 +52,27 @@ def test_parameters_and_megabytes_count_shared_weights_once():
     assert parameter_count(layer) == parameter_count(twice) == 40
     assert weight_megabytes(twice) == pytest.approx(40 * 4 / 1e6)
     assert weight_megabytes(nn.BatchNorm1d(3)) == pytest.approx((3 + 3 + 3 + 3) * 4 / 1e6 + 8 / 1e6)  # int64 counter
+
+
+class _Counted(nn.Module):
+    """Counts its calls; each takes at least ``sleep_s`` seconds."""
+
+    def __init__(self, sleep_s: float = 0.0) -> None:
+        super().__init__()
+        self.calls, self.sleep_s = 0, sleep_s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(self.sleep_s)
+        return x
+
+
+def test_latency_runs_a_cheap_head_every_repeat_and_a_slow_one_twice():
+    cheap, slow = _Counted(), _Counted(sleep_s=0.15)
+    latency_ms(cheap, torch.zeros(4, 3), repeats=5, budget_s=60.0)
+    assert cheap.calls == 1 + 5  # a warm-up, then every repeat within the budget
+    assert latency_ms(slow, torch.zeros(2, 3), repeats=5, budget_s=0.25) >= 0.15 * 1000 / 2  # ms per image
+    assert slow.calls == 1 + 2  # two runs already took 0.3 s > 0.25 s
 
 
 def test_wire_bytes_of_known_tensors_and_accuracy_on_decoded_features():
@@ -368,6 +390,19 @@ def test_untrained_model_gives_costs_only(mnist5k):
     assert all(r.bytes_8bit is not None for r in advice)  # bytes are still measured on real features
     assert "Untrained model" in advice.notes[0] and advice.sentence().startswith("Costs only")
     assert "PSNR" not in advice.table()[0] and "kB 8-bit + zstd" in advice.table()[0]
+
+
+def test_heads_timed_on_a_busy_machine_are_named_in_the_notes(monkeypatch):
+    # cpu_share is what this process got of its cores while a head was timed; below 85 % the cut is named.
+    shares = iter([1.0, 0.4, 0.7, 0.9])
+    monkeypatch.setattr(ss.advisor.run, "cpu_share", lambda: next(shares))
+    advice = ss.advise(ss.build_model("lenet"), points=["conv1", "pool1", "conv2", "fc3"], trained=False,
+                       progress=False)
+    busy = [n for n in advice.notes if n.startswith("Other processes held the cores")]
+    assert len(busy) == 1 and "2 of 4 cuts got less than 85%" in busy[0] and "least: 40% at pool1" in busy[0]
+    monkeypatch.setattr(ss.advisor.run, "cpu_share", lambda: 0.95)
+    advice = ss.advise(ss.build_model("lenet"), points=["conv1", "fc3"], trained=False, progress=False)
+    assert not any(n.startswith("Other processes") for n in advice.notes)
 
 
 class _Gate(nn.Module):

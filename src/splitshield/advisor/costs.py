@@ -83,6 +83,20 @@ def latency_ms(module: nn.Module, x: torch.Tensor, repeats: int = 5, budget_s: f
 
 
 @torch.no_grad()
+def cpu_share(seconds: float = 0.03) -> float:
+    """The share of its threads' cores this process gets now: process CPU seconds over wall seconds × torch's thread
+    count, while multiplying 256×256 matrices for ``seconds``. Near 1 on an idle machine; lower when other
+    processes compete for the cores, which inflates every wall-clock latency measured meanwhile (a multi-threaded
+    operator waits for its slowest thread)."""
+    a = torch.rand(256, 256, generator=torch.Generator().manual_seed(0))
+    a @ a
+    wall, cpu = time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall < seconds:
+        a @ a
+    return (time.process_time() - cpu) / ((time.perf_counter() - wall) * torch.get_num_threads())
+
+
+@torch.no_grad()
 def compute_cost(target: SplitModel, batch: torch.Tensor) -> ComputeCost:
     """The :class:`ComputeCost` of ``target`` (in eval mode), measured on ``batch`` [32, C, H, W] in [0, 1]."""
     one = batch[:1]

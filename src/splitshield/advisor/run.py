@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..data import Dataset, load_dataset
 from ..errors import ConfigError, DataError, SplitError
 from ..models.split import ModelCuts, SplitModel, SplitPoint, _modes_kept
-from .costs import LATENCY_BATCHES, compute_cost
+from .costs import LATENCY_BATCHES, compute_cost, cpu_share
 from .leakage import (
     FAST_ATTACKS,
     FAST_IMAGES,
@@ -37,6 +37,9 @@ from .wire import CHUNK, eight_bit_options, wire_cost
 
 #: Held-out images shown per cut in the reconstruction strips (fewer when the fast attacks score fewer).
 STRIP_IMAGES = 8
+#: Below this share of its cores (:func:`~splitshield.advisor.costs.cpu_share`) a cut's head latency is reported as
+#: measured on a busy machine; an idle one gives about 1.
+BUSY_SHARE = 0.85
 
 
 def select_points(legal: Sequence[SplitPoint], wanted: Sequence[str] | None, model_name: str) -> list[SplitPoint]:
@@ -188,6 +191,18 @@ def _warnings_to_notes(caught: Sequence[warnings.WarningMessage]) -> list[str]:
     return list(dict.fromkeys(notes))
 
 
+def _busy_note(shares: dict[str, float]) -> list[str]:
+    """A note naming the cuts whose heads were timed while other processes held the cores, if any."""
+    busy = {p: share for p, share in shares.items() if share < BUSY_SHARE}
+    if not busy:
+        return []
+    worst = min(busy, key=busy.__getitem__)
+    return [f"Other processes held the cores while heads were timed: {len(busy)} of {len(shares)} cuts got less "
+            f"than {BUSY_SHARE:.0%} of {torch.get_num_threads()} threads' cores (least: {busy[worst]:.0%} at {worst}). "
+            "Head ms there are inflated, and an edge-latency budget may rule cuts out wrongly; time them on an idle "
+            "machine."]
+
+
 def _notes(data: Dataset | None, trained: bool, inputs: _Inputs, meta: dict) -> list[str]:
     if not trained:
         return ["Untrained model (no checkpoint): costs only. Leakage and accuracy need a trained model."]
@@ -291,6 +306,7 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
             "fast_images": attack_images}
     watch.lap("trace")
     rows, originals, strips = [], None, {}
+    shares: dict[str, float] = {}  # cut -> this process's share of its cores while its head was timed
     no_floor: dict[str, list[str]] = {}  # why the CE floor is missing -> the cuts
     shown = min(STRIP_IMAGES, attack_images)
     with _modes_kept(model), warnings.catch_warnings(record=True) as caught:
@@ -306,6 +322,8 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
         for k, p in enumerate(tqdm(chosen, desc="advise", unit="cut", disable=not progress)):
             target = cuts.split(p.name).eval()
             lap("split")
+            if torch.device(device).type == "cpu":
+                shares[p.name] = cpu_share()
             compute = compute_cost(target, inputs.cost)
             lap("compute")
             leak: dict[str, float | str | None] = {}
@@ -336,6 +354,7 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
     rows = [dataclasses.replace(r, gpz_drop=d, gpz_drop_norm=dn)
             for r, d, dn in zip(rows, drops, drops_norm, strict=True)]
     notes += _warnings_to_notes(caught)
+    notes += _busy_note(shares)
     notes += [f"CE floor not computed at {', '.join(names)}: {why}." for why, names in no_floor.items()]
     if points is not None and len(chosen) < len(cuts.points) and measured:
         notes.append("R̄² drops are between neighbouring rows of this table, a subset of the legal cuts: Liu et al.'s "
