@@ -536,6 +536,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
     one_line_error(run("lenet", "--threats", "white_box", "--no-attack"), "--threats", "--no-attack")
     one_line_error(run("lenet", "--rank-by", "ssim", "--no-attack"), "--rank-by", "--no-attack", "gpz")
     one_line_error(run("lenet", "--images", "1"), "--images", "at least 2")
+    one_line_error(run("lenet", "--threads", "0"), "--threads", "at least 1")
     one_line_error(run("lenet", "--max-kbytes", "inf"), "--max-kbytes", "inf")
     one_line_error(run("lenet", "--input-shape", "1,8,8"), "--image-shape")  # the hint names a flag advise takes
     one_line_error(run("lenet", "--device", "bogus"), "--device")
@@ -553,9 +554,12 @@ def test_cli_budgets_no_cut_meets(tmp_path):
 
 def test_cli_with_a_checkpoint_writes_the_report(trained_lenet, tmp_path):
     checkpoint = ss.save_checkpoint(tmp_path / "lenet", ss.split(trained_lenet, "ReLU2", (1, 28, 28)))
+    threads = torch.get_num_threads()
     result = run("lenet", "--checkpoint", checkpoint, "--data", "mnist-5k", "--points", "pool1,fc3", "--no-attack",
-                 "-o", tmp_path / "out")
+                 "--threads", "1", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
+    assert "device cpu (1 thread)" in (tmp_path / "out" / "advice.md").read_text()  # the heads were timed on one
+    assert torch.get_num_threads() == threads  # and the caller's setting is back
     assert "Cut at " in result.output and "GPZ R̄²/V" in result.output and "CE floor" in result.output
     assert "…" not in result.output  # not a terminal: one table at its full width, no number cut short
     assert (tmp_path / "out" / "advice.html").is_file()

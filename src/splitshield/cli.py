@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -395,17 +396,23 @@ def advise_cmd(
                    ] = None,
     seed: Seed = 0,
     device: Device = "cpu",
+    threads: Annotated[int | None, typer.Option(
+        help="Torch threads for the whole run, head timing included: the edge device's cores (default: all of "
+             "this machine's). One thread is also timed steadily beside one other busy process.")] = None,
 ) -> None:
     """Where should I cut? Score every split point for edge cost, bytes and leakage, and recommend one."""
     from .advisor import RANKINGS, advise
     from .advisor.leakage import FAST_ATTACKS
     from .advisor.table import TABLE_GROUPS
+    from .experiment import _torch_threads
 
     for field, value in (("--max-edge-ms", max_edge_ms), ("--max-kbytes", max_kbytes), ("--noise", noise)):
         if value is not None and not 0 < value < math.inf:
             raise ConfigError(f"{field}: a positive finite number, got {value:g}")
     if images < 2:
         raise ConfigError(f"--images: at least 2 test images, got {images}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads: at least 1, got {threads}")
     if rank_by is not None and rank_by not in RANKINGS:
         raise ConfigError(f"--rank-by: {rank_by!r} unknown; use {', '.join(RANKINGS)}")
     if rank_by in ("ssim", "psnr") and no_attack:
@@ -440,9 +447,10 @@ def advise_cmd(
     elif loaded is not None and loaded.num_classes != net.model_spec["num_classes"]:
         raise ConfigError(f"--data: {data} has {loaded.num_classes} classes but the checkpoint's model "
                           f"{net.model_spec['num_classes']}; pass the data it was trained on")
-    advice = advise(net, loaded, points=wanted, trained=checkpoint is not None, attack=not no_attack, noise=noise,
-                    fast=[budgets[t] for t in chosen], rank_by=rank_by, max_edge_ms=max_edge_ms, max_kbytes=max_kbytes,
-                    images=images, device=device, seed=seed)
+    with _torch_threads(threads) if threads is not None else contextlib.nullcontext():
+        advice = advise(net, loaded, points=wanted, trained=checkpoint is not None, attack=not no_attack, noise=noise,
+                        fast=[budgets[t] for t in chosen], rank_by=rank_by, max_edge_ms=max_edge_ms,
+                        max_kbytes=max_kbytes, images=images, device=device, seed=seed)
     size = "×".join(map(str, advice.meta["input_shape"]))
     # A terminal gets one table where it is wide enough, else one per column group; a file or a pipe one table.
     wide = console.width >= 180 or not console.is_terminal

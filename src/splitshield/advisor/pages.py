@@ -27,7 +27,8 @@ HOW = ("Costs are per image. Multiply-adds are PyTorch's FLOP counter's (matrix 
 def _meta(advice: Advice) -> str:
     m = advice.meta
     parts = [f"input {'×'.join(map(str, m['input_shape']))}", f"data {m['data'] or 'none'}",
-             f"device {m['device']} ({m['threads']} threads)", f"seed {m['seed']}", f"wire {m['wire_8bit']}"]
+             f"device {m['device']} ({m['threads']} thread{'s' * (m['threads'] != 1)})", f"seed {m['seed']}",
+             f"wire {m['wire_8bit']}"]
     if "accuracy" in m:
         parts.append(f"test accuracy {m['accuracy']:.1%} (float features)")
     if m.get("fast_attacks"):

@@ -200,7 +200,7 @@ def _busy_note(shares: dict[str, float]) -> list[str]:
     return [f"Other processes held the cores while heads were timed: {len(busy)} of {len(shares)} cuts got less "
             f"than {BUSY_SHARE:.0%} of {torch.get_num_threads()} threads' cores (least: {busy[worst]:.0%} at {worst}). "
             "Head ms there are inflated, and an edge-latency budget may rule cuts out wrongly; time them on an idle "
-            "machine."]
+            "machine, or with fewer threads (torch.set_num_threads; the CLI's --threads)."]
 
 
 def _notes(data: Dataset | None, trained: bool, inputs: _Inputs, meta: dict) -> list[str]:
