@@ -398,7 +398,7 @@ def advise_cmd(
     device: Device = "cpu",
     threads: Annotated[int | None, typer.Option(
         help="Torch threads for the whole run, head timing included: the edge device's cores (default: all of "
-             "this machine's). One thread is also timed steadily beside one other busy process.")] = None,
+             "this machine's). Fewer threads than idle cores also keep other processes out of the timing.")] = None,
 ) -> None:
     """Where should I cut? Score every split point for edge cost, bytes and leakage, and recommend one."""
     from .advisor import RANKINGS, advise

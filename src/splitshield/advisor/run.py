@@ -227,7 +227,8 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
     per image as float32, float16 and 8-bit + zstd frames, and the accuracy on decoded 8-bit features; leakage as
     the PSNR/SSIM of fast attacks (black-box inverse network, white-box rMLE) on held-out test images and the
     strongest of them, the CE floor at ``noise`` and the GPZ statistic (:mod:`~splitshield.advisor.leakage`). The
-    recommended cut is the one within budgets that leaks least.
+    recommended cut is the one within budgets that leaks least. Latencies are wall-clock times with torch's threads;
+    on a CPU, a note names the cuts timed while other processes held the cores (:data:`BUSY_SHARE`).
 
     Parameters
     ----------
