@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -17,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ._fs import check_writable
+from ._threads import torch_threads
 from .data import BUILTIN, get_dataset_info, list_datasets
 from .errors import ConfigError, SplitShieldError
 from .models import list_models
@@ -397,14 +397,13 @@ def advise_cmd(
     seed: Seed = 0,
     device: Device = "cpu",
     threads: Annotated[int | None, typer.Option(
-        help="Torch threads for the whole run, head timing included: the edge device's cores (default: all of "
-             "this machine's). Fewer threads than idle cores also keep other processes out of the timing.")] = None,
+        help="Torch threads for the whole run, head timing included, e.g. the edge device's cores (default: "
+             "torch's own: the physical cores, or OMP_NUM_THREADS).")] = None,
 ) -> None:
     """Where should I cut? Score every split point for edge cost, bytes and leakage, and recommend one."""
     from .advisor import RANKINGS, advise
     from .advisor.leakage import FAST_ATTACKS
     from .advisor.table import TABLE_GROUPS
-    from .experiment import _torch_threads
 
     for field, value in (("--max-edge-ms", max_edge_ms), ("--max-kbytes", max_kbytes), ("--noise", noise)):
         if value is not None and not 0 < value < math.inf:
@@ -447,7 +446,7 @@ def advise_cmd(
     elif loaded is not None and loaded.num_classes != net.model_spec["num_classes"]:
         raise ConfigError(f"--data: {data} has {loaded.num_classes} classes but the checkpoint's model "
                           f"{net.model_spec['num_classes']}; pass the data it was trained on")
-    with _torch_threads(threads) if threads is not None else contextlib.nullcontext():
+    with torch_threads(threads):
         advice = advise(net, loaded, points=wanted, trained=checkpoint is not None, attack=not no_attack, noise=noise,
                         fast=[budgets[t] for t in chosen], rank_by=rank_by, max_edge_ms=max_edge_ms,
                         max_kbytes=max_kbytes, images=images, device=device, seed=seed)

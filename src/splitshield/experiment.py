@@ -30,7 +30,6 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ._threads import torch_threads
 from .config import DEFAULT_THREAT, ExperimentSpec
 from .errors import CheckpointError, ConfigError, SplitError, SplitShieldError
 from .measure import attack_seed, config_hash, measure_attack, measure_target, through_wire
@@ -305,16 +305,6 @@ def _load_data(name: str, data_dir: str | None, seed: int, download: bool = Fals
     return _DATA_CACHE[key]
 
 
-@contextmanager
-def _torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 #: The fields of a cell's config that make its target (``plan`` hashes them into the target hash).
 _TARGET_FIELDS = ("dataset", "model", "split", "defense", "seed", "train", "revision", "loading")
 
@@ -404,7 +394,7 @@ def run_unit(unit: dict[str, Any], root: str, progress: bool = False, threads: i
     target_rows: dict[str, list[tuple[str, int, float]]] = {}  # per wire setting
     train_times: dict[str, float] = {}
     cached = False
-    with _torch_threads(threads):
+    with torch_threads(threads):
         for cell in unit["cells"]:
             config, start = cell["config"], time.perf_counter()
             try:

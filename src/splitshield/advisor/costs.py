@@ -72,22 +72,29 @@ def latency_ms(module: nn.Module, x: torch.Tensor, repeats: int = 5, budget_s: f
     module(x)
     times: list[float] = []
     while len(times) < repeats and (len(times) < 2 or sum(times) < budget_s):
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
+        _synchronize(x.device)
         start = time.perf_counter()
         module(x)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
+        _synchronize(x.device)
         times.append(time.perf_counter() - start)
     return 1000 * min(times) / x.shape[0]
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued kernels: a GPU runs them after the call that launched them returns."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 @torch.no_grad()
 def cpu_share(seconds: float = 0.03) -> float:
-    """The share of its threads' cores this process gets now: process CPU seconds over wall seconds × torch's thread
-    count, while multiplying 256×256 matrices for ``seconds``. Near 1 on an idle machine; lower when other
-    processes compete for the cores, which inflates every wall-clock latency measured meanwhile (a multi-threaded
-    operator waits for its slowest thread)."""
+    """The fraction of the CPU its torch threads need that this process gets now: process CPU seconds over wall
+    seconds × torch's thread count, while multiplying 256×256 matrices for ``seconds``. Near 1 on an idle machine;
+    lower when other processes compete for the cores (or a CPU quota, or more threads than cores), which inflates
+    every wall-clock latency measured meanwhile: a multi-threaded operator waits for its slowest thread. Other busy
+    threads of this process count too, and can lift it above 1."""
     a = torch.rand(256, 256, generator=torch.Generator().manual_seed(0))
     a @ a
     wall, cpu = time.perf_counter(), time.process_time()

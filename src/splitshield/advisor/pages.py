@@ -14,14 +14,14 @@ from .table import Advice
 #: How the table was measured; ``{by}`` is what the strongest fast attack is chosen by (SSIM or PSNR).
 HOW = ("Costs are per image. Multiply-adds are PyTorch's FLOP counter's (matrix products and convolutions; "
        "element-wise work is not counted); head milliseconds are measured on this machine, the fastest of a few "
-       "runs (the notes name cuts timed while other processes held the cores). Bytes are codec frames with their "
-       "headers, one image per frame; 8-bit frames are quantised over each image's range. Leakage: fast attacks "
-       "with small fixed budgets (stated above) reconstruct the same held-out test images; PSNR and SSIM are the "
-       "strongest attack's (the highest {by}), beside each attack's {by} when several ran. Then the "
-       "conditional-entropy MSE floor (an estimate for comparing cuts) and the GPZ intra-class radius R̄² of the "
-       "features (R̄²/V: divided by their total variance; drop: from the previous cut). Marks: ★ recommended, "
-       "ms / kB on the Pareto front of leakage against head latency / bytes, GPZ in Liu et al.'s zone (from the "
-       "cut after the largest drop of R̄²).")
+       "runs (on a CPU, the notes name cuts timed while this process got too little of the cores). Bytes are "
+       "codec frames with their headers, one image per frame; 8-bit frames are quantised over each image's range. "
+       "Leakage: fast attacks with small fixed budgets (stated above) reconstruct the same held-out test images; "
+       "PSNR and SSIM are the strongest attack's (the highest {by}), beside each attack's {by} when several ran. "
+       "Then the conditional-entropy MSE floor (an estimate for comparing cuts) and the GPZ intra-class radius R̄² "
+       "of the features (R̄²/V: divided by their total variance; drop: from the previous cut). Marks: ★ "
+       "recommended, ms / kB on the Pareto front of leakage against head latency / bytes, GPZ in Liu et al.'s "
+       "zone (from the cut after the largest drop of R̄²).")
 
 
 def _meta(advice: Advice) -> str:

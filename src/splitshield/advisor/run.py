@@ -191,16 +191,17 @@ def _warnings_to_notes(caught: Sequence[warnings.WarningMessage]) -> list[str]:
     return list(dict.fromkeys(notes))
 
 
-def _busy_note(shares: dict[str, float]) -> list[str]:
-    """A note naming the cuts whose heads were timed while other processes held the cores, if any."""
+def _busy_note(shares: dict[str, float], threads: int) -> list[str]:
+    """A note naming the cuts whose heads were timed with less CPU than their ``threads`` threads need, if any."""
     busy = {p: share for p, share in shares.items() if share < BUSY_SHARE}
     if not busy:
         return []
     worst = min(busy, key=busy.__getitem__)
-    return [f"Other processes held the cores while heads were timed: {len(busy)} of {len(shares)} cuts got less "
-            f"than {BUSY_SHARE:.0%} of {torch.get_num_threads()} threads' cores (least: {busy[worst]:.0%} at {worst}). "
-            "Head ms there are inflated, and an edge-latency budget may rule cuts out wrongly; time them on an idle "
-            "machine, or with fewer threads (torch.set_num_threads; the CLI's --threads)."]
+    need = f"{threads} thread{' needs' if threads == 1 else 's need'}"
+    return [f"{len(busy)} of {len(shares)} cuts were timed while this process got less than {BUSY_SHARE:.0%} of the "
+            f"cores its {need} (least: {busy[worst]:.0%} at {worst}): other processes, a CPU quota or more threads "
+            "than cores. Head ms there may be inflated, and an edge-latency budget may rule cuts out wrongly; time "
+            "them on an idle machine, or with fewer threads (torch.set_num_threads; the CLI's --threads)."]
 
 
 def _notes(data: Dataset | None, trained: bool, inputs: _Inputs, meta: dict) -> list[str]:
@@ -227,8 +228,8 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
     per image as float32, float16 and 8-bit + zstd frames, and the accuracy on decoded 8-bit features; leakage as
     the PSNR/SSIM of fast attacks (black-box inverse network, white-box rMLE) on held-out test images and the
     strongest of them, the CE floor at ``noise`` and the GPZ statistic (:mod:`~splitshield.advisor.leakage`). The
-    recommended cut is the one within budgets that leaks least. Latencies are wall-clock times with torch's threads;
-    on a CPU, a note names the cuts timed while other processes held the cores (:data:`BUSY_SHARE`).
+    recommended cut is the one within budgets that leaks least. Latencies are wall-clock times; on a CPU (with torch's
+    threads), a note names the cuts timed while this process got too little of the cores (:data:`BUSY_SHARE`).
 
     Parameters
     ----------
@@ -267,7 +268,8 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
         Test images the bytes, the 8-bit accuracy, the CE floor and the GPZ statistic are measured on (balanced over
         the classes: :func:`~splitshield.advisor.leakage.held_out_index`); the first 32 also time the heads.
     device, seed:
-        Torch device; the seed of every random draw (the same seed gives the same numbers, latencies aside).
+        Torch device; the seed of every random draw (the same seed gives the same numbers, latencies and the busy
+        note aside).
     progress:
         Show a progress bar over the cuts.
 
@@ -323,9 +325,10 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
         for k, p in enumerate(tqdm(chosen, desc="advise", unit="cut", disable=not progress)):
             target = cuts.split(p.name).eval()
             lap("split")
-            if torch.device(device).type == "cpu":
-                shares[p.name] = cpu_share()
+            before = cpu_share() if torch.device(device).type == "cpu" else None
             compute = compute_cost(target, inputs.cost)
+            if before is not None:  # the load before and after the timing: the worse counts
+                shares[p.name] = min(before, cpu_share())
             lap("compute")
             leak: dict[str, float | str | None] = {}
             if inputs.test is None:
@@ -355,7 +358,7 @@ def advise(model: nn.Module, data: Dataset | str | None = None, *, input_shape: 
     rows = [dataclasses.replace(r, gpz_drop=d, gpz_drop_norm=dn)
             for r, d, dn in zip(rows, drops, drops_norm, strict=True)]
     notes += _warnings_to_notes(caught)
-    notes += _busy_note(shares)
+    notes += _busy_note(shares, meta["threads"])
     notes += [f"CE floor not computed at {', '.join(names)}: {why}." for why, names in no_floor.items()]
     if points is not None and len(chosen) < len(cuts.points) and measured:
         notes.append("R̄² drops are between neighbouring rows of this table, a subset of the legal cuts: Liu et al.'s "
